@@ -1,1 +1,21 @@
+//! loraplex: many tenants fine-tune their own LoRA adapters on one shared base model.
+//!
+//! The parts, in the order a training request passes through them:
+//! - [`model`]: the frozen base model (Llama family): weights, tokenizer, chat template, and
+//!   the batched multi-adapter forward/backward pass and KV-cached decoding.
+//! - [`lora`]: adapter parameters, their sites and initialisation, gradients, AdamW.
+//! - [`train`]: built-in losses on per-token logprobs and the forward_backward / optim_step
+//!   operations that tie model, losses and adapters together.
+//! - [`sample`]: the decoding loop and sampling parameters.
+//! - [`config`]: every setting with its default and environment variable.
+
+pub mod bench;
 pub mod config;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod sample;
+pub mod train;
+pub mod util;
+
+pub use error::{Error, Result};

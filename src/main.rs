@@ -1,1 +1,94 @@
-fn main(){}
+//! The `loraplex` command: benchmarks and small tools around the library.
+
+use clap::{Parser, Subcommand};
+use loraplex::config::ModelArgs;
+
+#[derive(Parser)]
+#[command(
+    name = "loraplex",
+    version,
+    about = "Multi-tenant LoRA training on one base model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Benchmarks that print tables.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+    /// Greedy or sampled generation from a prompt (text rendered with the chat template).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Training steps on the base model: tokens/s and peak RSS per case.
+    Train(loraplex::bench::TrainBenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Bench {
+            which: BenchCmd::Train(args),
+        } => {
+            print!("{}", loraplex::bench::train(&args)?);
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+        } => {
+            let (dev, dt) = loraplex::model::default_device();
+            let m =
+                loraplex::model::BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+            let tok = m.tokenizer()?;
+            let msgs = [loraplex::model::Message {
+                role: "user".into(),
+                content: prompt,
+            }];
+            let text = match &m.chat_template {
+                Some(t) => t.render(&msgs, true)?,
+                None => msgs[0].content.clone(),
+            };
+            let ids = tok.encode(&text)?;
+            let params = loraplex::sample::SamplingParams {
+                max_tokens,
+                temperature,
+                stop_tokens: tok.eos_token_id.into_iter().collect(),
+                ..Default::default()
+            };
+            let out = loraplex::sample::generate(
+                &m,
+                &[],
+                &[loraplex::sample::GenerateRequest {
+                    prompt: &ids,
+                    adapter: None,
+                    params,
+                }],
+            )?;
+            println!("{}", tok.decode(&out[0].tokens, true)?);
+        }
+    }
+    Ok(())
+}

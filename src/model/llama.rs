@@ -1,0 +1,917 @@
+//! The Llama forward pass written for training, and its hand-derived backward pass.
+//!
+//! Gradients flow only to LoRA parameters: the frozen base weights are used in plain
+//! matmuls whose backward computes the input gradient alone, so no full-size gradient of a
+//! base weight is ever allocated. We do not use candle's autograd (several of its fused ops
+//! silently drop gradients); every backward here is explicit and checked against finite
+//! differences in the tests. One pass serves rows of many adapters: base matmuls run over
+//! the packed batch, LoRA updates per adapter segment, attention per row.
+
+use super::batch::{PackedBatch, Segment};
+use super::BaseModel;
+use crate::error::{Error, Result};
+use crate::lora::{LoraGrads, LoraPair, LoraWeights, Site, Target};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::softmax_last_dim;
+use candle_nn::rotary_emb::rope;
+
+/// Past keys and values of one sequence, per layer `[kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub len: usize,
+}
+
+/// A training row: `targets` holds `k` candidate ids per position (`k = 1` for ordinary
+/// next-token targets), row-major `[len, k]`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainRow<'a> {
+    pub tokens: &'a [u32],
+    pub targets: &'a [u32],
+    pub k: usize,
+    pub adapter: Option<usize>,
+}
+
+/// A row to prefill or decode: new tokens appended to its cache.
+#[derive(Debug, Clone, Copy)]
+pub struct InferRow<'a> {
+    pub tokens: &'a [u32],
+    pub adapter: Option<usize>,
+}
+
+/// Activations kept from a training forward pass for its backward pass.
+pub struct Tape {
+    batch: PackedBatch,
+    layers: Vec<LayerTape>,
+    x_last: Tensor,
+    xf: Tensor,
+    targets: Tensor,
+    kmax: usize,
+    lm: Vec<LmChunk>,
+    /// Per input row, its `k`.
+    ks: Vec<usize>,
+}
+
+struct RowTape {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+}
+
+struct LayerTape {
+    x_in: Tensor,
+    h: Tensor,
+    rows: Vec<RowTape>,
+    o: Tensor,
+    x_mid: Tensor,
+    h2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    a: Tensor,
+    /// LoRA `x Aᵀ` per target, per segment.
+    xa: Vec<(Target, Vec<Option<Tensor>>)>,
+}
+
+struct LmChunk {
+    start: usize,
+    len: usize,
+    adapter: Option<usize>,
+    probs: Option<Tensor>,
+    xa: Option<Tensor>,
+}
+
+/// Most tokens per LM-head chunk: bounds the `[chunk, vocab]` logits buffer.
+const LM_CHUNK: usize = 256;
+/// Keep softmax probabilities for backward while they fit in this many bytes; recompute
+/// the logits in backward beyond it.
+const KEEP_PROBS_BYTES: usize = 1 << 30;
+
+type Adapters<'a> = [&'a LoraWeights];
+
+fn pair<'a>(adapters: &'a Adapters, seg: &Segment, site: Site) -> Option<(&'a LoraPair, f64)> {
+    let a = adapters.get(seg.adapter?)?;
+    a.get(site).map(|p| (p, a.scale))
+}
+
+impl BaseModel {
+    /// Dtype of logits and softmax: f32, or f64 for an f64 model (exact gradient checks).
+    fn lm_dtype(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    fn rms(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F64 {
+            // The fused kernel has no f64 path.
+            let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.config.rms_norm_eps)?.sqrt()?;
+            return Ok(x.broadcast_div(&r)?.broadcast_mul(w)?);
+        }
+        Ok(candle_nn::ops::rms_norm(
+            x,
+            w,
+            self.config.rms_norm_eps as f32,
+        )?)
+    }
+
+    /// d/dx of `x · w / rms(x)` given the output gradient `dy`.
+    fn rms_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)? as f64;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.config.rms_norm_eps)?
+            .sqrt()?
+            .recip()?;
+        let gy = dy.broadcast_mul(w)?;
+        let dot = (&gy * x)?.sum_keepdim(D::Minus1)?.affine(1.0 / d, 0.0)?;
+        let coef = (r.powf(3.0)? * dot)?;
+        Ok((gy.broadcast_mul(&r)? - x.broadcast_mul(&coef)?)?)
+    }
+
+    /// LoRA update `scale · (x Aᵀ) Bᵀ` for every segment carrying `site`, or None if none does.
+    fn lora_forward(
+        &self,
+        x: &Tensor,
+        segs: &[Segment],
+        adapters: &Adapters,
+        site: Site,
+        out_dim: usize,
+        save: Option<&mut Vec<(Target, Vec<Option<Tensor>>)>>,
+    ) -> Result<Option<Tensor>> {
+        if !segs.iter().any(|s| pair(adapters, s, site).is_some()) {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(segs.len());
+        let mut xas = Vec::with_capacity(segs.len());
+        for s in segs {
+            match pair(adapters, s, site) {
+                Some((p, scale)) => {
+                    let xs = x.narrow(0, s.start, s.len)?;
+                    let xa = xs.matmul(&p.a.to_dtype(x.dtype())?.t()?)?;
+                    let d = xa
+                        .matmul(&p.b.to_dtype(x.dtype())?.t()?)?
+                        .affine(scale, 0.0)?;
+                    parts.push(d);
+                    xas.push(Some(xa));
+                }
+                None => {
+                    parts.push(Tensor::zeros((s.len, out_dim), x.dtype(), x.device())?);
+                    xas.push(None);
+                }
+            }
+        }
+        if let (Some(save), Site::Layer(_, t)) = (save, site) {
+            save.push((t, xas));
+        }
+        Ok(Some(if parts.len() == 1 {
+            parts.swap_remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        }))
+    }
+
+    /// Backward of [`Self::lora_forward`]: accumulates dA, dB per adapter and returns the
+    /// extra input gradient `scale · (dy B) A`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        segs: &[Segment],
+        adapters: &Adapters,
+        site: Site,
+        xas: &[Option<Tensor>],
+        grads: &mut [LoraGrads],
+    ) -> Result<Option<Tensor>> {
+        let in_dim = x.dim(1)?;
+        let mut parts = Vec::with_capacity(segs.len());
+        let mut any = false;
+        for (s, xa) in segs.iter().zip(xas) {
+            match (pair(adapters, s, site), xa, s.adapter) {
+                (Some((p, scale)), Some(xa), Some(ai)) => {
+                    let dys = dy.narrow(0, s.start, s.len)?;
+                    let xs = x.narrow(0, s.start, s.len)?;
+                    let db = dys.t()?.matmul(xa)?.affine(scale, 0.0)?;
+                    let dxa = dys.matmul(&p.b.to_dtype(dy.dtype())?)?.affine(scale, 0.0)?;
+                    let da = dxa.t()?.matmul(&xs)?;
+                    parts.push(dxa.matmul(&p.a.to_dtype(dy.dtype())?)?);
+                    if let Some(g) = grads.get_mut(ai) {
+                        g.add(site, da.to_dtype(DType::F32)?, db.to_dtype(DType::F32)?)?;
+                    }
+                    any = true;
+                }
+                _ => parts.push(Tensor::zeros((s.len, in_dim), dy.dtype(), dy.device())?),
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        Ok(Some(if parts.len() == 1 {
+            parts.swap_remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        }))
+    }
+
+    /// Additive causal mask `[group·len, total]` for `len` new queries at `pos0..`.
+    fn causal_mask(&self, len: usize, pos0: usize, total: usize) -> Result<Option<Tensor>> {
+        if len == 1 {
+            return Ok(None);
+        }
+        let g = self.config.group_size();
+        let mut m = vec![0f32; g * len * total];
+        for r in 0..g * len {
+            let pos = pos0 + r % len;
+            for v in &mut m[r * total + pos + 1..(r + 1) * total] {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        Ok(Some(
+            Tensor::from_vec(m, (g * len, total), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Causal attention of one row. q `[len, q_dim]`, k and v `[len, kv_dim]`, before RoPE.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_row(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos0: usize,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<RowTape>)> {
+        let c = &self.config;
+        let (t, hd, h, kvh, g) = (
+            q.dim(0)?,
+            c.head_dim,
+            c.num_heads,
+            c.num_kv_heads,
+            c.group_size(),
+        );
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = q
+            .reshape((t, h, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let q = rope(&q, &cos, &sin)?
+            .affine(scale, 0.0)?
+            .reshape((kvh, g * t, hd))?;
+        let k = k
+            .reshape((t, kvh, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let k = rope(&k, &cos, &sin)?.squeeze(0)?;
+        let v = v.reshape((t, kvh, hd))?.transpose(0, 1)?.contiguous()?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => {
+                let (k, v) = if layer < cache.k.len() {
+                    (
+                        Tensor::cat(&[&cache.k[layer], &k], 1)?,
+                        Tensor::cat(&[&cache.v[layer], &v], 1)?,
+                    )
+                } else {
+                    (k, v)
+                };
+                if layer < cache.k.len() {
+                    cache.k[layer] = k.clone();
+                    cache.v[layer] = v.clone();
+                } else {
+                    cache.k.push(k.clone());
+                    cache.v.push(v.clone());
+                }
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let s = q.matmul(&k.t()?)?;
+        let s = match mask {
+            Some(m) => s.broadcast_add(m)?,
+            None => s,
+        };
+        let p = softmax_last_dim(&s)?;
+        let o = p.matmul(&v)?;
+        let o = o
+            .reshape((h, t, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, h * hd))?;
+        let tape = keep.then_some(RowTape { q, k, v, p });
+        Ok((o, tape))
+    }
+
+    /// Backward of one row's attention: (dq, dk, dv) before RoPE, shaped like the inputs.
+    fn attn_row_backward(&self, d_o: &Tensor, rt: &RowTape, pos0: usize) -> Result<[Tensor; 3]> {
+        let c = &self.config;
+        let (t, hd, h, kvh, g) = (
+            d_o.dim(0)?,
+            c.head_dim,
+            c.num_heads,
+            c.num_kv_heads,
+            c.group_size(),
+        );
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin_neg = self.sin_neg.narrow(0, pos0, t)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let d_o = d_o
+            .reshape((t, h, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kvh, g * t, hd))?;
+        let dp = d_o.matmul(&rt.v.t()?)?;
+        let dv = rt.p.t()?.matmul(&d_o)?;
+        let rowdot = (&dp * &rt.p)?.sum_keepdim(D::Minus1)?;
+        let ds = (&rt.p * dp.broadcast_sub(&rowdot)?)?;
+        let dq = ds
+            .matmul(&rt.k)?
+            .affine(scale, 0.0)?
+            .reshape((1, h, t, hd))?;
+        let dq = rope(&dq, &cos, &sin_neg)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .reshape((t, h * hd))?;
+        let dk = ds.t()?.matmul(&rt.q)?.unsqueeze(0)?;
+        let dk = rope(&dk, &cos, &sin_neg)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .reshape((t, kvh * hd))?;
+        let dv = dv.transpose(0, 1)?.reshape((t, kvh * hd))?;
+        Ok([dq, dk, dv])
+    }
+
+    /// The transformer body over a packed batch; returns the last hidden state `[N, hidden]`.
+    fn body(
+        &self,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        mut tape: Option<&mut Vec<LayerTape>>,
+        mut caches: Option<&mut [&mut KvCache]>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = b.num_tokens();
+        let (dq, dkv, di) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let segs = &b.segments;
+        let ids = Tensor::from_slice(&b.tokens, n, &self.device)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let past: Vec<usize> = b.rows.iter().map(|r| r.pos0).collect();
+        let masks = b
+            .rows
+            .iter()
+            .map(|r| self.causal_mask(r.len, r.pos0, r.pos0 + r.len))
+            .collect::<Result<Vec<_>>>()?;
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let keep = tape.is_some();
+            let mut xa = Vec::new();
+            let mut save = keep.then_some(&mut xa);
+            let h = self.rms(&x, &lw.attn_norm)?;
+            let qkv = h.matmul(&lw.wqkv.t()?)?;
+            let mut parts = [
+                qkv.narrow(1, 0, dq)?,
+                qkv.narrow(1, dq, dkv)?,
+                qkv.narrow(1, dq + dkv, dkv)?,
+            ];
+            for (i, t) in [Target::Q, Target::K, Target::V].into_iter().enumerate() {
+                let out = parts[i].dim(1)?;
+                if let Some(d) = self.lora_forward(
+                    &h,
+                    segs,
+                    adapters,
+                    Site::Layer(l, t),
+                    out,
+                    save.as_deref_mut(),
+                )? {
+                    parts[i] = (&parts[i] + d)?;
+                }
+            }
+            let [q, k, v] = parts;
+            let mut outs = Vec::with_capacity(b.rows.len());
+            let mut row_tapes = Vec::new();
+            for (ri, r) in b.rows.iter().enumerate() {
+                let qr = q.narrow(0, r.start, r.len)?.contiguous()?;
+                let kr = k.narrow(0, r.start, r.len)?.contiguous()?;
+                let vr = v.narrow(0, r.start, r.len)?.contiguous()?;
+                let cache = caches.as_deref_mut().map(|cs| (&mut *cs[ri], l));
+                let (o, rt) =
+                    self.attn_row(&qr, &kr, &vr, past[ri], masks[ri].as_ref(), cache, keep)?;
+                outs.push(o);
+                row_tapes.extend(rt);
+            }
+            let o = if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let mut ao = o.matmul(&lw.wo.t()?)?;
+            if let Some(d) = self.lora_forward(
+                &o,
+                segs,
+                adapters,
+                Site::Layer(l, Target::O),
+                c.hidden_size,
+                save.as_deref_mut(),
+            )? {
+                ao = (ao + d)?;
+            }
+            let x_mid = (&x + ao)?;
+            let h2 = self.rms(&x_mid, &lw.mlp_norm)?;
+            let gu = h2.matmul(&lw.wgate_up.t()?)?;
+            let mut g = gu.narrow(1, 0, di)?;
+            let mut u = gu.narrow(1, di, di)?;
+            if let Some(d) = self.lora_forward(
+                &h2,
+                segs,
+                adapters,
+                Site::Layer(l, Target::Gate),
+                di,
+                save.as_deref_mut(),
+            )? {
+                g = (g + d)?;
+            }
+            if let Some(d) = self.lora_forward(
+                &h2,
+                segs,
+                adapters,
+                Site::Layer(l, Target::Up),
+                di,
+                save.as_deref_mut(),
+            )? {
+                u = (u + d)?;
+            }
+            let a = (g.silu()? * &u)?;
+            let mut m = a.matmul(&lw.wdown.t()?)?;
+            if let Some(d) = self.lora_forward(
+                &a,
+                segs,
+                adapters,
+                Site::Layer(l, Target::Down),
+                c.hidden_size,
+                save.as_deref_mut(),
+            )? {
+                m = (m + d)?;
+            }
+            let x_out = (&x_mid + m)?;
+            if let Some(tape) = tape.as_deref_mut() {
+                tape.push(LayerTape {
+                    x_in: x,
+                    h,
+                    rows: row_tapes,
+                    o,
+                    x_mid,
+                    h2,
+                    g,
+                    u,
+                    a,
+                    xa,
+                });
+            }
+            x = x_out;
+        }
+        if let Some(cs) = caches {
+            for (cache, r) in cs.iter_mut().zip(&b.rows) {
+                cache.len = r.pos0 + r.len;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Logits `[len, vocab]` (f32) of hidden states `xf` (already normed) for one segment's
+    /// slice, with that segment's LM-head LoRA, and the LoRA `x Aᵀ` when kept.
+    fn lm_logits(
+        &self,
+        xf: &Tensor,
+        lora: Option<(&LoraPair, f64)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut logits = xf.matmul(&self.weights.lm_head.t()?)?;
+        let mut xa = None;
+        if let Some((p, scale)) = lora {
+            let a = xf.matmul(&p.a.to_dtype(xf.dtype())?.t()?)?;
+            logits = (logits
+                + a.matmul(&p.b.to_dtype(xf.dtype())?.t()?)?
+                    .affine(scale, 0.0)?)?;
+            xa = Some(a);
+        }
+        Ok((logits.to_dtype(self.lm_dtype())?, xa))
+    }
+
+    fn check_adapters(
+        &self,
+        adapters: &Adapters,
+        used: impl Iterator<Item = Option<usize>>,
+    ) -> Result<()> {
+        for a in used.flatten() {
+            let Some(w) = adapters.get(a) else {
+                return Err(Error::invalid(
+                    "adapter",
+                    format!("adapter index {a} out of range"),
+                ));
+            };
+            for (site, p) in &w.pairs {
+                let (inp, out) = site.dims(&self.config);
+                if p.a.dims() != [w.config.rank, inp] || p.b.dims() != [out, w.config.rank] {
+                    return Err(Error::invalid(
+                        "adapter",
+                        format!(
+                            "LoRA {site:?} shapes {:?}/{:?} do not fit this model",
+                            p.a.dims(),
+                            p.b.dims()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward pass for training or scoring: the log-probability of every target of every row
+    /// (per input row, `[len · k]` row-major). With `keep`, also the tape for [`Self::backward`].
+    pub fn forward_train(
+        &self,
+        rows: &[TrainRow],
+        adapters: &Adapters,
+        keep: bool,
+    ) -> Result<(Vec<Vec<f32>>, Option<Tape>)> {
+        let (lp, tape) = self.forward_train_f64(rows, adapters, keep)?;
+        Ok((
+            lp.into_iter()
+                .map(|r| r.into_iter().map(|x| x as f32).collect())
+                .collect(),
+            tape,
+        ))
+    }
+
+    /// [`Self::forward_train`] with logprobs in f64 (exact for an f64 model, as gradient
+    /// checks need).
+    pub fn forward_train_f64(
+        &self,
+        rows: &[TrainRow],
+        adapters: &Adapters,
+        keep: bool,
+    ) -> Result<(Vec<Vec<f64>>, Option<Tape>)> {
+        if rows.is_empty() {
+            return Err(Error::invalid("data", "empty batch"));
+        }
+        for (i, r) in rows.iter().enumerate() {
+            self.check_tokens(&format!("data[{i}].model_input"), r.tokens, 0)?;
+            if r.k == 0 || r.targets.len() != r.tokens.len() * r.k {
+                return Err(Error::invalid(
+                    format!("data[{i}].loss_fn_inputs.target_tokens"),
+                    format!(
+                        "has {} entries; expected {} (model_input length) x {}",
+                        r.targets.len(),
+                        r.tokens.len(),
+                        r.k.max(1)
+                    ),
+                ));
+            }
+            if let Some(t) = r
+                .targets
+                .iter()
+                .find(|t| **t as usize >= self.config.vocab_size)
+            {
+                return Err(Error::invalid(
+                    format!("data[{i}].loss_fn_inputs.target_tokens"),
+                    format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        self.config.vocab_size
+                    ),
+                ));
+            }
+        }
+        self.check_adapters(adapters, rows.iter().map(|r| r.adapter))?;
+        let spec: Vec<(&[u32], Option<usize>, usize)> =
+            rows.iter().map(|r| (r.tokens, r.adapter, 0)).collect();
+        let batch = PackedBatch::new(&spec);
+        let kmax = rows.iter().map(|r| r.k).max().unwrap_or(1);
+        // Targets packed as [N, kmax], padded with id 0 (their gradient is always zero).
+        let mut tgt = vec![0u32; batch.num_tokens() * kmax];
+        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+            let r = &rows[i];
+            for t in 0..r.tokens.len() {
+                let dst = (pr.start + t) * kmax;
+                tgt[dst..dst + r.k].copy_from_slice(&r.targets[t * r.k..(t + 1) * r.k]);
+            }
+        }
+        let targets = Tensor::from_vec(tgt, (batch.num_tokens(), kmax), &self.device)?;
+        let mut layers = Vec::new();
+        let x_last = self.body(&batch, adapters, keep.then_some(&mut layers), None)?;
+        let xf = self.rms(&x_last, &self.weights.final_norm)?;
+        let keep_probs =
+            keep && batch.num_tokens() * self.config.vocab_size * 4 <= KEEP_PROBS_BYTES;
+        let mut lp_parts = Vec::new();
+        let mut lm = Vec::new();
+        for s in &batch.segments {
+            let lora = pair(adapters, s, Site::LmHead);
+            let mut off = 0;
+            while off < s.len {
+                let len = LM_CHUNK.min(s.len - off);
+                let start = s.start + off;
+                let (logits, xa) = self.lm_logits(&xf.narrow(0, start, len)?, lora)?;
+                let lse = logsumexp(&logits)?;
+                let tg = targets.narrow(0, start, len)?.contiguous()?;
+                lp_parts.push(logits.gather(&tg, 1)?.broadcast_sub(&lse)?);
+                if keep {
+                    let probs = keep_probs
+                        .then(|| logits.broadcast_sub(&lse)?.exp())
+                        .transpose()?;
+                    lm.push(LmChunk {
+                        start,
+                        len,
+                        adapter: s.adapter,
+                        probs,
+                        xa,
+                    });
+                }
+                off += len;
+            }
+        }
+        let lp = Tensor::cat(&lp_parts, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        let mut out = vec![Vec::new(); rows.len()];
+        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+            let k = rows[i].k;
+            out[i] = lp[pr.start..pr.start + pr.len]
+                .iter()
+                .flat_map(|row| row[..k].iter().copied())
+                .collect();
+        }
+        let tape = keep.then(|| Tape {
+            ks: rows.iter().map(|r| r.k).collect(),
+            batch,
+            layers,
+            x_last,
+            xf,
+            targets,
+            kmax,
+            lm,
+        });
+        Ok((out, tape))
+    }
+
+    /// Backward pass seeded with d loss / d logprob for every target (shaped like the
+    /// output of [`Self::forward_train`]). Returns gradients per adapter index.
+    pub fn backward(
+        &self,
+        tape: Tape,
+        dlp: &[Vec<f32>],
+        adapters: &Adapters,
+    ) -> Result<Vec<LoraGrads>> {
+        let Tape {
+            batch,
+            layers,
+            x_last,
+            xf,
+            targets,
+            kmax,
+            lm,
+            ks,
+        } = tape;
+        if dlp.len() != ks.len() {
+            return Err(Error::invalid(
+                "gradient",
+                format!("{} rows for {} data", dlp.len(), ks.len()),
+            ));
+        }
+        let mut g = vec![0f32; batch.num_tokens() * kmax];
+        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+            let k = ks[i];
+            if dlp[i].len() != pr.len * k {
+                return Err(Error::invalid(
+                    format!("gradient[{i}]"),
+                    format!("has {} entries, expected {}", dlp[i].len(), pr.len * k),
+                ));
+            }
+            if dlp[i].iter().any(|v| !v.is_finite()) {
+                return Err(Error::invalid(
+                    format!("gradient[{i}]"),
+                    "contains NaN or infinity",
+                ));
+            }
+            for t in 0..pr.len {
+                let dst = (pr.start + t) * kmax;
+                g[dst..dst + k].copy_from_slice(&dlp[i][t * k..(t + 1) * k]);
+            }
+        }
+        let g = Tensor::from_vec(g, (batch.num_tokens(), kmax), &self.device)?
+            .to_dtype(self.lm_dtype())?;
+        let mut grads = vec![LoraGrads::default(); adapters.len()];
+        let segs = &batch.segments;
+
+        // LM head and final norm.
+        let mut dxf_parts = Vec::with_capacity(lm.len());
+        for ch in &lm {
+            let seg = Segment {
+                start: ch.start,
+                len: ch.len,
+                adapter: ch.adapter,
+            };
+            let lora = pair(adapters, &seg, Site::LmHead);
+            let xf_c = xf.narrow(0, ch.start, ch.len)?;
+            let (probs, xa) = match &ch.probs {
+                Some(p) => (p.clone(), ch.xa.clone()),
+                None => {
+                    let (logits, xa) = self.lm_logits(&xf_c, lora)?;
+                    let lse = logsumexp(&logits)?;
+                    (logits.broadcast_sub(&lse)?.exp()?, xa)
+                }
+            };
+            let gc = g.narrow(0, ch.start, ch.len)?.contiguous()?;
+            let tg = targets.narrow(0, ch.start, ch.len)?.contiguous()?;
+            let gsum = gc.sum_keepdim(1)?;
+            let dlogits = probs
+                .broadcast_mul(&gsum.neg()?)?
+                .scatter_add(&tg, &gc, 1)?;
+            let dlogits = dlogits.to_dtype(self.dtype)?;
+            let mut dx = dlogits.matmul(&self.weights.lm_head)?;
+            if let (Some((p, scale)), Some(xa), Some(ai)) = (lora, xa, ch.adapter) {
+                let db = dlogits.t()?.matmul(&xa)?.affine(scale, 0.0)?;
+                let dxa = dlogits
+                    .matmul(&p.b.to_dtype(self.dtype)?)?
+                    .affine(scale, 0.0)?;
+                let da = dxa.t()?.matmul(&xf_c)?;
+                dx = (dx + dxa.matmul(&p.a.to_dtype(self.dtype)?)?)?;
+                grads[ai].add(
+                    Site::LmHead,
+                    da.to_dtype(DType::F32)?,
+                    db.to_dtype(DType::F32)?,
+                )?;
+            }
+            dxf_parts.push(dx);
+        }
+        let dxf = Tensor::cat(&dxf_parts, 0)?;
+        let mut dx = self.rms_backward(&x_last, &self.weights.final_norm, &dxf)?;
+
+        let c = &self.config;
+        for (l, (lw, t)) in self.weights.layers.iter().zip(&layers).enumerate().rev() {
+            let xa_of = |target: Target| {
+                t.xa.iter()
+                    .find(|(tt, _)| *tt == target)
+                    .map(|(_, v)| v.as_slice())
+            };
+            let lora_bwd = |x: &Tensor,
+                            dy: &Tensor,
+                            target: Target,
+                            grads: &mut [LoraGrads]|
+             -> Result<Option<Tensor>> {
+                match xa_of(target) {
+                    Some(xas) => self.lora_backward(
+                        x,
+                        dy,
+                        segs,
+                        adapters,
+                        Site::Layer(l, target),
+                        xas,
+                        grads,
+                    ),
+                    None => Ok(None),
+                }
+            };
+            // MLP
+            let mut da = dx.matmul(&lw.wdown)?;
+            if let Some(e) = lora_bwd(&t.a, &dx, Target::Down, &mut grads)? {
+                da = (da + e)?;
+            }
+            let sg = candle_nn::ops::sigmoid(&t.g)?;
+            let silu = (&t.g * &sg)?;
+            let dsilu = (&sg * ((&t.g * (1.0 - &sg)?)? + 1.0)?)?;
+            let dg = (&da * &t.u)?.mul(&dsilu)?;
+            let du = (&da * silu)?;
+            let mut dh2 = Tensor::cat(&[&dg, &du], 1)?.matmul(&lw.wgate_up)?;
+            if let Some(e) = lora_bwd(&t.h2, &dg, Target::Gate, &mut grads)? {
+                dh2 = (dh2 + e)?;
+            }
+            if let Some(e) = lora_bwd(&t.h2, &du, Target::Up, &mut grads)? {
+                dh2 = (dh2 + e)?;
+            }
+            let dx_mid = (&dx + self.rms_backward(&t.x_mid, &lw.mlp_norm, &dh2)?)?;
+            // Attention
+            let mut d_o = dx_mid.matmul(&lw.wo)?;
+            if let Some(e) = lora_bwd(&t.o, &dx_mid, Target::O, &mut grads)? {
+                d_o = (d_o + e)?;
+            }
+            let mut dqs = Vec::with_capacity(batch.rows.len());
+            let mut dks = Vec::with_capacity(batch.rows.len());
+            let mut dvs = Vec::with_capacity(batch.rows.len());
+            for (r, rt) in batch.rows.iter().zip(&t.rows) {
+                let [dq, dk, dv] =
+                    self.attn_row_backward(&d_o.narrow(0, r.start, r.len)?, rt, r.pos0)?;
+                dqs.push(dq);
+                dks.push(dk);
+                dvs.push(dv);
+            }
+            let dq = Tensor::cat(&dqs, 0)?;
+            let dk = Tensor::cat(&dks, 0)?;
+            let dv = Tensor::cat(&dvs, 0)?;
+            let mut dh = Tensor::cat(&[&dq, &dk, &dv], 1)?.matmul(&lw.wqkv)?;
+            for (target, dy) in [(Target::Q, &dq), (Target::K, &dk), (Target::V, &dv)] {
+                if let Some(e) = lora_bwd(&t.h, dy, target, &mut grads)? {
+                    dh = (dh + e)?;
+                }
+            }
+            dx = (dx_mid + self.rms_backward(&t.x_in, &lw.attn_norm, &dh)?)?;
+            let _ = c;
+        }
+        Ok(grads)
+    }
+
+    /// Prefill or decode: run each row's new tokens through the model, appending to its
+    /// cache. Returns the last position's logits per row `[rows, vocab]` (f32, input order)
+    /// and, with `prompt_logprobs`, per row the log-probability of each new token after the
+    /// first given the tokens before it.
+    pub fn forward_infer(
+        &self,
+        rows: &[InferRow],
+        caches: &mut [&mut KvCache],
+        adapters: &Adapters,
+        prompt_logprobs: bool,
+    ) -> Result<(Tensor, Option<Vec<Vec<f32>>>)> {
+        if rows.len() != caches.len() || rows.is_empty() {
+            return Err(Error::invalid(
+                "rows",
+                "one cache per row, at least one row",
+            ));
+        }
+        for (i, (r, c)) in rows.iter().zip(caches.iter()).enumerate() {
+            self.check_tokens(&format!("rows[{i}].tokens"), r.tokens, c.len)?;
+        }
+        self.check_adapters(adapters, rows.iter().map(|r| r.adapter))?;
+        let spec: Vec<(&[u32], Option<usize>, usize)> = rows
+            .iter()
+            .zip(caches.iter())
+            .map(|(r, c)| (r.tokens, r.adapter, c.len))
+            .collect();
+        let batch = PackedBatch::new(&spec);
+        // Caches in packed order, as body indexes them.
+        let mut slots: Vec<Option<&mut KvCache>> =
+            caches.iter_mut().map(|c| Some(&mut **c)).collect();
+        let mut packed: Vec<&mut KvCache> = batch
+            .order
+            .iter()
+            .map(|&i| {
+                slots[i]
+                    .take()
+                    .ok_or_else(|| Error::invalid("rows", "duplicate row"))
+            })
+            .collect::<Result<_>>()?;
+        let x = self.body(&batch, adapters, None, Some(&mut packed))?;
+        let xf = self.rms(&x, &self.weights.final_norm)?;
+        let mut last = vec![None; rows.len()];
+        let mut plp = prompt_logprobs.then(|| vec![Vec::new(); rows.len()]);
+        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+            let seg = Segment {
+                start: pr.start,
+                len: pr.len,
+                adapter: pr.adapter,
+            };
+            let lora = pair(adapters, &seg, Site::LmHead);
+            let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + pr.len - 1, 1)?, lora)?;
+            last[i] = Some(logits);
+            if let Some(plp) = plp.as_mut() {
+                let toks = rows[i].tokens;
+                let mut out = Vec::with_capacity(toks.len().saturating_sub(1));
+                let mut off = 0;
+                while off + 1 < pr.len {
+                    let len = LM_CHUNK.min(pr.len - 1 - off);
+                    let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + off, len)?, lora)?;
+                    let lse = logsumexp(&logits)?;
+                    let tg =
+                        Tensor::from_slice(&toks[off + 1..off + 1 + len], (len, 1), &self.device)?;
+                    out.extend(
+                        logits
+                            .gather(&tg, 1)?
+                            .broadcast_sub(&lse)?
+                            .flatten_all()?
+                            .to_dtype(DType::F32)?
+                            .to_vec1::<f32>()?,
+                    );
+                    off += len;
+                }
+                plp[i] = out;
+            }
+        }
+        let last: Vec<Tensor> = last.into_iter().flatten().collect();
+        Ok((Tensor::cat(&last, 0)?.to_dtype(DType::F32)?, plp))
+    }
+}
+
+/// Row-wise log-sum-exp of `[n, v]`, shape `[n, 1]`.
+pub fn logsumexp(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    Ok((x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?)
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Tape>();
+    f::<KvCache>();
+    let _ = Device::Cpu;
+}

@@ -1,0 +1,190 @@
+//! The frozen base model: configuration, weights, tokenizer, chat template and RoPE tables,
+//! loaded once and shared read-only by every adapter. The math lives in [`llama`].
+
+pub mod batch;
+pub mod chat;
+pub mod config;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+pub use batch::PackedBatch;
+pub use chat::{ChatTemplate, Message};
+pub use config::LlamaConfig;
+pub use llama::{InferRow, KvCache, Tape, TrainRow};
+pub use tokenizer::TextTokenizer;
+pub use weights::BaseWeights;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+pub struct BaseModel {
+    /// The name clients use, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.
+    pub name: String,
+    pub config: LlamaConfig,
+    pub weights: BaseWeights,
+    pub tokenizer: Option<TextTokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    pub device: Device,
+    /// Dtype of base weights and activations (f32 on CPU, bf16 on CUDA).
+    pub dtype: DType,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) sin_neg: Tensor,
+}
+
+impl std::fmt::Debug for BaseModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaseModel")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+/// The default compute device and dtype: CUDA/bf16 when built with `cuda` and a GPU is
+/// present, CPU/f32 otherwise.
+pub fn default_device() -> (Device, DType) {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return (d, DType::BF16);
+    }
+    (Device::Cpu, DType::F32)
+}
+
+impl BaseModel {
+    /// Load a `.gguf` file or a Hugging Face directory.
+    pub fn load(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<Self> {
+        let (cfg, weights, tok_src) = if path.is_dir() {
+            weights::load_hf_dir(path, device, dtype)?
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            weights::load_gguf(path, device, dtype)?
+        } else {
+            return Err(Error::load(
+                path,
+                "expected a .gguf file or a directory with config.json and *.safetensors",
+            ));
+        };
+        let tokenizer = TextTokenizer::from_source(&tok_src)?;
+        let chat_template = tok_src
+            .chat_template
+            .clone()
+            .map(|t| ChatTemplate::new(t, &tokenizer));
+        Self::from_parts(
+            name,
+            cfg,
+            weights,
+            Some(tokenizer),
+            chat_template,
+            device,
+            dtype,
+        )
+    }
+
+    pub fn from_parts(
+        name: &str,
+        config: LlamaConfig,
+        weights: BaseWeights,
+        tokenizer: Option<TextTokenizer>,
+        chat_template: Option<ChatTemplate>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (cos, sin) = rope_tables(&config, device, dtype)?;
+        Ok(BaseModel {
+            name: name.to_owned(),
+            sin_neg: sin.neg()?,
+            cos,
+            sin,
+            config,
+            weights,
+            tokenizer,
+            chat_template,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// A seeded random model (no tokenizer), for tests and tools.
+    pub fn random(config: LlamaConfig, seed: u64, dtype: DType) -> Result<Self> {
+        let w = weights::random(&config, seed, &Device::Cpu, dtype)?;
+        Self::from_parts("tiny-random", config, w, None, None, &Device::Cpu, dtype)
+    }
+
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("this model has no tokenizer".into()))
+    }
+
+    /// Check a row of token ids against the vocabulary and context length.
+    pub fn check_tokens(&self, field: &str, tokens: &[u32], pos0: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid(field, "empty token sequence"));
+        }
+        if let Some((i, t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= self.config.vocab_size)
+        {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "token id {t} at position {i} is outside the vocabulary (size {})",
+                    self.config.vocab_size
+                ),
+            ));
+        }
+        let end = pos0 + tokens.len();
+        if end > self.config.max_position_embeddings {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "sequence reaches position {end}, beyond the context length {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn rope_tables(c: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let half = c.head_dim / 2;
+    let mut inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / c.head_dim as f64))
+        .collect();
+    if let Some(s) = c.rope_llama3 {
+        let old = s.original_max_position_embeddings as f64;
+        let low_wl = old / s.low_freq_factor as f64;
+        let high_wl = old / s.high_freq_factor as f64;
+        for f in inv.iter_mut() {
+            let wl = 2.0 * std::f64::consts::PI / *f;
+            if wl > low_wl {
+                *f /= s.factor as f64;
+            } else if wl >= high_wl {
+                let smooth = (old / wl - s.low_freq_factor as f64)
+                    / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+                *f = (1.0 - smooth) * *f / s.factor as f64 + smooth * *f;
+            }
+        }
+    }
+    let n = c.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+    ))
+}

@@ -1,0 +1,234 @@
+//! Training operations: one multi-adapter `forward_backward` over many requests (each with
+//! its own adapter, data and loss), and the optimizer step. Ties model, losses and adapters
+//! together; knows nothing of HTTP, queues or persistence.
+
+pub mod loss;
+
+use crate::error::{Error, Result};
+use crate::lora::{LoraGrads, LoraWeights};
+use crate::model::{BaseModel, TrainRow};
+use loss::{validate_output, LossConfig, LossDatum, LossFunction, LossInputs};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One training example: the model input and the loss's per-token inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Datum {
+    pub model_input: Vec<u32>,
+    pub loss_fn_inputs: LossInputs,
+}
+
+impl Datum {
+    /// Next-token cross-entropy on `tokens`: inputs `tokens[..n-1]`, targets `tokens[1..]`,
+    /// weight 1 on every target at or after `prompt_len - 1` (0 before).
+    pub fn next_token(tokens: &[u32], prompt_len: usize) -> Self {
+        let n = tokens.len().saturating_sub(1);
+        let w: Vec<f32> = (0..n)
+            .map(|i| if i + 1 >= prompt_len { 1.0 } else { 0.0 })
+            .collect();
+        let mut inputs = LossInputs::new();
+        inputs.insert(
+            "target_tokens".into(),
+            loss::TensorIn::i64(vec![n], tokens[1..].iter().map(|&t| t as i64).collect()),
+        );
+        inputs.insert("weights".into(), loss::TensorIn::f32(vec![n], w));
+        Datum {
+            model_input: tokens[..n].to_vec(),
+            loss_fn_inputs: inputs,
+        }
+    }
+}
+
+/// One request's share of a batch.
+pub struct Work<'a> {
+    pub adapter: Option<usize>,
+    pub data: &'a [Datum],
+    pub loss: &'a dyn LossFunction,
+    pub config: &'a LossConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkResult {
+    pub loss: f64,
+    pub metrics: BTreeMap<String, f64>,
+    /// Per datum, target logprobs `[len · k]`.
+    pub logprobs: Vec<Vec<f32>>,
+    pub k: Vec<usize>,
+    pub elementwise: Option<Vec<Vec<f32>>>,
+}
+
+/// Run every request's data through the model in one batch, compute each request's loss
+/// and (unless `forward_only`) one backward pass. A request whose input or loss is bad fails
+/// alone; the others proceed. Returns per-request results and per-adapter gradients.
+pub fn forward_backward(
+    model: &BaseModel,
+    adapters: &[&LoraWeights],
+    work: &[Work],
+    forward_only: bool,
+) -> Result<(Vec<Result<WorkResult>>, Vec<LoraGrads>)> {
+    let _span =
+        tracing::info_span!("forward_backward", requests = work.len(), forward_only).entered();
+    // Validate each request on its own; only valid ones enter the batch.
+    let mut results: Vec<Option<Result<WorkResult>>> = Vec::with_capacity(work.len());
+    let mut targets: Vec<Vec<(Vec<u32>, usize)>> = Vec::with_capacity(work.len());
+    for w in work {
+        let t = validate_work(model, adapters, w);
+        match t {
+            Ok(t) => {
+                targets.push(t);
+                results.push(None);
+            }
+            Err(e) => {
+                targets.push(Vec::new());
+                results.push(Some(Err(e)));
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let mut owner = Vec::new();
+    for (wi, w) in work.iter().enumerate() {
+        if results[wi].is_some() {
+            continue;
+        }
+        for (d, (ids, k)) in w.data.iter().zip(&targets[wi]) {
+            rows.push(TrainRow {
+                tokens: &d.model_input,
+                targets: ids,
+                k: *k,
+                adapter: w.adapter,
+            });
+            owner.push(wi);
+        }
+    }
+    if rows.is_empty() {
+        let out = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::invalid("data", "empty"))))
+            .collect();
+        return Ok((out, vec![LoraGrads::default(); adapters.len()]));
+    }
+    let (lps, tape) = model.forward_train(&rows, adapters, !forward_only)?;
+    let mut dlp: Vec<Vec<f32>> = lps.iter().map(|l| vec![0f32; l.len()]).collect();
+    let mut next = 0;
+    for (wi, w) in work.iter().enumerate() {
+        if results[wi].is_some() {
+            continue;
+        }
+        let first = next;
+        let data: Vec<LossDatum> = w
+            .data
+            .iter()
+            .zip(&targets[wi])
+            .enumerate()
+            .map(|(j, (d, (_, k)))| LossDatum {
+                logprobs: &lps[first + j],
+                len: d.model_input.len(),
+                k: *k,
+                inputs: &d.loss_fn_inputs,
+            })
+            .collect();
+        next += data.len();
+        let out = w
+            .loss
+            .compute(&data, w.config)
+            .and_then(|o| validate_output(&o, &data).map(|_| o));
+        results[wi] = Some(out.map(|o| {
+            for (j, g) in o.grads.iter().enumerate() {
+                dlp[first + j].copy_from_slice(g);
+            }
+            WorkResult {
+                loss: o.loss,
+                metrics: o.metrics,
+                logprobs: lps[first..next].to_vec(),
+                k: data.iter().map(|d| d.k).collect(),
+                elementwise: o.elementwise,
+            }
+        }));
+    }
+    let grads = match tape {
+        Some(tape) => model.backward(tape, &dlp, adapters)?,
+        None => vec![LoraGrads::default(); adapters.len()],
+    };
+    let out = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::invalid("data", "not run"))))
+        .collect();
+    Ok((out, grads))
+}
+
+fn validate_work(
+    model: &BaseModel,
+    adapters: &[&LoraWeights],
+    w: &Work,
+) -> Result<Vec<(Vec<u32>, usize)>> {
+    if w.data.is_empty() {
+        return Err(Error::invalid("data", "no data"));
+    }
+    if let Some(a) = w.adapter {
+        if a >= adapters.len() {
+            return Err(Error::invalid("model_id", "unknown adapter"));
+        }
+    }
+    w.data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let field = format!("data[{i}]");
+            model.check_tokens(&format!("{field}.model_input"), &d.model_input, 0)?;
+            let (ids, k) = loss::targets_of(&d.loss_fn_inputs, d.model_input.len(), &field)?;
+            if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
+                return Err(Error::invalid(
+                    format!("{field}.loss_fn_inputs.target_tokens"),
+                    format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        model.config.vocab_size
+                    ),
+                ));
+            }
+            for (name, t) in &d.loss_fn_inputs {
+                let lead = t.shape.first().copied().unwrap_or(t.len());
+                if lead != d.model_input.len() {
+                    return Err(Error::invalid(
+                        format!("{field}.loss_fn_inputs.{name}"),
+                        format!(
+                            "leading dimension {lead} differs from the model_input length {}",
+                            d.model_input.len()
+                        ),
+                    ));
+                }
+            }
+            Ok((ids, k))
+        })
+        .collect()
+}
+
+/// An adapter being trained: weights, gradients accumulated since the last step, AdamW state.
+#[derive(Debug, Clone)]
+pub struct TrainableAdapter {
+    pub weights: LoraWeights,
+    pub grads: LoraGrads,
+    pub optim: crate::lora::optim::AdamState,
+}
+
+impl TrainableAdapter {
+    pub fn new(weights: LoraWeights) -> Self {
+        TrainableAdapter {
+            weights,
+            grads: LoraGrads::default(),
+            optim: Default::default(),
+        }
+    }
+
+    pub fn accumulate(&mut self, g: LoraGrads) -> Result<()> {
+        self.grads.merge(g)
+    }
+
+    /// Apply and clear the accumulated gradient.
+    pub fn optim_step(
+        &mut self,
+        p: &crate::lora::optim::AdamParams,
+    ) -> Result<crate::lora::optim::StepReport> {
+        let grads = std::mem::take(&mut self.grads);
+        self.optim.step(&mut self.weights, &grads, p)
+    }
+}

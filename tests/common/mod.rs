@@ -1,0 +1,79 @@
+//! Test fixtures built by code: tiny random models and adapters, and the shipped SmolLM2.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use loraplex::lora::{LoraConfig, LoraWeights, Target};
+use loraplex::model::{BaseModel, LlamaConfig};
+use loraplex::util::SplitMix64;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn tiny(dtype: DType) -> BaseModel {
+    BaseModel::random(LlamaConfig::tiny(), 7, dtype).expect("tiny model")
+}
+
+/// An adapter on every site with random (non-zero) A and B, so every gradient is non-trivial.
+pub fn random_adapter(model: &BaseModel, seed: u64, rank: usize, unembed: bool) -> LoraWeights {
+    let cfg = LoraConfig {
+        rank,
+        alpha: rank as f32,
+        seed,
+        targets: Target::ALL.to_vec(),
+        train_unembed: unembed,
+    };
+    let mut w = LoraWeights::init(&cfg, &model.config, &Device::Cpu).expect("init");
+    let mut rng = SplitMix64::new(seed ^ 0xB);
+    for p in w.pairs.values_mut() {
+        let dims = p.b.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+        p.b = Tensor::from_vec(v, dims, &Device::Cpu).expect("b");
+    }
+    w
+}
+
+pub fn tokens(rng: &mut SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
+}
+
+pub fn model_path() -> PathBuf {
+    std::env::var_os("LORAPLEX_MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(loraplex::config::DEFAULT_MODEL_PATH)
+        })
+}
+
+/// The shipped SmolLM2, loaded once per test binary.
+pub fn smollm2() -> &'static BaseModel {
+    static M: OnceLock<BaseModel> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = model_path();
+        BaseModel::load(
+            &p,
+            loraplex::config::DEFAULT_MODEL_NAME,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap_or_else(|e| panic!("load {}: {e} (run scripts/fetch-model.sh)", p.display()))
+    })
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
