@@ -249,7 +249,7 @@ def main(argv=None):
                 loss.backward()
                 for o in opts.values():
                     o.step()
-                return float(loss)
+                return float(loss.detach())
             total = 0.0
             for a in adapter_names:  # "batch" has one adapter; "sequential" does them one after another
                 if nadapters > 1:
@@ -259,7 +259,7 @@ def main(argv=None):
                 loss = loss_of(model, *data[a])
                 loss.backward()
                 opts[a].step()
-                total += float(loss)
+                total += float(loss.detach())
             return total
 
         times, losses = [], []

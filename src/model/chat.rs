@@ -36,6 +36,10 @@ impl ChatTemplate {
         }
     }
 
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);

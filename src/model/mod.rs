@@ -115,6 +115,24 @@ impl BaseModel {
         Self::from_parts("tiny-random", config, w, None, None, &Device::Cpu, dtype)
     }
 
+    /// Write this model as a Hugging Face directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template).
+    pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
+        weights::save_hf_dir(&self.config, &self.weights, dir)?;
+        if let Some(t) = &self.tokenizer {
+            t.save(&dir.join("tokenizer.json"))?;
+            let name = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
+            let cfg = serde_json::json!({
+                "bos_token": name(t.bos_token_id),
+                "eos_token": name(t.eos_token_id),
+                "chat_template": self.chat_template.as_ref().map(|c| c.source()),
+                "model_max_length": self.config.max_position_embeddings,
+            });
+            std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string())?;
+        }
+        Ok(())
+    }
+
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer
             .as_ref()

@@ -40,14 +40,10 @@ impl TextTokenizer {
     pub fn from_source(src: &TokenizerSource) -> Result<Self> {
         if let Some(path) = &src.tokenizer_json {
             let inner = Tokenizer::from_file(path).map_err(tok_err)?;
-            let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+            let named = |n: &Option<String>| n.as_deref().and_then(|n| inner.token_to_id(n));
             return Ok(TextTokenizer {
-                bos_token_id: src
-                    .bos_token_id
-                    .or_else(|| find(&["<|begin_of_text|>", "<s>", "<|im_start|>"])),
-                eos_token_id: src
-                    .eos_token_id
-                    .or_else(|| find(&["<|eot_id|>", "<|im_end|>", "</s>", "<|endoftext|>"])),
+                bos_token_id: src.bos_token_id.or_else(|| named(&src.special_names.0)),
+                eos_token_id: src.eos_token_id.or_else(|| named(&src.special_names.1)),
                 inner,
             });
         }

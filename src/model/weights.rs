@@ -41,6 +41,8 @@ pub struct TokenizerSource {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub chat_template: Option<String>,
+    /// BOS/EOS token strings named by `tokenizer_config.json`.
+    pub special_names: (Option<String>, Option<String>),
 }
 
 /// Reverse llama.cpp's `permute` of Q/K rows (made for interleaved RoPE) so that the
@@ -181,6 +183,7 @@ pub fn load_gguf(
             .metadata
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok().cloned()),
+        special_names: (None, None),
     };
     Ok((cfg, weights, tok))
 }
@@ -256,9 +259,16 @@ pub fn load_hf_dir(
         .and_then(|v| v.as_str())
         .map(str::to_owned)
         .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+    let special = |key: &str| -> Option<String> {
+        let v = tcfg.as_ref()?.get(key)?;
+        v.as_str()
+            .or_else(|| v.get("content").and_then(|c| c.as_str()))
+            .map(str::to_owned)
+    };
     let tok = TokenizerSource {
         tokenizer_json: Some(dir.join("tokenizer.json")),
         chat_template,
+        special_names: (special("bos_token"), special("eos_token")),
         ..Default::default()
     };
     Ok((cfg, weights, tok))
