@@ -18,3 +18,21 @@ pub struct ModelArgs {
     #[arg(long, env = "LORAPLEX_MODEL_NAME", default_value = DEFAULT_MODEL_NAME)]
     pub model_name: String,
 }
+
+/// Run candle's elementwise ops on the calling thread (`CANDLE_NUM_THREADS=1`) unless the
+/// user chose otherwise; matrix multiplies still use all cores through rayon.
+///
+/// Why: candle splits every elementwise op over 64K elements across a spin-waiting thread
+/// pool. Beside gemm's own threads that oversubscribes small machines, and when other work
+/// shares the cores the spin-waits dominate: on 2 busy cores a 1x128 SmolLM2 training step
+/// took 5.5 s with the pool and 1.5 s without it (`loraplex bench train`). Call this before
+/// the first tensor op; later calls do nothing.
+pub fn init_compute_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            // SAFETY-relevant: runs once, at start-up, before worker threads read the env.
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    });
+}

@@ -41,6 +41,7 @@ enum BenchCmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    loraplex::config::init_compute_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -58,6 +58,7 @@ pub fn default_device() -> (Device, DType) {
 impl BaseModel {
     /// Load a `.gguf` file or a Hugging Face directory.
     pub fn load(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<Self> {
+        crate::config::init_compute_threads();
         let (cfg, weights, tok_src) = if path.is_dir() {
             weights::load_hf_dir(path, device, dtype)?
         } else if path.extension().is_some_and(|e| e == "gguf") {
@@ -93,6 +94,7 @@ impl BaseModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        crate::config::init_compute_threads();
         config.validate()?;
         let (cos, sin) = rope_tables(&config, device, dtype)?;
         Ok(BaseModel {
@@ -111,6 +113,7 @@ impl BaseModel {
 
     /// A seeded random model (no tokenizer), for tests and tools.
     pub fn random(config: LlamaConfig, seed: u64, dtype: DType) -> Result<Self> {
+        crate::config::init_compute_threads();
         let w = weights::random(&config, seed, &Device::Cpu, dtype)?;
         Self::from_parts("tiny-random", config, w, None, None, &Device::Cpu, dtype)
     }
