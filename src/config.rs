@@ -27,12 +27,19 @@ pub struct ModelArgs {
 /// shares the cores the spin-waits dominate: on 2 busy cores a 1x128 SmolLM2 training step
 /// took 5.5 s with the pool and 1.5 s without it (`loraplex bench train`). Call this before
 /// the first tensor op; later calls do nothing.
+///
+/// It also pins `RAYON_NUM_THREADS` to the available cores when unset: otherwise candle
+/// re-reads /proc/cpuinfo to count physical cores on every matmul.
 pub fn init_compute_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             // SAFETY-relevant: runs once, at start-up, before worker threads read the env.
             std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
     });
 }

