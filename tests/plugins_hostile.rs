@@ -34,6 +34,13 @@ fn load(name: &str) -> PluginId {
     host().load(&common::component(name)).expect("load").0
 }
 
+/// Loads (and, the first time, builds) what the timed tests use.
+fn preload() {
+    for name in ["dro", "min-p", "hostile-loss", "hostile-sampler"] {
+        load(name);
+    }
+}
+
 fn mode(m: &str) -> BTreeMap<String, ConfigValue> {
     BTreeMap::from([("mode".to_string(), ConfigValue::Text(m.to_string()))])
 }
@@ -119,6 +126,7 @@ fn still_works() {
 
 #[test]
 fn an_infinite_loop_hits_the_deadline() {
+    preload(); // building and compiling are not part of the timing
     let t0 = Instant::now();
     let err = hostile_loss("loop").expect_err("loop");
     let took = t0.elapsed();
@@ -359,4 +367,16 @@ fn open_sessions_are_capped_by_the_instance_pool() {
     small
         .new_sampler(&id, &[], &BTreeMap::new(), 10)
         .expect("a slot was freed");
+}
+
+#[test]
+fn a_plugin_cannot_sleep_in_the_host() {
+    preload();
+    let t0 = Instant::now();
+    let err = hostile_loss("sleep").expect_err("sleep");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(
+        matches!(&err, PluginError::Trap { message } if message.contains("may not wait on clocks")),
+        "{err}"
+    );
 }

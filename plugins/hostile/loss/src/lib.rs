@@ -92,6 +92,10 @@ impl Guest for Hostile {
                     let _ = std::io::stderr().write_all(b"\n");
                 }
             }
+            "sleep" => {
+                // Blocking in the host is out of the epoch deadline's reach.
+                std::thread::sleep(std::time::Duration::from_secs(30));
+            }
             "probe-sandbox" => {
                 // What the sandbox lets through: all must come back empty.
                 let env = std::env::vars().count() + std::env::args().count();
