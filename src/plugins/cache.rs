@@ -13,6 +13,7 @@ use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use super::error::PluginError;
+use super::limits::MAX_COMPONENT_BYTES;
 use super::types::PluginId;
 
 /// Precompiled components in one directory, named `<sha256>-<engine>.cwasm`.
@@ -76,6 +77,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Compiles component bytes, with an error that says what the bytes are.
 pub(crate) fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, PluginError> {
+    if bytes.len() > MAX_COMPONENT_BYTES {
+        return Err(PluginError::InvalidComponent {
+            reason: format!("{} bytes, the limit is {MAX_COMPONENT_BYTES}", bytes.len()),
+        });
+    }
     if bytes.starts_with(&CORE_MODULE_HEADER) {
         return Err(PluginError::InvalidComponent {
             reason: "this is a core wasm module, not a component; build for wasm32-wasip2 \

@@ -127,8 +127,17 @@ pub(crate) fn classify(err: wasmtime::Error, cx: &CallContext<'_>) -> PluginErro
     let text = format!("{err:#}");
     if text.contains("concurrent") && text.contains("limit") {
         // The pooling allocator has no free slot.
-        return PluginError::Capacity { what: text };
+        return PluginError::Capacity {
+            what: err.root_cause().to_string(),
+        };
     }
+    // The full chain carries a wasm backtrace: keep it for the log, and give
+    // the caller the cause itself.
+    tracing::debug!("plugin call failed: {text}");
+    let text = match err.downcast_ref::<Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => err.root_cause().to_string(),
+    };
     let mut message = text;
     let stderr = String::from_utf8_lossy(cx.stderr);
     let stderr = stderr.trim();

@@ -37,6 +37,10 @@ pub struct PluginLimits {
 /// Longest metric key a plugin may return.
 pub const MAX_METRIC_KEY_LEN: usize = 128;
 
+/// Largest component accepted by `load` (32 MiB): compiling is host work no
+/// deadline covers, so its input is bounded. Reference plugins are ~100 KB.
+pub const MAX_COMPONENT_BYTES: usize = 32 << 20;
+
 impl Default for PluginLimits {
     fn default() -> Self {
         PluginLimits {

@@ -38,7 +38,7 @@ mod types;
 
 pub use error::PluginError;
 pub use host::PluginHost;
-pub use limits::{PluginLimits, MAX_METRIC_KEY_LEN};
+pub use limits::{PluginLimits, MAX_COMPONENT_BYTES, MAX_METRIC_KEY_LEN};
 pub use loss::{LossDatum, LossOutput, NamedTensor, TensorData};
 pub use sampler::{SamplerChoice, SamplerSession};
 pub use types::{ConfigValue, PluginId, PluginKind};
