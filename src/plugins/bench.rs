@@ -67,6 +67,20 @@ pub fn run_in(dist: &Path) -> Result<String, PluginError> {
     let native = median(200, || {
         std::hint::black_box(native_min_p(&logits, 0.1, 1.0, next()));
     });
+    // Temperature 0 makes min-p an argmax: what is left is the host's cost
+    // (copying the logits in, arming the deadline, the call itself).
+    let greedy = BTreeMap::from([("temperature".to_string(), ConfigValue::Number(0.0))]);
+    let native_argmax = median(200, || {
+        std::hint::black_box(native_argmax(std::hint::black_box(&logits)));
+    });
+    let mut session = host.new_sampler(&min_p, &[1, 2, 3], &greedy, VOCAB)?;
+    let step = median_result(200, || session.step(&logits, &[], next()).map(drop))?;
+    rows.push((
+        format!("greedy step (min-p, temperature 0), vocab {VOCAB}, live session"),
+        native_argmax,
+        step,
+    ));
+
     let mut session = host.new_sampler(&min_p, &[1, 2, 3], &config, VOCAB)?;
     let mut generated = Vec::new();
     let step = median_result(200, || {
@@ -77,7 +91,7 @@ pub fn run_in(dist: &Path) -> Result<String, PluginError> {
         Ok(())
     })?;
     rows.push((
-        format!("min-p step, vocab {VOCAB}, live session"),
+        format!("min-p step (min_p 0.1, temperature 1), vocab {VOCAB}, live session"),
         native,
         step,
     ));
@@ -232,6 +246,20 @@ fn synthetic_logits(vocab: usize) -> Vec<f32> {
             (h % 1000) as f32 / 100.0 - 5.0
         })
         .collect()
+}
+
+fn native_argmax(logits: &[f32]) -> usize {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bx), (i, &x)| {
+            if x > bx {
+                (i, x)
+            } else {
+                (bi, bx)
+            }
+        })
+        .0
 }
 
 /// The `min-p` plugin's algorithm, as native code.
