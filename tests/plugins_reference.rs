@@ -399,11 +399,8 @@ fn token_dfa_keeps_output_in_the_language() {
             .new_sampler(&id, &[30, 31], &cfg, vocab)
             .expect("session");
         let mut out: Vec<u32> = Vec::new();
-        loop {
-            match s.step(&l, &out, rng()).expect("step") {
-                SamplerChoice::Token(t) => out.push(t),
-                SamplerChoice::Stop => break,
-            }
+        while let SamplerChoice::Token(t) = s.step(&l, &out, rng()).expect("step") {
+            out.push(t);
             assert!(out.len() <= 4, "ran past the language: {out:?}");
         }
         let digits: Vec<u32> = out.iter().copied().filter(|&t| t != 2).collect();
