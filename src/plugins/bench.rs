@@ -262,35 +262,29 @@ fn native_argmax(logits: &[f32]) -> usize {
         .0
 }
 
-/// The `min-p` plugin's algorithm, as native code.
+/// The `min-p` plugin's algorithm (plugins/min-p with plugins/kit), as
+/// native code.
 fn native_min_p(logits: &[f32], min_p: f64, temperature: f64, bits: u64) -> usize {
-    let (best, max) =
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bx), (i, &x)| {
-                if x > bx {
-                    (i, x)
-                } else {
-                    (bi, bx)
-                }
-            });
+    let best = native_argmax(logits);
+    let max = logits[best];
     let threshold = max as f64 + temperature * min_p.ln();
-    let weight = |x: f32| ((x as f64 - max as f64) / temperature).exp();
-    let total: f64 = logits
-        .iter()
-        .filter(|&&x| x as f64 >= threshold)
-        .map(|&x| weight(x))
-        .sum();
-    let target = (bits >> 11) as f64 / (1u64 << 53) as f64 * total;
-    let mut acc = 0.0;
+    let scale = (1.0 / temperature) as f32;
+    let mut weights: Vec<(u32, f32)> = Vec::new();
+    let mut total = 0.0f64;
     for (i, &x) in logits.iter().enumerate() {
-        if x as f64 >= threshold {
-            acc += weight(x);
-            if acc > target {
-                return i;
-            }
+        if x >= max - 100.0 * temperature as f32 && x as f64 >= threshold {
+            let w = ((x - max) * scale).exp();
+            total += w as f64;
+            weights.push((i as u32, w));
         }
     }
-    best
+    let target = (bits >> 11) as f64 / (1u64 << 53) as f64 * total;
+    let mut acc = 0.0f64;
+    for &(i, w) in &weights {
+        acc += w as f64;
+        if acc > target {
+            return i as usize;
+        }
+    }
+    weights.last().map_or(best, |&(i, _)| i as usize)
 }

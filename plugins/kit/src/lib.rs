@@ -79,18 +79,19 @@ pub fn uniform01(bits: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Index of the largest logit among allowed tokens (lowest index on ties).
+/// Index of the largest logit among allowed tokens (lowest index on ties;
+/// NaN never wins). A plain loop: this runs over the whole vocabulary at
+/// every step.
 pub fn argmax(logits: &[f32], allowed: impl Fn(usize) -> bool) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
+    let mut best = None;
+    let mut best_x = f32::NEG_INFINITY;
     for (i, &x) in logits.iter().enumerate() {
-        if !allowed(i) || x.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| x > b) {
-            best = Some((i, x));
+        if (x > best_x || (best.is_none() && x == best_x)) && allowed(i) {
+            best = Some(i);
+            best_x = x;
         }
     }
-    best.map(|(i, _)| i)
+    best
 }
 
 /// Draws a token from softmax(logits / temperature) restricted to `allowed`,
@@ -103,31 +104,42 @@ pub fn draw(
     u: f64,
 ) -> Option<usize> {
     let best = argmax(logits, &allowed)?;
-    if temperature <= 0.0 || !logits[best].is_finite() {
+    draw_given_best(logits, best, temperature, allowed, u)
+}
+
+/// [`draw`] when the caller already knows the allowed argmax `best`.
+pub fn draw_given_best(
+    logits: &[f32],
+    best: usize,
+    temperature: f64,
+    allowed: impl Fn(usize) -> bool,
+    u: f64,
+) -> Option<usize> {
+    let max = *logits.get(best)?;
+    if temperature <= 0.0 || !max.is_finite() {
         return Some(best);
     }
-    let max = logits[best] as f64;
-    let weight = |x: f32| ((x as f64 - max) / temperature).exp();
-    let mut total = 0.0;
+    // One exp per allowed token: weights are kept for the CDF walk.
+    let scale = (1.0 / temperature) as f32;
+    let mut weights: Vec<(u32, f32)> = Vec::new();
+    let mut total = 0.0f64;
     for (i, &x) in logits.iter().enumerate() {
-        if allowed(i) && !x.is_nan() {
-            total += weight(x);
+        if x >= max - 100.0 * temperature as f32 && allowed(i) {
+            let w = ((x - max) * scale).exp();
+            total += w as f64;
+            weights.push((i as u32, w));
         }
     }
     let target = u * total;
-    let mut acc = 0.0;
-    let mut last = best;
-    for (i, &x) in logits.iter().enumerate() {
-        if allowed(i) && !x.is_nan() {
-            acc += weight(x);
-            last = i;
-            if acc > target {
-                return Some(i);
-            }
+    let mut acc = 0.0f64;
+    for &(i, w) in &weights {
+        acc += w as f64;
+        if acc > target {
+            return Some(i as usize);
         }
     }
     // Rounding left `target` above the last partial sum.
-    Some(last)
+    Some(weights.last().map_or(best, |&(i, _)| i as usize))
 }
 
 #[cfg(test)]
@@ -142,5 +154,8 @@ mod tests {
         assert_eq!(draw(&logits, 0.0, |_| true, 0.0), Some(1));
         assert_eq!(draw(&logits, 1.0, |i| i == 0, 0.99), Some(0));
         assert_eq!(draw(&logits, 1.0, |_| false, 0.5), None);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 1.0], |_| true), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 2], |_| true), Some(0));
+        assert_eq!(argmax(&[3.0, 2.0], |i| i == 1), Some(1));
     }
 }

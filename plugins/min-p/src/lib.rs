@@ -9,7 +9,7 @@ wit_bindgen::generate!({ world: "sampler-plugin", path: "../../wit" });
 
 use exports::loraplex::plugin::sampler::{Choice, Guest, GuestSequence, Sequence};
 use loraplex::plugin::types::ConfigValue;
-use plugin_kit::{argmax, draw, uniform01, Config, Value};
+use plugin_kit::{argmax, draw_given_best, uniform01, Config, Value};
 
 struct MinP;
 
@@ -63,8 +63,9 @@ impl GuestSequence for MinPSequence {
         let best = argmax(&logits, |_| true).ok_or("no finite logit")?;
         // p_i >= min_p * p_max  <=>  l_i >= l_max + T * ln(min_p)
         let threshold = logits[best] as f64 + self.temperature * self.min_p.ln();
-        let token = draw(
+        let token = draw_given_best(
             &logits,
+            best,
             self.temperature,
             |i| logits[i] as f64 >= threshold,
             uniform01(random),
