@@ -57,10 +57,14 @@ impl PluginEngine {
     /// Hex digest of everything that makes a compiled artifact loadable by
     /// this engine (wasmtime version, target, features, tunables).
     pub fn fingerprint(&self) -> String {
-        let mut h = ShaHasher(Sha256::new());
-        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut h);
-        hex::encode(&h.0.finalize()[..12])
+        fingerprint(&self.engine)
     }
+}
+
+fn fingerprint(engine: &Engine) -> String {
+    let mut h = ShaHasher(Sha256::new());
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
+    hex::encode(&h.0.finalize()[..12])
 }
 
 /// A tenth of the shortest deadline, between 1 and 10 ms: deadlines are met
@@ -96,5 +100,30 @@ impl Hasher for ShaHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_follows_the_engine_configuration() {
+        let ours = PluginEngine::new(&PluginLimits::default()).expect("engine");
+        let again = PluginEngine::new(&PluginLimits::default()).expect("engine");
+        assert_eq!(ours.fingerprint(), again.fingerprint());
+        // Artifacts made without epoch checks must not load into our engine.
+        let mut config = Config::new();
+        config.epoch_interruption(false);
+        let other = Engine::new(&config).expect("engine");
+        assert_ne!(ours.fingerprint(), fingerprint(&other));
+    }
+
+    #[test]
+    fn deadlines_round_up_to_whole_ticks() {
+        let e = PluginEngine::new(&PluginLimits::default()).expect("engine");
+        assert_eq!(e.tick, Duration::from_millis(5));
+        assert_eq!(e.ticks(Duration::from_millis(50)), 11);
+        assert_eq!(e.ticks(Duration::from_millis(51)), 12);
     }
 }

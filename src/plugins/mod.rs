@@ -3,17 +3,17 @@
 //! `loraplex:plugin@0.1.0`).
 //!
 //! Parts, and the path of a call:
-//! - [`types`]: `PluginId` (sha256 of the bytes), `PluginKind`, `ConfigValue`.
-//! - [`limits`]: `PluginLimits` (deadlines, memory cap, output caps) and the
+//! - `types`: `PluginId` (sha256 of the bytes), `PluginKind`, `ConfigValue`.
+//! - `limits`: `PluginLimits` (deadlines, memory cap, output caps) and the
 //!   per-store resource limiter.
-//! - [`engine`]: the one wasmtime `Engine` (pooling allocator, epoch
+//! - `engine`: the one wasmtime `Engine` (pooling allocator, epoch
 //!   interruption) and its ticker thread.
-//! - [`cache`]: bytes → compiled `Component`, reusing artifacts on disk keyed
+//! - `cache`: bytes → compiled `Component`, reusing artifacts on disk keyed
 //!   by content hash and engine fingerprint.
-//! - [`sandbox`]: the store state and the inert WASI the plugin sees.
-//! - [`loss`] / [`sampler`]: the two worlds: conversions, calls, output
+//! - `sandbox`: the store state and the inert WASI the plugin sees.
+//! - `loss` / `sampler`: the two worlds: conversions, calls, output
 //!   checks.
-//! - [`host`]: `PluginHost`, which ties them together.
+//! - `host`: `PluginHost`, which ties them together.
 //! - [`bench`]: the wasm-vs-native benchmark table.
 //!
 //! `PluginHost::load(bytes)` compiles (or reuses) the component, checks the
