@@ -28,6 +28,12 @@ Peak RSS: "peak RSS MB" is VmHWM from /proc/self/status after resetting it
 "ru_maxrss MB" is getrusage's process-lifetime maximum. For a clean per-case
 number run a single case in its own process with --case NAME, or use --isolate.
 
+Threads: torch's CPU kernels use OpenMP (libgomp), whose worker threads spin while
+waiting. On a machine whose cores are shared with other work (2 cores, several
+compilers running) that spinning made 2-thread steps 5-10x slower and wildly
+variable; OMP_WAIT_POLICY=PASSIVE (the default here, --omp-wait-policy '' to
+undo) lets waiting threads sleep. On an idle machine the difference is small.
+
 Examples:
   python benches/torch_train_reference.py --gguf /path/SmolLM2-135M-Instruct.Q4_1.gguf
   python benches/torch_train_reference.py --case "train 4x128 all" --steps 3 --json
@@ -112,6 +118,9 @@ def parse_args(argv=None):
     ap.add_argument("--eps", type=float, default=1e-12)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY to set before torch loads (unless already in the environment); "
+                         "'' leaves OpenMP's default (active spinning). See the note at the top.")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--case", default=None, help="run only this case (exact name, else substring match)")
     ap.add_argument("--list", action="store_true", help="list case names and exit")
@@ -126,7 +135,7 @@ def run_isolated(args):
     for name, *_ in select_cases(args.case):
         cmd = [sys.executable, os.path.abspath(__file__), "--json", "--case", name]
         for flag in ("gguf", "steps", "warmup", "seq_len", "rank", "alpha", "lr", "beta1", "beta2", "eps",
-                     "weight_decay", "threads", "seed"):
+                     "weight_decay", "threads", "seed", "omp_wait_policy"):
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         for line in out.splitlines():
@@ -142,6 +151,9 @@ def run_isolated(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.omp_wait_policy:
+        # Must happen before torch (libgomp) is loaded.
+        os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
     if args.list:
         for c in CASES:
             print(c[0])
@@ -166,6 +178,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     gguf_path = os.path.abspath(args.gguf)
     t0 = time.perf_counter()
@@ -193,7 +206,8 @@ def main(argv=None):
     header = (
         f"model {cfgm.model_type} from {os.path.basename(gguf_path)} ({cfgm.num_hidden_layers} layers, hidden "
         f"{cfgm.hidden_size}), loaded in {load_s:.2f} s; rank {args.rank}, alpha {args.alpha:g}, {T} tokens/row, "
-        f"{args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads; "
+        f"{args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
     if not args.json:
@@ -286,6 +300,7 @@ def main(argv=None):
             "adapters": nadapters,
             "seq_len": T,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "trainable_params": int(sum(p.numel() for a in adapter_names for p in params_of(a))) if mode != "fwd" else 0,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -26,6 +26,9 @@ pub enum Error {
     Template(String),
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// A tenant's plugin failed its own call (trap, deadline, memory cap, bad output...).
+    #[error("plugin: {0}")]
+    Plugin(#[source] crate::plugins::PluginError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -47,9 +50,10 @@ impl Error {
 
     pub fn category(&self) -> Category {
         match self {
-            Error::InvalidInput { .. } | Error::Unsupported(_) | Error::Template(_) => {
-                Category::User
-            }
+            Error::InvalidInput { .. }
+            | Error::Unsupported(_)
+            | Error::Template(_)
+            | Error::Plugin(_) => Category::User,
             _ => Category::Server,
         }
     }

@@ -7,6 +7,7 @@
 //! - [`train`]: built-in losses on per-token logprobs and the forward_backward / optim_step
 //!   operations that tie model, losses and adapters together.
 //! - [`sample`]: the decoding loop and sampling parameters.
+//! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
 //! - [`config`]: every setting with its default and environment variable.
 
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod lora;
 pub mod model;
+pub mod plugins;
 pub mod sample;
 pub mod train;
 pub mod util;

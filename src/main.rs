@@ -38,6 +38,8 @@ enum Cmd {
 enum BenchCmd {
     /// Training steps on the base model: tokens/s and peak RSS per case.
     Train(loraplex::bench::TrainBenchArgs),
+    /// wasm loss and sampler plugins against the same code in native Rust.
+    Plugins,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +55,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Train(args),
         } => {
             print!("{}", loraplex::bench::train(&args)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Plugins,
+        } => {
+            print!("{}", loraplex::plugins::bench::run());
         }
         Cmd::Generate {
             model,

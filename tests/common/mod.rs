@@ -1,4 +1,8 @@
-//! Test fixtures built by code: tiny random models and adapters, and the shipped SmolLM2.
+//! Test fixtures built by code: tiny random models and adapters, the shipped SmolLM2, and
+//! the built plugin components. Components come from `plugins/dist/` (or
+//! `$LORAPLEX_PLUGIN_DIST`); the first test that needs one runs `plugins/build.sh` once per
+//! test binary (about a second when CI already ran it). `LORAPLEX_SKIP_PLUGIN_BUILD=1` only
+//! reads what is there.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
@@ -76,4 +80,39 @@ pub fn flat(t: &Tensor) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+use std::process::Command;
+
+pub fn dist_dir() -> PathBuf {
+    std::env::var_os("LORAPLEX_PLUGIN_DIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/dist"))
+}
+
+fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        if std::env::var_os("LORAPLEX_SKIP_PLUGIN_BUILD").is_some() {
+            return;
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("LORAPLEX_PLUGIN_DIST", dist_dir())
+            .output()
+            .expect("running plugins/build.sh");
+        assert!(
+            out.status.success(),
+            "plugins/build.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The bytes of a built plugin, by crate name (e.g. "ppo-clip").
+pub fn component(name: &str) -> Vec<u8> {
+    ensure_built();
+    let path = dist_dir().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
