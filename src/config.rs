@@ -1,7 +1,24 @@
 //! Every setting, its default and its environment variable, in one place.
+//!
+//! | setting | env var | default |
+//! |---|---|---|
+//! | model file or HF directory | `LORAPLEX_MODEL_PATH` | `models/SmolLM2-135M-Instruct.Q4_1.gguf` |
+//! | served model name | `LORAPLEX_MODEL_NAME` | `HuggingFaceTB/SmolLM2-135M-Instruct` |
+//! | elementwise threads | `CANDLE_NUM_THREADS` | 1 (see [`init_compute_threads`]) |
+//! | matmul threads | `RAYON_NUM_THREADS` | available cores |
+//! | plugin loss deadline | `LORAPLEX_PLUGIN_LOSS_DEADLINE_MS` | 2000 |
+//! | plugin sampler step deadline | `LORAPLEX_PLUGIN_SAMPLER_STEP_DEADLINE_MS` | 50 |
+//! | plugin memory cap | `LORAPLEX_PLUGIN_MEMORY_BYTES` | 64 MiB |
+//! | plugin metrics per call | `LORAPLEX_PLUGIN_MAX_METRICS` | 1024 |
+//! | live plugin instances | `LORAPLEX_PLUGIN_MAX_INSTANCES` | 256 |
+//!
+//! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
+//! each default.
 
 use clap::Parser;
 use std::path::PathBuf;
+
+pub use crate::plugins::PluginLimits;
 
 /// Name under which the shipped SmolLM2 is served.
 pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
