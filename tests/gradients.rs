@@ -15,18 +15,24 @@ struct Problem {
     seeds: Vec<Vec<f32>>,
 }
 
+impl Problem {
+    fn train_rows(&self) -> Vec<TrainRow<'_>> {
+        self.rows
+            .iter()
+            .map(|(t, g, k, a)| TrainRow {
+                tokens: t,
+                targets: g,
+                k: *k,
+                adapter: Some(*a),
+            })
+            .collect()
+    }
+}
+
 fn objective(model: &loraplex::model::BaseModel, ads: &[&LoraWeights], p: &Problem) -> f64 {
-    let rows: Vec<TrainRow> = p
-        .rows
-        .iter()
-        .map(|(t, g, k, a)| TrainRow {
-            tokens: t,
-            targets: g,
-            k: *k,
-            adapter: Some(*a),
-        })
-        .collect();
-    let (lp, _) = model.forward_train_f64(&rows, ads, false).unwrap();
+    let (lp, _) = model
+        .forward_train_f64(&p.train_rows(), ads, false)
+        .unwrap();
     lp.iter()
         .zip(&p.seeds)
         .flat_map(|(l, s)| l.iter().zip(s).map(|(a, b)| *a * *b as f64))
@@ -66,17 +72,7 @@ fn lora_gradients_match_finite_differences() {
     let p = Problem { rows, seeds };
 
     let ads = [&a0, &a1];
-    let rows: Vec<TrainRow> = p
-        .rows
-        .iter()
-        .map(|(t, g, k, a)| TrainRow {
-            tokens: t,
-            targets: g,
-            k: *k,
-            adapter: Some(*a),
-        })
-        .collect();
-    let (_, tape) = model.forward_train(&rows, &ads, true).unwrap();
+    let (_, tape) = model.forward_train(&p.train_rows(), &ads, true).unwrap();
     let grads = model.backward(tape.unwrap(), &p.seeds, &ads).unwrap();
 
     let h = 1e-3f32;

@@ -245,22 +245,17 @@ impl BaseModel {
         cache: Option<(&mut KvCache, usize)>,
         keep: bool,
     ) -> Result<(Tensor, Option<RowTape>)> {
-        let c = &self.config;
-        let (t, hd, h, kvh, g) = (
-            q.dim(0)?,
-            c.head_dim,
-            c.num_heads,
-            c.num_kv_heads,
-            c.group_size(),
-        );
+        let HeadLayout {
+            t,
+            hd,
+            h,
+            kvh,
+            g,
+            scale,
+        } = self.heads(q)?;
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin = self.sin.narrow(0, pos0, t)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = q
-            .reshape((t, h, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .unsqueeze(0)?;
+        let q = heads_first(q, t, h, hd)?.unsqueeze(0)?;
         let q = rope(&q, &cos, &sin)?
             .affine(scale, 0.0)?
             .reshape((kvh, g * t, hd))?;
@@ -310,22 +305,17 @@ impl BaseModel {
 
     /// Backward of one row's attention: (dq, dk, dv) before RoPE, shaped like the inputs.
     fn attn_row_backward(&self, d_o: &Tensor, rt: &RowTape, pos0: usize) -> Result<[Tensor; 3]> {
-        let c = &self.config;
-        let (t, hd, h, kvh, g) = (
-            d_o.dim(0)?,
-            c.head_dim,
-            c.num_heads,
-            c.num_kv_heads,
-            c.group_size(),
-        );
+        let HeadLayout {
+            t,
+            hd,
+            h,
+            kvh,
+            g,
+            scale,
+        } = self.heads(d_o)?;
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin_neg = self.sin_neg.narrow(0, pos0, t)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let d_o = d_o
-            .reshape((t, h, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((kvh, g * t, hd))?;
+        let d_o = heads_first(d_o, t, h, hd)?.reshape((kvh, g * t, hd))?;
         let dp = d_o.matmul(&rt.v.t()?)?;
         let dv = rt.p.t()?.matmul(&d_o)?;
         let rowdot = (&dp * &rt.p)?.sum_keepdim(D::Minus1)?;
@@ -900,6 +890,35 @@ impl BaseModel {
         let last: Vec<Tensor> = last.into_iter().flatten().collect();
         Ok((Tensor::cat(&last, 0)?.to_dtype(DType::F32)?, plp))
     }
+}
+
+/// Head geometry of a `[t, heads · head_dim]` row and the attention scale.
+struct HeadLayout {
+    t: usize,
+    hd: usize,
+    h: usize,
+    kvh: usize,
+    g: usize,
+    scale: f64,
+}
+
+impl BaseModel {
+    fn heads(&self, x: &Tensor) -> Result<HeadLayout> {
+        let c = &self.config;
+        Ok(HeadLayout {
+            t: x.dim(0)?,
+            hd: c.head_dim,
+            h: c.num_heads,
+            kvh: c.num_kv_heads,
+            g: c.group_size(),
+            scale: 1.0 / (c.head_dim as f64).sqrt(),
+        })
+    }
+}
+
+/// `[t, h · hd]` → `[h, t, hd]`, contiguous.
+fn heads_first(x: &Tensor, t: usize, h: usize, hd: usize) -> Result<Tensor> {
+    Ok(x.reshape((t, h, hd))?.transpose(0, 1)?.contiguous()?)
 }
 
 /// Row-wise log-sum-exp of `[n, v]`, shape `[n, 1]`.
