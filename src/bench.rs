@@ -200,3 +200,100 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
     }
     Ok(out)
 }
+
+/// `loraplex bench plugins`: the plugin table, then the same plugins' cost as a share of
+/// the model work they ride on, measured in the same process: a wasm loss against a 4x128
+/// SmolLM2 forward_backward, a wasm sampler step against one decode step.
+pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
+    let dist = std::env::var_os("LORAPLEX_PLUGIN_DIST")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins/dist")
+        });
+    let rows = crate::plugins::bench::measure(&dist).map_err(crate::Error::Plugin)?;
+    let mut out = crate::plugins::bench::table(&rows);
+    let (dev, dt) = crate::model::default_device();
+    let m = BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+    let mut rng = SplitMix64::new(7);
+    let vocab = m.config.vocab_size as u64;
+    let data: Vec<Datum> = (0..4)
+        .map(|_| {
+            let toks: Vec<u32> = (0..=128).map(|_| (rng.next_u64() % vocab) as u32).collect();
+            Datum::next_token(&toks, 0)
+        })
+        .collect();
+    let cfg = LoraConfig {
+        rank: 8,
+        alpha: 32.0,
+        seed: 0,
+        targets: ALL.to_vec(),
+        train_unembed: false,
+    };
+    let w = LoraWeights::init(&cfg, &m.config, &dev)?;
+    let lc = LossConfig::new();
+    let mut fb = Vec::new();
+    for i in 0..4 {
+        let t = Instant::now();
+        let work = [Work {
+            adapter: Some(0),
+            data: &data,
+            loss: &BuiltinLoss::CrossEntropy,
+            config: &lc,
+        }];
+        forward_backward(&m, &[&w], &work, false)?;
+        if i > 0 {
+            fb.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let fb = median(&mut fb);
+    let mut cache = crate::model::KvCache::default();
+    let prompt: Vec<u32> = (0..16).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let mut last = *prompt.last().unwrap_or(&0);
+    m.forward_infer(
+        &[crate::model::InferRow {
+            tokens: &prompt,
+            adapter: None,
+        }],
+        &mut [&mut cache],
+        &[],
+        false,
+    )?;
+    let mut steps = Vec::new();
+    for _ in 0..32 {
+        let t = Instant::now();
+        let row = [crate::model::InferRow {
+            tokens: std::slice::from_ref(&last),
+            adapter: None,
+        }];
+        let (logits, _) = m.forward_infer(&row, &mut [&mut cache], &[], false)?;
+        let v = logits.to_vec2::<f32>()?;
+        last = crate::sample::choose(
+            &v[0],
+            &crate::sample::SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            &[],
+            &mut rng,
+        )
+        .0;
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    let step = median(&mut steps);
+    out.push_str(&format!(
+        "\nSmolLM2 in the same run: forward_backward 4x128 (all layers, rank 8) {:.3} s; decode step (1 sequence, KV cache) {:.1} ms\n\n| plugin cost | share of the model work |\n|---|---|\n",
+        fb,
+        step * 1e3
+    ));
+    for (case, _, wasm) in &rows {
+        let share = if case.starts_with("ppo loss, 4x128") || case.starts_with("dro loss, 4x128") {
+            wasm.as_secs_f64() / fb
+        } else if case.contains("step") {
+            wasm.as_secs_f64() / step
+        } else {
+            continue;
+        };
+        out.push_str(&format!("| {case} | {:.4}% |\n", share * 100.0));
+    }
+    Ok(out)
+}

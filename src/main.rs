@@ -38,8 +38,8 @@ enum Cmd {
 enum BenchCmd {
     /// Training steps on the base model: tokens/s and peak RSS per case.
     Train(loraplex::bench::TrainBenchArgs),
-    /// wasm loss and sampler plugins against the same code in native Rust.
-    Plugins,
+    /// wasm loss and sampler plugins against native code and against the model work.
+    Plugins(loraplex::config::ModelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,9 +57,9 @@ fn main() -> anyhow::Result<()> {
             print!("{}", loraplex::bench::train(&args)?);
         }
         Cmd::Bench {
-            which: BenchCmd::Plugins,
+            which: BenchCmd::Plugins(model),
         } => {
-            print!("{}", loraplex::plugins::bench::run());
+            print!("{}", loraplex::bench::plugins(&model)?);
         }
         Cmd::Generate {
             model,

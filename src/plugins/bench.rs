@@ -30,6 +30,14 @@ pub fn run() -> String {
 
 /// Runs the benchmark with the components in `dist`.
 pub fn run_in(dist: &Path) -> Result<String, PluginError> {
+    Ok(table(&measure(dist)?))
+}
+
+/// One benchmark row: case, native median, wasm median.
+pub type Row = (String, Duration, Duration);
+
+/// The measurements behind [`run_in`]'s table.
+pub fn measure(dist: &Path) -> Result<Vec<Row>, PluginError> {
     let read = |name: &str| {
         let path = dist.join(format!("{name}.wasm"));
         std::fs::read(&path).map_err(|e| PluginError::Host(format!("{}: {e}", path.display())))
@@ -105,11 +113,16 @@ pub fn run_in(dist: &Path) -> Result<String, PluginError> {
         fresh,
     ));
 
+    Ok(rows)
+}
+
+/// The rows as a Markdown table with notes.
+pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str("| case | native Rust (median µs) | wasm plugin (median µs) | wasm / native |\n");
     out.push_str("|---|---:|---:|---:|\n");
     for (case, native, wasm) in rows {
-        let (n, w) = (micros(native), micros(wasm));
+        let (n, w) = (micros(*native), micros(*wasm));
         out.push_str(&format!(
             "| {case} | {n:.1} | {w:.1} | {:.1}x |\n",
             w / n.max(1e-3)
@@ -120,7 +133,7 @@ pub fn run_in(dist: &Path) -> Result<String, PluginError> {
          live session: one `step` (49,152 logits copied in, epoch deadline armed).\n\
          new session: store + instance + `create` + one step, what a sequence's first token costs.\n",
     );
-    Ok(out)
+    out
 }
 
 fn micros(d: Duration) -> f64 {
