@@ -7,11 +7,14 @@
 //! - [`train`]: built-in losses on per-token logprobs and the forward_backward / optim_step
 //!   operations that tie model, losses and adapters together.
 //! - [`sample`]: the decoding loop and sampling parameters.
+//! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
+//!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
 //! - [`config`]: every setting with its default and environment variable.
 
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod sample;

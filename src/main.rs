@@ -38,6 +38,9 @@ enum Cmd {
 enum BenchCmd {
     /// Training steps on the base model: tokens/s and peak RSS per case.
     Train(loraplex::bench::TrainBenchArgs),
+    /// N tenants training and sampling at once through the job engine, against the same
+    /// work run tenant after tenant; batched against single-sequence decoding.
+    Tenants(loraplex::bench::TenantsBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +56,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Train(args),
         } => {
             print!("{}", loraplex::bench::train(&args)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Tenants(args),
+        } => {
+            print!("{}", loraplex::bench::tenants(&args)?);
         }
         Cmd::Generate {
             model,
