@@ -865,14 +865,29 @@ impl BaseModel {
         let xf = self.rms(&x, &self.weights.final_norm)?;
         let mut last = vec![None; rows.len()];
         let mut plp = prompt_logprobs.then(|| vec![Vec::new(); rows.len()]);
-        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+        // Every row's last position through the base LM head in one matmul: in a decode
+        // step of many sequences the LM head is read once instead of once per row.
+        let last_pos: Vec<u32> = batch
+            .rows
+            .iter()
+            .map(|pr| (pr.start + pr.len - 1) as u32)
+            .collect();
+        let last_pos = Tensor::from_vec(last_pos, batch.rows.len(), &self.device)?;
+        let (base_last, _) = self.lm_logits(&xf.index_select(&last_pos, 0)?, None)?;
+        for (j, (pr, &i)) in batch.rows.iter().zip(&batch.order).enumerate() {
             let seg = Segment {
                 start: pr.start,
                 len: pr.len,
                 adapter: pr.adapter,
             };
             let lora = pair(adapters, &seg, Site::LmHead);
-            let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + pr.len - 1, 1)?, lora)?;
+            let logits = match lora {
+                None => base_last.narrow(0, j, 1)?,
+                Some(_) => {
+                    self.lm_logits(&xf.narrow(0, pr.start + pr.len - 1, 1)?, lora)?
+                        .0
+                }
+            };
             last[i] = Some(logits);
             if let Some(plp) = plp.as_mut() {
                 let toks = rows[i].tokens;
