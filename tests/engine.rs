@@ -607,6 +607,7 @@ async fn seeded_sampling_is_reproducible_and_matches_the_plain_loop() {
     req.num_samples = 3;
     req.top_logprobs = 2;
     req.prompt_logprobs = true;
+    req.prompt_top_logprobs = 3;
     let f1 = e.sample(&t, &s, req.clone()).await.unwrap();
     let f2 = e.sample(&t, &s, req.clone()).await.unwrap();
     let o1 = e.result(&t, &f1, T).await.unwrap();
@@ -623,7 +624,20 @@ async fn seeded_sampling_is_reproducible_and_matches_the_plain_loop() {
         a.sequences[0].tokens, a.sequences[1].tokens,
         "samples should differ"
     );
-    assert_eq!(a.prompt_logprobs.as_ref().map(|p| p.len()), Some(3));
+    let plp = a.prompt_logprobs.as_ref().unwrap();
+    assert_eq!(plp.len(), 3);
+    let top = a.prompt_top_logprobs.as_ref().unwrap();
+    assert_eq!(top.len(), 3);
+    for (j, t) in top.iter().enumerate() {
+        assert_eq!(t.len(), 3);
+        assert!(t[0].1 >= t[1].1 && t[1].1 >= t[2].1);
+        // The best token is at least as likely as the actual prompt token...
+        assert!(t[0].1 >= plp[j] - 1e-5);
+        // ...and where the actual token is listed, its logprob agrees.
+        if let Some(&(_, lp)) = t.iter().find(|(id, _)| *id == [1u32, 2, 3, 4][j + 1]) {
+            assert!((lp - plp[j]).abs() < 1e-4, "{lp} vs {}", plp[j]);
+        }
+    }
     // Sequence 0 uses the seed itself: the same as the plain generation loop.
     let plain = loraplex::sample::generate(
         &m,

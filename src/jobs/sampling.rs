@@ -56,6 +56,9 @@ pub struct SampleRequest {
     pub prompt_logprobs: bool,
     /// How many of the most likely tokens (with logprobs) to return per sampled token.
     pub top_logprobs: usize,
+    /// With `prompt_logprobs`: how many of the most likely tokens to return per prompt
+    /// position after the first.
+    pub prompt_top_logprobs: usize,
     pub sampler: Option<Arc<dyn TokenSampler>>,
 }
 
@@ -99,7 +102,7 @@ impl SampleRequest {
                 format!("must be in 1..={MAX_NUM_SAMPLES}"),
             ));
         }
-        if self.top_logprobs > MAX_TOP_LOGPROBS {
+        if self.top_logprobs > MAX_TOP_LOGPROBS || self.prompt_top_logprobs > MAX_TOP_LOGPROBS {
             return Err(Error::invalid(
                 "top_logprobs",
                 format!("at most {MAX_TOP_LOGPROBS}"),
@@ -144,6 +147,9 @@ pub struct SampleOutput {
     pub sequences: Vec<SampledSeq>,
     /// With `prompt_logprobs`: for prompt tokens 1.., log p(token | earlier tokens).
     pub prompt_logprobs: Option<Vec<f32>>,
+    /// With `prompt_top_logprobs`: per prompt position after the first, the most likely
+    /// (token, logprob), best first.
+    pub prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
 }
 
 pub(crate) struct SampleJob {
@@ -168,6 +174,7 @@ struct JobAcc {
     seqs: Vec<Option<SampledSeq>>,
     left: usize,
     prompt_logprobs: Option<Vec<f32>>,
+    prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
     failed: bool,
 }
 
@@ -274,6 +281,7 @@ impl Sampler {
                 seqs: vec![None; n],
                 left: n,
                 prompt_logprobs: None,
+                prompt_top_logprobs: None,
                 failed: false,
                 job,
             },
@@ -325,6 +333,13 @@ impl Sampler {
             .live
             .iter()
             .any(|l| l.cache.len == 0 && l.index == 0 && l.req.prompt_logprobs);
+        let top_k = self
+            .live
+            .iter()
+            .filter(|l| l.cache.len == 0 && l.index == 0 && l.req.prompt_logprobs)
+            .map(|l| l.req.prompt_top_logprobs)
+            .max()
+            .unwrap_or(0);
         let logits = {
             let refs: Vec<&LoraWeights> = snaps.iter().map(|s| &**s).collect();
             let rows: Vec<InferRow> = inputs
@@ -337,13 +352,26 @@ impl Sampler {
                 .collect();
             let mut caches: Vec<&mut KvCache> =
                 self.live.iter_mut().map(|l| &mut l.cache).collect();
-            let (logits, plp) = model.forward_infer(&rows, &mut caches, &refs, want_plp)?;
+            let (logits, plp, ptop) =
+                model.forward_infer_top(&rows, &mut caches, &refs, want_plp, top_k)?;
             if let Some(plp) = plp {
+                let mut ptop = ptop.map(|v| v.into_iter());
                 for (l, lp) in self.live.iter().zip(plp) {
+                    let top = ptop.as_mut().and_then(|t| t.next());
                     if l.index == 0 && l.req.prompt_logprobs && l.out.tokens.is_empty() {
                         if let Some(acc) = self.jobs.get_mut(&l.future) {
                             if acc.prompt_logprobs.is_none() {
                                 acc.prompt_logprobs = Some(lp);
+                                if l.req.prompt_top_logprobs > 0 {
+                                    acc.prompt_top_logprobs = top.map(|t| {
+                                        t.into_iter()
+                                            .map(|mut p| {
+                                                p.truncate(l.req.prompt_top_logprobs);
+                                                p
+                                            })
+                                            .collect()
+                                    });
+                                }
                             }
                         }
                     }
@@ -410,6 +438,7 @@ impl Sampler {
         let out = SampleOutput {
             sequences: acc.seqs.into_iter().flatten().collect(),
             prompt_logprobs: acc.prompt_logprobs,
+            prompt_top_logprobs: acc.prompt_top_logprobs,
         };
         self.ctx
             .futures
@@ -443,14 +472,9 @@ fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
     l.out.tokens.push(tok);
     l.out.logprobs.push(lp);
     if l.req.top_logprobs > 0 {
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        let k = l.req.top_logprobs.min(row.len());
-        idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b].total_cmp(&row[a]));
-        idx.truncate(k);
-        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         l.out
             .top_logprobs
-            .push(idx.iter().map(|&i| (i as u32, row[i] - lse)).collect());
+            .push(crate::model::llama::top_k_of(row, l.req.top_logprobs, lse));
     }
     if p.stop_tokens.contains(&tok) {
         l.out.stop_reason = StopReason::Stop;
