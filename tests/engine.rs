@@ -790,3 +790,72 @@ async fn sequences_of_many_adapters_decode_together_as_they_would_alone() {
         "trained adapters should change some output: {solo:?}"
     );
 }
+
+/// A sampler plugin that always picks one token.
+struct Always(u32);
+impl TokenSampler for Always {
+    fn choose(
+        &self,
+        _: &[f32],
+        _: &SamplingParams,
+        _: &[u32],
+        _: &mut SplitMix64,
+    ) -> loraplex::Result<u32> {
+        Ok(self.0)
+    }
+}
+
+/// A hostile sampler plugin.
+struct Hostile;
+impl TokenSampler for Hostile {
+    fn choose(
+        &self,
+        _: &[f32],
+        _: &SamplingParams,
+        history: &[u32],
+        _: &mut SplitMix64,
+    ) -> loraplex::Result<u32> {
+        if history.len() > 4 {
+            panic!("hostile sampler");
+        }
+        Ok(1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampler_plugins_choose_tokens_and_a_hostile_one_fails_alone() {
+    let m = model();
+    let e = engine(&m, EngineConfig::default());
+    let t = TenantId::from("t");
+    let s = e.base_sampling_session(&t).await.unwrap();
+    let params = SamplingParams {
+        max_tokens: 6,
+        ..Default::default()
+    };
+    let mut fixed = SampleRequest::new(vec![1, 2, 3], params.clone());
+    fixed.sampler = Some(Arc::new(Always(7)));
+    let mut hostile = SampleRequest::new(vec![1, 2, 3], params.clone());
+    hostile.sampler = Some(Arc::new(Hostile));
+    let mut out_of_range = SampleRequest::new(vec![1, 2, 3], params.clone());
+    out_of_range.sampler = Some(Arc::new(Always(10_000)));
+    let plain = SampleRequest::new(vec![1, 2, 3], params);
+    let ff = e.sample(&t, &s, fixed).await.unwrap();
+    let fh = e.sample(&t, &s, hostile).await.unwrap();
+    let fo = e.sample(&t, &s, out_of_range).await.unwrap();
+    let fp = e.sample(&t, &s, plain).await.unwrap();
+    let got = e.result(&t, &ff, T).await.unwrap();
+    let seq = &sample_out(&got).sequences[0];
+    assert_eq!(seq.tokens, vec![7; 6]);
+    assert!(seq.logprobs.iter().all(|lp| lp.is_finite() && *lp < 0.0));
+    for f in [&fh, &fo] {
+        let r = e.wait(&t, f, T).await.unwrap();
+        assert_eq!(r.state, JobState::Failed);
+        let fail = r.failure.unwrap();
+        assert_eq!(fail.category, Category::User);
+        assert!(fail.message.contains("sampler"), "{}", fail.message);
+    }
+    let r = e.result(&t, &fp, T).await.unwrap();
+    assert_eq!(sample_out(&r).sequences[0].tokens.len(), 6);
+    assert_eq!(e.tenant_metrics(&t).failed, 2);
+    assert_eq!(e.tenant_metrics(&t).done, 2);
+}

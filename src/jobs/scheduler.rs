@@ -4,7 +4,7 @@
 //! second channel.
 //!
 //! Each cycle, for every free lane, it takes the ready forward / forward_backward work of
-//! all idle models up to a token budget, in rounds of an equal share per model (least-served
+//! all idle models up to a token budget, in rounds of an equal share per tenant (least-served
 //! tenant first), splitting a request that exceeds its share by datum. A model's barrier
 //! (optim_step, save, load, sampling snapshot) joins the batch after its model's passes and
 //! closes that model for the cycle. A model is in at most one lane at a time, and its
@@ -358,7 +358,20 @@ impl Scheduler {
             )
         });
         let budget = self.cfg.max_batch_tokens;
-        let quantum = (budget / order.len()).max(1);
+        // Equal shares per tenant, split among that tenant's ready models: a tenant with
+        // many models gets no more of the batch than a tenant with one.
+        let mut per_tenant: HashMap<&TenantId, usize> = HashMap::new();
+        for id in &order {
+            *per_tenant.entry(&self.queues[id].entry.tenant).or_insert(0) += 1;
+        }
+        let tenants = per_tenant.len();
+        let quantum: HashMap<AdapterId, usize> = order
+            .iter()
+            .map(|id| {
+                let models = per_tenant[&self.queues[id].entry.tenant];
+                (id.clone(), (budget / (tenants * models)).max(1))
+            })
+            .collect();
         let mut used = 0usize;
         let mut items: Vec<BatchItem> = Vec::new();
         let mut slot: HashMap<AdapterId, usize> = HashMap::new();
@@ -369,10 +382,11 @@ impl Scheduler {
             let before = used;
             let mut still = Vec::new();
             for id in open {
+                let share = quantum.get(&id).copied().unwrap_or(1);
                 let allowance = if phase_fill {
                     budget - used
                 } else {
-                    quantum.min(budget - used)
+                    share.min(budget - used)
                 };
                 let q = match self.queues.get_mut(&id) {
                     Some(q) => q,
