@@ -27,6 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// How many recent seq_ids per model a retry can still find its future by. Older retries
+/// are refused as "before the next expected seq_id".
+const SEEN_WINDOW: usize = 4096;
+
 pub(crate) enum Cmd {
     Submit {
         tenant: TenantId,
@@ -286,6 +290,11 @@ impl Scheduler {
         let now = Instant::now();
         let limit = Duration::from_millis(self.cfg.seq_timeout_ms);
         for q in self.queues.values_mut() {
+            // Remember only the recent seq_ids for retries: bounded memory per model.
+            if q.seen.len() > 2 * SEEN_WINDOW {
+                let floor = q.next_seq.saturating_sub(SEEN_WINDOW as u64);
+                q.seen.retain(|s, _| *s >= floor);
+            }
             if q.pending.is_empty() || q.pending.contains_key(&q.next_seq) {
                 q.blocked_since = None;
                 continue;
