@@ -57,6 +57,12 @@ pub struct EngineConfig {
     /// Bigger requests are split by datum across cycles, so they cannot starve others.
     #[arg(long, env = "LORAPLEX_MAX_BATCH_TOKENS", default_value_t = 2048)]
     pub max_batch_tokens: usize,
+    /// How long a free lane waits for more work to join a batch, from the arrival of the
+    /// oldest ready work (ms). Tenants answered by one batch come back within moments of each
+    /// other; without the wait the first to return would get a lane alone and the others
+    /// would wait a whole pass, staggering tenants for good.
+    #[arg(long, env = "LORAPLEX_BATCH_WAIT_MS", default_value_t = 10)]
+    pub batch_wait_ms: u64,
     /// Jobs queued (not yet finished) across all adapters before new work is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_JOBS", default_value_t = 1024)]
     pub max_queued_jobs: usize,
@@ -82,6 +88,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_workers: 1,
             max_batch_tokens: 2048,
+            batch_wait_ms: 10,
             max_queued_jobs: 1024,
             max_queued_per_model: 64,
             max_queued_samples: 256,
@@ -105,6 +112,7 @@ impl EngineConfig {
         EngineConfig {
             max_workers: var("MAX_WORKERS", d.max_workers).max(1),
             max_batch_tokens: var("LORAPLEX_MAX_BATCH_TOKENS", d.max_batch_tokens).max(1),
+            batch_wait_ms: var("LORAPLEX_BATCH_WAIT_MS", d.batch_wait_ms),
             max_queued_jobs: var("LORAPLEX_MAX_QUEUED_JOBS", d.max_queued_jobs),
             max_queued_per_model: var("LORAPLEX_MAX_QUEUED_PER_MODEL", d.max_queued_per_model),
             max_queued_samples: var("LORAPLEX_MAX_QUEUED_SAMPLES", d.max_queued_samples),

@@ -27,6 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+async fn sleep_until(t: Option<Instant>) {
+    if let Some(t) = t {
+        tokio::time::sleep_until(t.into()).await;
+    }
+}
+
 /// How many recent seq_ids per model a retry can still find its future by. Older retries
 /// are refused as "before the next expected seq_id".
 const SEEN_WINDOW: usize = 4096;
@@ -50,6 +56,7 @@ struct Queued {
     job: JobRef,
     next_datum: usize,
     started: bool,
+    arrived: Instant,
 }
 
 struct ModelQueue {
@@ -82,6 +89,8 @@ pub(crate) struct Scheduler {
     outstanding: usize,
     lanes: Vec<std::sync::mpsc::Sender<Batch>>,
     free: Vec<usize>,
+    /// A free lane waits until then for more work to join the batch.
+    gather_until: Option<Instant>,
 }
 
 /// How an adapter's turn in a round ended.
@@ -112,6 +121,7 @@ impl Scheduler {
             outstanding: 0,
             lanes,
             free,
+            gather_until: None,
         }
     }
 
@@ -130,6 +140,7 @@ impl Scheduler {
                 },
                 Some(r) = reports.recv() => self.lane_done(r),
                 _ = tick.tick() => self.expire_missing(),
+                _ = sleep_until(self.gather_until), if self.gather_until.is_some() => {}
             }
             // Drain whatever else arrived before forming batches: bigger batches.
             while let Ok(c) = cmds.try_recv() {
@@ -252,6 +263,7 @@ impl Scheduler {
                 },
                 next_datum: 0,
                 started: false,
+                arrived: Instant::now(),
             },
         );
         q.outstanding += 1;
@@ -326,6 +338,27 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        if self.cfg.batch_wait_ms > 0 && !self.free.is_empty() {
+            // Work that arrived just now waits a moment for its peers (tenants answered by
+            // the same batch come back together); work that waited through a pass goes now.
+            let oldest = self
+                .queues
+                .values()
+                .filter(|q| q.ready())
+                .filter_map(|q| q.pending.get(&q.next_seq))
+                .map(|j| j.arrived)
+                .min();
+            let Some(oldest) = oldest else {
+                self.gather_until = None;
+                return;
+            };
+            let until = oldest + Duration::from_millis(self.cfg.batch_wait_ms);
+            if Instant::now() < until {
+                self.gather_until = Some(until);
+                return;
+            }
+        }
+        self.gather_until = None;
         while let Some(&lane) = self.free.last() {
             let Some(batch) = self.form_batch() else {
                 return;
