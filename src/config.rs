@@ -58,7 +58,7 @@ pub struct EngineConfig {
     #[arg(long, env = "LORAPLEX_MAX_BATCH_TOKENS", default_value_t = 2048)]
     pub max_batch_tokens: usize,
     /// How long a free lane waits for more work to join a batch, from the arrival of the
-    /// oldest ready work (ms). Tenants answered by one batch come back within moments of each
+    /// oldest ready work (ms); at least this, or 5% of the last pass (capped at 250 ms). Tenants answered by one batch come back within moments of each
     /// other; without the wait the first to return would get a lane alone and the others
     /// would wait a whole pass, staggering tenants for good.
     #[arg(long, env = "LORAPLEX_BATCH_WAIT_MS", default_value_t = 10)]

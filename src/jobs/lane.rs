@@ -50,6 +50,8 @@ pub(crate) struct Piece {
 pub(crate) struct LaneReport {
     pub lane: usize,
     pub adapters: Vec<(AdapterId, Vec<FutureId>)>,
+    /// How long the batch took.
+    pub elapsed: std::time::Duration,
 }
 
 pub(crate) struct LaneCtx {
@@ -67,12 +69,14 @@ pub(crate) fn spawn_lane(
         .name(format!("loraplex-lane-{}", ctx.lane))
         .spawn(move || {
             while let Ok(batch) = rx.recv() {
+                let t = std::time::Instant::now();
                 let adapters = run_batch(&ctx, batch);
                 if ctx
                     .report
                     .send(LaneReport {
                         lane: ctx.lane,
                         adapters,
+                        elapsed: t.elapsed(),
                     })
                     .is_err()
                 {

@@ -33,6 +33,9 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
+/// The longest a free lane waits for more work to join a batch.
+const MAX_GATHER: Duration = Duration::from_millis(250);
+
 /// How many recent seq_ids per model a retry can still find its future by. Older retries
 /// are refused as "before the next expected seq_id".
 const SEEN_WINDOW: usize = 4096;
@@ -91,6 +94,8 @@ pub(crate) struct Scheduler {
     free: Vec<usize>,
     /// A free lane waits until then for more work to join the batch.
     gather_until: Option<Instant>,
+    /// How long the last batch took: the gather window scales with it.
+    last_pass: Duration,
 }
 
 /// How an adapter's turn in a round ended.
@@ -122,6 +127,7 @@ impl Scheduler {
             lanes,
             free,
             gather_until: None,
+            last_pass: Duration::ZERO,
         }
     }
 
@@ -274,6 +280,7 @@ impl Scheduler {
 
     fn lane_done(&mut self, r: LaneReport) {
         self.free.push(r.lane);
+        self.last_pass = r.elapsed;
         for (adapter, finished) in r.adapters {
             let Some(q) = self.queues.get_mut(&adapter) else {
                 // Deleted while running.
@@ -337,6 +344,13 @@ impl Scheduler {
         }
     }
 
+    /// `batch_wait_ms`, or up to 5% of the last pass where that is longer (at most
+    /// `MAX_GATHER`): on a slow device a few more milliseconds cost nothing, and a tenant
+    /// that misses a batch waits a whole pass.
+    fn gather_window(&self) -> Duration {
+        Duration::from_millis(self.cfg.batch_wait_ms).max((self.last_pass / 20).min(MAX_GATHER))
+    }
+
     fn dispatch(&mut self) {
         if self.cfg.batch_wait_ms > 0 && !self.free.is_empty() {
             // Work that arrived just now waits a moment for its peers (tenants answered by
@@ -352,7 +366,7 @@ impl Scheduler {
                 self.gather_until = None;
                 return;
             };
-            let until = oldest + Duration::from_millis(self.cfg.batch_wait_ms);
+            let until = oldest + self.gather_window();
             if Instant::now() < until {
                 self.gather_until = Some(until);
                 return;
