@@ -297,3 +297,265 @@ pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
     }
     Ok(out)
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TenantsBenchArgs {
+    #[command(flatten)]
+    pub model: crate::config::ModelArgs,
+    #[command(flatten)]
+    pub engine: crate::config::EngineConfig,
+    /// Tenant counts to run.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub tenants: Vec<usize>,
+    /// forward_backward + optim_step steps per tenant.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Tokens each tenant samples after training.
+    #[arg(long, default_value_t = 32)]
+    pub sample_tokens: usize,
+}
+
+/// Rounds of the decode comparison (medians reported).
+const DECODE_REPEATS: usize = 3;
+
+/// What one tenant's run measured.
+struct TenantRun {
+    /// Per step: submit of forward_backward to the end of its optim_step.
+    steps: Vec<f64>,
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank.
+    let k = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[k - 1]
+}
+
+async fn tenant_run(
+    engine: crate::jobs::Engine,
+    tenant: crate::jobs::TenantId,
+    model: crate::jobs::AdapterId,
+    data: Vec<Datum>,
+    steps: usize,
+    sample_tokens: usize,
+) -> Result<TenantRun> {
+    use crate::jobs::{FbRequest, Op, SampleRequest};
+    use std::sync::Arc;
+    let wait = std::time::Duration::from_secs(3600);
+    let mut lat = Vec::new();
+    let mut seq = 0u64;
+    for _ in 0..steps {
+        let t = Instant::now();
+        let op = Op::ForwardBackward(FbRequest {
+            data: data.clone(),
+            loss: Arc::new(BuiltinLoss::CrossEntropy),
+            loss_config: LossConfig::new(),
+        });
+        let f1 = engine.submit(&tenant, &model, Some(seq), op).await?;
+        let f2 = engine
+            .submit(
+                &tenant,
+                &model,
+                Some(seq + 1),
+                Op::OptimStep(AdamParams::default()),
+            )
+            .await?;
+        seq += 2;
+        engine.result(&tenant, &f1, wait).await?;
+        engine.result(&tenant, &f2, wait).await?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    let session = engine
+        .sampling_session(&tenant, &model, Some(seq), wait)
+        .await?;
+    let prompt: Vec<u32> = data[0].model_input[..8.min(data[0].model_input.len())].to_vec();
+    let req = SampleRequest::new(
+        prompt,
+        crate::sample::SamplingParams {
+            max_tokens: sample_tokens,
+            temperature: 0.0,
+            ..Default::default()
+        },
+    );
+    let f = engine.sample(&tenant, &session, req).await?;
+    engine.result(&tenant, &f, wait).await?;
+    Ok(TenantRun { steps: lat })
+}
+
+/// `loraplex bench tenants`: N tenants train and sample at once, against the same work run
+/// tenant after tenant on the same engine; and batched against single-sequence decoding.
+pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
+    use crate::jobs::{Engine, SampleRequest, TenantId};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (dev, dt) = crate::model::default_device();
+    let t0 = Instant::now();
+    let model = Arc::new(BaseModel::load(
+        &args.model.model_path,
+        &args.model.model_name,
+        &dev,
+        dt,
+    )?);
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = model.config.vocab_size as u64;
+    let mut out = format!(
+        "model {} loaded in {:.2} s; per tenant: {} x (forward_backward 1x{} + optim_step), then a {}-token sample; rank {}; MAX_WORKERS {}, batch budget {} tokens; {:?}\n\n",
+        model.name, load_s, args.steps, args.seq_len, args.sample_tokens, args.rank,
+        args.engine.max_workers, args.engine.max_batch_tokens, dev
+    );
+    out.push_str("| tenants | together wall s | one after another wall s | speed-up | together tokens/s | one after another tokens/s | step p50 s (median tenant) | step p95 s (worst tenant) | worst p95 / mean |\n|---|---|---|---|---|---|---|---|---|\n");
+    let lora = |seed: u64| LoraConfig {
+        rank: args.rank,
+        alpha: 32.0,
+        seed,
+        targets: Target::ALL.to_vec(),
+        train_unembed: false,
+    };
+    let mut rng = SplitMix64::new(99);
+    for &n in &args.tenants {
+        let data: Vec<Vec<Datum>> = (0..n)
+            .map(|_| {
+                let toks: Vec<u32> = (0..=args.seq_len)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect();
+                vec![Datum::next_token(&toks, 0)]
+            })
+            .collect();
+        let tokens = (n * (args.steps * args.seq_len + args.sample_tokens)) as f64;
+        let mut walls = [0f64; 2];
+        let mut runs_together = Vec::new();
+        for (mode, wall) in walls.iter_mut().enumerate() {
+            let together = mode == 0;
+            let r: Result<Vec<TenantRun>> = rt.block_on(async {
+                let engine = Engine::with_model(args.engine.clone(), model.clone())?;
+                let mut ids = Vec::new();
+                for i in 0..n {
+                    let t = TenantId(format!("tenant-{i}"));
+                    let id = engine.create_model(&t, lora(i as u64)).await?;
+                    ids.push((t, id));
+                }
+                let t = Instant::now();
+                let mut runs = Vec::new();
+                if together {
+                    let tasks: Vec<_> = ids
+                        .into_iter()
+                        .zip(&data)
+                        .map(|((t, id), d)| {
+                            tokio::spawn(tenant_run(
+                                engine.clone(),
+                                t,
+                                id,
+                                d.clone(),
+                                args.steps,
+                                args.sample_tokens,
+                            ))
+                        })
+                        .collect();
+                    for task in tasks {
+                        runs.push(task.await.map_err(|e| {
+                            crate::Error::Unavailable(format!("bench task: {e}"))
+                        })??);
+                    }
+                } else {
+                    for ((t, id), d) in ids.into_iter().zip(&data) {
+                        runs.push(
+                            tenant_run(
+                                engine.clone(),
+                                t,
+                                id,
+                                d.clone(),
+                                args.steps,
+                                args.sample_tokens,
+                            )
+                            .await?,
+                        );
+                    }
+                }
+                *wall = t.elapsed().as_secs_f64();
+                Ok(runs)
+            });
+            let r = r?;
+            if together {
+                runs_together = r;
+            }
+        }
+        let all: Vec<f64> = runs_together.iter().flat_map(|r| r.steps.clone()).collect();
+        let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let mut p50s: Vec<f64> = runs_together
+            .iter()
+            .map(|r| percentile(&r.steps, 0.5))
+            .collect();
+        let p95s: Vec<f64> = runs_together
+            .iter()
+            .map(|r| percentile(&r.steps, 0.95))
+            .collect();
+        let worst = p95s.iter().copied().fold(0.0, f64::max);
+        out.push_str(&format!(
+            "| {n} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |\n",
+            walls[0],
+            walls[1],
+            walls[1] / walls[0],
+            tokens / walls[0],
+            tokens / walls[1],
+            median(&mut p50s),
+            worst,
+            worst / mean
+        ));
+    }
+    // Decoding: 8 adapters' sequences batched against one sequence alone.
+    let decode: Result<(f64, f64)> = rt.block_on(async {
+        let engine = Engine::with_model(args.engine.clone(), model.clone())?;
+        let t = TenantId("decode".into());
+        let mut sessions = Vec::new();
+        for i in 0..8u64 {
+            let id = engine.create_model(&t, lora(100 + i)).await?;
+            let wait = std::time::Duration::from_secs(3600);
+            sessions.push(engine.sampling_session(&t, &id, None, wait).await?);
+        }
+        let req = || {
+            SampleRequest::new(
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+                crate::sample::SamplingParams {
+                    max_tokens: args.sample_tokens,
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+            )
+        };
+        let wait = std::time::Duration::from_secs(3600);
+        // Alternate the two cases and take medians: the machine's load drifts.
+        let mut rates = [Vec::new(), Vec::new()];
+        for _ in 0..DECODE_REPEATS {
+            for (k, count) in [1usize, 8].into_iter().enumerate() {
+                let start = Instant::now();
+                let mut futs = Vec::new();
+                for s in &sessions[..count] {
+                    futs.push(engine.sample(&t, s, req()).await?);
+                }
+                for f in futs {
+                    engine.result(&t, &f, wait).await?;
+                }
+                rates[k].push((count * args.sample_tokens) as f64 / start.elapsed().as_secs_f64());
+            }
+        }
+        let [mut one, mut eight] = rates;
+        Ok((median(&mut one), median(&mut eight)))
+    });
+    let (one, eight) = decode?;
+    out.push_str(&format!(
+        "\n| decoding ({} tokens, 8-token prompt, greedy; median of 3) | tokens/s |\n|---|---|\n| 1 sequence | {:.1} |\n| 8 adapters batched | {:.1} ({:.2}x) |\n",
+        args.sample_tokens, one, eight, eight / one
+    ));
+    Ok(out)
+}

@@ -60,3 +60,82 @@ pub fn init_compute_threads() {
         }
     });
 }
+
+/// Settings of the job engine ([`crate::jobs`]). Every field has a flag and an env var.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineConfig {
+    /// Worker lanes that run training batches (blocking threads). Default 1: on one device
+    /// the speed-up comes from batching many adapters into one pass over the base weights,
+    /// not from threads; a second lane would split the same cores (or GPU) between two
+    /// half-size batches and make every pass slower.
+    #[arg(long, env = "MAX_WORKERS", default_value_t = 1)]
+    pub max_workers: usize,
+    /// Token budget of one training batch (forward / forward_backward work of all adapters).
+    /// Bigger requests are split by datum across cycles, so they cannot starve others.
+    #[arg(long, env = "LORAPLEX_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// How long a free lane waits for more work to join a batch, from the arrival of the
+    /// oldest ready work (ms); at least this, or 5% of the last pass (capped at 250 ms). Tenants answered by one batch come back within moments of each
+    /// other; without the wait the first to return would get a lane alone and the others
+    /// would wait a whole pass, staggering tenants for good.
+    #[arg(long, env = "LORAPLEX_BATCH_WAIT_MS", default_value_t = 10)]
+    pub batch_wait_ms: u64,
+    /// Jobs queued (not yet finished) across all adapters before new work is refused.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_JOBS", default_value_t = 1024)]
+    pub max_queued_jobs: usize,
+    /// Jobs queued per adapter before new work on it is refused.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_PER_MODEL", default_value_t = 64)]
+    pub max_queued_per_model: usize,
+    /// Sampling requests waiting or decoding before new ones are refused.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_SAMPLES", default_value_t = 256)]
+    pub max_queued_samples: usize,
+    /// Sequences decoded together in one step; more wait to join.
+    #[arg(long, env = "LORAPLEX_MAX_DECODE_BATCH", default_value_t = 64)]
+    pub max_decode_batch: usize,
+    /// How long work waits for a missing earlier `seq_id` before it fails (ms).
+    #[arg(long, env = "LORAPLEX_SEQ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub seq_timeout_ms: u64,
+    /// The Retry-After suggested to refused callers (ms).
+    #[arg(long, env = "LORAPLEX_RETRY_AFTER_MS", default_value_t = 1_000)]
+    pub retry_after_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_workers: 1,
+            max_batch_tokens: 2048,
+            batch_wait_ms: 10,
+            max_queued_jobs: 1024,
+            max_queued_per_model: 64,
+            max_queued_samples: 256,
+            max_decode_batch: 64,
+            seq_timeout_ms: 30_000,
+            retry_after_ms: 1_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Defaults overridden by the environment variables named on each field.
+    pub fn from_env() -> Self {
+        let d = Self::default();
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        }
+        EngineConfig {
+            max_workers: var("MAX_WORKERS", d.max_workers).max(1),
+            max_batch_tokens: var("LORAPLEX_MAX_BATCH_TOKENS", d.max_batch_tokens).max(1),
+            batch_wait_ms: var("LORAPLEX_BATCH_WAIT_MS", d.batch_wait_ms),
+            max_queued_jobs: var("LORAPLEX_MAX_QUEUED_JOBS", d.max_queued_jobs),
+            max_queued_per_model: var("LORAPLEX_MAX_QUEUED_PER_MODEL", d.max_queued_per_model),
+            max_queued_samples: var("LORAPLEX_MAX_QUEUED_SAMPLES", d.max_queued_samples),
+            max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
+            seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
+            retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+        }
+    }
+}

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 /// Whether an error is the caller's fault (4xx, "user") or ours (5xx, "server").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Category {
     User,
     Server,
@@ -31,6 +32,21 @@ pub enum Error {
     Plugin(#[source] crate::plugins::PluginError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// An id that does not exist, or belongs to another tenant (never say which).
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// A bounded queue is full: retry after the given delay (the API answers 429).
+    #[error("busy: {what} is full, retry in {retry_after_ms} ms")]
+    Busy {
+        what: &'static str,
+        retry_after_ms: u64,
+    },
+    /// A job failed; what it failed with, as stored in its future.
+    #[error("{message}")]
+    JobFailed { message: String, category: Category },
+    /// The engine is shutting down or one of its parts stopped.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -53,8 +69,21 @@ impl Error {
             Error::InvalidInput { .. }
             | Error::Unsupported(_)
             | Error::Template(_)
-            | Error::Plugin(_) => Category::User,
+            | Error::Plugin(_)
+            | Error::NotFound { .. }
+            | Error::Busy { .. } => Category::User,
+            Error::JobFailed { category, .. } => *category,
             _ => Category::Server,
+        }
+    }
+}
+
+impl Error {
+    /// Whether the same request may succeed later unchanged (the API adds Retry-After).
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Error::Busy { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
         }
     }
 }

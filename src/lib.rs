@@ -8,11 +8,14 @@
 //!   operations that tie model, losses and adapters together.
 //! - [`sample`]: the decoding loop and sampling parameters.
 //! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
+//! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
+//!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
 //! - [`config`]: every setting with its default and environment variable.
 
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod plugins;

@@ -40,6 +40,9 @@ enum BenchCmd {
     Train(loraplex::bench::TrainBenchArgs),
     /// wasm loss and sampler plugins against native code and against the model work.
     Plugins(loraplex::config::ModelArgs),
+    /// N tenants training and sampling at once through the job engine, against the same
+    /// work run tenant after tenant; batched against single-sequence decoding.
+    Tenants(loraplex::bench::TenantsBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +63,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Plugins(model),
         } => {
             print!("{}", loraplex::bench::plugins(&model)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Tenants(args),
+        } => {
+            print!("{}", loraplex::bench::tenants(&args)?);
         }
         Cmd::Generate {
             model,

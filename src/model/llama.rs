@@ -823,6 +823,27 @@ impl BaseModel {
         adapters: &Adapters,
         prompt_logprobs: bool,
     ) -> Result<(Tensor, Option<Vec<Vec<f32>>>)> {
+        let (logits, plp, _) =
+            self.forward_infer_top(rows, caches, adapters, prompt_logprobs, 0)?;
+        Ok((logits, plp))
+    }
+
+    /// [`Self::forward_infer`], plus with `prompt_top_k > 0` (and `prompt_logprobs`), per
+    /// row and per new token after the first, the `prompt_top_k` most likely tokens at that
+    /// position with their log-probabilities, best first.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_infer_top(
+        &self,
+        rows: &[InferRow],
+        caches: &mut [&mut KvCache],
+        adapters: &Adapters,
+        prompt_logprobs: bool,
+        prompt_top_k: usize,
+    ) -> Result<(
+        Tensor,
+        Option<Vec<Vec<f32>>>,
+        Option<Vec<Vec<Vec<(u32, f32)>>>>,
+    )> {
         if rows.len() != caches.len() || rows.is_empty() {
             return Err(Error::invalid(
                 "rows",
@@ -855,14 +876,30 @@ impl BaseModel {
         let xf = self.rms(&x, &self.weights.final_norm)?;
         let mut last = vec![None; rows.len()];
         let mut plp = prompt_logprobs.then(|| vec![Vec::new(); rows.len()]);
-        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+        let mut ptop = (prompt_logprobs && prompt_top_k > 0).then(|| vec![Vec::new(); rows.len()]);
+        // Every row's last position through the base LM head in one matmul: in a decode
+        // step of many sequences the LM head is read once instead of once per row.
+        let last_pos: Vec<u32> = batch
+            .rows
+            .iter()
+            .map(|pr| (pr.start + pr.len - 1) as u32)
+            .collect();
+        let last_pos = Tensor::from_vec(last_pos, batch.rows.len(), &self.device)?;
+        let (base_last, _) = self.lm_logits(&xf.index_select(&last_pos, 0)?, None)?;
+        for (j, (pr, &i)) in batch.rows.iter().zip(&batch.order).enumerate() {
             let seg = Segment {
                 start: pr.start,
                 len: pr.len,
                 adapter: pr.adapter,
             };
             let lora = pair(adapters, &seg, Site::LmHead);
-            let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + pr.len - 1, 1)?, lora)?;
+            let logits = match lora {
+                None => base_last.narrow(0, j, 1)?,
+                Some(_) => {
+                    self.lm_logits(&xf.narrow(0, pr.start + pr.len - 1, 1)?, lora)?
+                        .0
+                }
+            };
             last[i] = Some(logits);
             if let Some(plp) = plp.as_mut() {
                 let toks = rows[i].tokens;
@@ -872,6 +909,13 @@ impl BaseModel {
                     let len = LM_CHUNK.min(pr.len - 1 - off);
                     let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + off, len)?, lora)?;
                     let lse = logsumexp(&logits)?;
+                    if let Some(ptop) = ptop.as_mut() {
+                        let lv = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                        let lsev = lse.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        for (row, z) in lv.iter().zip(lsev) {
+                            ptop[i].push(top_k_of(row, prompt_top_k, z));
+                        }
+                    }
                     let tg =
                         Tensor::from_slice(&toks[off + 1..off + 1 + len], (len, 1), &self.device)?;
                     out.extend(
@@ -888,7 +932,7 @@ impl BaseModel {
             }
         }
         let last: Vec<Tensor> = last.into_iter().flatten().collect();
-        Ok((Tensor::cat(&last, 0)?.to_dtype(DType::F32)?, plp))
+        Ok((Tensor::cat(&last, 0)?.to_dtype(DType::F32)?, plp, ptop))
     }
 }
 
@@ -919,6 +963,19 @@ impl BaseModel {
 /// `[t, h · hd]` → `[h, t, hd]`, contiguous.
 fn heads_first(x: &Tensor, t: usize, h: usize, hd: usize) -> Result<Tensor> {
     Ok(x.reshape((t, h, hd))?.transpose(0, 1)?.contiguous()?)
+}
+
+/// The `k` largest entries of a logits row as (id, logit − `lse`), best first.
+pub fn top_k_of(row: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    idx.into_iter().map(|i| (i as u32, row[i] - lse)).collect()
 }
 
 /// Row-wise log-sum-exp of `[n, v]`, shape `[n, 1]`.

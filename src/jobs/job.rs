@@ -1,0 +1,110 @@
+//! What a caller can ask of a training model ([`Op`]), and a queued job: an op with its
+//! future, owner, place in the model's order and tracing span.
+
+use super::future::JobKind;
+use super::ids::{FutureId, TenantId};
+use crate::error::{Error, Result};
+use crate::lora::optim::AdamParams;
+use crate::model::BaseModel;
+use crate::train::loss::{self, LossConfig, LossFunction};
+use crate::train::Datum;
+use std::sync::Arc;
+
+/// Data and the loss to apply to it. The loss is any [`LossFunction`]: a built-in one or a
+/// tenant's plugin; it runs on the batch's per-token logprobs and seeds the backward pass.
+#[derive(Clone)]
+pub struct FbRequest {
+    pub data: Vec<Datum>,
+    pub loss: Arc<dyn LossFunction>,
+    pub loss_config: LossConfig,
+}
+
+impl std::fmt::Debug for FbRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FbRequest")
+            .field("data", &self.data.len())
+            .field("loss_config", &self.loss_config)
+            .finish()
+    }
+}
+
+impl FbRequest {
+    pub fn num_tokens(&self) -> usize {
+        self.data.iter().map(|d| d.model_input.len()).sum()
+    }
+
+    /// Check every datum against the model before the request is queued, so a request split
+    /// across batches cannot fail half-way on bad input.
+    pub fn validate(&self, model: &BaseModel) -> Result<()> {
+        if self.data.is_empty() {
+            return Err(Error::invalid("data", "no data"));
+        }
+        for (i, d) in self.data.iter().enumerate() {
+            let field = format!("data[{i}]");
+            model.check_tokens(&format!("{field}.model_input"), &d.model_input, 0)?;
+            let (ids, _) = loss::targets_of(&d.loss_fn_inputs, d.model_input.len(), &field)?;
+            if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
+                return Err(Error::invalid(
+                    format!("{field}.loss_fn_inputs.target_tokens"),
+                    format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        model.config.vocab_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Work on one training model. Forward and forward_backward are batched with other
+/// models' work; the rest are barriers for their model only.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Forward(FbRequest),
+    ForwardBackward(FbRequest),
+    OptimStep(AdamParams),
+    /// Keep a copy of weights and optimizer state under a name (the tenant's namespace).
+    SaveState {
+        name: String,
+    },
+    /// Replace weights and optimizer state with a saved copy.
+    LoadState {
+        name: String,
+    },
+    /// Freeze the current weights into a sampling session.
+    SamplingSession,
+}
+
+impl Op {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Op::Forward(_) => JobKind::Forward,
+            Op::ForwardBackward(_) => JobKind::ForwardBackward,
+            Op::OptimStep(_) => JobKind::OptimStep,
+            Op::SaveState { .. } => JobKind::SaveState,
+            Op::LoadState { .. } => JobKind::LoadState,
+            Op::SamplingSession => JobKind::SamplingSession,
+        }
+    }
+
+    pub fn fb(&self) -> Option<&FbRequest> {
+        match self {
+            Op::Forward(r) | Op::ForwardBackward(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.fb().map_or(0, |r| r.num_tokens())
+    }
+}
+
+/// A job as the scheduler and lanes see it.
+#[derive(Clone)]
+pub(crate) struct JobRef {
+    pub future: FutureId,
+    pub tenant: TenantId,
+    pub op: Arc<Op>,
+    pub span: tracing::Span,
+}

@@ -1,0 +1,363 @@
+//! The job engine: many tenants submit work at once; work on different models never waits
+//! on each other, work on one model runs in `seq_id` order, and the device sees big
+//! multi-adapter batches instead of many small ones.
+//!
+//! The path of a training request:
+//! [`Engine::submit`] (validate, resolve the model for its tenant) → the [`scheduler`]
+//! actor (admission, dedup by `seq_id`, per-model queue) → a batch of many models' work up
+//! to a token budget → a worker [`lane`] (one forward_backward pass over the batch, then
+//! each model's barriers) → the job's future ([`future`]) → the caller's long-poll.
+//!
+//! A sampling request goes [`Engine::sample`] → the [`sampling`] lane, which decodes every
+//! live sequence of every session together and lets sequences join and leave between steps.
+//!
+//! Parts: [`ids`] (newtypes), [`future`] (store interface and in-memory store, long-poll),
+//! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
+//! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`].
+//! Model work never runs on tokio's workers: lanes are dedicated threads.
+
+pub mod future;
+pub mod ids;
+pub mod job;
+pub(crate) mod lane;
+pub mod metrics;
+pub mod registry;
+pub mod sampling;
+pub(crate) mod scheduler;
+
+pub use future::{FutureRecord, FutureStore, JobFailure, JobKind, JobOutput, JobState};
+pub use ids::{AdapterId, FutureId, SessionId, TenantId};
+pub use job::{FbRequest, Op};
+pub use metrics::TenantMetrics;
+pub use registry::{ModelLoader, Registry};
+pub use sampling::{SampleOutput, SampleRequest, SampledSeq, TokenSampler};
+
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, LoraWeights};
+use crate::model::BaseModel;
+use crate::train::TrainableAdapter;
+use future::{Futures, MemoryFutureStore};
+use metrics::Metrics;
+use registry::{AdapterEntry, AdapterState, Session};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands waiting for the scheduler before new submissions are refused as busy.
+const COMMAND_QUEUE: usize = 4096;
+
+/// The engine's handle: cheap to clone, usable from any task. Start it inside a tokio
+/// runtime; it stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    registry: Arc<Registry>,
+    futures: Arc<Futures>,
+    metrics: Arc<Metrics>,
+    cmds: mpsc::Sender<scheduler::Cmd>,
+    sampler: tokio::sync::OnceCell<std::sync::mpsc::Sender<sampling::SampleJob>>,
+    sampling_outstanding: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    /// Start the scheduler and `max_workers` lanes, with futures kept in memory.
+    pub fn start(cfg: EngineConfig, loader: ModelLoader) -> Result<Engine> {
+        Self::start_with_store(cfg, loader, Arc::new(MemoryFutureStore::default()))
+    }
+
+    /// An engine around a model that is already loaded.
+    pub fn with_model(cfg: EngineConfig, model: Arc<BaseModel>) -> Result<Engine> {
+        Self::start(cfg, Arc::new(move || Ok(model.clone())))
+    }
+
+    pub fn start_with_store(
+        cfg: EngineConfig,
+        loader: ModelLoader,
+        store: Arc<dyn FutureStore>,
+    ) -> Result<Engine> {
+        let registry = Arc::new(Registry::new(loader));
+        let futures = Arc::new(Futures::new(store));
+        let metrics = Arc::new(Metrics::default());
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let mut lanes = Vec::new();
+        for lane in 0..cfg.max_workers.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            lane::spawn_lane(
+                lane::LaneCtx {
+                    lane,
+                    futures: futures.clone(),
+                    metrics: metrics.clone(),
+                    report: report_tx.clone(),
+                },
+                rx,
+            )?;
+            lanes.push(tx);
+        }
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let sched = scheduler::Scheduler::new(
+            cfg.clone(),
+            registry.clone(),
+            futures.clone(),
+            metrics.clone(),
+            lanes,
+        );
+        tokio::spawn(sched.run(cmd_rx, report_rx));
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                cfg,
+                registry,
+                futures,
+                metrics,
+                cmds: cmd_tx,
+                sampler: tokio::sync::OnceCell::new(),
+                sampling_outstanding: Arc::new(AtomicUsize::new(0)),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The base model, loaded on first use (once, however many callers race).
+    pub async fn base_model(&self) -> Result<Arc<BaseModel>> {
+        self.inner.registry.base().await
+    }
+
+    /// A new training model owned by `tenant`.
+    pub async fn create_model(&self, tenant: &TenantId, config: LoraConfig) -> Result<AdapterId> {
+        let model = self.base_model().await?;
+        config.validate()?;
+        let cfg = config.clone();
+        let weights = tokio::task::spawn_blocking(move || {
+            LoraWeights::init(&cfg, &model.config, &model.device)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
+        let id = AdapterId::generate();
+        self.inner.registry.insert_adapter(AdapterEntry {
+            id: id.clone(),
+            tenant: tenant.clone(),
+            config,
+            state: parking_lot::Mutex::new(AdapterState {
+                train: TrainableAdapter::new(weights),
+                partial: None,
+            }),
+        });
+        tracing::info!(tenant = %tenant, model = %id, "model created");
+        Ok(id)
+    }
+
+    /// Delete a model: its queued work fails with NotFound; a batch already running on it
+    /// finishes. Other models are not touched.
+    pub async fn delete_model(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
+        self.inner.registry.remove_adapter(tenant, id)?;
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .cmds
+            .send(scheduler::Cmd::Delete {
+                adapter: id.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Queue work on a model. With a `seq_id`, work runs in seq_id order and a repeated
+    /// seq_id returns the first future; without, it runs after everything queued so far.
+    /// Refused with [`Error::Busy`] when queues are full.
+    pub async fn submit(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        seq_id: Option<u64>,
+        op: Op,
+    ) -> Result<FutureId> {
+        let entry = self.inner.registry.adapter(tenant, model)?;
+        let base = self.base_model().await?;
+        match &op {
+            Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base)?,
+            Op::OptimStep(p) => p.validate()?,
+            Op::SaveState { name } | Op::LoadState { name } if name.is_empty() => {
+                return Err(Error::invalid("name", "empty"))
+            }
+            _ => {}
+        }
+        let (reply, rx) = oneshot::channel();
+        let cmd = scheduler::Cmd::Submit {
+            tenant: tenant.clone(),
+            entry,
+            seq_id,
+            op,
+            reply,
+        };
+        self.inner.cmds.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy {
+                what: "the scheduler's inbox",
+                retry_after_ms: self.inner.cfg.retry_after_ms,
+            },
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The future's record now.
+    pub fn future(&self, tenant: &TenantId, id: &FutureId) -> Result<FutureRecord> {
+        self.inner.futures.get(tenant, id)
+    }
+
+    /// Long-poll: the record once it is done or failed, or as it is after `timeout`.
+    pub async fn wait(
+        &self,
+        tenant: &TenantId,
+        id: &FutureId,
+        timeout: Duration,
+    ) -> Result<FutureRecord> {
+        self.inner.futures.wait(tenant, id, timeout).await
+    }
+
+    /// Wait for a future and return its output, or its failure as [`Error::JobFailed`].
+    pub async fn result(
+        &self,
+        tenant: &TenantId,
+        id: &FutureId,
+        timeout: Duration,
+    ) -> Result<Arc<JobOutput>> {
+        let r = self.wait(tenant, id, timeout).await?;
+        match (r.state, r.output, r.failure) {
+            (JobState::Done, Some(o), _) => Ok(o),
+            (JobState::Failed, _, Some(f)) => Err(Error::JobFailed {
+                message: f.message,
+                category: f.category,
+            }),
+            _ => Err(Error::Unavailable(format!(
+                "future {id} not finished after {timeout:?}"
+            ))),
+        }
+    }
+
+    /// A sampling session on the base model alone.
+    pub async fn base_sampling_session(&self, tenant: &TenantId) -> Result<SessionId> {
+        self.base_model().await?;
+        Ok(self.inner.registry.insert_session(Session {
+            id: SessionId::generate(),
+            tenant: tenant.clone(),
+            adapter: None,
+            weights: None,
+        }))
+    }
+
+    /// Freeze a model's weights (after all its earlier work) into a sampling session.
+    pub async fn sampling_session(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        seq_id: Option<u64>,
+        timeout: Duration,
+    ) -> Result<SessionId> {
+        let f = self
+            .submit(tenant, model, seq_id, Op::SamplingSession)
+            .await?;
+        match &*self.result(tenant, &f, timeout).await? {
+            JobOutput::SamplingSession(s) => Ok(s.clone()),
+            _ => Err(Error::Unavailable("unexpected job output".into())),
+        }
+    }
+
+    /// Queue a sampling request on a session. Refused with [`Error::Busy`] when the sampler
+    /// has `max_queued_samples` requests already.
+    pub async fn sample(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        req: SampleRequest,
+    ) -> Result<FutureId> {
+        let s = self.inner.registry.session(tenant, session)?;
+        let model = self.base_model().await?;
+        req.validate(&model)?;
+        let tx = self.sampler(&model).await?;
+        let n = self
+            .inner
+            .sampling_outstanding
+            .fetch_add(1, Ordering::SeqCst);
+        if n >= self.inner.cfg.max_queued_samples {
+            self.inner
+                .sampling_outstanding
+                .fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Busy {
+                what: "the sampling queue",
+                retry_after_ms: self.inner.cfg.retry_after_ms,
+            });
+        }
+        let tokens = (req.prompt.len() + req.params.max_tokens * req.num_samples) as u64;
+        let future = self.inner.futures.create(tenant, JobKind::Sample, tokens)?;
+        self.inner.metrics.queued(tenant);
+        let span = tracing::info_span!(
+            "job",
+            future = %future,
+            tenant = %tenant,
+            session = %session,
+            kind = "sample",
+            tokens
+        );
+        let job = sampling::SampleJob {
+            future: future.clone(),
+            tenant: tenant.clone(),
+            session: s,
+            req: Arc::new(req),
+            span,
+        };
+        if tx.send(job).is_err() {
+            self.inner
+                .sampling_outstanding
+                .fetch_sub(1, Ordering::SeqCst);
+            let e = stopped();
+            self.inner.futures.fail(&future, &e);
+            return Err(e);
+        }
+        Ok(future)
+    }
+
+    async fn sampler(
+        &self,
+        model: &Arc<BaseModel>,
+    ) -> Result<&std::sync::mpsc::Sender<sampling::SampleJob>> {
+        self.inner
+            .sampler
+            .get_or_try_init(|| async {
+                let (tx, rx) = std::sync::mpsc::channel();
+                sampling::spawn_sampler(
+                    sampling::SamplerCtx {
+                        model: model.clone(),
+                        futures: self.inner.futures.clone(),
+                        metrics: self.inner.metrics.clone(),
+                        outstanding: self.inner.sampling_outstanding.clone(),
+                        max_decode_batch: self.inner.cfg.max_decode_batch,
+                    },
+                    rx,
+                )?;
+                Ok::<_, Error>(tx)
+            })
+            .await
+    }
+
+    /// Per-tenant counters: jobs queued, running, done, failed; tokens processed.
+    pub fn tenant_metrics(&self, tenant: &TenantId) -> TenantMetrics {
+        self.inner.metrics.snapshot(tenant)
+    }
+}
+
+fn stopped() -> Error {
+    Error::Unavailable("the engine has stopped".into())
+}
