@@ -794,31 +794,46 @@ async fn sequences_of_many_adapters_decode_together_as_they_would_alone() {
 /// A sampler plugin that always picks one token.
 struct Always(u32);
 impl TokenSampler for Always {
-    fn choose(
+    fn start(
         &self,
-        _: &[f32],
-        _: &SamplingParams,
         _: &[u32],
-        _: &mut SplitMix64,
-    ) -> loraplex::Result<u32> {
-        Ok(self.0)
+        _: &SamplingParams,
+        _: usize,
+    ) -> loraplex::Result<Box<dyn SequenceSampler>> {
+        Ok(Box::new(AlwaysSeq(self.0)))
+    }
+}
+struct AlwaysSeq(u32);
+impl SequenceSampler for AlwaysSeq {
+    fn step(&mut self, _: &[f32], _: &[u32], _: &mut SplitMix64) -> loraplex::Result<Option<u32>> {
+        Ok(Some(self.0))
     }
 }
 
-/// A hostile sampler plugin.
+/// A hostile sampler plugin: panics once prompt and output pass 4 tokens.
 struct Hostile;
 impl TokenSampler for Hostile {
-    fn choose(
+    fn start(
         &self,
-        _: &[f32],
+        prompt: &[u32],
         _: &SamplingParams,
-        history: &[u32],
+        _: usize,
+    ) -> loraplex::Result<Box<dyn SequenceSampler>> {
+        Ok(Box::new(HostileSeq(prompt.len())))
+    }
+}
+struct HostileSeq(usize);
+impl SequenceSampler for HostileSeq {
+    fn step(
+        &mut self,
+        _: &[f32],
+        generated: &[u32],
         _: &mut SplitMix64,
-    ) -> loraplex::Result<u32> {
-        if history.len() > 4 {
+    ) -> loraplex::Result<Option<u32>> {
+        if self.0 + generated.len() > 4 {
             panic!("hostile sampler");
         }
-        Ok(1)
+        Ok(Some(1))
     }
 }
 

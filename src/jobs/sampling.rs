@@ -33,16 +33,27 @@ pub const MAX_NUM_SAMPLES: usize = 128;
 /// Most top logprobs per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// Chooses the next token from a logits row: a tenant's sampler plugin. The engine computes
-/// the token's logprob itself and checks the id.
+/// A tenant's sampling policy (a sampler plugin): starts one [`SequenceSampler`] per
+/// sequence, which holds that sequence's state. The engine computes each chosen token's
+/// logprob itself and checks the id.
 pub trait TokenSampler: Send + Sync {
-    fn choose(
+    fn start(
         &self,
-        logits: &[f32],
+        prompt: &[u32],
         params: &SamplingParams,
-        history: &[u32],
+        vocab_size: usize,
+    ) -> Result<Box<dyn SequenceSampler>>;
+}
+
+/// One sequence's sampler state.
+pub trait SequenceSampler: Send {
+    /// The next token, or `None` to end the sequence (reported as a stop).
+    fn step(
+        &mut self,
+        logits: &[f32],
+        generated: &[u32],
         rng: &mut SplitMix64,
-    ) -> Result<u32>;
+    ) -> Result<Option<u32>>;
 }
 
 #[derive(Clone, Default)]
@@ -186,6 +197,8 @@ struct Live {
     cache: KvCache,
     rng: SplitMix64,
     out: SampledSeq,
+    /// The request's sampler plugin state for this sequence, once started.
+    plugin: Option<Box<dyn SequenceSampler>>,
 }
 
 pub(crate) fn spawn_sampler(
@@ -267,6 +280,7 @@ impl Sampler {
                 weights: job.session.weights.clone(),
                 cache: KvCache::default(),
                 rng: SplitMix64::new(base_seed.wrapping_add(index as u64)),
+                plugin: None,
                 out: SampledSeq {
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
@@ -457,8 +471,22 @@ fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
     let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
     let (tok, lp) = match &l.req.sampler {
         Some(s) => {
-            let t = catch_unwind(AssertUnwindSafe(|| s.choose(row, p, &history, &mut l.rng)))
-                .unwrap_or_else(|_| Err(Error::invalid("sampler", "the sampler panicked")))?;
+            let (prompt, generated, rng) = (&l.req.prompt, &l.out.tokens, &mut l.rng);
+            let plugin = &mut l.plugin;
+            let t = catch_unwind(AssertUnwindSafe(|| {
+                if plugin.is_none() {
+                    *plugin = Some(s.start(prompt, p, row.len())?);
+                }
+                match plugin.as_mut() {
+                    Some(seq) => seq.step(row, generated, rng),
+                    None => Ok(None),
+                }
+            }))
+            .unwrap_or_else(|_| Err(Error::invalid("sampler", "the sampler panicked")))?;
+            let Some(t) = t else {
+                l.out.stop_reason = StopReason::Stop;
+                return Ok(());
+            };
             let lp = row.get(t as usize).ok_or_else(|| {
                 Error::invalid(
                     "sampler",

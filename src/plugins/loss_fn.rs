@@ -4,14 +4,10 @@
 //! a built-in loss. Owns only the conversion between the two sets of types.
 
 use super::{
-    ConfigValue as PluginConfig, LossDatum as PluginDatum, NamedTensor, PluginHost, PluginId,
-    TensorData as PluginTensor,
+    LossDatum as PluginDatum, NamedTensor, PluginHost, PluginId, TensorData as PluginTensor,
 };
 use crate::error::{Error, Result};
-use crate::train::loss::{
-    ConfigValue, LossConfig, LossDatum, LossFunction, LossOutput, TensorData,
-};
-use std::collections::BTreeMap;
+use crate::train::loss::{LossConfig, LossDatum, LossFunction, LossOutput, TensorData};
 
 /// A loss component loaded in a [`PluginHost`]. Who may name it is the caller's business.
 #[derive(Clone)]
@@ -40,19 +36,10 @@ impl LossFunction for PluginLoss {
                     .collect(),
             })
             .collect();
-        let config: BTreeMap<String, PluginConfig> = config
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    ConfigValue::Number(x) => PluginConfig::Number(*x),
-                    ConfigValue::Text(s) => PluginConfig::Text(s.clone()),
-                };
-                (k.clone(), v)
-            })
-            .collect();
+
         let out = self
             .host
-            .compute_loss(&self.id, &data, &config)
+            .compute_loss(&self.id, &data, config)
             .map_err(Error::Plugin)?;
         Ok(LossOutput {
             loss: out.loss,

@@ -15,6 +15,7 @@
 //!   checks.
 //! - `host`: `PluginHost`, which ties them together.
 //! - `loss_fn`: `PluginLoss`, a loaded loss component as a training `LossFunction`.
+//! - `sampler_fn`: `PluginSampler`, a loaded sampler component as the engine's `TokenSampler`.
 //! - [`bench`]: the wasm-vs-native benchmark table.
 //!
 //! `PluginHost::load(bytes)` compiles (or reuses) the component, checks the
@@ -35,6 +36,7 @@ mod limits;
 mod loss;
 mod loss_fn;
 mod sampler;
+mod sampler_fn;
 mod sandbox;
 mod types;
 
@@ -44,4 +46,5 @@ pub use limits::{PluginLimits, MAX_COMPONENT_BYTES, MAX_METRIC_KEY_LEN};
 pub use loss::{LossDatum, LossOutput, NamedTensor, TensorData};
 pub use loss_fn::PluginLoss;
 pub use sampler::{SamplerChoice, SamplerSession};
+pub use sampler_fn::PluginSampler;
 pub use types::{ConfigValue, PluginId, PluginKind};

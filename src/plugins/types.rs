@@ -72,22 +72,6 @@ impl fmt::Display for PluginKind {
     }
 }
 
-/// One value of a request's config (`loss_fn_config_v2`, sampling config).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ConfigValue {
-    Number(f64),
-    Text(String),
-}
-
-impl From<f64> for ConfigValue {
-    fn from(x: f64) -> Self {
-        ConfigValue::Number(x)
-    }
-}
-
-impl From<&str> for ConfigValue {
-    fn from(s: &str) -> Self {
-        ConfigValue::Text(s.to_string())
-    }
-}
+/// One value of a request's config (`loss_fn_config_v2`, sampling config): the same type
+/// the training path uses.
+pub use crate::train::loss::ConfigValue;

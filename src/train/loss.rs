@@ -56,6 +56,18 @@ pub enum ConfigValue {
     Text(String),
 }
 
+impl From<f64> for ConfigValue {
+    fn from(x: f64) -> Self {
+        ConfigValue::Number(x)
+    }
+}
+
+impl From<&str> for ConfigValue {
+    fn from(s: &str) -> Self {
+        ConfigValue::Text(s.to_string())
+    }
+}
+
 pub type LossConfig = BTreeMap<String, ConfigValue>;
 
 /// What a loss sees of one datum.
