@@ -165,11 +165,24 @@ impl BaseModel {
         if let (Some(save), Site::Layer(_, t)) = (save, site) {
             save.push((t, xas));
         }
-        Ok(Some(if parts.len() == 1 {
-            parts.swap_remove(0)
-        } else {
-            Tensor::cat(&parts, 0)?
-        }))
+        Ok(Some(cat_rows(parts)?))
+    }
+
+    /// `base` plus the LoRA update of `site` on input `x`, where any segment carries it.
+    fn with_lora(
+        &self,
+        base: Tensor,
+        x: &Tensor,
+        segs: &[Segment],
+        adapters: &Adapters,
+        site: Site,
+        save: Option<&mut Vec<(Target, Vec<Option<Tensor>>)>>,
+    ) -> Result<Tensor> {
+        let out_dim = base.dim(1)?;
+        match self.lora_forward(x, segs, adapters, site, out_dim, save)? {
+            Some(d) => Ok((base + d)?),
+            None => Ok(base),
+        }
     }
 
     /// Backward of [`Self::lora_forward`]: accumulates dA, dB per adapter and returns the
@@ -208,11 +221,7 @@ impl BaseModel {
         if !any {
             return Ok(None);
         }
-        Ok(Some(if parts.len() == 1 {
-            parts.swap_remove(0)
-        } else {
-            Tensor::cat(&parts, 0)?
-        }))
+        Ok(Some(cat_rows(parts)?))
     }
 
     /// Additive causal mask `[group·len, total]` for `len` new queries at `pos0..`.
@@ -369,17 +378,15 @@ impl BaseModel {
                 qkv.narrow(1, dq + dkv, dkv)?,
             ];
             for (i, t) in [Target::Q, Target::K, Target::V].into_iter().enumerate() {
-                let out = parts[i].dim(1)?;
-                if let Some(d) = self.lora_forward(
+                let base = parts[i].clone();
+                parts[i] = self.with_lora(
+                    base,
                     &h,
                     segs,
                     adapters,
                     Site::Layer(l, t),
-                    out,
                     save.as_deref_mut(),
-                )? {
-                    parts[i] = (&parts[i] + d)?;
-                }
+                )?;
             }
             let [q, k, v] = parts;
             let mut outs = Vec::with_capacity(b.rows.len());
@@ -394,59 +401,47 @@ impl BaseModel {
                 outs.push(o);
                 row_tapes.extend(rt);
             }
-            let o = if outs.len() == 1 {
-                outs.swap_remove(0)
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
-            let mut ao = o.matmul(&lw.wo.t()?)?;
-            if let Some(d) = self.lora_forward(
+            let o = cat_rows(outs)?;
+            let ao = o.matmul(&lw.wo.t()?)?;
+            let ao = self.with_lora(
+                ao,
                 &o,
                 segs,
                 adapters,
                 Site::Layer(l, Target::O),
-                c.hidden_size,
                 save.as_deref_mut(),
-            )? {
-                ao = (ao + d)?;
-            }
+            )?;
             let x_mid = (&x + ao)?;
             let h2 = self.rms(&x_mid, &lw.mlp_norm)?;
             let gu = h2.matmul(&lw.wgate_up.t()?)?;
-            let mut g = gu.narrow(1, 0, di)?;
-            let mut u = gu.narrow(1, di, di)?;
-            if let Some(d) = self.lora_forward(
+            let g = gu.narrow(1, 0, di)?;
+            let u = gu.narrow(1, di, di)?;
+            let g = self.with_lora(
+                g,
                 &h2,
                 segs,
                 adapters,
                 Site::Layer(l, Target::Gate),
-                di,
                 save.as_deref_mut(),
-            )? {
-                g = (g + d)?;
-            }
-            if let Some(d) = self.lora_forward(
+            )?;
+            let u = self.with_lora(
+                u,
                 &h2,
                 segs,
                 adapters,
                 Site::Layer(l, Target::Up),
-                di,
                 save.as_deref_mut(),
-            )? {
-                u = (u + d)?;
-            }
+            )?;
             let a = (g.silu()? * &u)?;
-            let mut m = a.matmul(&lw.wdown.t()?)?;
-            if let Some(d) = self.lora_forward(
+            let m = a.matmul(&lw.wdown.t()?)?;
+            let m = self.with_lora(
+                m,
                 &a,
                 segs,
                 adapters,
                 Site::Layer(l, Target::Down),
-                c.hidden_size,
                 save.as_deref_mut(),
-            )? {
-                m = (m + d)?;
-            }
+            )?;
             let x_out = (&x_mid + m)?;
             if let Some(tape) = tape.as_deref_mut() {
                 tape.push(LayerTape {
@@ -976,6 +971,15 @@ pub fn top_k_of(row: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
     idx.truncate(k);
     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
     idx.into_iter().map(|i| (i as u32, row[i] - lse)).collect()
+}
+
+/// Concatenate along rows, without a copy when there is one part.
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    Ok(if parts.len() == 1 {
+        parts.swap_remove(0)
+    } else {
+        Tensor::cat(&parts, 0)?
+    })
 }
 
 /// Row-wise log-sum-exp of `[n, v]`, shape `[n, 1]`.

@@ -1,7 +1,8 @@
 //! Plain-Rust helpers shared by the reference plugins: reading a request's
 //! config, finding a datum's input tensors, and drawing a token from logits
-//! with the host's random bits. It knows nothing of WIT: each plugin converts
-//! its generated types into these.
+//! with the host's random bits. It knows nothing of WIT: each plugin generates
+//! its own bindings, and the macros below write the small conversions from
+//! those generated types into these, once, at the plugin's call site.
 
 use std::collections::BTreeMap;
 
@@ -158,4 +159,41 @@ mod tests {
         assert_eq!(argmax(&[f32::NEG_INFINITY; 2], |_| true), Some(0));
         assert_eq!(argmax(&[3.0, 2.0], |i| i == 1), Some(1));
     }
+}
+
+/// Defines `fn config(pairs: Vec<(String, ConfigValue)>) -> Config` in the
+/// calling plugin, converting its generated `ConfigValue` (which must be in
+/// scope) into a [`Config`].
+#[macro_export]
+macro_rules! wit_config {
+    () => {
+        fn config(pairs: Vec<(String, ConfigValue)>) -> $crate::Config {
+            $crate::Config::from_pairs(pairs.into_iter().map(|(k, v)| {
+                let v = match v {
+                    ConfigValue::Number(x) => $crate::Value::Number(x),
+                    ConfigValue::Text(s) => $crate::Value::Text(s),
+                };
+                (k, v)
+            }))
+        }
+    };
+}
+
+/// Defines `fn f32s(d: &Datum) -> impl Iterator<Item = (&str, Option<&[f32]>)>`
+/// in the calling loss plugin: each input tensor's name and, when it is
+/// float32, its values (for [`f32_input`]). `Datum` and `TensorData` must be
+/// in scope.
+#[macro_export]
+macro_rules! wit_f32_inputs {
+    () => {
+        fn f32s(d: &Datum) -> impl Iterator<Item = (&str, Option<&[f32]>)> {
+            d.inputs.iter().map(|t| {
+                let v = match &t.data {
+                    TensorData::Float32(v) => Some(v.as_slice()),
+                    TensorData::Int64(_) => None,
+                };
+                (t.name.as_str(), v)
+            })
+        }
+    };
 }

@@ -9,19 +9,11 @@ wit_bindgen::generate!({ world: "sampler-plugin", path: "../../wit" });
 
 use exports::loraplex::plugin::sampler::{Choice, Guest, GuestSequence, Sequence};
 use loraplex::plugin::types::ConfigValue;
-use plugin_kit::{argmax, draw_given_best, uniform01, Config, Value};
+use plugin_kit::{argmax, draw_given_best, uniform01};
 
 struct MinP;
 
-fn config(pairs: Vec<(String, ConfigValue)>) -> Config {
-    Config::from_pairs(pairs.into_iter().map(|(k, v)| {
-        let v = match v {
-            ConfigValue::Number(x) => Value::Number(x),
-            ConfigValue::Text(s) => Value::Text(s),
-        };
-        (k, v)
-    }))
-}
+plugin_kit::wit_config!();
 
 struct MinPSequence {
     min_p: f64,

@@ -16,29 +16,13 @@ wit_bindgen::generate!({ world: "loss-plugin", path: "../../wit" });
 
 use exports::loraplex::plugin::loss::{Datum, Guest, LossOutput};
 use loraplex::plugin::types::{ConfigValue, TensorData};
-use plugin_kit::{f32_input, Config, Value};
+use plugin_kit::f32_input;
 
 struct PpoClip;
 
-fn config(pairs: Vec<(String, ConfigValue)>) -> Config {
-    Config::from_pairs(pairs.into_iter().map(|(k, v)| {
-        let v = match v {
-            ConfigValue::Number(x) => Value::Number(x),
-            ConfigValue::Text(s) => Value::Text(s),
-        };
-        (k, v)
-    }))
-}
+plugin_kit::wit_config!();
 
-fn f32s(d: &Datum) -> impl Iterator<Item = (&str, Option<&[f32]>)> {
-    d.inputs.iter().map(|t| {
-        let v = match &t.data {
-            TensorData::Float32(v) => Some(v.as_slice()),
-            TensorData::Int64(_) => None,
-        };
-        (t.name.as_str(), v)
-    })
-}
+plugin_kit::wit_f32_inputs!();
 
 impl Guest for PpoClip {
     fn compute(

@@ -15,19 +15,11 @@ use std::cell::RefCell;
 
 use exports::loraplex::plugin::sampler::{Choice, Guest, GuestSequence, Sequence};
 use loraplex::plugin::types::ConfigValue;
-use plugin_kit::{draw, uniform01, Config, Value};
+use plugin_kit::{draw, uniform01};
 
 struct RepetitionPenalty;
 
-fn config(pairs: Vec<(String, ConfigValue)>) -> Config {
-    Config::from_pairs(pairs.into_iter().map(|(k, v)| {
-        let v = match v {
-            ConfigValue::Number(x) => Value::Number(x),
-            ConfigValue::Text(s) => Value::Text(s),
-        };
-        (k, v)
-    }))
-}
+plugin_kit::wit_config!();
 
 struct Seen {
     seen: Vec<bool>,
