@@ -8,3 +8,5 @@ if [ -x plugins/build.sh ]; then
   rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
   ./plugins/build.sh
 fi
+# The tinker SDK for the end-to-end test.
+./scripts/setup-sdk.sh >/dev/null

@@ -11,6 +11,13 @@
 //! | plugin memory cap | `LORAPLEX_PLUGIN_MEMORY_BYTES` | 64 MiB |
 //! | plugin metrics per call | `LORAPLEX_PLUGIN_MAX_METRICS` | 1024 |
 //! | live plugin instances | `LORAPLEX_PLUGIN_MAX_INSTANCES` | 256 |
+//! | listen address | `LORAPLEX_ADDR` | `127.0.0.1:8000` |
+//! | data directory | `LORAPLEX_DATA_DIR` | `data` |
+//! | API keys file | `LORAPLEX_KEYS_FILE` | none: development mode |
+//! | request body limit | `LORAPLEX_MAX_BODY_BYTES` | 32 MiB |
+//! | retrieve_future long-poll | `LORAPLEX_LONG_POLL_MS` | 25000 |
+//! | session heartbeat timeout | `LORAPLEX_SESSION_TIMEOUT_S` | 600 |
+//! | engine settings | see [`EngineConfig`] | |
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
 //! each default.
@@ -136,6 +143,47 @@ impl EngineConfig {
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+        }
+    }
+}
+
+/// Settings of `loraplex serve` ([`crate::api`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "LORAPLEX_ADDR", default_value = "127.0.0.1:8000")]
+    pub addr: std::net::SocketAddr,
+    /// Where checkpoints, compiled plugins and (with the durability work) the database live.
+    #[arg(long, env = "LORAPLEX_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// A file of API keys, one `key tenant` pair per line (`#` starts a comment). Without
+    /// it the server runs in development mode: every distinct key is a tenant of its own.
+    #[arg(long, env = "LORAPLEX_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// Largest request body accepted (bytes). The Tinker SDK splits forward_backward calls
+    /// into chunks of about 5 MB; wasm plugins are capped separately at 32 MiB.
+    #[arg(long, env = "LORAPLEX_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    /// How long `retrieve_future` holds a request for an unfinished future (ms). The SDK
+    /// gives up on a poll after 45 s; it re-polls at once after a `try_again`.
+    #[arg(long, env = "LORAPLEX_LONG_POLL_MS", default_value_t = 25_000)]
+    pub long_poll_ms: u64,
+    /// A Tinker session that has not sent a heartbeat for this long is closed and its
+    /// training models and sampling sessions are released (checkpoints stay) (s).
+    #[arg(long, env = "LORAPLEX_SESSION_TIMEOUT_S", default_value_t = 600)]
+    pub session_timeout_s: u64,
+}
+
+impl ServeConfig {
+    /// The defaults, for tests: listen anywhere, data under `data_dir`.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        ServeConfig {
+            addr: ([127, 0, 0, 1], 0).into(),
+            data_dir,
+            keys_file: None,
+            max_body_bytes: 32 << 20,
+            long_poll_ms: 25_000,
+            session_timeout_s: 600,
         }
     }
 }

@@ -10,8 +10,12 @@
 //! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
 //! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
 //!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
+//! - [`api`]: the HTTP server: the Tinker SDK's wire protocol, the seed's REST routes,
+//!   plugin upload, metrics; [`auth`]: API keys and tenants.
 //! - [`config`]: every setting with its default and environment variable.
 
+pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;

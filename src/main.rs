@@ -16,6 +16,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the HTTP API (Tinker SDK protocol and REST routes) on the base model.
+    Serve {
+        #[command(flatten)]
+        serve: loraplex::config::ServeConfig,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        engine: loraplex::config::EngineConfig,
+    },
     /// Benchmarks that print tables.
     Bench {
         #[command(subcommand)]
@@ -49,11 +58,20 @@ fn main() -> anyhow::Result<()> {
     loraplex::config::init_compute_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,loraplex=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::Serve {
+            serve,
+            model,
+            engine,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(loraplex::api::serve(serve, model, engine))?;
+        }
         Cmd::Bench {
             which: BenchCmd::Train(args),
         } => {

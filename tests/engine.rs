@@ -385,9 +385,17 @@ async fn a_failing_job_fails_alone() {
         r => panic!("expected invalid input, got {r:?}"),
     }
     for i in 0..3 {
-        e.submit(&ts[i], &ids[i], Some(0), Op::SaveState { name: "s".into() })
-            .await
-            .unwrap();
+        e.submit(
+            &ts[i],
+            &ids[i],
+            Some(0),
+            Op::SaveState {
+                name: "s".into(),
+                ttl: None,
+            },
+        )
+        .await
+        .unwrap();
     }
     let r = e.result(&ts[0], &good, T).await.unwrap();
     for (t, f) in [(&ts[1], &p), (&ts[2], &w)] {

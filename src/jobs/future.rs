@@ -40,6 +40,8 @@ pub enum JobKind {
     LoadState,
     SamplingSession,
     Sample,
+    /// A new training model (from scratch or from a checkpoint).
+    CreateModel,
 }
 
 /// The result of a finished job.
@@ -47,8 +49,15 @@ pub enum JobKind {
 pub enum JobOutput {
     ForwardBackward(WorkResult),
     OptimStep(StepReport),
-    Saved { name: String },
-    Loaded { name: String },
+    Saved {
+        name: String,
+    },
+    Loaded {
+        name: String,
+        model: super::ids::AdapterId,
+    },
+    ModelCreated(super::ids::AdapterId),
+    ModelUnloaded(super::ids::AdapterId),
     SamplingSession(super::ids::SessionId),
     Sample(SampleOutput),
 }
@@ -180,6 +189,8 @@ impl FutureStore for MemoryFutureStore {
 pub struct Futures {
     store: Arc<dyn FutureStore>,
     waiters: DashMap<FutureId, Arc<Notify>>,
+    /// Jobs that failed because of a tenant's plugin.
+    pub plugin_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Futures {
@@ -187,6 +198,7 @@ impl Futures {
         Futures {
             store,
             waiters: DashMap::new(),
+            plugin_failures: Default::default(),
         }
     }
 
@@ -212,6 +224,10 @@ impl Futures {
     /// Record an outcome and wake everyone waiting on it. Storage errors are logged: the
     /// engine has nowhere else to send them.
     pub fn finish(&self, id: &FutureId, outcome: Result<JobOutput, JobFailure>) {
+        if matches!(&outcome, Err(f) if f.message.starts_with("plugin")) {
+            self.plugin_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Err(e) = self.store.finish(id, outcome) {
             tracing::error!(future = %id, error = %e, "cannot record a job's outcome");
         }

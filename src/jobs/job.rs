@@ -67,13 +67,20 @@ pub enum Op {
     /// Keep a copy of weights and optimizer state under a name (the tenant's namespace).
     SaveState {
         name: String,
+        /// Forget the copy after this long; `None` keeps it until deleted.
+        ttl: Option<std::time::Duration>,
     },
-    /// Replace weights and optimizer state with a saved copy.
+    /// Replace the weights with a saved copy, and the optimizer state too when `optimizer`
+    /// is set (otherwise the optimizer starts afresh).
     LoadState {
         name: String,
+        optimizer: bool,
     },
     /// Freeze the current weights into a sampling session.
     SamplingSession,
+    /// A request refused at submission that still holds its place in the model's seq_id
+    /// order (so later requests do not wait for it); it fails with this when its turn comes.
+    Refused(super::future::JobFailure),
 }
 
 impl Op {
@@ -85,6 +92,7 @@ impl Op {
             Op::SaveState { .. } => JobKind::SaveState,
             Op::LoadState { .. } => JobKind::LoadState,
             Op::SamplingSession => JobKind::SamplingSession,
+            Op::Refused(_) => JobKind::Forward,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::BaseModel;
 use crate::train::loss::{LossConfig, LossDatum, LossFunction, LossOutput};
-use crate::train::{forward_backward, Work, WorkResult};
+use crate::train::{forward_backward, TrainableAdapter, Work, WorkResult};
 use parking_lot::MutexGuard;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -331,11 +331,11 @@ fn barrier(
 ) -> Result<JobOutput> {
     match &*j.op {
         Op::OptimStep(p) => st.train.optim_step(p).map(JobOutput::OptimStep),
-        Op::SaveState { name } => {
-            registry.save_checkpoint(&j.tenant, name, st.train.clone());
+        Op::SaveState { name, ttl } => {
+            registry.save_checkpoint(&j.tenant, name, &entry.id, st.train.clone(), *ttl);
             Ok(JobOutput::Saved { name: name.clone() })
         }
-        Op::LoadState { name } => {
+        Op::LoadState { name, optimizer } => {
             let c = registry.checkpoint(&j.tenant, name)?;
             if c.weights.config != st.train.weights.config {
                 return Err(Error::invalid(
@@ -343,9 +343,16 @@ fn barrier(
                     format!("checkpoint {name:?} has a different LoRA configuration"),
                 ));
             }
-            st.train = (*c).clone();
+            st.train = if *optimizer {
+                (*c).clone()
+            } else {
+                TrainableAdapter::new(c.weights.clone())
+            };
             st.partial = None;
-            Ok(JobOutput::Loaded { name: name.clone() })
+            Ok(JobOutput::Loaded {
+                name: name.clone(),
+                model: entry.id.clone(),
+            })
         }
         Op::SamplingSession => {
             let id = registry.insert_session(Session {
@@ -356,6 +363,10 @@ fn barrier(
             });
             Ok(JobOutput::SamplingSession(id))
         }
+        Op::Refused(f) => Err(Error::JobFailed {
+            message: f.message.clone(),
+            category: f.category,
+        }),
         Op::Forward(_) | Op::ForwardBackward(_) => Err(Error::Unavailable(
             "a pass was scheduled as a barrier".into(),
         )),

@@ -52,6 +52,23 @@ impl Metrics {
         }
     }
 
+    /// Every tenant seen so far, with its counters.
+    pub fn all(&self) -> Vec<(TenantId, TenantMetrics)> {
+        let mut v: Vec<_> = self
+            .tenants
+            .iter()
+            .map(|e| e.key().clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| {
+                let m = self.snapshot(&t);
+                (t, m)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     pub fn queued(&self, t: &TenantId) {
         self.tenant(t).queued.fetch_add(1, Ordering::Relaxed);
     }

@@ -134,8 +134,25 @@ impl Engine {
         self.inner.registry.base().await
     }
 
-    /// A new training model owned by `tenant`.
+    /// A new training model owned by `tenant`, with a generated id; its requests' seq_ids
+    /// start at 0.
     pub async fn create_model(&self, tenant: &TenantId, config: LoraConfig) -> Result<AdapterId> {
+        self.create_model_as(tenant, AdapterId::generate(), config, 0)
+            .await
+    }
+
+    /// A new training model under a caller-chosen id (the API's `{session}:train:{n}`),
+    /// whose first request will carry `first_seq`.
+    pub async fn create_model_as(
+        &self,
+        tenant: &TenantId,
+        id: AdapterId,
+        config: LoraConfig,
+        first_seq: u64,
+    ) -> Result<AdapterId> {
+        if self.inner.registry.exists(&id) {
+            return Err(Error::invalid("model_id", format!("{id} exists already")));
+        }
         let model = self.base_model().await?;
         config.validate()?;
         let cfg = config.clone();
@@ -144,11 +161,12 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
-        let id = AdapterId::generate();
         self.inner.registry.insert_adapter(AdapterEntry {
             id: id.clone(),
             tenant: tenant.clone(),
             config,
+            first_seq,
+            created: std::time::SystemTime::now(),
             state: parking_lot::Mutex::new(AdapterState {
                 train: TrainableAdapter::new(weights),
                 partial: None,
@@ -186,14 +204,20 @@ impl Engine {
     ) -> Result<FutureId> {
         let entry = self.inner.registry.adapter(tenant, model)?;
         let base = self.base_model().await?;
-        match &op {
-            Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base)?,
-            Op::OptimStep(p) => p.validate()?,
-            Op::SaveState { name } | Op::LoadState { name } if name.is_empty() => {
-                return Err(Error::invalid("name", "empty"))
+        let valid = match &op {
+            Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base),
+            Op::OptimStep(p) => p.validate(),
+            Op::SaveState { name, .. } | Op::LoadState { name, .. } if name.is_empty() => {
+                Err(Error::invalid("name", "empty"))
             }
-            _ => {}
-        }
+            _ => Ok(()),
+        };
+        // With a seq_id the request keeps its place and fails in turn; without, at once.
+        let op = match (valid, seq_id) {
+            (Ok(()), _) => op,
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(_)) => Op::Refused(JobFailure::from(&e)),
+        };
         let (reply, rx) = oneshot::channel();
         let cmd = scheduler::Cmd::Submit {
             tenant: tenant.clone(),
@@ -210,6 +234,43 @@ impl Engine {
             mpsc::error::TrySendError::Closed(_) => stopped(),
         })?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Run `work` as a job of its own (not a model's queue): a future is created at once,
+    /// and completed with what `work` returns. For short control work such as creating a
+    /// model, so that every long call of the API answers with a future.
+    pub fn spawn_job<F>(&self, tenant: &TenantId, kind: JobKind, work: F) -> Result<FutureId>
+    where
+        F: std::future::Future<Output = Result<JobOutput>> + Send + 'static,
+    {
+        use tracing::Instrument;
+        let id = self.inner.futures.create(tenant, kind, 0)?;
+        let futures = self.inner.futures.clone();
+        let span = tracing::info_span!("job", future = %id, tenant = %tenant, kind = ?kind);
+        let fid = id.clone();
+        tokio::spawn(
+            async move {
+                futures.set_running(&fid);
+                let outcome = work.await;
+                if let Err(e) = &outcome {
+                    tracing::info!(error = %e, "job failed");
+                }
+                futures.finish(&fid, outcome.map_err(|e| JobFailure::from(&e)));
+            }
+            .instrument(span),
+        );
+        Ok(id)
+    }
+
+    /// A sampling session on a checkpoint's weights (frozen at save time).
+    pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
+        let c = self.inner.registry.checkpoint_entry(tenant, name)?;
+        Ok(self.inner.registry.insert_session(Session {
+            id: SessionId::generate(),
+            tenant: tenant.clone(),
+            adapter: Some(c.model.clone()),
+            weights: Some(Arc::new(c.state.weights.clone())),
+        }))
     }
 
     /// The future's record now.
@@ -350,6 +411,16 @@ impl Engine {
                 Ok::<_, Error>(tx)
             })
             .await
+    }
+
+    /// Every tenant's counters.
+    pub fn all_tenant_metrics(&self) -> Vec<(TenantId, TenantMetrics)> {
+        self.inner.metrics.all()
+    }
+
+    /// Jobs failed by a tenant's plugin since start.
+    pub fn plugin_failures(&self) -> u64 {
+        self.inner.futures.plugin_failures.load(Ordering::Relaxed)
     }
 
     /// Per-tenant counters: jobs queued, running, done, failed; tokens processed.

@@ -15,6 +15,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// Builds (or hands over) the base model; called on a blocking thread, at most once per
 /// success.
@@ -25,6 +26,10 @@ pub struct AdapterEntry {
     pub id: AdapterId,
     pub tenant: TenantId,
     pub config: LoraConfig,
+    /// The seq_id its first request carries (Tinker: 1, or 0 when it starts by loading a
+    /// checkpoint).
+    pub first_seq: u64,
+    pub created: std::time::SystemTime,
     /// Held by the one lane that runs this adapter's work, and briefly by readers.
     pub(crate) state: Mutex<AdapterState>,
 }
@@ -54,6 +59,33 @@ impl AdapterEntry {
     }
 }
 
+/// A named copy of a model's weights and optimizer state.
+pub struct Checkpoint {
+    pub name: String,
+    pub model: AdapterId,
+    pub state: Arc<TrainableAdapter>,
+    pub created: SystemTime,
+    pub expires: Option<SystemTime>,
+}
+
+impl Checkpoint {
+    /// Bytes of weights plus optimizer moments, as f32.
+    pub fn size_bytes(&self) -> u64 {
+        let n: usize = self
+            .state
+            .weights
+            .pairs
+            .values()
+            .map(|p| p.a.elem_count() + p.b.elem_count())
+            .sum();
+        (n as u64) * 4 * 3
+    }
+
+    fn expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
+
 /// A frozen snapshot of an adapter (or the base model alone) to sample from.
 pub struct Session {
     pub id: SessionId,
@@ -68,7 +100,7 @@ pub struct Registry {
     loads: AtomicUsize,
     adapters: DashMap<AdapterId, Arc<AdapterEntry>>,
     sessions: DashMap<SessionId, Arc<Session>>,
-    checkpoints: DashMap<(TenantId, String), Arc<TrainableAdapter>>,
+    checkpoints: DashMap<(TenantId, String), Arc<Checkpoint>>,
 }
 
 impl Registry {
@@ -132,6 +164,10 @@ impl Registry {
         Ok(())
     }
 
+    pub fn exists(&self, id: &AdapterId) -> bool {
+        self.adapters.contains_key(id)
+    }
+
     /// Models owned by `tenant`.
     pub fn adapters_of(&self, tenant: &TenantId) -> Vec<AdapterId> {
         self.adapters
@@ -161,22 +197,87 @@ impl Registry {
         }
     }
 
-    pub(crate) fn save_checkpoint(&self, tenant: &TenantId, name: &str, t: TrainableAdapter) {
-        self.checkpoints
-            .insert((tenant.clone(), name.to_owned()), Arc::new(t));
-    }
-
-    pub(crate) fn checkpoint(
+    pub(crate) fn save_checkpoint(
         &self,
         tenant: &TenantId,
         name: &str,
-    ) -> Result<Arc<TrainableAdapter>> {
-        self.checkpoints
-            .get(&(tenant.clone(), name.to_owned()))
-            .map(|c| c.clone())
-            .ok_or_else(|| Error::NotFound {
+        model: &AdapterId,
+        t: TrainableAdapter,
+        ttl: Option<Duration>,
+    ) {
+        let created = SystemTime::now();
+        self.checkpoints.insert(
+            (tenant.clone(), name.to_owned()),
+            Arc::new(Checkpoint {
+                name: name.to_owned(),
+                model: model.clone(),
+                state: Arc::new(t),
+                created,
+                expires: ttl.map(|d| created + d),
+            }),
+        );
+    }
+
+    /// A checkpoint of `tenant`'s, unless it expired.
+    pub fn checkpoint(&self, tenant: &TenantId, name: &str) -> Result<Arc<TrainableAdapter>> {
+        Ok(self.checkpoint_entry(tenant, name)?.state.clone())
+    }
+
+    pub fn checkpoint_entry(&self, tenant: &TenantId, name: &str) -> Result<Arc<Checkpoint>> {
+        match self.checkpoints.get(&(tenant.clone(), name.to_owned())) {
+            Some(c) if !c.expired(SystemTime::now()) => Ok(c.clone()),
+            _ => Err(Error::NotFound {
                 kind: "checkpoint",
                 id: name.to_owned(),
-            })
+            }),
+        }
+    }
+
+    /// `tenant`'s live checkpoints whose names start with `prefix`, oldest first. Expired
+    /// ones are dropped on the way.
+    pub fn checkpoints_of(&self, tenant: &TenantId, prefix: &str) -> Vec<Arc<Checkpoint>> {
+        let now = SystemTime::now();
+        self.checkpoints.retain(|_, c| !c.expired(now));
+        let mut v: Vec<_> = self
+            .checkpoints
+            .iter()
+            .filter(|e| &e.key().0 == tenant && e.key().1.starts_with(prefix))
+            .map(|e| e.value().clone())
+            .collect();
+        v.sort_by_key(|c| c.created);
+        v
+    }
+
+    pub fn delete_checkpoint(&self, tenant: &TenantId, name: &str) -> Result<()> {
+        self.checkpoint_entry(tenant, name)?;
+        self.checkpoints.remove(&(tenant.clone(), name.to_owned()));
+        Ok(())
+    }
+
+    /// Set or clear a checkpoint's time to live, counted from now.
+    pub fn set_checkpoint_ttl(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let c = self.checkpoint_entry(tenant, name)?;
+        self.checkpoints.insert(
+            (tenant.clone(), name.to_owned()),
+            Arc::new(Checkpoint {
+                name: c.name.clone(),
+                model: c.model.clone(),
+                state: c.state.clone(),
+                created: c.created,
+                expires: ttl.map(|d| SystemTime::now() + d),
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn remove_session(&self, tenant: &TenantId, id: &SessionId) -> Result<()> {
+        self.session(tenant, id)?;
+        self.sessions.remove(id);
+        Ok(())
     }
 }

@@ -208,7 +208,7 @@ impl Scheduler {
             .entry(entry.id.clone())
             .or_insert_with(|| ModelQueue {
                 entry: entry.clone(),
-                next_seq: 0,
+                next_seq: entry.first_seq,
                 pending: BTreeMap::new(),
                 seen: HashMap::new(),
                 outstanding: 0,

@@ -1,0 +1,87 @@
+//! Extractors whose rejections are JSON errors like every other failure: the tenant from
+//! the API key, JSON bodies and protobuf bodies. They read at most the router's body
+//! limit and name what was wrong (missing field, wrong type, bad encoding).
+
+use super::error::ApiError;
+use super::Shared;
+use crate::jobs::TenantId;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+/// The caller's tenant, from `X-API-Key` (or `Authorization: Bearer <key>`).
+pub struct Tenant(pub TenantId);
+
+impl FromRequestParts<Shared> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        let h = &parts.headers;
+        let key = h
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                h.get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
+            .ok_or(ApiError::Unauthorized)?;
+        state
+            .auth
+            .tenant(key)
+            .map(Tenant)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+async fn body_bytes(req: Request, state: &Shared) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status().as_u16() == 413 => ApiError::TooLarge {
+            limit: state.cfg.max_body_bytes,
+        },
+        other => ApiError::Malformed(other.body_text()),
+    })
+}
+
+/// A JSON body. Unknown fields are ignored (the SDK may add some); a missing or mistyped
+/// field is a 400 naming it.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Shared> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Shared) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        parse_json(&bytes).map(Json)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::Malformed("empty body; expected JSON".into()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))
+}
+
+/// A protobuf body (`application/x-protobuf`), zstd-compressed bodies refused clearly.
+pub struct Proto<T>(pub T);
+
+impl<T: prost::Message + Default> FromRequest<Shared> for Proto<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Shared) -> Result<Self, ApiError> {
+        if let Some(enc) = req.headers().get(axum::http::header::CONTENT_ENCODING) {
+            if enc.as_bytes() != b"identity" {
+                return Err(ApiError::Malformed(format!(
+                    "Content-Encoding {enc:?} is not supported; send the protobuf uncompressed"
+                )));
+            }
+        }
+        let bytes = body_bytes(req, state).await?;
+        T::decode(bytes)
+            .map(Proto)
+            .map_err(|e| ApiError::Malformed(format!("invalid protobuf: {e}")))
+    }
+}

@@ -1,0 +1,217 @@
+//! The HTTP API (`loraplex serve`): what users touch.
+//!
+//! Three families of routes share one state and one error mapping ([`error`]):
+//! - [`tinker`]: the wire protocol of the official `tinker` Python SDK (JSON and protobuf
+//!   bodies, futures polled through `retrieve_future`, sessions and heartbeats);
+//! - [`rest`]: the simple REST routes of the Flask server loraplex replaces;
+//! - [`plugins`]: upload, list and delete of a tenant's wasm components.
+//!
+//! Plus [`ops`]: health, Prometheus metrics and the OpenAPI document.
+//!
+//! The path of a request: route → tenant from the API key ([`extract::Tenant`]) →
+//! validated engine call ([`crate::jobs::Engine`]) → future → `retrieve_future`. Handlers
+//! never run model work themselves and never block tokio's workers.
+
+pub mod error;
+pub mod extract;
+pub mod ops;
+pub mod plugins;
+pub mod proto;
+pub mod rest;
+pub mod tinker;
+
+use crate::auth::Auth;
+use crate::config::{EngineConfig, ModelArgs, PluginLimits, ServeConfig};
+use crate::error::{Error, Result};
+use crate::jobs::{Engine, ModelLoader};
+use crate::model::BaseModel;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub engine: Engine,
+    pub cfg: ServeConfig,
+    pub auth: Auth,
+    /// The name clients use for the base model.
+    pub model_name: String,
+    pub plugins: plugins::PluginStore,
+    pub tinker: tinker::TinkerState,
+    pub rest: rest::RestState,
+    pub metrics: ops::HttpMetrics,
+    pub started: Instant,
+}
+
+pub type Shared = Arc<AppState>;
+
+impl AppState {
+    pub fn new(
+        engine: Engine,
+        cfg: ServeConfig,
+        auth: Auth,
+        model_name: String,
+        limits: PluginLimits,
+    ) -> Result<Shared> {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let plugins = plugins::PluginStore::new(limits, Some(cfg.data_dir.join("plugin-cache")))?;
+        Ok(Arc::new(AppState {
+            engine,
+            cfg,
+            auth,
+            model_name,
+            plugins,
+            tinker: tinker::TinkerState::default(),
+            rest: rest::RestState::default(),
+            metrics: ops::HttpMetrics::default(),
+            started: Instant::now(),
+        }))
+    }
+}
+
+/// Every route, with the body limit, request ids and JSON 404s.
+pub fn router(state: Shared) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .merge(tinker::routes())
+        .merge(rest::routes())
+        .merge(plugins::routes())
+        .merge(ops::routes())
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_span,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// A request id (the client's `x-request-id`, or a fresh one) in a tracing span around the
+/// whole request and in the response headers; HTTP counters for `/metrics`.
+async fn request_span(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            crate::jobs::FutureId::generate()
+                .0
+                .replacen("future", "req", 1)
+        });
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path()
+    );
+    let route = ops::route_label(req.uri().path());
+    let started = Instant::now();
+    let mut resp = next.run(req).instrument(span).await;
+    state
+        .metrics
+        .record(route, resp.status().as_u16(), started.elapsed());
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Build the engine and state from settings; the model loads in the background (with
+/// progress in the log) so the server answers health checks at once.
+pub fn build(
+    serve: ServeConfig,
+    model: ModelArgs,
+    engine_cfg: EngineConfig,
+) -> Result<(Shared, Router)> {
+    let auth = match &serve.keys_file {
+        Some(p) => Auth::from_file(p)?,
+        None => {
+            tracing::warn!(
+                "no keys file: development mode, every distinct API key is its own tenant"
+            );
+            Auth::Development
+        }
+    };
+    let path = model.model_path.clone();
+    let name = model.model_name.clone();
+    let loader: ModelLoader = Arc::new(move || {
+        let t = Instant::now();
+        tracing::info!(path = %path.display(), "loading the base model");
+        let (dev, dt) = crate::model::default_device();
+        let m = BaseModel::load(&path, &name, &dev, dt)?;
+        tracing::info!(
+            seconds = t.elapsed().as_secs_f32(),
+            layers = m.config.num_layers,
+            vocab = m.config.vocab_size,
+            "base model loaded"
+        );
+        Ok(Arc::new(m))
+    });
+    let engine = Engine::start(engine_cfg, loader)?;
+    let state = AppState::new(
+        engine.clone(),
+        serve,
+        auth,
+        model.model_name,
+        PluginLimits::from_env().map_err(Error::Plugin)?,
+    )?;
+    // Start loading now rather than on the first request.
+    tokio::spawn(async move {
+        if let Err(e) = engine.base_model().await {
+            tracing::error!(error = %e, "cannot load the base model");
+        }
+    });
+    tokio::spawn(tinker::reap_sessions(state.clone()));
+    Ok((state.clone(), router(state)))
+}
+
+/// Serve until Ctrl-C or SIGTERM; then stop accepting, let in-flight requests finish.
+pub async fn serve(serve_cfg: ServeConfig, model: ModelArgs, engine: EngineConfig) -> Result<()> {
+    let addr = serve_cfg.addr;
+    let (_state, app) = build(serve_cfg, model, engine)?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "loraplex listening");
+    eprintln!("loraplex listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(Error::Io)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        error::ApiError::from(self).into_response()
+    }
+}

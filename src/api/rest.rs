@@ -1,0 +1,437 @@
+//! The simple REST routes of the Flask server loraplex replaces, with the same paths and
+//! bodies, so its clients keep working: `/add_lora`, `/fwdbwd` (chat conversations, loss on
+//! the assistant's tokens), `/optim_step`, `/retrieve_future` (202 while pending),
+//! `/api/v1/sample` (synchronous text), `/remove_lora`, `/list_loss_functions`, and the
+//! `/api/v1/..._async` aliases. They run on the same engine as the Tinker routes; only
+//! the shapes of requests and results differ.
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Tenant};
+use super::tinker::sampling::SamplingParamsJson;
+use super::tinker::training::AdamJson;
+use super::Shared;
+use crate::jobs::{
+    AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, TenantId,
+};
+use crate::lora::{LoraConfig, Target};
+use crate::model::chat::Message;
+use crate::sample::StopReason;
+use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossInputs, TensorIn};
+use crate::train::Datum;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// What the REST layer remembers of its futures: the weight total of a fwdbwd (to report
+/// the mean loss per trained token) and the model a future belongs to.
+#[derive(Default)]
+pub struct RestState {
+    fwdbwd_weights: DashMap<FutureId, f64>,
+}
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/add_lora", post(add_lora))
+        .route("/api/v1/add_lora_async", post(add_lora))
+        .route("/fwdbwd", post(fwdbwd))
+        .route("/api/v1/fwdbwd_async", post(fwdbwd))
+        .route("/optim_step", post(optim_step))
+        .route("/api/v1/optim_step_async", post(optim_step))
+        .route("/retrieve_future", post(retrieve_future))
+        .route("/remove_lora", post(remove_lora))
+        .route("/api/v1/remove_lora", post(remove_lora))
+        .route("/api/v1/sample", post(sample))
+        .route("/api/v1/sample_async", post(sample_async))
+        .route("/list_loss_functions", get(list_loss_functions))
+        .route(
+            "/get_server_capabilities",
+            get(super::tinker::session::capabilities),
+        )
+}
+
+#[derive(Deserialize)]
+struct AddLora {
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    rank: Option<usize>,
+    #[serde(default)]
+    alpha: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+/// Create an adapter on attention and MLP (rank 8, alpha 16 unless given). The adapter
+/// exists when this returns; the future is for clients that wait on it.
+async fn add_lora(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<AddLora>,
+) -> ApiResult<axum::Json<Value>> {
+    if let Some(b) = &req.base_model {
+        if b != &s.model_name {
+            return Err(ApiError::invalid(
+                "base_model",
+                format!(
+                    "{b:?} is not served here; this server serves {:?}",
+                    s.model_name
+                ),
+            ));
+        }
+    }
+    let rank = req.rank.unwrap_or(8);
+    let config = LoraConfig {
+        rank,
+        alpha: req.alpha.unwrap_or(2.0 * rank as f32),
+        seed: req.seed.unwrap_or(0),
+        targets: vec![
+            Target::Q,
+            Target::K,
+            Target::V,
+            Target::O,
+            Target::Gate,
+            Target::Up,
+            Target::Down,
+        ],
+        train_unembed: false,
+    };
+    if !(config.alpha.is_finite() && config.alpha > 0.0) {
+        return Err(ApiError::invalid("alpha", "must be a positive number"));
+    }
+    let id = s.engine.create_model(&tenant, config).await?;
+    let out = id.clone();
+    let f = s
+        .engine
+        .spawn_job(&tenant, JobKind::CreateModel, async move {
+            Ok(JobOutput::ModelCreated(out))
+        })?;
+    Ok(axum::Json(json!({"request_id": f.0, "model_id": id.0})))
+}
+
+#[derive(Deserialize)]
+struct FwdBwd {
+    model_id: String,
+    data: Vec<Vec<Message>>,
+    #[serde(default)]
+    loss_fn: Option<String>,
+    #[serde(default)]
+    loss_fn_config: Option<BTreeMap<String, ConfigValue>>,
+}
+
+/// Render each conversation with the chat template; weight 1 on the assistant's tokens.
+async fn fwdbwd(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<FwdBwd>,
+) -> ApiResult<axum::Json<Value>> {
+    let model = s.engine.base_model().await?;
+    let tok = model.tokenizer()?;
+    let tmpl = model.chat_template.as_ref().ok_or_else(|| {
+        ApiError::Engine(crate::Error::Template(
+            "the model has no chat template".into(),
+        ))
+    })?;
+    if req.data.is_empty() {
+        return Err(ApiError::invalid("data", "no conversations"));
+    }
+    let mut data = Vec::with_capacity(req.data.len());
+    let mut total_weight = 0.0;
+    for (i, conv) in req.data.iter().enumerate() {
+        let r = tmpl.render_tokens(tok, conv)?;
+        if r.tokens.len() < 2 || !r.assistant_mask.iter().skip(1).any(|&m| m) {
+            return Err(ApiError::invalid(
+                format!("data[{i}]"),
+                "the conversation has no assistant tokens to train on",
+            ));
+        }
+        let n = r.tokens.len() - 1;
+        let w: Vec<f32> = (0..n)
+            .map(|j| if r.assistant_mask[j + 1] { 1.0 } else { 0.0 })
+            .collect();
+        total_weight += w.iter().map(|&x| x as f64).sum::<f64>();
+        let mut inputs = LossInputs::new();
+        inputs.insert(
+            "target_tokens".into(),
+            TensorIn::i64(vec![n], r.tokens[1..].iter().map(|&t| t as i64).collect()),
+        );
+        inputs.insert("weights".into(), TensorIn::f32(vec![n], w));
+        data.push(Datum {
+            model_input: r.tokens[..n].to_vec(),
+            loss_fn_inputs: inputs,
+        });
+    }
+    let config: LossConfig = req.loss_fn_config.unwrap_or_default();
+    let loss_name = req.loss_fn.unwrap_or_else(|| "cross_entropy".into());
+    let loss = s.plugins.resolve_loss(&tenant, &loss_name, &config)?;
+    let op = Op::ForwardBackward(FbRequest {
+        data,
+        loss,
+        loss_config: config,
+    });
+    s.metrics.submitted(op.kind());
+    let f = s
+        .engine
+        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
+        .await?;
+    s.rest.fwdbwd_weights.insert(f.clone(), total_weight);
+    Ok(axum::Json(
+        json!({"request_id": f.0, "model_id": req.model_id}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct OptimStep {
+    model_id: String,
+    #[serde(default)]
+    adam_params: Option<AdamJson>,
+}
+
+async fn optim_step(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<OptimStep>,
+) -> ApiResult<axum::Json<Value>> {
+    let params = req
+        .adam_params
+        .map(|a| a.params())
+        .unwrap_or_else(|| AdamJson::default().params());
+    let op = Op::OptimStep(params);
+    s.metrics.submitted(op.kind());
+    let f = s
+        .engine
+        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
+        .await?;
+    Ok(axum::Json(
+        json!({"request_id": f.0, "model_id": req.model_id}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct RemoveLora {
+    model_id: String,
+}
+
+async fn remove_lora(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<RemoveLora>,
+) -> ApiResult<axum::Json<Value>> {
+    s.engine
+        .delete_model(&tenant, &AdapterId(req.model_id.clone()))
+        .await?;
+    Ok(axum::Json(
+        json!({"model_id": req.model_id, "removed": true}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Retrieve {
+    request_id: String,
+}
+
+/// How long `/retrieve_future` waits before answering 202 (the seed answered at once;
+/// a short wait saves polling clients a round trip).
+const REST_POLL: Duration = Duration::from_secs(2);
+
+async fn retrieve_future(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<Retrieve>,
+) -> ApiResult<Response> {
+    let id = FutureId(req.request_id.clone());
+    let rec = s.engine.wait(&tenant, &id, REST_POLL).await?;
+    match (rec.state, rec.output, rec.failure) {
+        (JobState::Done, Some(out), _) => Ok(axum::Json(render(&s, &id, &out)?).into_response()),
+        (JobState::Failed, _, Some(f)) => Err(ApiError::Engine(crate::Error::JobFailed {
+            message: f.message,
+            category: f.category,
+        })),
+        _ => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"status": "pending", "request_id": req.request_id})),
+        )
+            .into_response()),
+    }
+}
+
+fn render(s: &Shared, id: &FutureId, out: &JobOutput) -> ApiResult<Value> {
+    Ok(match out {
+        JobOutput::ModelCreated(m) => json!({"status": "completed", "model_id": m.0}),
+        JobOutput::ForwardBackward(r) => {
+            let w = s.rest.fwdbwd_weights.get(id).map(|w| *w).unwrap_or(0.0);
+            json!({
+                "status": "completed",
+                "loss": if w > 0.0 { r.loss / w } else { r.loss },
+                "loss_sum": r.loss,
+                "num_tokens": w,
+                "metrics": r.metrics,
+            })
+        }
+        JobOutput::OptimStep(r) => json!({
+            "status": "completed",
+            "step": r.step,
+            "grad_norm": r.grad_norm,
+            "clipped": r.clipped,
+        }),
+        JobOutput::Sample(o) => {
+            let tok = s.engine.registry().base_now().ok_or_else(|| {
+                ApiError::Engine(crate::Error::Unavailable("model not loaded".into()))
+            })?;
+            let tok = tok.tokenizer()?;
+            let texts: Vec<String> = o
+                .sequences
+                .iter()
+                .map(|q| tok.decode(&q.tokens, true))
+                .collect::<Result<_, _>>()?;
+            json!({"status": "completed", "generated_text": texts})
+        }
+        other => json!({"status": "completed", "result": format!("{other:?}")}),
+    })
+}
+
+#[derive(Deserialize)]
+struct Sample {
+    #[serde(default)]
+    model_id: Option<String>,
+    prompts: Vec<String>,
+    #[serde(default)]
+    sampling_params: SamplingParamsJson,
+    /// Render each prompt as a user turn with the chat template (default: raw text).
+    #[serde(default)]
+    chat: bool,
+    /// An uploaded sampler plugin and its config.
+    #[serde(default)]
+    sampler: Option<SamplerRef>,
+}
+
+#[derive(Deserialize)]
+struct SamplerRef {
+    plugin: String,
+    #[serde(default)]
+    config: BTreeMap<String, ConfigValue>,
+}
+
+/// Submit one sample job per prompt; returns the futures in prompt order.
+async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
+    if req.prompts.is_empty() {
+        return Err(ApiError::invalid("prompts", "no prompts"));
+    }
+    let model = s.engine.base_model().await?;
+    let session = match req.model_id.as_deref() {
+        None => s.engine.base_sampling_session(tenant).await?,
+        Some(m) if m == s.model_name => s.engine.base_sampling_session(tenant).await?,
+        Some(m) => {
+            s.engine
+                .sampling_session(
+                    tenant,
+                    &AdapterId(m.to_owned()),
+                    None,
+                    Duration::from_secs(600),
+                )
+                .await?
+        }
+    };
+    let (params, stop_strings) = req.sampling_params.resolve(&model)?;
+    let sampler = match req.sampler {
+        Some(r) => Some(s.plugins.resolve_sampler(tenant, &r.plugin, r.config)?),
+        None => None,
+    };
+    let tok = model.tokenizer()?;
+    let mut futures = Vec::new();
+    for (i, p) in req.prompts.iter().enumerate() {
+        let prompt = if req.chat {
+            let tmpl = model.chat_template.as_ref().ok_or_else(|| {
+                ApiError::Engine(crate::Error::Template(
+                    "the model has no chat template".into(),
+                ))
+            })?;
+            let text = tmpl.render(
+                &[Message {
+                    role: "user".into(),
+                    content: p.clone(),
+                }],
+                true,
+            )?;
+            tok.encode(&text)?
+        } else {
+            tok.encode(p)?
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(format!("prompts[{i}]"), "empty prompt"));
+        }
+        let mut r = SampleRequest::new(prompt, params.clone());
+        r.stop_strings = stop_strings.clone();
+        r.sampler = sampler.clone();
+        s.metrics.submitted(JobKind::Sample);
+        futures.push(s.engine.sample(tenant, &session, r).await?);
+    }
+    let _ = s.engine.registry().remove_session(tenant, &session);
+    Ok(futures)
+}
+
+/// Synchronous sampling: `{generated_text: [one string per prompt], outputs: [...]}`.
+async fn sample(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<Sample>,
+) -> ApiResult<axum::Json<Value>> {
+    let futures = submit_samples(&s, &tenant, req).await?;
+    let model = s.engine.base_model().await?;
+    let tok = model.tokenizer()?;
+    let mut texts = Vec::new();
+    let mut outputs = Vec::new();
+    for f in futures {
+        let out = s
+            .engine
+            .result(&tenant, &f, Duration::from_secs(600))
+            .await?;
+        let JobOutput::Sample(o) = &*out else {
+            return Err(ApiError::Engine(crate::Error::Unavailable(
+                "unexpected job output".into(),
+            )));
+        };
+        let q = o.sequences.first().ok_or_else(|| {
+            ApiError::Engine(crate::Error::Unavailable("no sequence sampled".into()))
+        })?;
+        let text = tok.decode(&q.tokens, true)?;
+        outputs.push(json!({
+            "text": text,
+            "tokens": q.tokens,
+            "logprobs": q.logprobs,
+            "stop_reason": match q.stop_reason { StopReason::Stop => "stop", StopReason::Length => "length" },
+        }));
+        texts.push(text);
+    }
+    Ok(axum::Json(
+        json!({"generated_text": texts, "outputs": outputs}),
+    ))
+}
+
+/// Sampling as futures (one per prompt), for `/retrieve_future`.
+async fn sample_async(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<Sample>,
+) -> ApiResult<axum::Json<Value>> {
+    let futures = submit_samples(&s, &tenant, req).await?;
+    let ids: Vec<&str> = futures.iter().map(|f| f.0.as_str()).collect();
+    Ok(axum::Json(
+        json!({"request_id": ids.first(), "request_ids": ids}),
+    ))
+}
+
+async fn list_loss_functions(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
+    let builtin: Vec<&str> = BuiltinLoss::ALL.iter().map(|l| l.name()).collect();
+    let plugins = s.plugins.loss_plugins(&tenant);
+    axum::Json(json!({
+        "loss_functions": builtin,
+        "plugins": plugins.iter().map(|p| format!("plugin:{p}")).collect::<Vec<_>>(),
+    }))
+}

@@ -1,0 +1,262 @@
+//! The Tinker wire protocol (`/api/v1/...`), as the official `tinker` SDK 0.38.0 speaks it
+//! (../shared/docs/tinker-api.md). Owns what exists only at this layer: Tinker sessions
+//! and their heartbeats, the SDK's idempotency keys (per-session counters), the mapping of
+//! `tinker://` paths to checkpoints, and how results are rendered (protobuf for forward,
+//! forward_backward and sample; JSON otherwise). Model work goes to the engine.
+//!
+//! Parts: [`session`] (client config, sessions, telemetry, capabilities), [`training`]
+//! (models, forward_backward, optim_step, checkpoints, training runs), [`sampling`]
+//! (sampling sessions, asample), [`futures`] (retrieve_future).
+
+pub mod futures;
+pub mod sampling;
+pub mod session;
+pub mod training;
+
+use super::error::{ApiError, ApiResult};
+use super::Shared;
+use crate::jobs::{FutureId, TenantId};
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// A Tinker session: the unit the SDK heartbeats and closes.
+pub struct SessionInfo {
+    pub tenant: TenantId,
+    pub created: SystemTime,
+    pub last_heartbeat: Mutex<Instant>,
+    pub user_metadata: serde_json::Value,
+    /// Training models and sampling sessions created in it, released with it.
+    pub models: Mutex<Vec<String>>,
+    pub samplers: Mutex<Vec<String>>,
+}
+
+/// What this layer remembers besides the engine's state.
+#[derive(Default)]
+pub struct TinkerState {
+    pub sessions: DashMap<String, SessionInfo>,
+    /// (session, model_seq_id) → the create future, for idempotent retries.
+    pub model_creates: DashMap<(String, u64), (FutureId, String)>,
+    /// (session, sampling_session_seq_id) → sampling session id.
+    pub sampler_creates: DashMap<(String, u64), String>,
+    /// (sampling session, seq_id) → the sample future and its sequence ids.
+    pub samples: DashMap<(String, u64), (FutureId, Vec<String>)>,
+    /// sampling session → the checkpoint path it was created from, if any.
+    pub sampler_paths: DashMap<String, Option<String>>,
+    /// Sample future → how to render its result.
+    pub sample_shapes: DashMap<FutureId, sampling::SampleShape>,
+    /// Training model → when it last got a request (for TrainingRun).
+    pub last_request: DashMap<String, SystemTime>,
+}
+
+impl TinkerState {
+    /// The session, if it exists and belongs to `tenant`.
+    pub fn session(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+    ) -> ApiResult<dashmap::mapref::one::Ref<'_, String, SessionInfo>> {
+        match self.sessions.get(id) {
+            Some(s) if &s.tenant == tenant => Ok(s),
+            _ => Err(ApiError::not_found("session", id)),
+        }
+    }
+
+    pub fn touch(&self, model: &str) {
+        self.last_request
+            .insert(model.to_owned(), SystemTime::now());
+    }
+}
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/client/config", post(session::client_config))
+        .route(
+            "/api/v1/client/dynamic_config",
+            post(session::dynamic_config),
+        )
+        .route("/api/v1/create_session", post(session::create_session))
+        .route("/api/v1/session_heartbeat", post(session::heartbeat))
+        .route("/api/v1/sessions/{id}/finish", post(session::finish))
+        .route("/api/v1/sessions", get(session::list_sessions))
+        .route("/api/v1/sessions/{id}", get(session::get_session))
+        .route("/api/v1/telemetry", post(session::telemetry))
+        .route(
+            "/api/v1/get_server_capabilities",
+            get(session::capabilities),
+        )
+        .route("/api/v1/healthz", get(super::ops::healthz))
+        .route("/api/v1/create_model", post(training::create_model))
+        .route("/api/v1/get_info", post(training::get_info))
+        .route("/api/v1/forward_backward", post(training::forward_backward))
+        .route("/api/v1/optim_step", post(training::optim_step))
+        .route("/api/v1/save_weights", post(training::save_weights))
+        .route(
+            "/api/v1/save_weights_for_sampler",
+            post(training::save_weights_for_sampler),
+        )
+        .route("/api/v1/load_weights", post(training::load_weights))
+        .route("/api/v1/unload_model", post(training::unload_model))
+        .route("/api/v1/training_runs", get(training::list_training_runs))
+        .route(
+            "/api/v1/training_runs/{id}",
+            get(training::get_training_run),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints",
+            get(training::list_checkpoints),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}",
+            delete(training::delete_checkpoint),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
+            put(training::set_checkpoint_ttl),
+        )
+        .route("/api/v1/checkpoints", get(training::list_user_checkpoints))
+        .route("/api/v1/weights_info", post(training::weights_info))
+        .route(
+            "/api/v1/create_sampling_session",
+            post(sampling::create_sampling_session),
+        )
+        .route("/api/v1/samplers/{id}", get(sampling::get_sampler))
+        .route("/api/v1/asample", post(sampling::asample))
+        .route("/api/v1/retrieve_future", post(futures::retrieve_future))
+}
+
+/// Close sessions that stopped heartbeating, releasing their models and samplers.
+pub async fn reap_sessions(state: Shared) {
+    let timeout = Duration::from_secs(state.cfg.session_timeout_s.max(1));
+    let mut tick = tokio::time::interval(timeout.min(Duration::from_secs(30)));
+    loop {
+        tick.tick().await;
+        let stale: Vec<String> = state
+            .tinker
+            .sessions
+            .iter()
+            .filter(|s| s.last_heartbeat.lock().elapsed() > timeout)
+            .map(|s| s.key().clone())
+            .collect();
+        for id in stale {
+            tracing::info!(session = %id, "session stopped heartbeating; releasing it");
+            session::release(&state, &id).await;
+        }
+    }
+}
+
+/// A checkpoint's tinker path and its parts: `tinker://<model>/<segment>/<name>`.
+pub struct TinkerPath {
+    pub model: String,
+    pub segment: String,
+    pub name: String,
+}
+
+impl TinkerPath {
+    pub fn parse(path: &str) -> ApiResult<TinkerPath> {
+        let bad = || {
+            ApiError::invalid(
+                "path",
+                format!("{path:?} is not a tinker://<model>/<weights|sampler_weights>/<name> path"),
+            )
+        };
+        let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [m, seg, n]
+                if !m.is_empty()
+                    && !n.is_empty()
+                    && (*seg == "weights" || *seg == "sampler_weights") =>
+            {
+                Ok(TinkerPath {
+                    model: (*m).to_owned(),
+                    segment: (*seg).to_owned(),
+                    name: (*n).to_owned(),
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The engine's checkpoint name (unique per tenant).
+    pub fn key(&self) -> String {
+        format!("{}/{}/{}", self.model, self.segment, self.name)
+    }
+
+    pub fn from_key(key: &str) -> String {
+        format!("tinker://{key}")
+    }
+}
+
+/// A checkpoint name chosen by a user: no `/`, bounded length.
+pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
+    if name.is_empty() || name.len() > 200 || name.contains('/') || name.contains(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("{name:?} must be 1 to 200 characters with no '/'"),
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 3339 UTC time, e.g. `2026-11-27T01:02:03.456Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_740_123_456);
+        assert_eq!(rfc3339(t), "2026-11-27T00:42:03.456Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn tinker_paths_parse_and_refuse() {
+        let p = TinkerPath::parse("tinker://s1:train:0/weights/step-3").unwrap();
+        assert_eq!(
+            (p.model.as_str(), p.segment.as_str(), p.name.as_str()),
+            ("s1:train:0", "weights", "step-3")
+        );
+        assert_eq!(
+            TinkerPath::from_key(&p.key()),
+            "tinker://s1:train:0/weights/step-3"
+        );
+        for bad in [
+            "s1/weights/x",
+            "tinker://s1/other/x",
+            "tinker://s1/weights",
+            "tinker://s1/weights/a/b",
+        ] {
+            assert!(TinkerPath::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

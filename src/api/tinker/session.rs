@@ -1,0 +1,193 @@
+//! Client configuration, Tinker sessions (create, heartbeat, finish, release), telemetry
+//! and server capabilities: the calls every SDK client makes before any real work.
+
+use super::SessionInfo;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{Json, Tenant};
+use crate::api::Shared;
+use crate::jobs::{AdapterId, SessionId};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::{Instant, SystemTime};
+
+/// The SDK's feature flags. Server-side custom losses, `retrieve_futures`, joined
+/// sampling sessions and JWT auth stay off: their routes are not implemented.
+pub async fn client_config() -> axum::Json<Value> {
+    axum::Json(json!({
+        "pjwt_auth_enabled": false,
+        "credential_default_source": "api_key",
+        "use_pyqwest_transport": false,
+        "proto_compress_fwdbwd": false,
+        "parallel_fwdbwd_chunks": true,
+        "fwdbwd_max_chunk_len": 1024,
+        "fwdbwd_max_chunk_bytes_count": 5_000_000,
+        "sample_use_retrieve_futures": false,
+        "custom_loss_server_side": false,
+        "sample_join_sampling_session": false,
+    }))
+}
+
+pub async fn dynamic_config() -> axum::Json<Value> {
+    axum::Json(json!({
+        "refresh_interval_sec": 300,
+        "sample_cancel_enabled": false,
+        "sample_cancel_max_batch_size": 64,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct CreateSession {
+    #[serde(default)]
+    user_metadata: Option<Value>,
+}
+
+pub async fn create_session(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<CreateSession>,
+) -> ApiResult<axum::Json<Value>> {
+    let id = SessionId::generate().0.replacen("sampler", "session", 1);
+    s.tinker.sessions.insert(
+        id.clone(),
+        SessionInfo {
+            tenant: tenant.clone(),
+            created: SystemTime::now(),
+            last_heartbeat: Mutex::new(Instant::now()),
+            user_metadata: req.user_metadata.unwrap_or(Value::Null),
+            models: Mutex::new(Vec::new()),
+            samplers: Mutex::new(Vec::new()),
+        },
+    );
+    tracing::info!(session = %id, tenant = %tenant, "session created");
+    let info = s
+        .auth
+        .is_development()
+        .then_some("loraplex in development mode: each API key is its own tenant");
+    Ok(axum::Json(json!({
+        "session_id": id,
+        "type": "create_session",
+        "info_message": info,
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct Heartbeat {
+    session_id: String,
+}
+
+/// 410 for a session that was closed, so the SDK stops heartbeating it.
+pub async fn heartbeat(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<Heartbeat>,
+) -> ApiResult<axum::response::Response> {
+    match s.tinker.session(&tenant, &req.session_id) {
+        Ok(sess) => {
+            *sess.last_heartbeat.lock() = Instant::now();
+            Ok(axum::Json(json!({"type": "session_heartbeat"})).into_response())
+        }
+        Err(_) => Ok((
+            StatusCode::GONE,
+            axum::Json(json!({
+                "error": {"type": "session_closed", "message": format!("session {} is closed or unknown", req.session_id)},
+                "detail": format!("session {} is closed or unknown", req.session_id),
+            })),
+        )
+            .into_response()),
+    }
+}
+
+pub async fn finish(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    s.tinker.session(&tenant, &id)?;
+    release(&s, &id).await;
+    Ok(axum::Json(json!({})))
+}
+
+/// Drop a session with its training models and sampling sessions (checkpoints stay).
+pub async fn release(s: &Shared, id: &str) {
+    let Some((_, sess)) = s.tinker.sessions.remove(id) else {
+        return;
+    };
+    let models: Vec<String> = sess.models.lock().drain(..).collect();
+    let samplers: Vec<String> = sess.samplers.lock().drain(..).collect();
+    for m in models {
+        let _ = s
+            .engine
+            .delete_model(&sess.tenant, &AdapterId(m.clone()))
+            .await;
+        s.tinker.last_request.remove(&m);
+    }
+    for sid in samplers {
+        let _ = s
+            .engine
+            .registry()
+            .remove_session(&sess.tenant, &SessionId(sid.clone()));
+        s.tinker.sampler_paths.remove(&sid);
+    }
+    s.tinker.model_creates.retain(|k, _| k.0 != id);
+    s.tinker.sampler_creates.retain(|k, _| k.0 != id);
+    tracing::info!(session = %id, "session released");
+}
+
+pub async fn list_sessions(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
+    let ids: Vec<String> = s
+        .tinker
+        .sessions
+        .iter()
+        .filter(|e| e.tenant == tenant)
+        .map(|e| e.key().clone())
+        .collect();
+    axum::Json(json!({ "sessions": ids }))
+}
+
+pub async fn get_session(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let sess = s.tinker.session(&tenant, &id)?;
+    let models = sess.models.lock().clone();
+    let samplers = sess.samplers.lock().clone();
+    Ok(axum::Json(json!({
+        "training_run_ids": models,
+        "sampler_ids": samplers,
+        "user_metadata": sess.user_metadata,
+    })))
+}
+
+/// Telemetry batches are accepted and dropped.
+pub async fn telemetry() -> axum::Json<Value> {
+    axum::Json(json!({"status": "accepted"}))
+}
+
+pub async fn capabilities(State(s): State<Shared>) -> ApiResult<axum::Json<Value>> {
+    let ctx = s
+        .engine
+        .registry()
+        .base_now()
+        .map(|m| m.config.max_position_embeddings);
+    Ok(axum::Json(json!({
+        "supported_models": [{
+            "model_name": s.model_name,
+            "max_context_length": ctx,
+            "trainable": true,
+            "sampleable": true,
+        }]
+    })))
+}
+
+/// The engine's error for a model id the session layer refuses.
+pub fn session_of_model(model_id: &str) -> ApiResult<&str> {
+    model_id
+        .split_once(":train:")
+        .map(|(s, _)| s)
+        .ok_or_else(|| ApiError::not_found("model", model_id))
+}

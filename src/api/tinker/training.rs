@@ -1,0 +1,772 @@
+//! Training routes: create a LoRA model (fresh or from a checkpoint), its info,
+//! forward / forward_backward (protobuf in), optim_step, checkpoints (save, load, list,
+//! delete, TTL) and training runs. Each submit validates, hands the engine one op and
+//! answers with a future; the engine runs a model's ops in the SDK's `seq_id` order.
+
+use super::{check_name, rfc3339, TinkerPath};
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{Json, Proto, Tenant};
+use crate::api::proto::{self, chunk, loss_config_value, tensor};
+use crate::api::Shared;
+use crate::jobs::registry::Checkpoint;
+use crate::jobs::{AdapterId, FbRequest, FutureId, JobKind, JobOutput, Op, TenantId};
+use crate::lora::optim::AdamParams;
+use crate::lora::LoraConfig;
+use crate::train::loss::{ConfigValue, LossConfig, LossInputs, TensorIn};
+use crate::train::Datum;
+use axum::extract::{Path, Query, State};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn future_json(id: &FutureId, model: Option<&str>) -> axum::Json<Value> {
+    axum::Json(json!({"request_id": id.0, "model_id": model}))
+}
+
+#[derive(Deserialize)]
+pub struct LoraConfigJson {
+    #[serde(default)]
+    rank: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    train_unembed: Option<bool>,
+    #[serde(default)]
+    train_mlp: Option<bool>,
+    #[serde(default)]
+    train_attn: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub struct CreateModel {
+    session_id: String,
+    model_seq_id: u64,
+    base_model: String,
+    #[serde(default)]
+    lora_config: Option<LoraConfigJson>,
+    #[serde(default)]
+    optimizer_config: Option<Value>,
+}
+
+fn check_base_model(s: &Shared, name: &str) -> ApiResult<()> {
+    if name != s.model_name {
+        return Err(ApiError::invalid(
+            "base_model",
+            format!(
+                "{name:?} is not served here; this server serves {:?}",
+                s.model_name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_optimizer(cfg: &Option<Value>) -> ApiResult<()> {
+    match cfg
+        .as_ref()
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+    {
+        None | Some("adamw") => Ok(()),
+        Some(other) => Err(ApiError::invalid(
+            "optimizer_config.type",
+            format!("{other:?} is not supported; use \"adamw\""),
+        )),
+    }
+}
+
+pub async fn create_model(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<CreateModel>,
+) -> ApiResult<axum::Json<Value>> {
+    let sess = s.tinker.session(&tenant, &req.session_id)?;
+    check_base_model(&s, &req.base_model)?;
+    check_optimizer(&req.optimizer_config)?;
+    let l = req.lora_config.unwrap_or(LoraConfigJson {
+        rank: None,
+        seed: None,
+        train_unembed: None,
+        train_mlp: None,
+        train_attn: None,
+    });
+    let config = LoraConfig::from_tinker(
+        l.rank.unwrap_or(32),
+        l.seed.unwrap_or(0),
+        l.train_attn.unwrap_or(true),
+        l.train_mlp.unwrap_or(true),
+        l.train_unembed.unwrap_or(true),
+    )?;
+    let model_id = format!("{}:train:{}", req.session_id, req.model_seq_id);
+    let key = (req.session_id.clone(), req.model_seq_id);
+    let entry = s.tinker.model_creates.entry(key);
+    let (future, model_id) = match entry {
+        dashmap::Entry::Occupied(e) => e.get().clone(),
+        dashmap::Entry::Vacant(v) => {
+            let engine = s.engine.clone();
+            let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
+            let f = s
+                .engine
+                .spawn_job(&tenant, JobKind::CreateModel, async move {
+                    engine
+                        .create_model_as(&t, id, config, 1)
+                        .await
+                        .map(JobOutput::ModelCreated)
+                })?;
+            sess.models.lock().push(model_id.clone());
+            v.insert((f.clone(), model_id.clone()));
+            (f, model_id)
+        }
+    };
+    s.tinker.touch(&model_id);
+    Ok(future_json(&future, Some(&model_id)))
+}
+
+#[derive(Deserialize)]
+pub struct ModelRef {
+    model_id: String,
+}
+
+pub async fn get_info(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<ModelRef>,
+) -> ApiResult<axum::Json<Value>> {
+    let e = s
+        .engine
+        .registry()
+        .adapter(&tenant, &AdapterId(req.model_id.clone()))?;
+    Ok(axum::Json(json!({
+        "type": "get_info",
+        "model_id": req.model_id,
+        "model_data": {
+            "arch": "llama",
+            "model_name": s.model_name,
+            "tokenizer_id": s.model_name,
+        },
+        "is_lora": true,
+        "lora_rank": e.config.rank,
+        "model_name": s.model_name,
+        "optimizer_config": {"type": "adamw"},
+    })))
+}
+
+fn seq(field: &str, v: i64) -> ApiResult<u64> {
+    u64::try_from(v).map_err(|_| ApiError::invalid(field, format!("{v} is negative")))
+}
+
+// --- forward_backward ------------------------------------------------------------------
+
+/// A datum's tokens: the concatenated text chunks, as unsigned ids.
+fn model_input(field: &str, chunks: &[proto::Chunk]) -> ApiResult<Vec<u32>> {
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        match &c.chunk {
+            Some(chunk::Chunk::EncodedText(t)) => {
+                for id in proto::read_i32(&f, &t.tokens)? {
+                    let id = u32::try_from(id)
+                        .map_err(|_| ApiError::invalid(&f, format!("token id {id} is negative")))?;
+                    out.push(id);
+                }
+            }
+            Some(chunk::Chunk::Image(_)) | Some(chunk::Chunk::Dmel(_)) => {
+                return Err(ApiError::Engine(crate::Error::Unsupported(format!(
+                    "{f}: image and dmel chunks; the served model is text-only"
+                ))))
+            }
+            None => return Err(ApiError::invalid(f, "empty chunk")),
+        }
+    }
+    Ok(out)
+}
+
+/// A loss input tensor: dense or sparse CSR (densified with 0), float32, int64 or int32.
+pub fn tensor_in(field: &str, t: &proto::Tensor) -> ApiResult<TensorIn> {
+    let dtype = proto::DType::try_from(t.dtype).unwrap_or(proto::DType::Unspecified);
+    let values = |bytes: &[u8]| -> ApiResult<Result<Vec<f32>, Vec<i64>>> {
+        Ok(match dtype {
+            proto::DType::Float32 => Ok(proto::read_f32(field, bytes)?),
+            proto::DType::Int64 => Err(proto::read_i64(field, bytes)?),
+            proto::DType::Int32 => Err(proto::read_i32(field, bytes)?
+                .into_iter()
+                .map(i64::from)
+                .collect()),
+            other => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("dtype {other:?} is not supported; use float32 or int64"),
+                ))
+            }
+        })
+    };
+    let shape: Vec<usize> = t
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| ApiError::invalid(field, "negative dimension in shape"))?;
+    let (shape, data) = match &t.encoding {
+        Some(tensor::Encoding::Dense(bytes)) => {
+            let v = values(bytes)?;
+            let n = v.as_ref().map_or_else(Vec::len, Vec::len);
+            let shape = if shape.is_empty() { vec![n] } else { shape };
+            if shape.iter().product::<usize>() != n {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("shape {shape:?} does not match {n} values"),
+                ));
+            }
+            (shape, v)
+        }
+        Some(tensor::Encoding::SparseCsr(csr)) => {
+            let [rows, cols] = shape[..] else {
+                return Err(ApiError::invalid(
+                    field,
+                    "a sparse tensor needs a 2-D shape",
+                ));
+            };
+            let crow = proto::read_i64(field, &csr.crow_indices)?;
+            let col = proto::read_i64(field, &csr.col_indices)?;
+            let vals = values(&csr.values)?;
+            let nnz = vals.as_ref().map_or_else(Vec::len, Vec::len);
+            let ok = crow.len() == rows + 1
+                && crow.first() == Some(&0)
+                && crow.last().is_some_and(|&l| l as usize == nnz)
+                && col.len() == nnz
+                && crow.windows(2).all(|w| w[0] <= w[1])
+                && col.iter().all(|&c| c >= 0 && (c as usize) < cols);
+            if !ok {
+                return Err(ApiError::invalid(field, "inconsistent sparse CSR indices"));
+            }
+            let place = |dense_len: usize| -> Vec<usize> {
+                let mut idx = Vec::with_capacity(nnz);
+                for r in 0..rows {
+                    for k in crow[r] as usize..crow[r + 1] as usize {
+                        idx.push(r * cols + col[k] as usize);
+                    }
+                }
+                debug_assert!(idx.iter().all(|&i| i < dense_len));
+                idx
+            };
+            let idx = place(rows * cols);
+            let dense = match vals {
+                Ok(v) => {
+                    let mut d = vec![0f32; rows * cols];
+                    idx.iter().zip(v).for_each(|(&i, x)| d[i] = x);
+                    Ok(d)
+                }
+                Err(v) => {
+                    let mut d = vec![0i64; rows * cols];
+                    idx.iter().zip(v).for_each(|(&i, x)| d[i] = x);
+                    Err(d)
+                }
+            };
+            (vec![rows, cols], dense)
+        }
+        None => return Err(ApiError::invalid(field, "tensor has no data")),
+    };
+    Ok(match data {
+        Ok(f) => TensorIn::f32(shape, f),
+        Err(i) => TensorIn::i64(shape, i),
+    })
+}
+
+fn loss_config(req: &proto::ForwardBackwardRequest) -> LossConfig {
+    if !req.loss_fn_config_v2.is_empty() {
+        req.loss_fn_config_v2
+            .iter()
+            .filter_map(|(k, v)| {
+                let v = match v.value.as_ref()? {
+                    loss_config_value::Value::Number(x) => ConfigValue::Number(*x),
+                    loss_config_value::Value::Text(t) => ConfigValue::Text(t.clone()),
+                };
+                Some((k.clone(), v))
+            })
+            .collect()
+    } else {
+        req.loss_fn_config
+            .iter()
+            .map(|(k, v)| (k.clone(), ConfigValue::Number(*v)))
+            .collect()
+    }
+}
+
+pub async fn forward_backward(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Proto(req): Proto<proto::ForwardBackwardRequest>,
+) -> ApiResult<axum::Json<Value>> {
+    let seq_id = seq("seq_id", i64::from(req.seq_id))?;
+    let op = fb_op(&s, &tenant, &req);
+    let f = submit(&s, &tenant, &req.model_id, seq_id, op).await?;
+    Ok(future_json(&f, Some(&req.model_id)))
+}
+
+fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> ApiResult<Op> {
+    let mut data = Vec::with_capacity(req.data.len());
+    for (i, d) in req.data.iter().enumerate() {
+        let field = format!("data[{i}]");
+        let tokens = model_input(&format!("{field}.model_input"), &d.model_input)?;
+        let mut inputs = LossInputs::new();
+        for (name, t) in &d.loss_fn_inputs {
+            inputs.insert(
+                name.clone(),
+                tensor_in(&format!("{field}.loss_fn_inputs.{name}"), t)?,
+            );
+        }
+        data.push(Datum {
+            model_input: tokens,
+            loss_fn_inputs: inputs,
+        });
+    }
+    let config = loss_config(req);
+    let loss = s.plugins.resolve_loss(tenant, &req.loss_fn, &config)?;
+    let fb = FbRequest {
+        data,
+        loss,
+        loss_config: config,
+    };
+    Ok(if req.forward_only {
+        Op::Forward(fb)
+    } else {
+        Op::ForwardBackward(fb)
+    })
+}
+
+/// Queue an op at its seq_id. A request refused for its content still takes its place
+/// in the model's order (the SDK has used the seq_id) and fails there, reported through
+/// its future as a user error; only an unknown model or a full queue answer at once.
+async fn submit(
+    s: &Shared,
+    tenant: &TenantId,
+    model: &str,
+    seq_id: u64,
+    op: ApiResult<Op>,
+) -> ApiResult<FutureId> {
+    let op = match op {
+        Ok(op) => op,
+        Err(ApiError::Engine(e))
+            if e.category() == crate::error::Category::User
+                && !matches!(e, crate::Error::Busy { .. }) =>
+        {
+            Op::Refused(crate::jobs::JobFailure::from(&e))
+        }
+        Err(e) => return Err(e),
+    };
+    s.metrics.submitted(op.kind());
+    let f = s
+        .engine
+        .submit(tenant, &AdapterId(model.to_owned()), Some(seq_id), op)
+        .await?;
+    s.tinker.touch(model);
+    Ok(f)
+}
+
+// --- optim_step ------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct AdamJson {
+    #[serde(default)]
+    learning_rate: Option<f64>,
+    #[serde(default)]
+    beta1: Option<f64>,
+    #[serde(default)]
+    beta2: Option<f64>,
+    #[serde(default)]
+    eps: Option<f64>,
+    #[serde(default)]
+    weight_decay: Option<f64>,
+    #[serde(default)]
+    grad_clip_norm: Option<f64>,
+}
+
+impl AdamJson {
+    /// Tinker's defaults (the SDK's `AdamParams`) for every absent field.
+    pub fn params(&self) -> AdamParams {
+        AdamParams {
+            learning_rate: self.learning_rate.unwrap_or(1e-4),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.95),
+            eps: self.eps.unwrap_or(1e-12),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            grad_clip_norm: self.grad_clip_norm.unwrap_or(0.0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct OptimStep {
+    model_id: String,
+    seq_id: i64,
+    adam_params: AdamJson,
+}
+
+pub async fn optim_step(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<OptimStep>,
+) -> ApiResult<axum::Json<Value>> {
+    let seq_id = seq("seq_id", req.seq_id)?;
+    let op = Ok(Op::OptimStep(req.adam_params.params()));
+    let f = submit(&s, &tenant, &req.model_id, seq_id, op).await?;
+    Ok(future_json(&f, Some(&req.model_id)))
+}
+
+// --- checkpoints -----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+pub struct SaveWeights {
+    model_id: String,
+    #[serde(default)]
+    path: Option<String>,
+    seq_id: i64,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    sampling_session_seq_id: Option<u64>,
+    /// Absent: refuse to replace a training checkpoint, replace a sampler one (the SDK
+    /// sends no flag for those).
+    #[serde(default)]
+    overwrite: Option<bool>,
+}
+
+pub async fn save_weights(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<SaveWeights>,
+) -> ApiResult<axum::Json<Value>> {
+    save(s, tenant, req, "weights").await
+}
+
+/// Named (`path` given: a sampler checkpoint) or ephemeral (a sampling session straight
+/// from the current weights, answered with its id).
+pub async fn save_weights_for_sampler(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<SaveWeights>,
+) -> ApiResult<axum::Json<Value>> {
+    if req.path.is_none() {
+        let seq_id = seq("seq_id", req.seq_id)?;
+        if req.sampling_session_seq_id.is_none() {
+            return Err(ApiError::invalid(
+                "path",
+                "give a path, or a sampling_session_seq_id for an ephemeral sampler",
+            ));
+        }
+        let f = submit(&s, &tenant, &req.model_id, seq_id, Ok(Op::SamplingSession)).await?;
+        return Ok(future_json(&f, Some(&req.model_id)));
+    }
+    save(s, tenant, req, "sampler_weights").await
+}
+
+async fn save(
+    s: Shared,
+    tenant: TenantId,
+    req: SaveWeights,
+    segment: &str,
+) -> ApiResult<axum::Json<Value>> {
+    let seq_id = seq("seq_id", req.seq_id)?;
+    let op = (|| {
+        let name = req.path.clone().unwrap_or_default();
+        check_name("path", &name)?;
+        let key = format!("{}/{segment}/{name}", req.model_id);
+        let overwrite = req.overwrite.unwrap_or(segment == "sampler_weights");
+        if !overwrite && s.engine.registry().checkpoint_entry(&tenant, &key).is_ok() {
+            return Err(ApiError::invalid(
+                "path",
+                format!(
+                    "checkpoint {name:?} exists already; save with overwrite=True to replace it"
+                ),
+            ));
+        }
+        Ok(Op::SaveState {
+            name: key,
+            ttl: req.ttl_seconds.map(Duration::from_secs),
+        })
+    })();
+    let f = submit(&s, &tenant, &req.model_id, seq_id, op).await?;
+    Ok(future_json(&f, Some(&req.model_id)))
+}
+
+#[derive(Deserialize)]
+pub struct LoadWeights {
+    #[serde(default)]
+    model_id: Option<String>,
+    #[serde(default)]
+    seq_id: Option<i64>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    model_seq_id: Option<u64>,
+    path: String,
+    #[serde(default)]
+    optimizer: bool,
+    #[serde(default)]
+    base_model: Option<String>,
+}
+
+/// Either create a model from a checkpoint (`session_id` + `model_seq_id`; the load is
+/// its seq 0) or load into an existing model (`model_id` + `seq_id`).
+pub async fn load_weights(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<LoadWeights>,
+) -> ApiResult<axum::Json<Value>> {
+    let found = TinkerPath::parse(&req.path).and_then(|path| {
+        let ckpt = s.engine.registry().checkpoint_entry(&tenant, &path.key())?;
+        Ok((path, ckpt))
+    });
+    let op = |path: &TinkerPath| Op::LoadState {
+        name: path.key(),
+        optimizer: req.optimizer,
+    };
+    match (req.session_id, req.model_seq_id, req.model_id, req.seq_id) {
+        (Some(session), Some(n), _, _) => {
+            let (path, ckpt) = found?;
+            if let Some(b) = &req.base_model {
+                check_base_model(&s, b)?;
+            }
+            let model_id = format!("{session}:train:{n}");
+            if let Some(e) = s.tinker.model_creates.get(&(session.clone(), n)) {
+                return Ok(future_json(&e.0, Some(&e.1)));
+            }
+            {
+                let sess = s.tinker.session(&tenant, &session)?;
+                sess.models.lock().push(model_id.clone());
+            }
+            let config = ckpt.state.weights.config.clone();
+            s.engine
+                .create_model_as(&tenant, AdapterId(model_id.clone()), config, 0)
+                .await?;
+            let f = submit(&s, &tenant, &model_id, 0, Ok(op(&path))).await?;
+            s.tinker
+                .model_creates
+                .insert((session, n), (f.clone(), model_id.clone()));
+            Ok(future_json(&f, Some(&model_id)))
+        }
+        (_, _, Some(model_id), Some(seq_id)) => {
+            let op = found.map(|(path, _)| op(&path));
+            let f = submit(&s, &tenant, &model_id, seq("seq_id", seq_id)?, op).await?;
+            Ok(future_json(&f, Some(&model_id)))
+        }
+        _ => Err(ApiError::invalid(
+            "load_weights",
+            "give session_id and model_seq_id (new model) or model_id and seq_id",
+        )),
+    }
+}
+
+pub async fn unload_model(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<ModelRef>,
+) -> ApiResult<axum::Json<Value>> {
+    let id = AdapterId(req.model_id.clone());
+    s.engine.registry().adapter(&tenant, &id)?;
+    let engine = s.engine.clone();
+    let t = tenant.clone();
+    let f = s
+        .engine
+        .spawn_job(&tenant, JobKind::CreateModel, async move {
+            engine.delete_model(&t, &id).await?;
+            Ok(JobOutput::ModelUnloaded(id))
+        })?;
+    Ok(future_json(&f, Some(&req.model_id)))
+}
+
+// --- checkpoint listings and training runs ----------------------------------------------
+
+pub fn checkpoint_json(c: &Checkpoint) -> Value {
+    let (kind, id) = match c.name.splitn(3, '/').collect::<Vec<_>>()[..] {
+        [_, "sampler_weights", n] => ("sampler", format!("sampler_weights/{n}")),
+        [_, seg, n] => ("training", format!("{seg}/{n}")),
+        _ => ("training", c.name.clone()),
+    };
+    json!({
+        "checkpoint_id": id,
+        "checkpoint_type": kind,
+        "time": rfc3339(c.created),
+        "tinker_path": TinkerPath::from_key(&c.name),
+        "size_bytes": c.size_bytes(),
+        "public": false,
+        "expires_at": c.expires.map(rfc3339),
+    })
+}
+
+pub async fn list_checkpoints(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let list = s
+        .engine
+        .registry()
+        .checkpoints_of(&tenant, &format!("{id}/"));
+    if list.is_empty()
+        && s.engine
+            .registry()
+            .adapter(&tenant, &AdapterId(id.clone()))
+            .is_err()
+    {
+        return Err(ApiError::not_found("training run", id));
+    }
+    let items: Vec<Value> = list.iter().map(|c| checkpoint_json(c)).collect();
+    let n = items.len();
+    Ok(axum::Json(json!({
+        "checkpoints": items,
+        "cursor": {"offset": 0, "limit": n, "total_count": n},
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    offset: Option<usize>,
+}
+
+pub async fn list_user_checkpoints(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Query(p): Query<Page>,
+) -> axum::Json<Value> {
+    let all = s.engine.registry().checkpoints_of(&tenant, "");
+    let (off, lim) = (p.offset.unwrap_or(0), p.limit.unwrap_or(100));
+    let items: Vec<Value> = all
+        .iter()
+        .skip(off)
+        .take(lim)
+        .map(|c| checkpoint_json(c))
+        .collect();
+    axum::Json(json!({
+        "checkpoints": items,
+        "cursor": {"offset": off, "limit": lim, "total_count": all.len()},
+    }))
+}
+
+pub async fn delete_checkpoint(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    s.engine
+        .registry()
+        .delete_checkpoint(&tenant, &format!("{id}/{kind}/{name}"))?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct Ttl {
+    ttl_seconds: Option<u64>,
+}
+
+pub async fn set_checkpoint_ttl(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+    Json(req): Json<Ttl>,
+) -> ApiResult<axum::Json<Value>> {
+    s.engine.registry().set_checkpoint_ttl(
+        &tenant,
+        &format!("{id}/{kind}/{name}"),
+        req.ttl_seconds.map(Duration::from_secs),
+    )?;
+    Ok(axum::Json(json!({})))
+}
+
+fn training_run(s: &Shared, tenant: &TenantId, id: &str) -> ApiResult<Value> {
+    let e = s
+        .engine
+        .registry()
+        .adapter(tenant, &AdapterId(id.to_owned()))?;
+    let cks = s
+        .engine
+        .registry()
+        .checkpoints_of(tenant, &format!("{id}/"));
+    let last = |seg: &str| {
+        cks.iter()
+            .rev()
+            .find(|c| c.name.split('/').nth(1) == Some(seg))
+            .map(|c| checkpoint_json(c))
+    };
+    let last_request = s
+        .tinker
+        .last_request
+        .get(id)
+        .map(|t| *t)
+        .unwrap_or(e.created);
+    Ok(json!({
+        "training_run_id": id,
+        "base_model": s.model_name,
+        "model_owner": tenant.0,
+        "is_lora": true,
+        "corrupted": false,
+        "lora_rank": e.config.rank,
+        "last_request_time": rfc3339(last_request),
+        "last_checkpoint": last("weights"),
+        "last_sampler_checkpoint": last("sampler_weights"),
+    }))
+}
+
+pub async fn get_training_run(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    training_run(&s, &tenant, &id).map(axum::Json)
+}
+
+pub async fn list_training_runs(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Query(p): Query<Page>,
+) -> axum::Json<Value> {
+    let mut ids: Vec<String> = s
+        .engine
+        .registry()
+        .adapters_of(&tenant)
+        .into_iter()
+        .map(|a| a.0)
+        .collect();
+    ids.sort();
+    let (off, lim) = (p.offset.unwrap_or(0), p.limit.unwrap_or(20));
+    let runs: Vec<Value> = ids
+        .iter()
+        .skip(off)
+        .take(lim)
+        .filter_map(|id| training_run(&s, &tenant, id).ok())
+        .collect();
+    axum::Json(json!({
+        "training_runs": runs,
+        "cursor": {"offset": off, "limit": lim, "total_count": ids.len()},
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct WeightsInfo {
+    tinker_path: String,
+}
+
+pub async fn weights_info(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<WeightsInfo>,
+) -> ApiResult<axum::Json<Value>> {
+    let p = TinkerPath::parse(&req.tinker_path)?;
+    let c: Arc<Checkpoint> = s.engine.registry().checkpoint_entry(&tenant, &p.key())?;
+    let cfg = &c.state.weights.config;
+    let has = |t: crate::lora::Target| cfg.targets.contains(&t);
+    use crate::lora::Target;
+    Ok(axum::Json(json!({
+        "base_model": s.model_name,
+        "is_lora": true,
+        "lora_rank": cfg.rank,
+        "train_unembed": cfg.train_unembed,
+        "train_mlp": has(Target::Gate) || has(Target::Up) || has(Target::Down),
+        "train_attn": has(Target::Q) || has(Target::K) || has(Target::V) || has(Target::O),
+        "optimizer_config": {"type": "adamw"},
+    })))
+}

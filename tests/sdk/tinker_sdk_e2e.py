@@ -1,0 +1,189 @@
+"""End-to-end test: the official `tinker` SDK (0.38.0), unchanged, against `loraplex serve`.
+
+Run by `tests/sdk_e2e.rs`, which starts the server on SmolLM2 and passes its URL in
+LORAPLEX_URL. Token ids are passed directly (no tokenizer download). Prints one line per
+check and exits non-zero on the first failure. forward_backward_custom needs torch on the
+client: it runs when torch is importable and is reported as skipped otherwise.
+"""
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tinker
+from tinker import types
+
+URL = os.environ["LORAPLEX_URL"]
+MODEL = os.environ.get("LORAPLEX_MODEL_NAME", "HuggingFaceTB/SmolLM2-135M-Instruct")
+VOCAB = 49152
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def check(cond, msg):
+    if not cond:
+        print(f"FAIL: {msg}", flush=True)
+        sys.exit(1)
+    log(f"ok: {msg}")
+
+
+def resolve(x):
+    """Some SDK calls hand back a future of the client; others the client itself."""
+    return x.result() if "Future" in type(x).__name__ else x
+
+
+# A fixed, memorisable token sequence (ids of SmolLM2's vocabulary).
+SEQ = [504, 2365, 314, 260, 1345, 28, 2365, 314, 260, 6152, 30, 378, 2365, 314, 1345, 30]
+
+
+def datum(tokens, **extra):
+    n = len(tokens) - 1
+    inputs = {"target_tokens": types.TensorData.from_numpy(np.array(tokens[1:], dtype=np.int64))}
+    for k, v in extra.items():
+        inputs[k] = types.TensorData.from_numpy(np.asarray(v, dtype=np.float32))
+    if "weights" not in extra:
+        inputs["weights"] = types.TensorData.from_numpy(np.ones(n, dtype=np.float32))
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
+
+
+def main():
+    sc = tinker.ServiceClient(base_url=URL, api_key="tml-loraplex-sdk-test")
+    tc = resolve(sc.create_lora_training_client(base_model=MODEL, rank=8, seed=0))
+    check(":train:" in tc.model_id, f"training model id {tc.model_id}")
+    info = tc.get_info()
+    check(info.model_data.model_name == MODEL, "get_info names the base model")
+
+    data = [datum(SEQ), datum(SEQ[:9])]
+    n_tokens = (len(SEQ) - 1) + 8
+
+    # forward (no gradient) then cross_entropy training: the loss goes down.
+    fwd = tc.forward(data, "cross_entropy").result()
+    lp0 = fwd.loss_fn_outputs[0]["logprobs"].to_numpy()
+    check(lp0.shape == (len(SEQ) - 1,), f"forward logprobs shape {lp0.shape}")
+    check(abs(-lp0.sum() - (-fwd.loss_fn_outputs[0]["logprobs"].to_numpy().sum())) < 1e-6, "logprobs readable")
+    losses = []
+    for step in range(4):
+        out = tc.forward_backward(data, "cross_entropy").result()
+        losses.append(out.metrics["loss:sum"] / n_tokens)
+        tc.optim_step(types.AdamParams(learning_rate=2e-3)).result()
+    log(f"cross_entropy per-token loss by step: {[round(x, 3) for x in losses]}")
+    check(abs(losses[0] * n_tokens - (-fwd.loss_fn_outputs[0]["logprobs"].to_numpy().sum()
+                                       - fwd.loss_fn_outputs[1]["logprobs"].to_numpy().sum())) < 1e-2,
+          "first forward_backward loss equals -sum(forward logprobs)")
+    check(all(b < a for a, b in zip(losses, losses[1:])), "cross_entropy loss falls at every step")
+
+    # RL losses on the learner's own logprobs as the sampler's q.
+    cur = tc.forward(data, "cross_entropy").result()
+    for loss_fn, cfg in [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+                         ("cispo", None), ("dro", {"beta": 0.1})]:
+        rl = []
+        for i, d in enumerate([SEQ, SEQ[:9]]):
+            q = cur.loss_fn_outputs[i]["logprobs"].to_numpy()
+            adv = np.linspace(-1.0, 1.0, len(d) - 1, dtype=np.float32)
+            rl.append(datum(d, logprobs=q, advantages=adv))
+        kwargs = {"loss_fn_config": cfg} if cfg else {}
+        out = tc.forward_backward(rl, loss_fn, **kwargs).result()
+        loss = out.metrics["loss:sum"]
+        check(math.isfinite(loss), f"{loss_fn}: loss:sum = {loss:.4f}")
+        if loss_fn in ("importance_sampling", "ppo"):
+            # At q = p every ratio is 1: loss = -sum(advantages) = 0 for symmetric advantages.
+            check(abs(loss) < 1e-3, f"{loss_fn} at ratio 1 gives -sum(A) = 0 (got {loss:.2e})")
+    tc.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+
+    # forward_backward_custom: the SDK runs the loss in torch on the client.
+    try:
+        import torch  # noqa: F401
+
+        def custom(data_, logprobs_list):
+            loss = sum(-(lp * 2.0).sum() for lp in logprobs_list)
+            return loss, {"custom:sum": float(loss)}
+
+        ce = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        out = tc.forward_backward_custom(data, custom).result()
+        got = out.metrics["loss:sum"]
+        check(abs(got - 2 * ce) < 1e-3 * abs(ce), f"forward_backward_custom: loss {got:.4f} = 2 x cross_entropy {ce:.4f}")
+        tc.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+    except ImportError:
+        log("SKIP forward_backward_custom: torch is not installed in this Python")
+
+    # Sampler weights, sampling with stop tokens and prompt logprobs.
+    saved = tc.save_weights_for_sampler("sampler-a").result()
+    check(saved.path.startswith("tinker://") and "/sampler_weights/" in saved.path, f"sampler path {saved.path}")
+    scl = resolve(sc.create_sampling_client(model_path=saved.path))
+    prompt = types.ModelInput.from_ints(SEQ[:6])
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    r = scl.sample(prompt=prompt, num_samples=2, sampling_params=greedy, include_prompt_logprobs=True).result()
+    toks = r.sequences[0].tokens
+    check(len(r.sequences) == 2 and r.sequences[1].tokens == toks, f"greedy samples agree: {toks}")
+    check(len(toks) == 6 and r.sequences[0].stop_reason == "length", "max_tokens ends with stop_reason length")
+    check(len(r.sequences[0].logprobs) == len(toks), "one logprob per sampled token")
+    check(r.prompt_logprobs[0] is None and all(x is not None for x in r.prompt_logprobs[1:]),
+          "prompt_logprobs[0] is None, the rest are numbers")
+    stop_tok = toks[2]
+    r2 = scl.sample(prompt=prompt, num_samples=1,
+                    sampling_params=types.SamplingParams(max_tokens=6, temperature=0.0, stop=[stop_tok])).result()
+    t2 = r2.sequences[0].tokens
+    check(t2[-1] == stop_tok and r2.sequences[0].stop_reason == "stop" and t2 == toks[: toks.index(stop_tok) + 1],
+          f"stop token {stop_tok} ends the sequence and is returned last: {t2}")
+    seeded = types.SamplingParams(max_tokens=5, temperature=1.0, seed=1234, stop=[])
+    a = scl.sample(prompt=prompt, num_samples=1, sampling_params=seeded).result().sequences[0].tokens
+    b = scl.sample(prompt=prompt, num_samples=1, sampling_params=seeded).result().sequences[0].tokens
+    check(a == b, f"same seed, same sample: {a}")
+
+    # compute_logprobs agrees with the training model's forward pass (same weights).
+    lps = scl.compute_logprobs(types.ModelInput.from_ints(SEQ)).result()
+    fwd_now = tc.forward([datum(SEQ)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    diff = max(abs(x - y) for x, y in zip(lps[1:], fwd_now))
+    check(lps[0] is None and len(lps) == len(SEQ) and diff < 1e-3,
+          f"compute_logprobs matches forward logprobs (max diff {diff:.2e})")
+
+    # Ephemeral sampler straight from the training client.
+    scl2 = resolve(tc.save_weights_and_get_sampling_client())
+    r3 = scl2.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
+    check(r3.sequences[0].tokens == toks, "ephemeral sampler samples the same weights")
+
+    # Training state: save, list, restore with optimizer into a new model.
+    st = tc.save_state("ckpt-1").result()
+    check("/weights/ckpt-1" in st.path, f"save_state path {st.path}")
+    rc = tinker.RestClient(base_url=URL, api_key="tml-loraplex-sdk-test")
+    cks = rc.list_checkpoints(tc.model_id).result()
+    ids = sorted(c.checkpoint_id for c in cks.checkpoints)
+    check("weights/ckpt-1" in ids and "sampler_weights/sampler-a" in ids, f"list_checkpoints: {ids}")
+    run = rc.get_training_run(tc.model_id).result()
+    check(run.training_run_id == tc.model_id and run.lora_rank == 8, "get_training_run")
+    tc2 = resolve(sc.create_training_client_from_state_with_optimizer(st.path))
+    check(tc2.model_id != tc.model_id, f"restored model {tc2.model_id}")
+    a = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    b = tc2.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    check(abs(a - b) < 1e-4, f"restored model gives the same loss ({a:.5f} vs {b:.5f})")
+    # Both take the same step from the same state (optimizer moments restored): still equal.
+    for c in (tc, tc2):
+        c.forward_backward(data, "cross_entropy").result()
+        c.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    a = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    b = tc2.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    check(abs(a - b) < 1e-3, f"after one more step each, losses still agree ({a:.5f} vs {b:.5f})")
+
+    # A user error fails its future with category user; the client stays usable.
+    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                      loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(np.array([1, 2, VOCAB + 5], dtype=np.int64)),
+                                      "weights": types.TensorData.from_numpy(np.ones(3, dtype=np.float32))})
+    try:
+        tc.forward_backward([bad], "cross_entropy").result()
+        check(False, "out-of-vocabulary target must fail")
+    except Exception as e:  # noqa: BLE001
+        check("vocabulary" in str(e), f"out-of-vocabulary target refused: {type(e).__name__}")
+    out = tc.forward(data, "cross_entropy").result()
+    check(math.isfinite(out.metrics["loss:sum"]), "training client still works after a refused request")
+
+    sc.close("success") if callable(getattr(sc, "close", None)) else None
+    log("ALL SDK CHECKS PASSED")
+
+
+if __name__ == "__main__":
+    main()
