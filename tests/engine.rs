@@ -377,13 +377,32 @@ async fn a_failing_job_fails_alone() {
         )
         .await
         .unwrap();
-    // Bad input is refused at the door, naming the field.
+    // Bad input without a seq_id is refused at the door, naming the field; with one it
+    // keeps its place in the model's order and fails there, and later work still runs.
     let mut bad = data(&mut rng, 1, 8, v);
     bad[0].model_input[3] = v as u32 + 5;
-    match e.submit(&ts[3], &ids[3], Some(1), fb(bad, ce())).await {
+    match e.submit(&ts[3], &ids[3], None, fb(bad.clone(), ce())).await {
         Err(Error::InvalidInput { field, .. }) => assert!(field.contains("model_input"), "{field}"),
         r => panic!("expected invalid input, got {r:?}"),
     }
+    let refused = e
+        .submit(&ts[3], &ids[3], Some(0), fb(bad, ce()))
+        .await
+        .unwrap();
+    let after = e
+        .submit(&ts[3], &ids[3], Some(1), fb(data(&mut rng, 1, 8, v), ce()))
+        .await
+        .unwrap();
+    match e.result(&ts[3], &refused, T).await {
+        Err(Error::JobFailed { message, category }) => {
+            assert!(message.contains("model_input"), "{message}");
+            assert_eq!(category, loraplex::error::Category::User);
+        }
+        r => panic!("expected a refused job, got {r:?}"),
+    }
+    e.result(&ts[3], &after, T)
+        .await
+        .expect("work after a refused seq_id runs");
     for i in 0..3 {
         e.submit(
             &ts[i],

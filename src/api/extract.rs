@@ -62,7 +62,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::Malformed("empty body; expected JSON".into()));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::Malformed(format!("invalid JSON: {e}")))
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::Malformed(format!("invalid JSON: {inner}"))
+        } else {
+            ApiError::Malformed(format!("invalid JSON at {path}: {inner}"))
+        }
+    })
 }
 
 /// A protobuf body (`application/x-protobuf`), zstd-compressed bodies refused clearly.

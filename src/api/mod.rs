@@ -30,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -181,15 +181,28 @@ pub fn build(
 /// Serve until Ctrl-C or SIGTERM; then stop accepting, let in-flight requests finish.
 pub async fn serve(serve_cfg: ServeConfig, model: ModelArgs, engine: EngineConfig) -> Result<()> {
     let addr = serve_cfg.addr;
-    let (_state, app) = build(serve_cfg, model, engine)?;
+    let (state, app) = build(serve_cfg, model, engine)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "loraplex listening");
     eprintln!("loraplex listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(Error::Io)
+        .map_err(Error::Io)?;
+    // Requests are answered; let accepted jobs finish (their results are in memory only
+    // until the durable store lands, so this is what a client can still fetch).
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_S);
+    if !state.engine.drain(grace).await {
+        tracing::warn!(
+            seconds = SHUTDOWN_GRACE_S,
+            "jobs still running at shutdown; stopping anyway"
+        );
+    }
+    Ok(())
 }
+
+/// How long a shutdown waits for accepted jobs to finish.
+const SHUTDOWN_GRACE_S: u64 = 30;
 
 async fn shutdown_signal() {
     let ctrl_c = async {

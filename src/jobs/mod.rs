@@ -246,12 +246,17 @@ impl Engine {
         use tracing::Instrument;
         let id = self.inner.futures.create(tenant, kind, 0)?;
         let futures = self.inner.futures.clone();
+        let metrics = self.inner.metrics.clone();
         let span = tracing::info_span!("job", future = %id, tenant = %tenant, kind = ?kind);
         let fid = id.clone();
+        let t = tenant.clone();
+        metrics.queued(&t);
         tokio::spawn(
             async move {
                 futures.set_running(&fid);
+                metrics.started(&t);
                 let outcome = work.await;
+                metrics.finished(&t, outcome.is_ok(), true);
                 if let Err(e) = &outcome {
                     tracing::info!(error = %e, "job failed");
                 }
@@ -411,6 +416,25 @@ impl Engine {
                 Ok::<_, Error>(tx)
             })
             .await
+    }
+
+    /// Wait until no job is queued or running, or `timeout` passes; says whether it
+    /// drained. For a graceful shutdown.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let busy = self
+                .all_tenant_metrics()
+                .iter()
+                .any(|(_, m)| m.queued > 0 || m.running > 0);
+            if !busy {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Every tenant's counters.

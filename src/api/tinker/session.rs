@@ -125,6 +125,7 @@ pub async fn release(s: &Shared, id: &str) {
             .await;
         s.tinker.last_request.remove(&m);
     }
+    let released = samplers.clone();
     for sid in samplers {
         let _ = s
             .engine
@@ -132,6 +133,7 @@ pub async fn release(s: &Shared, id: &str) {
             .remove_session(&sess.tenant, &SessionId(sid.clone()));
         s.tinker.sampler_paths.remove(&sid);
     }
+    s.tinker.samples.retain(|k, _| !released.contains(&k.0));
     s.tinker.model_creates.retain(|k, _| k.0 != id);
     s.tinker.sampler_creates.retain(|k, _| k.0 != id);
     tracing::info!(session = %id, "session released");

@@ -1,0 +1,1105 @@
+//! The HTTP API as clients see it, on the shipped SmolLM2: bad input answered with a 4xx and
+//! a JSON body naming the problem, tenants isolated from each other, the Tinker protocol
+//! over raw HTTP (protobuf in and out, futures, idempotent seq_ids), plugins over HTTP, the
+//! OpenAPI document against the router, metrics, and the seed's REST workflow with N = 4
+//! users at once against the same users one after another.
+
+mod common;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use loraplex::api::proto::{self, chunk, tensor};
+use loraplex::api::{AppState, Shared};
+use loraplex::auth::Auth;
+use loraplex::config::{EngineConfig, PluginLimits, ServeConfig};
+use loraplex::jobs::Engine;
+use loraplex::model::BaseModel;
+use prost::Message;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tower::ServiceExt;
+
+const A: &str = "tml-alice";
+const B: &str = "tml-bob";
+
+fn app_with(max_body: usize) -> (Router, Shared) {
+    loraplex::config::init_compute_threads();
+    let p = common::model_path();
+    let model = BaseModel::load(
+        &p,
+        loraplex::config::DEFAULT_MODEL_NAME,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("load SmolLM2 (run scripts/fetch-model.sh)");
+    let engine = Engine::with_model(EngineConfig::default(), Arc::new(model)).expect("engine");
+    let dir = std::env::temp_dir().join(format!(
+        "loraplex-api-{}-{}",
+        std::process::id(),
+        loraplex::jobs::FutureId::generate()
+    ));
+    let mut cfg = ServeConfig::for_tests(dir);
+    cfg.max_body_bytes = max_body;
+    cfg.long_poll_ms = 2_000;
+    let state = AppState::new(
+        engine,
+        cfg,
+        Auth::Development,
+        loraplex::config::DEFAULT_MODEL_NAME.into(),
+        PluginLimits::default(),
+    )
+    .expect("state");
+    (loraplex::api::router(state.clone()), state)
+}
+
+fn app() -> (Router, Shared) {
+    app_with(32 << 20)
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {:?} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A 4xx whose JSON body names the problem (and carries a Content-Length).
+    fn assert_error(&self, status: u16, needle: &str) {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let v = self.json();
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(needle),
+            "error message {msg:?} should mention {needle:?}"
+        );
+        assert_eq!(v["detail"].as_str(), Some(msg));
+        assert!(
+            self.headers.contains_key("content-length"),
+            "errors carry Content-Length"
+        );
+    }
+}
+
+async fn call(
+    app: &Router,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    ct: &str,
+    body: Vec<u8>,
+) -> Resp {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    if !ct.is_empty() {
+        req = req.header("content-type", ct);
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(Body::from(body)).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(app: &Router, path: &str, key: &str, v: Value) -> Resp {
+    call(
+        app,
+        Method::POST,
+        path,
+        Some(key),
+        "application/json",
+        v.to_string().into_bytes(),
+    )
+    .await
+}
+
+async fn get(app: &Router, path: &str, key: &str) -> Resp {
+    call(app, Method::GET, path, Some(key), "", Vec::new()).await
+}
+
+/// Long-poll a Tinker future until it is no longer `try_again`.
+async fn retrieve(app: &Router, key: &str, id: &str) -> Resp {
+    for _ in 0..100 {
+        let r = post(
+            app,
+            "/api/v1/retrieve_future",
+            key,
+            json!({"request_id": id, "allow_metadata_only": false}),
+        )
+        .await;
+        let is_proto = r
+            .headers
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-protobuf"));
+        if is_proto || r.status != StatusCode::OK || r.json()["type"] != "try_again" {
+            return r;
+        }
+    }
+    panic!("future {id} never finished");
+}
+
+fn text_datum(tokens: &[i32], inputs: &[(&str, proto::Tensor)]) -> proto::Datum {
+    proto::Datum {
+        model_input: vec![proto::Chunk {
+            chunk: Some(chunk::Chunk::EncodedText(proto::EncodedTextChunk {
+                tokens: proto::write_i32(tokens.iter().copied()),
+            })),
+        }],
+        loss_fn_inputs: inputs
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect(),
+    }
+}
+
+fn f32_tensor(v: &[f32]) -> proto::Tensor {
+    proto::Tensor {
+        encoding: Some(tensor::Encoding::Dense(proto::write_f32(v.iter().copied()))),
+        dtype: proto::DType::Float32 as i32,
+        shape: vec![v.len() as i64],
+    }
+}
+
+fn i64_tensor(v: &[i64]) -> proto::Tensor {
+    proto::Tensor {
+        encoding: Some(tensor::Encoding::Dense(proto::write_i64(v.iter().copied()))),
+        dtype: proto::DType::Int64 as i32,
+        shape: vec![v.len() as i64],
+    }
+}
+
+const SEQ: [i32; 12] = [504, 2365, 314, 260, 1345, 28, 2365, 314, 260, 6152, 30, 378];
+
+fn ce_datum() -> proto::Datum {
+    let n = SEQ.len() - 1;
+    text_datum(
+        &SEQ[..n],
+        &[
+            (
+                "target_tokens",
+                i64_tensor(&SEQ[1..].iter().map(|&t| t as i64).collect::<Vec<_>>()),
+            ),
+            ("weights", f32_tensor(&vec![1.0; n])),
+        ],
+    )
+}
+
+async fn fb(
+    app: &Router,
+    key: &str,
+    model: &str,
+    seq: i32,
+    loss: &str,
+    data: Vec<proto::Datum>,
+    cfg: HashMap<String, proto::LossConfigValue>,
+) -> Resp {
+    let req = proto::ForwardBackwardRequest {
+        model_id: model.into(),
+        seq_id: seq,
+        data,
+        loss_fn: loss.into(),
+        loss_fn_config_v2: cfg,
+        forward_only: false,
+        ..Default::default()
+    };
+    call(
+        app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(key),
+        "application/x-protobuf",
+        req.encode_to_vec(),
+    )
+    .await
+}
+
+/// A session and a trained-from-zero model; returns (session, model id).
+async fn tinker_model(app: &Router, key: &str) -> (String, String) {
+    let s = post(
+        app,
+        "/api/v1/create_session",
+        key,
+        json!({"tags": [], "sdk_version": "0.38.0", "type": "create_session"}),
+    )
+    .await;
+    assert_eq!(s.status, 200);
+    let session = s.json()["session_id"]
+        .as_str()
+        .expect("session id")
+        .to_owned();
+    let c = post(
+        app,
+        "/api/v1/create_model",
+        key,
+        json!({"session_id": session, "model_seq_id": 0, "base_model": loraplex::config::DEFAULT_MODEL_NAME,
+               "lora_config": {"rank": 4, "train_mlp": true, "train_attn": true, "train_unembed": false}, "type": "create_model"}),
+    )
+    .await;
+    assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+    let f = c.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_owned();
+    let r = retrieve(app, key, &f).await.json();
+    let model = r["model_id"].as_str().expect("model id").to_owned();
+    assert_eq!(model, format!("{session}:train:0"));
+    (session, model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_4xx_with_a_json_body_naming_the_problem() {
+    let (app, _) = app_with(64 * 1024);
+    // No key, unknown route, malformed JSON, empty body, wrong field type.
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/create_session",
+        None,
+        "application/json",
+        b"{}".to_vec(),
+    )
+    .await
+    .assert_error(401, "X-API-Key");
+    get(&app, "/api/v1/no_such_route", A)
+        .await
+        .assert_error(404, "no route");
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/create_session",
+        Some(A),
+        "application/json",
+        b"{not json".to_vec(),
+    )
+    .await
+    .assert_error(400, "invalid JSON");
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/create_session",
+        Some(A),
+        "application/json",
+        Vec::new(),
+    )
+    .await
+    .assert_error(400, "empty body");
+    let (session, model) = tinker_model(&app, A).await;
+    post(
+        &app,
+        "/api/v1/create_model",
+        A,
+        json!({"session_id": session, "model_seq_id": "one", "base_model": "x"}),
+    )
+    .await
+    .assert_error(400, "model_seq_id");
+    post(
+        &app,
+        "/api/v1/create_model",
+        A,
+        json!({"session_id": session, "model_seq_id": 1, "base_model": "gpt-5"}),
+    )
+    .await
+    .assert_error(400, "not served here");
+    post(&app, "/api/v1/create_model", A, json!({"session_id": session, "model_seq_id": 1, "base_model": loraplex::config::DEFAULT_MODEL_NAME, "lora_config": {"rank": 0}}))
+        .await
+        .assert_error(400, "rank");
+    // Oversized body (the limit here is 64 KiB).
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/create_session",
+        Some(A),
+        "application/json",
+        vec![b' '; 100 * 1024],
+    )
+    .await
+    .assert_error(413, "larger than the limit");
+    // Malformed protobuf; ragged int32 bytes; unknown model.
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(A),
+        "application/x-protobuf",
+        vec![0xff, 0xff, 0xff],
+    )
+    .await
+    .assert_error(400, "invalid protobuf");
+    let mut d = ce_datum();
+    if let Some(chunk::Chunk::EncodedText(t)) = &mut d.model_input[0].chunk {
+        t.tokens.push(7);
+    }
+    let r = fb(&app, A, &model, 1, "cross_entropy", vec![d], HashMap::new()).await;
+    assert_eq!(
+        r.status, 200,
+        "a refused request keeps its seq_id and fails as a future"
+    );
+    let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert_eq!(f["category"], "user");
+    assert!(
+        f["error"].as_str().unwrap().contains("data[0].model_input"),
+        "{f}"
+    );
+    fb(
+        &app,
+        A,
+        "nobody:train:0",
+        1,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await
+    .assert_error(404, "not found");
+    // A target outside the vocabulary fails its future naming the field; the next seq runs.
+    let mut d = ce_datum();
+    d.loss_fn_inputs.insert(
+        "target_tokens".into(),
+        i64_tensor(
+            &[1; 10]
+                .iter()
+                .chain([99_999i64].iter())
+                .copied()
+                .collect::<Vec<_>>(),
+        ),
+    );
+    let r = fb(&app, A, &model, 2, "cross_entropy", vec![d], HashMap::new()).await;
+    let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert_eq!(f["category"], "user");
+    assert!(
+        f["error"].as_str().unwrap().contains("target_tokens"),
+        "{f}"
+    );
+    assert!(f["error"].as_str().unwrap().contains("vocabulary"), "{f}");
+    let r = fb(
+        &app,
+        A,
+        &model,
+        3,
+        "no_such_loss",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
+    let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert!(f["error"].as_str().unwrap().contains("no_such_loss"), "{f}");
+    let r = fb(
+        &app,
+        A,
+        &model,
+        4,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
+    let ok = retrieve(&app, A, r.json()["request_id"].as_str().unwrap()).await;
+    assert_eq!(
+        ok.headers["content-type"], "application/x-protobuf",
+        "later work still runs"
+    );
+    // Sampling: a prompt token outside the vocabulary, a bad stop token.
+    let sc = post(&app, "/api/v1/create_sampling_session", A, json!({"session_id": session, "sampling_session_seq_id": 0, "base_model": loraplex::config::DEFAULT_MODEL_NAME})).await;
+    let sid = sc.json()["sampling_session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    post(&app, "/api/v1/asample", A, json!({"sampling_session_id": sid, "seq_id": 0, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 123456]}]}, "sampling_params": {"max_tokens": 2}}))
+        .await
+        .assert_error(400, "prompt");
+    post(&app, "/api/v1/asample", A, json!({"sampling_session_id": sid, "seq_id": 1, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 2, "stop": [-4]}}))
+        .await
+        .assert_error(400, "sampling_params.stop");
+    post(&app, "/api/v1/asample", A, json!({"sampling_session_id": sid, "seq_id": 2, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "image", "data": "", "format": "png"}]}, "sampling_params": {}}))
+        .await
+        .assert_error(400, "text-only");
+    post(
+        &app,
+        "/api/v1/retrieve_future",
+        A,
+        json!({"request_id": "future-nope"}),
+    )
+    .await
+    .assert_error(404, "not found");
+    let r = post(
+        &app,
+        "/api/v1/load_weights",
+        A,
+        json!({"model_id": model, "seq_id": 5, "path": "s3://elsewhere"}),
+    )
+    .await;
+    let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert!(f["error"].as_str().unwrap().contains("tinker://"), "{f}");
+    // REST: unknown model, no conversations.
+    post(&app, "/fwdbwd", A, json!({"model_id": "model-nope", "data": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]}))
+        .await
+        .assert_error(404, "not found");
+    post(&app, "/fwdbwd", A, json!({"model_id": model, "data": []}))
+        .await
+        .assert_error(400, "data");
+    post(
+        &app,
+        "/fwdbwd",
+        A,
+        json!({"model_id": model, "data": [[{"role": "user", "content": "no answer"}]]}),
+    )
+    .await
+    .assert_error(400, "assistant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_and_touch_only_their_own_things() {
+    let (app, _) = app();
+    let (session, model) = tinker_model(&app, A).await;
+    let r = fb(
+        &app,
+        A,
+        &model,
+        1,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
+    let fut = r.json()["request_id"].as_str().unwrap().to_owned();
+    retrieve(&app, A, &fut).await;
+    let saved = post(
+        &app,
+        "/api/v1/save_weights",
+        A,
+        json!({"model_id": model, "path": "c1", "seq_id": 2}),
+    )
+    .await;
+    let path = retrieve(&app, A, saved.json()["request_id"].as_str().unwrap())
+        .await
+        .json()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let plugin = call(
+        &app,
+        Method::POST,
+        "/api/v1/plugins",
+        Some(A),
+        "application/wasm",
+        common::component("ppo-clip"),
+    )
+    .await;
+    assert_eq!(
+        plugin.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&plugin.body)
+    );
+    let pid = plugin.json()["plugin_id"].as_str().unwrap().to_owned();
+
+    // Bob sees none of it: every lookup is a 404 (410 for a heartbeat), never a 403.
+    post(&app, "/api/v1/get_info", B, json!({"model_id": model}))
+        .await
+        .assert_error(404, "not found");
+    post(
+        &app,
+        "/api/v1/retrieve_future",
+        B,
+        json!({"request_id": fut}),
+    )
+    .await
+    .assert_error(404, "not found");
+    fb(
+        &app,
+        B,
+        &model,
+        2,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await
+    .assert_error(404, "not found");
+    get(
+        &app,
+        &format!("/api/v1/training_runs/{model}/checkpoints"),
+        B,
+    )
+    .await
+    .assert_error(404, "not found");
+    get(&app, &format!("/api/v1/training_runs/{model}"), B)
+        .await
+        .assert_error(404, "not found");
+    post(
+        &app,
+        "/api/v1/create_sampling_session",
+        B,
+        json!({"session_id": session, "sampling_session_seq_id": 9, "model_path": path}),
+    )
+    .await
+    .assert_error(404, "not found");
+    post(
+        &app,
+        "/api/v1/weights_info",
+        B,
+        json!({"tinker_path": path}),
+    )
+    .await
+    .assert_error(404, "not found");
+    assert_eq!(
+        post(
+            &app,
+            "/api/v1/session_heartbeat",
+            B,
+            json!({"session_id": session})
+        )
+        .await
+        .status,
+        410
+    );
+    assert_eq!(
+        get(&app, "/api/v1/plugins", B).await.json()["plugins"],
+        json!([])
+    );
+    get(&app, &format!("/api/v1/plugins/{pid}"), B)
+        .await
+        .assert_error(404, "not found");
+    assert_eq!(
+        call(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/plugins/{pid}"),
+            Some(B),
+            "",
+            vec![]
+        )
+        .await
+        .status,
+        404
+    );
+    post(&app, "/fwdbwd", B, json!({"model_id": model, "data": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]}))
+        .await
+        .assert_error(404, "not found");
+    post(&app, "/remove_lora", B, json!({"model_id": model}))
+        .await
+        .assert_error(404, "not found");
+    assert_eq!(
+        get(&app, "/api/v1/training_runs", B).await.json()["training_runs"],
+        json!([])
+    );
+    // Bob's own model cannot use Alice's plugin as its loss.
+    let (_, bob_model) = tinker_model(&app, B).await;
+    let mut cfg = HashMap::new();
+    cfg.insert(
+        "plugin".to_owned(),
+        proto::LossConfigValue {
+            value: Some(proto::loss_config_value::Value::Text(pid.clone())),
+        },
+    );
+    let r = fb(&app, B, &bob_model, 1, "custom", vec![ce_datum()], cfg).await;
+    let f = retrieve(&app, B, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert!(f["error"].as_str().unwrap().contains("not found"), "{f}");
+    // Alice still has everything.
+    assert_eq!(
+        post(&app, "/api/v1/get_info", A, json!({"model_id": model}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&app, "/api/v1/plugins", A).await.json()["plugins"][0]["plugin_id"],
+        json!(pid)
+    );
+}
+
+/// Tinker's wire protocol by hand: protobuf results, idempotent resubmission, training
+/// through optim_step, a loss plugin matching the built-in, checkpoints and sampling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tinker_protocol_over_raw_http() {
+    let (app, _) = app();
+    let cfg = post(
+        &app,
+        "/api/v1/client/config",
+        A,
+        json!({"sdk_version": "0.38.0"}),
+    )
+    .await
+    .json();
+    assert_eq!(cfg["custom_loss_server_side"], false);
+    let (session, model) = tinker_model(&app, A).await;
+    let info = post(
+        &app,
+        "/api/v1/get_info",
+        A,
+        json!({"model_id": model, "type": "get_info"}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        info["model_data"]["model_name"],
+        loraplex::config::DEFAULT_MODEL_NAME
+    );
+    assert_eq!(info["lora_rank"], 4);
+
+    // forward_backward; the same seq_id again returns the same future.
+    let r1 = fb(
+        &app,
+        A,
+        &model,
+        1,
+        "cross_entropy",
+        vec![ce_datum(), ce_datum()],
+        HashMap::new(),
+    )
+    .await;
+    let r1b = fb(
+        &app,
+        A,
+        &model,
+        1,
+        "cross_entropy",
+        vec![ce_datum(), ce_datum()],
+        HashMap::new(),
+    )
+    .await;
+    assert_eq!(
+        r1.json()["request_id"],
+        r1b.json()["request_id"],
+        "idempotent on (model, seq_id)"
+    );
+    let out = retrieve(&app, A, r1.json()["request_id"].as_str().unwrap()).await;
+    assert_eq!(out.headers["content-type"], "application/x-protobuf");
+    let o = proto::ForwardBackwardOutput::decode(out.body.clone()).expect("ForwardBackwardOutput");
+    let rec = &o.loss_fn_outputs[0];
+    assert_eq!(rec.num_datums, 2);
+    let lp = &rec.fields["logprobs"];
+    let offsets = proto::read_i64("offsets", &lp.offsets).unwrap();
+    assert_eq!(
+        offsets,
+        vec![0, 44, 88],
+        "N + 1 byte offsets of 11 float32 logprobs each"
+    );
+    let lps = proto::read_f32("data", &lp.data).unwrap();
+    let loss0 = o.metrics["loss:sum"];
+    assert!(
+        (loss0 + lps.iter().map(|&x| x as f64).sum::<f64>()).abs() < 1e-3,
+        "loss:sum = -sum(logprobs)"
+    );
+    assert!(
+        o.metrics.keys().all(|k| k.matches(':').count() == 1),
+        "{:?}",
+        o.metrics.keys()
+    );
+
+    // optim_step then forward: lower loss.
+    let s = post(&app, "/api/v1/optim_step", A, json!({"model_id": model, "seq_id": 2, "adam_params": {"learning_rate": 0.003}, "type": "optim_step"})).await;
+    let step = retrieve(&app, A, s.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert_eq!(step["metrics"]["step:max"], 1.0);
+    let mut fwd = proto::ForwardBackwardRequest {
+        model_id: model.clone(),
+        seq_id: 3,
+        data: vec![ce_datum(), ce_datum()],
+        loss_fn: "cross_entropy".into(),
+        forward_only: true,
+        ..Default::default()
+    };
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(A),
+        "application/x-protobuf",
+        fwd.encode_to_vec(),
+    )
+    .await;
+    let o = proto::ForwardBackwardOutput::decode(
+        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+            .await
+            .body,
+    )
+    .unwrap();
+    assert!(
+        o.metrics["loss:sum"] < loss0,
+        "{} < {loss0}",
+        o.metrics["loss:sum"]
+    );
+
+    // A wasm loss named in the request gives the built-in ppo's loss on the same data.
+    let up = call(
+        &app,
+        Method::POST,
+        "/api/v1/plugins",
+        Some(A),
+        "application/wasm",
+        common::component("ppo-clip"),
+    )
+    .await;
+    let pid = up.json()["plugin_id"].as_str().unwrap().to_owned();
+    assert_eq!(up.json()["kind"], "loss");
+    let n = SEQ.len() - 1;
+    let rl = text_datum(
+        &SEQ[..n],
+        &[
+            (
+                "target_tokens",
+                i64_tensor(&SEQ[1..].iter().map(|&t| t as i64).collect::<Vec<_>>()),
+            ),
+            ("logprobs", f32_tensor(&vec![-3.0; n])),
+            (
+                "advantages",
+                f32_tensor(
+                    &(0..n)
+                        .map(|i| i as f32 / n as f32 - 0.4)
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+        ],
+    );
+    fwd.seq_id = 4;
+    fwd.data = vec![rl.clone()];
+    fwd.loss_fn = "ppo".into();
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(A),
+        "application/x-protobuf",
+        fwd.encode_to_vec(),
+    )
+    .await;
+    let builtin = proto::ForwardBackwardOutput::decode(
+        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+            .await
+            .body,
+    )
+    .unwrap();
+    fwd.seq_id = 5;
+    fwd.loss_fn = format!("plugin:{pid}");
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(A),
+        "application/x-protobuf",
+        fwd.encode_to_vec(),
+    )
+    .await;
+    let plugin = proto::ForwardBackwardOutput::decode(
+        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+            .await
+            .body,
+    )
+    .unwrap();
+    let (a, b) = (builtin.metrics["loss:sum"], plugin.metrics["loss:sum"]);
+    assert!(
+        (a - b).abs() < 1e-4 * a.abs().max(1.0),
+        "plugin ppo {b} vs built-in {a}"
+    );
+    // Garbage is refused as a plugin; a deleted plugin can no longer be named.
+    call(
+        &app,
+        Method::POST,
+        "/api/v1/plugins",
+        Some(A),
+        "application/wasm",
+        b"\0asm garbage".to_vec(),
+    )
+    .await
+    .assert_error(400, "plugin");
+    assert_eq!(
+        call(
+            &app,
+            Method::DELETE,
+            &format!("/api/v1/plugins/{pid}"),
+            Some(A),
+            "",
+            vec![]
+        )
+        .await
+        .status,
+        200
+    );
+    fwd.seq_id = 6;
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(A),
+        "application/x-protobuf",
+        fwd.encode_to_vec(),
+    )
+    .await;
+    let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
+        .await
+        .json();
+    assert!(f["error"].as_str().unwrap().contains("not found"), "{f}");
+
+    // Save for the sampler, sample from it (protobuf), list checkpoints.
+    let sv = post(
+        &app,
+        "/api/v1/save_weights_for_sampler",
+        A,
+        json!({"model_id": model, "path": "s1", "seq_id": 7, "kind": "snapshot"}),
+    )
+    .await;
+    let path = retrieve(&app, A, sv.json()["request_id"].as_str().unwrap())
+        .await
+        .json()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(path, format!("tinker://{model}/sampler_weights/s1"));
+    let sc = post(
+        &app,
+        "/api/v1/create_sampling_session",
+        A,
+        json!({"session_id": session, "sampling_session_seq_id": 0, "model_path": path}),
+    )
+    .await
+    .json();
+    let sid = sc["sampling_session_id"].as_str().unwrap().to_owned();
+    let again = post(
+        &app,
+        "/api/v1/create_sampling_session",
+        A,
+        json!({"session_id": session, "sampling_session_seq_id": 0, "model_path": path}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        again["sampling_session_id"],
+        json!(sid),
+        "idempotent on (session, sampling_session_seq_id)"
+    );
+    assert_eq!(
+        get(&app, &format!("/api/v1/samplers/{sid}"), A)
+            .await
+            .json()["model_path"],
+        json!(path)
+    );
+    let body = json!({"sampling_session_id": sid, "seq_id": 0, "num_samples": 3,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": SEQ[..5]}]},
+        "sampling_params": {"max_tokens": 4, "temperature": 0.0, "stop": []}, "prompt_logprobs": true, "topk_sample_logprobs": 2});
+    let a = post(&app, "/api/v1/asample", A, body.clone()).await.json();
+    let ids = a["sample_sequence_ids"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        post(&app, "/api/v1/asample", A, body).await.json()["request_id"],
+        a["request_id"],
+        "idempotent on (session, seq_id)"
+    );
+    let out = retrieve(&app, A, a["request_id"].as_str().unwrap()).await;
+    let sr = proto::SampleResponse::decode(out.body).expect("SampleResponse");
+    assert_eq!(sr.sequences.len(), 3);
+    let t0 = proto::read_i32("t", &sr.sequences[0].tokens).unwrap();
+    assert_eq!(t0.len(), 4);
+    assert_eq!(
+        sr.sequences[0].stop_reason,
+        proto::StopReason::Length as i32
+    );
+    let plp = proto::read_f32("p", sr.prompt_logprobs.as_ref().unwrap()).unwrap();
+    assert_eq!(plp.len(), 5);
+    assert!(plp[0].is_nan() && plp[1..].iter().all(|x| x.is_finite() && *x <= 0.0));
+    let topk = sr.sequences[0].topk_sampled_logprobs.as_ref().unwrap();
+    assert_eq!((topk.k, topk.length), (2, 4));
+    let cks = get(
+        &app,
+        &format!("/api/v1/training_runs/{model}/checkpoints"),
+        A,
+    )
+    .await
+    .json();
+    assert_eq!(cks["checkpoints"][0]["checkpoint_id"], "sampler_weights/s1");
+    assert_eq!(cks["checkpoints"][0]["checkpoint_type"], "sampler");
+    // Finishing the session releases its model.
+    assert_eq!(
+        post(
+            &app,
+            &format!("/api/v1/sessions/{session}/finish"),
+            A,
+            json!({"reason": {"type": "success"}})
+        )
+        .await
+        .status,
+        200
+    );
+    post(&app, "/api/v1/get_info", A, json!({"model_id": model}))
+        .await
+        .assert_error(404, "not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_lists_every_route_and_each_is_routed() {
+    let (app, _) = app();
+    let doc = call(&app, Method::GET, "/openapi.json", None, "", vec![])
+        .await
+        .json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path, _, _) in loraplex::api::ops::ROUTES {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} in the document"
+        );
+        let concrete = path
+            .replace("{id}", "x")
+            .replace("{kind}", "weights")
+            .replace("{name}", "n");
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let r = call(&app, m, &concrete, None, "application/json", b"{}".to_vec()).await;
+        assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        if r.status == StatusCode::NOT_FOUND {
+            assert_ne!(
+                r.json()["error"]["type"],
+                "no_route",
+                "{method} {path} is not routed"
+            );
+        }
+    }
+    // Metrics after some traffic.
+    let (_, _model) = tinker_model(&app, A).await;
+    let m = call(&app, Method::GET, "/metrics", None, "", vec![]).await;
+    let text = String::from_utf8_lossy(&m.body).to_string();
+    for needle in [
+        "loraplex_http_requests_total{route=\"/api/v1/create_model\",status=\"200\"} 1",
+        "loraplex_queue_depth",
+        "loraplex_tenant_jobs{tenant=\"dev-",
+        "loraplex_jobs_submitted_total",
+        "loraplex_plugin_failures_total 0",
+        "loraplex_models 1",
+        "loraplex_tokens_per_second",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
+}
+
+/// The seed's workflow: each user creates an adapter, does 3 x (fwdbwd + optim_step) on a
+/// chat conversation, then samples. N = 4 users at once, then the same users one after
+/// another; all succeed and each user's loss falls. Prints the speed-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_rest_workflow_four_users_at_once() {
+    let (app, _) = app();
+    async fn user(app: Router, i: usize) -> (Vec<f64>, String) {
+        let key = format!("tml-user-{i}");
+        let add = post(
+            &app,
+            "/add_lora",
+            &key,
+            json!({"base_model": loraplex::config::DEFAULT_MODEL_NAME, "rank": 8, "alpha": 16}),
+        )
+        .await;
+        assert_eq!(add.status, 200, "{}", String::from_utf8_lossy(&add.body));
+        let model = add.json()["model_id"].as_str().unwrap().to_owned();
+        let created = wait_rest(&app, &key, add.json()["request_id"].as_str().unwrap()).await;
+        assert_eq!(created["model_id"], json!(model));
+        let conv = json!([[{"role": "user", "content": format!("What is user {i}'s favourite colour?")},
+                           {"role": "assistant", "content": format!("User {i} likes the colour number {}.", i * 7)}]]);
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            let f = post(
+                &app,
+                "/fwdbwd",
+                &key,
+                json!({"model_id": model, "data": conv, "loss_fn": "cross_entropy"}),
+            )
+            .await;
+            assert_eq!(f.status, 200, "{}", String::from_utf8_lossy(&f.body));
+            let o = post(
+                &app,
+                "/optim_step",
+                &key,
+                json!({"model_id": model, "adam_params": {"learning_rate": 0.002}}),
+            )
+            .await;
+            losses.push(
+                wait_rest(&app, &key, f.json()["request_id"].as_str().unwrap()).await["loss"]
+                    .as_f64()
+                    .unwrap(),
+            );
+            wait_rest(&app, &key, o.json()["request_id"].as_str().unwrap()).await;
+        }
+        let s = post(&app, "/api/v1/sample", &key, json!({"model_id": model, "prompts": ["The colour is"], "sampling_params": {"max_tokens": 8, "temperature": 0.0}})).await;
+        assert_eq!(s.status, 200, "{}", String::from_utf8_lossy(&s.body));
+        let text = s.json()["generated_text"][0].as_str().unwrap().to_owned();
+        (losses, text)
+    }
+    async fn wait_rest(app: &Router, key: &str, id: &str) -> Value {
+        for _ in 0..300 {
+            let r = post(app, "/retrieve_future", key, json!({"request_id": id})).await;
+            match r.status.as_u16() {
+                200 => return r.json(),
+                202 => assert_eq!(r.json()["status"], "pending"),
+                s => panic!(
+                    "future {id} failed: {s} {}",
+                    String::from_utf8_lossy(&r.body)
+                ),
+            }
+        }
+        panic!("future {id} never finished");
+    }
+    // Warm up (first-touch allocations) outside the timings.
+    user(app.clone(), 99).await;
+    let t = Instant::now();
+    let handles: Vec<_> = (0..4).map(|i| tokio::spawn(user(app.clone(), i))).collect();
+    let mut together = Vec::new();
+    for h in handles {
+        together.push(h.await.expect("user task"));
+    }
+    let concurrent = t.elapsed();
+    let t = Instant::now();
+    for i in 4..8 {
+        user(app.clone(), i).await;
+    }
+    let sequential = t.elapsed();
+    for (i, (losses, text)) in together.iter().enumerate() {
+        assert!(
+            losses[2] < losses[0],
+            "user {i}: loss should fall: {losses:?}"
+        );
+        assert!(!text.is_empty(), "user {i} sampled nothing");
+    }
+    println!(
+        "seed REST workflow, 4 users: at once {:.2} s, one after another {:.2} s, speed-up {:.2}x",
+        concurrent.as_secs_f64(),
+        sequential.as_secs_f64(),
+        sequential.as_secs_f64() / concurrent.as_secs_f64()
+    );
+}
