@@ -56,7 +56,7 @@ fn sdk_python() -> PathBuf {
     home.join(".cache/loraplex/venv-sdk/bin/python")
 }
 
-pub fn start_server(data_dir: &std::path::Path) -> (Server, u16) {
+fn start_server(data_dir: &std::path::Path) -> (Server, u16) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_loraplex"))
         .arg("serve")
