@@ -901,3 +901,51 @@ async fn sampler_plugins_choose_tokens_and_a_hostile_one_fails_alone() {
     assert_eq!(e.tenant_metrics(&t).failed, 2);
     assert_eq!(e.tenant_metrics(&t).done, 2);
 }
+
+/// A tenant's many-sample request cannot hold the whole decode batch: with room for two
+/// sequences, tenant B's single sample joins at the first free slot instead of waiting
+/// behind all six of tenant A's, and so finishes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_batch_admits_tenants_fairly() {
+    let m = model();
+    let cfg = EngineConfig {
+        max_decode_batch: 2,
+        ..EngineConfig::default()
+    };
+    let e = engine(&m, cfg);
+    let (a, b) = (TenantId::from("a"), TenantId::from("b"));
+    let (sa, sb) = (
+        e.base_sampling_session(&a).await.unwrap(),
+        e.base_sampling_session(&b).await.unwrap(),
+    );
+    let params = SamplingParams {
+        max_tokens: 16,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut big = SampleRequest::new(vec![1, 2, 3], params.clone());
+    big.num_samples = 6;
+    let fa = e.sample(&a, &sa, big).await.unwrap();
+    let fb_ = e
+        .sample(&b, &sb, SampleRequest::new(vec![4, 5, 6], params))
+        .await
+        .unwrap();
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (o1, o2) = (order.clone(), order.clone());
+    let (e1, e2) = (e.clone(), e.clone());
+    let ja = tokio::spawn(async move {
+        e1.result(&a, &fa, T).await.unwrap();
+        o1.lock().push("a");
+    });
+    let jb = tokio::spawn(async move {
+        e2.result(&b, &fb_, T).await.unwrap();
+        o2.lock().push("b");
+    });
+    ja.await.unwrap();
+    jb.await.unwrap();
+    assert_eq!(
+        *order.lock(),
+        vec!["b", "a"],
+        "B's one sample should not wait for A's six"
+    );
+}

@@ -154,9 +154,10 @@ fn finish(ctx: &LaneCtx, job: &JobRef, r: Result<JobOutput>) {
         Ok(_) => tracing::info!(parent: &job.span, "job done"),
         Err(e) => tracing::info!(parent: &job.span, error = %e, "job failed"),
     }
+    // Counters first: whoever the future wakes may read them.
+    ctx.metrics.finished(&job.tenant, ok, true);
     ctx.futures
         .finish(&job.future, r.map_err(|e| JobFailure::from(&e)));
-    ctx.metrics.finished(&job.tenant, ok, true);
 }
 
 fn run_items(

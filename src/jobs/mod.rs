@@ -256,6 +256,7 @@ impl Engine {
                 futures.set_running(&fid);
                 metrics.started(&t);
                 let outcome = work.await;
+                // Counters first: whoever the future wakes may read them.
                 metrics.finished(&t, outcome.is_ok(), true);
                 if let Err(e) = &outcome {
                     tracing::info!(error = %e, "job failed");

@@ -191,6 +191,7 @@ struct JobAcc {
 
 struct Live {
     future: FutureId,
+    tenant: TenantId,
     index: usize,
     req: Arc<SampleRequest>,
     weights: Option<Arc<LoraWeights>>,
@@ -239,7 +240,7 @@ impl Sampler {
                 self.admit(j);
             }
             while self.live.len() < self.ctx.max_decode_batch {
-                match self.waiting.pop_front() {
+                match self.next_waiting() {
                     Some(l) => self.live.push(l),
                     None => break,
                 }
@@ -263,6 +264,32 @@ impl Sampler {
         }
     }
 
+    /// The next sequence to join the batch: the oldest waiting one of the tenant with the
+    /// fewest live sequences, so one tenant's 100-sample request cannot hold a full batch
+    /// while another tenant's single sample waits behind it.
+    fn next_waiting(&mut self) -> Option<Live> {
+        let mut live: HashMap<&TenantId, usize> = HashMap::new();
+        for l in &self.live {
+            *live.entry(&l.tenant).or_default() += 1;
+        }
+        let mut best: Option<(usize, usize)> = None;
+        let mut seen: HashMap<&TenantId, ()> = HashMap::new();
+        for (i, w) in self.waiting.iter().enumerate() {
+            if seen.insert(&w.tenant, ()).is_some() {
+                continue;
+            }
+            let n = live.get(&w.tenant).copied().unwrap_or(0);
+            if best.is_none_or(|(bn, _)| n < bn) {
+                best = Some((n, i));
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        let i = best?.1;
+        self.waiting.remove(i)
+    }
+
     fn admit(&mut self, job: SampleJob) {
         let n = job.req.num_samples;
         let base_seed = job.req.params.seed.unwrap_or_else(|| {
@@ -275,6 +302,7 @@ impl Sampler {
         for index in 0..n {
             self.waiting.push_back(Live {
                 future: job.future.clone(),
+                tenant: job.tenant.clone(),
                 index,
                 req: job.req.clone(),
                 weights: job.session.weights.clone(),
@@ -308,8 +336,9 @@ impl Sampler {
         };
         acc.failed = true;
         tracing::info!(parent: &acc.job.span, error = %e, "sample failed");
-        self.ctx.futures.finish(fut, Err(JobFailure::from(e)));
+        // Counters first: whoever the future wakes may read them.
         self.ctx.metrics.finished(&acc.job.tenant, false, true);
+        self.ctx.futures.finish(fut, Err(JobFailure::from(e)));
         self.ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
         self.live.retain(|l| &l.future != fut);
         self.waiting.retain(|l| &l.future != fut);
@@ -454,10 +483,10 @@ impl Sampler {
             prompt_logprobs: acc.prompt_logprobs,
             prompt_top_logprobs: acc.prompt_top_logprobs,
         };
+        self.ctx.metrics.finished(&acc.job.tenant, true, true);
         self.ctx
             .futures
             .finish(&acc.job.future, Ok(JobOutput::Sample(out)));
-        self.ctx.metrics.finished(&acc.job.tenant, true, true);
         self.ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
     }
 }

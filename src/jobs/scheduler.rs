@@ -179,8 +179,8 @@ impl Scheduler {
                         id: adapter.to_string(),
                     };
                     for (_, j) in q.pending {
-                        self.futures.fail(&j.job.future, &e);
                         self.metrics.finished(&j.job.tenant, false, j.started);
+                        self.futures.fail(&j.job.future, &e);
                         self.outstanding = self.outstanding.saturating_sub(1);
                     }
                 }
@@ -333,8 +333,8 @@ impl Scheduler {
             let pending = std::mem::take(&mut q.pending);
             let mut last = missing;
             for (seq, j) in pending {
-                self.futures.fail(&j.job.future, &e);
                 self.metrics.finished(&j.job.tenant, false, false);
+                self.futures.fail(&j.job.future, &e);
                 q.outstanding = q.outstanding.saturating_sub(1);
                 self.outstanding = self.outstanding.saturating_sub(1);
                 last = seq;
