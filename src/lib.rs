@@ -10,6 +10,8 @@
 //! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
 //! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
 //!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
+//! - [`store`]: durable state: the metadata database (SQLite), the futures kept in it,
+//!   atomic checkpoint files, and PEFT export.
 //! - [`config`]: every setting with its default and environment variable.
 
 pub mod bench;
@@ -20,6 +22,7 @@ pub mod lora;
 pub mod model;
 pub mod plugins;
 pub mod sample;
+pub mod store;
 pub mod train;
 pub mod util;
 
