@@ -374,7 +374,7 @@ fn sigkill_during_saves_never_leaves_a_half_checkpoint() {
     let mut next = 0u64;
     let mut rounds_with_temporaries = 0;
     let mut verified = 0;
-    for round in 0..8 {
+    for round in 0..12 {
         let mut child = Command::new(&exe)
             .args([
                 "child_saves_checkpoints_until_killed",
@@ -388,16 +388,27 @@ fn sigkill_during_saves_never_leaves_a_half_checkpoint() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let ms = 150 + rng.next_u64() % 400;
+        // Wait until this child has saved once (so every round makes progress however
+        // slow the machine), then kill it at a random moment of its save loop.
+        let kind_dir = tmp.path().join("tenant-a/model-1/weights");
+        let first = kind_dir.join(format!("c{next:06}"));
+        let t0 = std::time::Instant::now();
+        while !first.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the child never saved"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let ms = rng.next_u64() % 250;
         std::thread::sleep(Duration::from_millis(ms));
         child.kill().unwrap(); // SIGKILL on Unix
         let status = child.wait().unwrap();
         assert!(!status.success(), "round {round}: the child was killed");
 
         // Before any cleanup: every entry under its real name is a complete checkpoint.
-        let kind_dir = tmp.path().join("tenant-a/model-1/weights");
         let mut temporaries = 0;
-        if kind_dir.is_dir() {
+        {
             for e in std::fs::read_dir(&kind_dir).unwrap() {
                 let e = e.unwrap();
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -429,11 +440,12 @@ fn sigkill_during_saves_never_leaves_a_half_checkpoint() {
             "round {round}: checkpoints 0..{next}"
         );
         println!(
-            "round {round}: killed after {ms} ms, {next} checkpoints, {temporaries} temporaries swept"
+            "round {round}: killed {ms} ms after its first save, {next} checkpoints, \
+             {temporaries} temporaries swept"
         );
     }
     println!(
-        "{verified} checkpoint loads verified; {rounds_with_temporaries}/8 kills landed mid-write"
+        "{verified} checkpoint loads verified; {rounds_with_temporaries}/12 kills landed mid-write"
     );
-    assert!(next >= 8, "the child saved only {next} checkpoints");
+    assert!(next >= 12, "every round saved at least once");
 }

@@ -32,6 +32,27 @@ pub(crate) fn sync_dir(path: &Path) -> Result<()> {
         .map_err(StoreError::io("fsync directory", path))
 }
 
+/// `create_dir_all`, fsyncing the parent of every directory it creates, so a committed
+/// checkpoint's ancestors survive a power loss too.
+pub(crate) fn create_dir_all_synced(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_all_synced(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Another writer made it first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(StoreError::io("create directory", dir)(e)),
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 /// Whether a directory entry's name marks it as one of our hidden temporaries.
 pub fn is_hidden(path: &Path) -> bool {
     path.file_name()
@@ -57,7 +78,7 @@ impl AtomicDir {
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| StoreError::invalid(what, "directory has no UTF-8 name"))?;
-        fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
+        create_dir_all_synced(parent)?;
         if dest.exists() {
             return Err(StoreError::AlreadyExists {
                 kind: what,

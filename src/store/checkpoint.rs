@@ -9,7 +9,9 @@
 //! This module owns the on-disk layout; it never decides names (the caller does) and never
 //! touches the database.
 
-use super::atomic::{is_hidden, remove_dir_atomically, sweep_temporaries, AtomicDir};
+use super::atomic::{
+    create_dir_all_synced, is_hidden, remove_dir_atomically, sweep_temporaries, AtomicDir,
+};
 use super::error::{Result, StoreError};
 use crate::jobs::{AdapterId, TenantId};
 use crate::lora::optim::{AdamState, Moments};
@@ -529,7 +531,7 @@ impl CheckpointStore {
     /// Create the root if needed and remove temporaries a crash left behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<(CheckpointStore, usize)> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(StoreError::io("create directory", &root))?;
+        create_dir_all_synced(&root)?;
         // root / tenant / model / kind / name: temporaries sit at most four levels down.
         let swept = sweep_temporaries(&root, 4, &is_checkpoint_dir)?;
         if swept > 0 {

@@ -137,3 +137,13 @@ pub fn export_peft_tar(weights: &LoraWeights, base_model: &str, out: impl Write)
         .and_then(|mut w| w.flush())
         .map_err(tar_err)
 }
+
+/// [`export_peft_tar`] of the adapter in a checkpoint directory (training or sampler).
+pub fn export_checkpoint_tar(
+    checkpoint_dir: &Path,
+    base_model: &str,
+    out: impl Write,
+) -> Result<()> {
+    let c = super::checkpoint::read_checkpoint(checkpoint_dir, &Device::Cpu)?;
+    export_peft_tar(&c.weights, base_model, out)
+}
