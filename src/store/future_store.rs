@@ -9,8 +9,9 @@
 //!   are written behind, in order, batched into one transaction per wake-up.
 //! - `get` reads the map; a future not in it (from before a restart, or evicted after it
 //!   finished) is read from the database through the writer, and cached.
-//! - Outcomes expire `result_ttl` after they were first fetched; the writer sweeps
-//!   periodically ([`SqliteFutureStore::expire`] runs a sweep now).
+//! - Outcomes expire `result_ttl` after they were first fetched: the first `get` that
+//!   returns a finished record counts (so the engine's long-poll does it). The writer
+//!   sweeps periodically ([`SqliteFutureStore::expire`] runs a sweep now).
 //!
 //! At open, every future left pending or running by the previous process fails with
 //! [`RESTARTED_MESSAGE`](super::db::RESTARTED_MESSAGE). One process per database.
@@ -163,20 +164,23 @@ impl SqliteFutureStore {
     }
 
     /// Note that the caller read this finished future's outcome; it expires `result_ttl`
-    /// after the first such read. Reading an unfinished future is not a fetch.
+    /// after the first such read. Reading an unfinished future is not a fetch. [`get`]
+    /// (and so the engine's `wait`) already does this for every finished record it returns.
+    ///
+    /// [`get`]: FutureStore::get
     pub fn mark_fetched(&self, tenant: &TenantId, id: &FutureId) -> Result<()> {
-        let rec = self.get(tenant, id)?;
-        if !rec.state.is_terminal() {
-            return Ok(());
-        }
+        self.get(tenant, id).map(|_| ())
+    }
+
+    /// The first read of a finished future starts its expiry clock.
+    fn note_fetched(&self, id: &FutureId) -> Result<()> {
         let now = SystemTime::now();
         let first = match self.cache.get_mut(id) {
-            Some(mut c) if c.fetched.is_none() => {
+            Some(mut c) if c.record.state.is_terminal() && c.fetched.is_none() => {
                 c.fetched = Some(now);
                 true
             }
-            Some(_) => false,
-            None => true,
+            _ => false,
         };
         if first {
             self.send(Cmd::Fetched(id.clone(), now))?;
@@ -226,21 +230,25 @@ impl FutureStore for SqliteFutureStore {
     }
 
     fn get(&self, tenant: &TenantId, id: &FutureId) -> Result<FutureRecord> {
-        if let Some(c) = self.cache.get(id) {
-            return if &c.record.tenant == tenant {
-                Ok(c.record.clone())
-            } else {
-                Err(not_found(id))
-            };
-        }
-        let stored = self.ask(|tx| Cmd::Get(tenant.clone(), id.clone(), tx))?;
-        let rec = stored.record.clone();
+        let cached = self.cache.get(id).map(|c| c.record.clone());
+        let rec = match cached {
+            Some(r) if &r.tenant == tenant => r,
+            Some(_) => return Err(not_found(id)),
+            None => {
+                let stored = self.ask(|tx| Cmd::Get(tenant.clone(), id.clone(), tx))?;
+                let rec = stored.record.clone();
+                if rec.state.is_terminal() {
+                    self.cache.entry(id.clone()).or_insert(Cached {
+                        record: stored.record,
+                        finished: stored.finished,
+                        fetched: stored.fetched,
+                    });
+                }
+                rec
+            }
+        };
         if rec.state.is_terminal() {
-            self.cache.entry(id.clone()).or_insert(Cached {
-                record: stored.record,
-                finished: stored.finished,
-                fetched: stored.fetched,
-            });
+            self.note_fetched(id)?;
         }
         Ok(rec)
     }
