@@ -449,3 +449,28 @@ fn sigkill_during_saves_never_leaves_a_half_checkpoint() {
     );
     assert!(next >= 12, "every round saved at least once");
 }
+
+#[test]
+fn tinker_paths_name_a_model_kind_and_checkpoint() {
+    let m = AdapterId::from("model-00ab");
+    for kind in [CheckpointKind::Training, CheckpointKind::Sampler] {
+        let p = checkpoint::tinker_path(&m, kind, "step-7");
+        assert_eq!(
+            checkpoint::parse_tinker_path(&p).unwrap(),
+            (m.clone(), kind, "step-7".to_string())
+        );
+    }
+    assert_eq!(
+        checkpoint::tinker_path(&m, CheckpointKind::Sampler, "s"),
+        "tinker://model-00ab/sampler_weights/s"
+    );
+    for bad in [
+        "model-1/weights/x",
+        "tinker://model-1/other/x",
+        "tinker://model-1/weights/../x",
+        "tinker://model-1/weights",
+        "tinker://../weights/x",
+    ] {
+        assert!(checkpoint::parse_tinker_path(bad).is_err(), "{bad}");
+    }
+}

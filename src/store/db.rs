@@ -788,10 +788,13 @@ pub(crate) mod futures {
         Ok(())
     }
 
+    /// The `result` column, and the `error_message` and `error_category` columns.
+    type OutcomeColumns = (Option<String>, Option<(String, String)>);
+
     fn outcome_columns(
         output: Option<&JobOutput>,
         failure: Option<&JobFailure>,
-    ) -> Result<(Option<String>, Option<(String, String)>)> {
+    ) -> Result<OutcomeColumns> {
         let result = output
             .map(|o| json_string("future result", o))
             .transpose()?;

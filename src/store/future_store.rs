@@ -412,7 +412,7 @@ async fn commit_writes(db: &Db, writes: Vec<Cmd>) {
     let together = async {
         let mut tx = db.pool().begin().await?;
         for w in &writes {
-            apply(&mut *tx, w).await?;
+            apply(&mut tx, w).await?;
         }
         tx.commit().await?;
         Ok::<_, StoreError>(())
@@ -427,7 +427,7 @@ async fn commit_writes(db: &Db, writes: Vec<Cmd>) {
     for w in writes {
         let r = async {
             let mut conn = db.pool().acquire().await?;
-            apply(&mut *conn, &w).await
+            apply(&mut conn, &w).await
         }
         .await;
         ack(w, r);
