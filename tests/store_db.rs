@@ -553,3 +553,96 @@ async fn the_engine_runs_on_the_sqlite_store_and_its_results_outlive_it() {
         o => panic!("{o:?}"),
     }
 }
+
+// ---- SIGKILL after acknowledged inserts ----
+
+const CHILD_DB: &str = "LORAPLEX_TEST_DB_CHILD_PATH";
+
+/// Not a test on its own: the child process of
+/// `acknowledged_futures_survive_sigkill_and_fail_after_restart`. Without its env var it
+/// returns at once.
+#[test]
+fn child_inserts_futures_until_killed() {
+    use std::io::Write;
+    let Some(path) = std::env::var_os(CHILD_DB) else {
+        return;
+    };
+    let s = store(std::path::Path::new(&path));
+    let t = TenantId::from("tenant-a");
+    let mut out = std::io::stdout();
+    loop {
+        let id = FutureId::generate();
+        s.insert(FutureRecord::new(
+            id.clone(),
+            t.clone(),
+            JobKind::Forward,
+            5,
+        ))
+        .unwrap();
+        s.set_running(&id).unwrap(); // written behind: may or may not land
+                                     // Only now is the id "acknowledged to a client".
+        writeln!(out, "ack {id}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn acknowledged_futures_survive_sigkill_and_fail_after_restart() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db.sqlite");
+    let exe = std::env::current_exe().unwrap();
+    let t = TenantId::from("tenant-a");
+    let mut rng = SplitMix64::new(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    for round in 0..3 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "child_inserts_futures_until_killed",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DB, &path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let want = 20 + (rng.next_u64() % 200) as usize;
+        let mut acked = Vec::new();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        while acked.len() < want {
+            let line = lines.next().expect("the child stopped early").unwrap();
+            if let Some(id) = line.strip_prefix("ack ") {
+                acked.push(FutureId::from(id));
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let s = store(&path);
+        assert!(
+            s.recovered() >= acked.len() as u64,
+            "round {round}: {} recovered, {} acknowledged",
+            s.recovered(),
+            acked.len()
+        );
+        for id in &acked {
+            let r = s
+                .get(&t, id)
+                .unwrap_or_else(|e| panic!("round {round}: {id} lost: {e}"));
+            assert_eq!(r.state, JobState::Failed);
+            assert_eq!(r.failure.unwrap().message, RESTARTED_MESSAGE);
+        }
+        println!(
+            "round {round}: killed after {} acknowledged inserts; all in the database, {} \
+             unfinished futures failed",
+            acked.len(),
+            s.recovered()
+        );
+    }
+}
