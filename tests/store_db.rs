@@ -141,6 +141,23 @@ async fn everything_written_is_there_after_close_and_reopen() {
         sampling
     );
     assert_eq!(db.list_plugins(&t).await.unwrap(), vec![plugin.clone()]);
+    assert_eq!(db.list_tenants().await.unwrap().len(), 1);
+    assert_eq!(db.list_sessions(&t).await.unwrap(), vec![s.clone()]);
+    assert_eq!(
+        db.list_sampling_sessions(&t).await.unwrap(),
+        vec![sampling.clone()]
+    );
+    db.set_checkpoint_expiry(&t, &ckpt.path, None)
+        .await
+        .unwrap();
+    assert!(db
+        .expired_checkpoints(at(10_000_000_000_000))
+        .await
+        .unwrap()
+        .is_empty());
+    db.set_checkpoint_expiry(&t, &ckpt.path, ckpt.expires)
+        .await
+        .unwrap();
 
     // Another tenant sees none of it.
     let eve = TenantId::from("tenant-eve");

@@ -528,7 +528,8 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
-    /// Create the root if needed and remove temporaries a crash left behind.
+    /// Create the root if needed and remove temporaries a crash left behind. Open it once,
+    /// at startup: the sweep would also remove a live writer's temporaries.
     pub fn open(root: impl Into<PathBuf>) -> Result<(CheckpointStore, usize)> {
         let root = root.into();
         create_dir_all_synced(&root)?;
