@@ -14,6 +14,7 @@ use common::*;
 use loraplex::lora::optim::AdamParams;
 use loraplex::lora::{LoraConfig, LoraWeights, Site, Target};
 use loraplex::model::{BaseModel, InferRow, KvCache};
+use loraplex::store::checkpoint::{self, CheckpointKind};
 use loraplex::store::peft::{self, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
 use loraplex::train::loss::{BuiltinLoss, LossConfig};
 use loraplex::train::{forward_backward, Datum, TrainableAdapter, Work};
@@ -80,21 +81,30 @@ fn export_has_peft_names_shapes_and_config() {
         "base_model.model.model.layers.3.mlp.down_proj.lora_A.weight"
     );
 
-    // The archive holds the same two files, byte for byte.
-    let mut tar_bytes = Vec::new();
-    peft::export_peft_tar(&w, "org/tiny", &mut tar_bytes).unwrap();
-    let mut ar = tar::Archive::new(tar_bytes.as_slice());
-    let mut seen = Vec::new();
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().to_string_lossy().into_owned();
-        let mut got = Vec::new();
-        e.read_to_end(&mut got).unwrap();
-        let on_disk = std::fs::read(dir.join(&name)).unwrap();
-        assert_eq!(got, on_disk, "{name}");
-        seen.push(name);
+    // The archive holds the same two files, byte for byte, whether made from the weights
+    // or from a checkpoint of them.
+    let ckpt = tmp.path().join("ckpt");
+    checkpoint::write_checkpoint(&ckpt, CheckpointKind::Sampler, &w, None).unwrap();
+    for from_checkpoint in [false, true] {
+        let mut tar_bytes = Vec::new();
+        if from_checkpoint {
+            peft::export_checkpoint_tar(&ckpt, "org/tiny", &mut tar_bytes).unwrap();
+        } else {
+            peft::export_peft_tar(&w, "org/tiny", &mut tar_bytes).unwrap();
+        }
+        let mut ar = tar::Archive::new(tar_bytes.as_slice());
+        let mut seen = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut got = Vec::new();
+            e.read_to_end(&mut got).unwrap();
+            let on_disk = std::fs::read(dir.join(&name)).unwrap();
+            assert_eq!(got, on_disk, "{name}");
+            seen.push(name);
+        }
+        assert_eq!(seen, [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]);
     }
-    assert_eq!(seen, [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]);
     // An export never overwrites.
     assert!(peft::export_peft_dir(&w, "org/tiny", &dir).is_err());
 }
