@@ -17,6 +17,8 @@
 //! | request body limit | `LORAPLEX_MAX_BODY_BYTES` | 32 MiB |
 //! | retrieve_future long-poll | `LORAPLEX_LONG_POLL_MS` | 25000 |
 //! | session heartbeat timeout | `LORAPLEX_SESSION_TIMEOUT_S` | 600 |
+//! | automatic checkpoint every K steps | `LORAPLEX_AUTO_CHECKPOINT_STEPS` | 1 (10 for adapters ≥ 64 MiB) |
+//! | fetched results kept for | `LORAPLEX_RESULT_TTL_S` | 3600 |
 //! | engine settings | see [`EngineConfig`] | |
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
@@ -172,6 +174,13 @@ pub struct ServeConfig {
     /// training models and sampling sessions are released (checkpoints stay) (s).
     #[arg(long, env = "LORAPLEX_SESSION_TIMEOUT_S", default_value_t = 600)]
     pub session_timeout_s: u64,
+    /// Write an automatic checkpoint every K optimizer steps, so a restart loses at most
+    /// K-1 steps. Unset: every step for adapters under 64 MiB, every 10 steps above.
+    #[arg(long, env = "LORAPLEX_AUTO_CHECKPOINT_STEPS")]
+    pub auto_checkpoint_steps: Option<u64>,
+    /// A finished future's result is deleted this long after it was first fetched (s).
+    #[arg(long, env = "LORAPLEX_RESULT_TTL_S", default_value_t = 3600)]
+    pub result_ttl_s: u64,
 }
 
 impl ServeConfig {
@@ -184,6 +193,8 @@ impl ServeConfig {
             max_body_bytes: 32 << 20,
             long_poll_ms: 25_000,
             session_timeout_s: 600,
+            auto_checkpoint_steps: None,
+            result_ttl_s: 3600,
         }
     }
 }

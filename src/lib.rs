@@ -12,6 +12,8 @@
 //!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
 //! - [`api`]: the HTTP server: the Tinker SDK's wire protocol, the seed's REST routes,
 //!   plugin upload, metrics; [`auth`]: API keys and tenants.
+//! - [`store`]: durable state: the metadata database (SQLite), the futures kept in it,
+//!   atomic checkpoint files, and PEFT export.
 //! - [`config`]: every setting with its default and environment variable.
 
 pub mod api;
@@ -24,6 +26,7 @@ pub mod lora;
 pub mod model;
 pub mod plugins;
 pub mod sample;
+pub mod store;
 pub mod train;
 pub mod util;
 

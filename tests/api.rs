@@ -941,6 +941,21 @@ async fn tinker_protocol_over_raw_http() {
     assert!(plp[0].is_nan() && plp[1..].iter().all(|x| x.is_finite() && *x <= 0.0));
     let topk = sr.sequences[0].topk_sampled_logprobs.as_ref().unwrap();
     assert_eq!((topk.k, topk.length), (2, 4));
+    // The checkpoint as a PEFT archive.
+    let peft = format!("/api/v1/training_runs/{model}/checkpoints/sampler_weights/s1/peft");
+    let tar = get(&app, &peft, A).await;
+    assert_eq!(tar.status, 200);
+    assert_eq!(tar.headers["content-type"], "application/x-tar");
+    let body = String::from_utf8_lossy(&tar.body);
+    for needle in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "\"peft_type\"",
+        "self_attn.q_proj.lora_A.weight",
+    ] {
+        assert!(body.contains(needle), "PEFT archive lacks {needle}");
+    }
+    get(&app, &peft, B).await.assert_error(404, "not found");
     let cks = get(
         &app,
         &format!("/api/v1/training_runs/{model}/checkpoints"),

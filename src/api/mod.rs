@@ -25,6 +25,7 @@ use crate::config::{EngineConfig, ModelArgs, PluginLimits, ServeConfig};
 use crate::error::{Error, Result};
 use crate::jobs::{Engine, ModelLoader};
 use crate::model::BaseModel;
+use crate::store::{Durable, FutureStoreConfig, SqliteFutureStore};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -44,6 +45,9 @@ pub struct AppState {
     pub rest: rest::RestState,
     pub metrics: ops::HttpMetrics,
     pub started: Instant,
+    /// The database, checkpoint files and plugin bytes (`None`: in memory only, as in
+    /// tests of the API alone).
+    pub durable: Option<Arc<Durable>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -68,7 +72,18 @@ impl AppState {
             rest: rest::RestState::default(),
             metrics: ops::HttpMetrics::default(),
             started: Instant::now(),
+            durable: None,
         }))
+    }
+
+    fn with_durable(self: Shared, durable: Arc<Durable>) -> Shared {
+        match Arc::try_unwrap(self) {
+            Ok(mut s) => {
+                s.durable = Some(durable);
+                Arc::new(s)
+            }
+            Err(s) => s,
+        }
     }
 }
 
@@ -129,9 +144,11 @@ async fn request_span(State(state): State<Shared>, req: Request, next: Next) -> 
     resp
 }
 
-/// Build the engine and state from settings; the model loads in the background (with
-/// progress in the log) so the server answers health checks at once.
-pub fn build(
+/// Build the engine and state from settings: open the data directory (database,
+/// checkpoints, plugins), load the base model, and bring back what a previous run left
+/// (models at their newest checkpoint, checkpoints, sessions, plugins; unfinished futures
+/// fail with category server).
+pub async fn build(
     serve: ServeConfig,
     model: ModelArgs,
     engine_cfg: EngineConfig,
@@ -160,20 +177,57 @@ pub fn build(
         );
         Ok(Arc::new(m))
     });
-    let engine = Engine::start(engine_cfg, loader)?;
+    std::fs::create_dir_all(&serve.data_dir)?;
+    // Opening waits on the database: off tokio's workers.
+    let (dir, name, every) = (
+        serve.data_dir.clone(),
+        model.model_name.clone(),
+        serve.auto_checkpoint_steps,
+    );
+    let ttl = Duration::from_secs(serve.result_ttl_s);
+    let (durable, futures) = tokio::task::spawn_blocking(move || {
+        let durable = Durable::open(&dir, &name, every)?;
+        let futures = SqliteFutureStore::open(
+            &durable.db_path(),
+            FutureStoreConfig {
+                result_ttl: ttl,
+                ..FutureStoreConfig::default()
+            },
+        )
+        .map_err(Error::from)?;
+        Ok::<_, Error>((durable, futures))
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("opening the store panicked: {e}")))??;
+    if futures.recovered() > 0 {
+        tracing::warn!(
+            futures = futures.recovered(),
+            "failed the requests a previous run left unfinished"
+        );
+    }
+    let persist: Arc<dyn crate::jobs::registry::Persist> = durable.clone();
+    let engine = Engine::start_durable(engine_cfg, loader, Arc::new(futures), Some(persist))?;
     let state = AppState::new(
         engine.clone(),
         serve,
         auth,
         model.model_name,
         PluginLimits::from_env().map_err(Error::Plugin)?,
-    )?;
-    // Start loading now rather than on the first request.
-    tokio::spawn(async move {
-        if let Err(e) = engine.base_model().await {
-            tracing::error!(error = %e, "cannot load the base model");
-        }
-    });
+    )?
+    .with_durable(durable.clone());
+    let base = engine.base_model().await?;
+    let (d, e) = (durable.clone(), engine.clone());
+    let restored = tokio::task::spawn_blocking(move || d.restore(&e, &base))
+        .await
+        .map_err(|e| Error::Unavailable(format!("restore panicked: {e}")))??;
+    tinker::session::restore(&state, &restored);
+    plugins::restore(&state).await?;
+    tracing::info!(
+        models = restored.models,
+        checkpoints = restored.checkpoints,
+        sessions = restored.sessions.len(),
+        "state restored"
+    );
     tokio::spawn(tinker::reap_sessions(state.clone()));
     Ok((state.clone(), router(state)))
 }
@@ -181,7 +235,7 @@ pub fn build(
 /// Serve until Ctrl-C or SIGTERM; then stop accepting, let in-flight requests finish.
 pub async fn serve(serve_cfg: ServeConfig, model: ModelArgs, engine: EngineConfig) -> Result<()> {
     let addr = serve_cfg.addr;
-    let (state, app) = build(serve_cfg, model, engine)?;
+    let (state, app) = build(serve_cfg, model, engine).await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "loraplex listening");
     eprintln!("loraplex listening on http://{}", listener.local_addr()?);

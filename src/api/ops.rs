@@ -138,6 +138,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "get",
+        "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/peft",
+        "none",
+        "Download a checkpoint's adapter as a PEFT .tar",
+    ),
+    (
+        "get",
         "/api/v1/checkpoints",
         "none",
         "All the tenant's checkpoints",

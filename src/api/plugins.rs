@@ -126,6 +126,40 @@ impl PluginStore {
     }
 }
 
+/// Reload the plugins a previous run stored. Compiled code comes from the on-disk cache,
+/// so nothing is recompiled.
+pub async fn restore(s: &Shared) -> crate::Result<()> {
+    let Some(d) = s.durable.clone() else {
+        return Ok(());
+    };
+    let stored = tokio::task::spawn_blocking(move || d.stored_plugins())
+        .await
+        .map_err(|e| Error::Unavailable(format!("plugin restore panicked: {e}")))??;
+    for (rec, bytes) in stored {
+        let host = s.plugins.host.clone();
+        let size = bytes.len();
+        let loaded = tokio::task::spawn_blocking(move || host.load(&bytes))
+            .await
+            .map_err(|e| Error::Unavailable(format!("plugin load panicked: {e}")))?;
+        match loaded {
+            Ok((id, kind)) => {
+                s.plugins.owned.insert(
+                    (rec.tenant.clone(), id),
+                    PluginMeta {
+                        kind,
+                        size,
+                        created: rec.created,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(plugin = %rec.content_hash, error = %e, "stored plugin no longer loads")
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn routes() -> Router<Shared> {
     Router::new()
         .route(
@@ -171,6 +205,10 @@ async fn upload(
         created: SystemTime::now(),
     };
     let out = meta_json(&id, &meta);
+    if let Some(d) = &s.durable {
+        d.plugin_uploaded(&tenant, &id.0, &kind.to_string(), &body)
+            .await?;
+    }
     s.plugins.owned.insert((tenant.clone(), id.clone()), meta);
     tracing::info!(tenant = %tenant, plugin = %id, %kind, "plugin uploaded");
     Ok(axum::Json(out))
@@ -210,8 +248,11 @@ async fn remove(
     let pid = PluginId(id.clone());
     s.plugins
         .owned
-        .remove(&(tenant, pid.clone()))
+        .remove(&(tenant.clone(), pid.clone()))
         .ok_or_else(|| ApiError::not_found("plugin", &id))?;
+    if let Some(d) = &s.durable {
+        d.plugin_deleted(&tenant, &id).await?;
+    }
     if !s.plugins.owned.iter().any(|e| e.key().1 == pid) {
         s.plugins.host.unload(&pid);
     }

@@ -45,7 +45,7 @@ pub enum JobKind {
 }
 
 /// The result of a finished job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum JobOutput {
     ForwardBackward(WorkResult),
     OptimStep(StepReport),

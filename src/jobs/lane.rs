@@ -331,9 +331,18 @@ fn barrier(
     j: &JobRef,
 ) -> Result<JobOutput> {
     match &*j.op {
-        Op::OptimStep(p) => st.train.optim_step(p).map(JobOutput::OptimStep),
+        Op::OptimStep(p) => {
+            let report = st.train.optim_step(p)?;
+            if let Some(persist) = registry.persist() {
+                // The step happened either way; a failed automatic checkpoint is logged.
+                if let Err(e) = persist.stepped(&j.tenant, &entry.id, &st.train) {
+                    tracing::error!(model = %entry.id, error = %e, "automatic checkpoint failed");
+                }
+            }
+            Ok(JobOutput::OptimStep(report))
+        }
         Op::SaveState { name, ttl } => {
-            registry.save_checkpoint(&j.tenant, name, &entry.id, st.train.clone(), *ttl);
+            registry.save_checkpoint(&j.tenant, name, &entry.id, st.train.clone(), *ttl)?;
             Ok(JobOutput::Saved { name: name.clone() })
         }
         Op::LoadState { name, optimizer } => {

@@ -39,7 +39,7 @@ use crate::model::BaseModel;
 use crate::train::TrainableAdapter;
 use future::{Futures, MemoryFutureStore};
 use metrics::Metrics;
-use registry::{AdapterEntry, AdapterState, Session};
+use registry::{AdapterEntry, Session};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +81,18 @@ impl Engine {
         loader: ModelLoader,
         store: Arc<dyn FutureStore>,
     ) -> Result<Engine> {
-        let registry = Arc::new(Registry::new(loader));
+        Self::start_durable(cfg, loader, store, None)
+    }
+
+    /// An engine whose futures live in `store` and whose models and checkpoints persist
+    /// through `persist`.
+    pub fn start_durable(
+        cfg: EngineConfig,
+        loader: ModelLoader,
+        store: Arc<dyn FutureStore>,
+        persist: Option<Arc<dyn registry::Persist>>,
+    ) -> Result<Engine> {
+        let registry = Arc::new(Registry::with_persist(loader, persist));
         let futures = Arc::new(Futures::new(store));
         let metrics = Arc::new(Metrics::default());
         let (report_tx, report_rx) = mpsc::unbounded_channel();
@@ -137,7 +148,7 @@ impl Engine {
     /// A new training model owned by `tenant`, with a generated id; its requests' seq_ids
     /// start at 0.
     pub async fn create_model(&self, tenant: &TenantId, config: LoraConfig) -> Result<AdapterId> {
-        self.create_model_as(tenant, AdapterId::generate(), config, 0)
+        self.create_model_as(tenant, AdapterId::generate(), config, Some(0), None)
             .await
     }
 
@@ -148,7 +159,8 @@ impl Engine {
         tenant: &TenantId,
         id: AdapterId,
         config: LoraConfig,
-        first_seq: u64,
+        first_seq: Option<u64>,
+        session: Option<String>,
     ) -> Result<AdapterId> {
         if self.inner.registry.exists(&id) {
             return Err(Error::invalid("model_id", format!("{id} exists already")));
@@ -161,17 +173,26 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
-        self.inner.registry.insert_adapter(AdapterEntry {
-            id: id.clone(),
-            tenant: tenant.clone(),
+        let entry = AdapterEntry::new(
+            id.clone(),
+            tenant.clone(),
             config,
             first_seq,
-            created: std::time::SystemTime::now(),
-            state: parking_lot::Mutex::new(AdapterState {
-                train: TrainableAdapter::new(weights),
-                partial: None,
-            }),
-        });
+            session,
+            TrainableAdapter::new(weights),
+        );
+        if let Some(p) = self.inner.registry.persist().cloned() {
+            let (t, i, c, s) = (
+                tenant.clone(),
+                entry.id.clone(),
+                entry.config.clone(),
+                entry.session.clone(),
+            );
+            tokio::task::spawn_blocking(move || p.model_created(&t, &i, &c, s.as_deref()))
+                .await
+                .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
+        }
+        self.inner.registry.insert_adapter(entry);
         tracing::info!(tenant = %tenant, model = %id, "model created");
         Ok(id)
     }
@@ -179,7 +200,23 @@ impl Engine {
     /// Delete a model: its queued work fails with NotFound; a batch already running on it
     /// finishes. Other models are not touched.
     pub async fn delete_model(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
+        self.remove_model(tenant, id, true).await
+    }
+
+    /// Free a model but keep its checkpoints (a Tinker session ended; its saved states can
+    /// still start new models).
+    pub async fn unload_model(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
+        self.remove_model(tenant, id, false).await
+    }
+
+    async fn remove_model(&self, tenant: &TenantId, id: &AdapterId, purge: bool) -> Result<()> {
         self.inner.registry.remove_adapter(tenant, id)?;
+        if let Some(p) = self.inner.registry.persist().cloned() {
+            let (t, i) = (tenant.clone(), id.clone());
+            tokio::task::spawn_blocking(move || p.model_deleted(&t, &i, purge))
+                .await
+                .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
+        }
         let (reply, rx) = oneshot::channel();
         self.inner
             .cmds

@@ -17,6 +17,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Where the registry's state persists (the store, [`crate::store::Durable`]); the
+/// registry itself is the in-memory cache. Every method may block on disk: call it from a
+/// lane or a blocking thread, never on tokio's workers.
+pub trait Persist: Send + Sync {
+    /// Write a checkpoint durably; the save is acknowledged only after this returns.
+    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    fn set_checkpoint_expiry(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    /// After an optimizer step: record the step; write the automatic checkpoint when due.
+    fn stepped(&self, tenant: &TenantId, model: &AdapterId, state: &TrainableAdapter)
+        -> Result<()>;
+    fn model_created(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        config: &LoraConfig,
+        session: Option<&str>,
+    ) -> Result<()>;
+    /// The model is gone and will not come back after a restart; with `purge`, its
+    /// checkpoints and their files go too (otherwise they stay loadable).
+    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId, purge: bool) -> Result<()>;
+}
+
 /// Builds (or hands over) the base model; called on a blocking thread, at most once per
 /// success.
 pub type ModelLoader = Arc<dyn Fn() -> Result<Arc<BaseModel>> + Send + Sync>;
@@ -27,8 +50,10 @@ pub struct AdapterEntry {
     pub tenant: TenantId,
     pub config: LoraConfig,
     /// The seq_id its first request carries (Tinker: 1, or 0 when it starts by loading a
-    /// checkpoint).
-    pub first_seq: u64,
+    /// checkpoint); `None` (a model restored after a restart) takes the first that arrives.
+    pub first_seq: Option<u64>,
+    /// The Tinker session it belongs to, if any.
+    pub session: Option<String>,
     pub created: std::time::SystemTime,
     /// Held by the one lane that runs this adapter's work, and briefly by readers.
     pub(crate) state: Mutex<AdapterState>,
@@ -48,6 +73,28 @@ pub(crate) struct Partial {
 }
 
 impl AdapterEntry {
+    pub fn new(
+        id: AdapterId,
+        tenant: TenantId,
+        config: LoraConfig,
+        first_seq: Option<u64>,
+        session: Option<String>,
+        train: TrainableAdapter,
+    ) -> Self {
+        AdapterEntry {
+            id,
+            tenant,
+            config,
+            first_seq,
+            session,
+            created: std::time::SystemTime::now(),
+            state: Mutex::new(AdapterState {
+                train,
+                partial: None,
+            }),
+        }
+    }
+
     /// A copy of the current weights (cheap: tensors are shared, updates replace them).
     pub fn weights(&self) -> LoraWeights {
         self.state.lock().train.weights.clone()
@@ -101,9 +148,21 @@ pub struct Registry {
     adapters: DashMap<AdapterId, Arc<AdapterEntry>>,
     sessions: DashMap<SessionId, Arc<Session>>,
     checkpoints: DashMap<(TenantId, String), Arc<Checkpoint>>,
+    persist: Option<Arc<dyn Persist>>,
 }
 
 impl Registry {
+    pub fn with_persist(loader: ModelLoader, persist: Option<Arc<dyn Persist>>) -> Self {
+        Registry {
+            persist,
+            ..Self::new(loader)
+        }
+    }
+
+    pub fn persist(&self) -> Option<&Arc<dyn Persist>> {
+        self.persist.as_ref()
+    }
+
     pub fn new(loader: ModelLoader) -> Self {
         Registry {
             base: tokio::sync::OnceCell::new(),
@@ -112,6 +171,7 @@ impl Registry {
             adapters: DashMap::new(),
             sessions: DashMap::new(),
             checkpoints: DashMap::new(),
+            persist: None,
         }
     }
 
@@ -141,7 +201,7 @@ impl Registry {
         self.loads.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn insert_adapter(&self, entry: AdapterEntry) -> Arc<AdapterEntry> {
+    pub fn insert_adapter(&self, entry: AdapterEntry) -> Arc<AdapterEntry> {
         let e = Arc::new(entry);
         self.adapters.insert(e.id.clone(), e.clone());
         e
@@ -204,18 +264,27 @@ impl Registry {
         model: &AdapterId,
         t: TrainableAdapter,
         ttl: Option<Duration>,
-    ) {
+    ) -> Result<()> {
         let created = SystemTime::now();
-        self.checkpoints.insert(
-            (tenant.clone(), name.to_owned()),
-            Arc::new(Checkpoint {
-                name: name.to_owned(),
-                model: model.clone(),
-                state: Arc::new(t),
-                created,
-                expires: ttl.map(|d| created + d),
-            }),
-        );
+        let c = Arc::new(Checkpoint {
+            name: name.to_owned(),
+            model: model.clone(),
+            state: Arc::new(t),
+            created,
+            expires: ttl.map(|d| created + d),
+        });
+        if let Some(p) = &self.persist {
+            p.save_checkpoint(tenant, &c)?;
+        }
+        self.checkpoints
+            .insert((tenant.clone(), name.to_owned()), c);
+        Ok(())
+    }
+
+    /// A checkpoint read back from the store at start-up.
+    pub fn restore_checkpoint(&self, tenant: &TenantId, c: Checkpoint) {
+        self.checkpoints
+            .insert((tenant.clone(), c.name.clone()), Arc::new(c));
     }
 
     /// A checkpoint of `tenant`'s, unless it expired.
@@ -237,11 +306,11 @@ impl Registry {
     /// ones are dropped on the way.
     pub fn checkpoints_of(&self, tenant: &TenantId, prefix: &str) -> Vec<Arc<Checkpoint>> {
         let now = SystemTime::now();
-        self.checkpoints.retain(|_, c| !c.expired(now));
         let mut v: Vec<_> = self
             .checkpoints
             .iter()
             .filter(|e| &e.key().0 == tenant && e.key().1.starts_with(prefix))
+            .filter(|e| !e.value().expired(now))
             .map(|e| e.value().clone())
             .collect();
         v.sort_by_key(|c| c.created);
@@ -249,9 +318,27 @@ impl Registry {
     }
 
     pub fn delete_checkpoint(&self, tenant: &TenantId, name: &str) -> Result<()> {
-        self.checkpoint_entry(tenant, name)?;
+        let c = self.checkpoint_entry(tenant, name)?;
+        if let Some(p) = &self.persist {
+            p.delete_checkpoint(tenant, &c)?;
+        }
         self.checkpoints.remove(&(tenant.clone(), name.to_owned()));
         Ok(())
+    }
+
+    /// Checkpoints whose time to live ran out, removed from the cache (and handed back so
+    /// the caller can delete their files).
+    pub fn take_expired_checkpoints(&self) -> Vec<(TenantId, Arc<Checkpoint>)> {
+        let now = SystemTime::now();
+        let keys: Vec<_> = self
+            .checkpoints
+            .iter()
+            .filter(|e| e.value().expired(now))
+            .map(|e| e.key().clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.checkpoints.remove(&k).map(|(k, c)| (k.0, c)))
+            .collect()
     }
 
     /// Set or clear a checkpoint's time to live, counted from now.
@@ -262,16 +349,18 @@ impl Registry {
         ttl: Option<Duration>,
     ) -> Result<()> {
         let c = self.checkpoint_entry(tenant, name)?;
-        self.checkpoints.insert(
-            (tenant.clone(), name.to_owned()),
-            Arc::new(Checkpoint {
-                name: c.name.clone(),
-                model: c.model.clone(),
-                state: c.state.clone(),
-                created: c.created,
-                expires: ttl.map(|d| SystemTime::now() + d),
-            }),
-        );
+        let c = Arc::new(Checkpoint {
+            name: c.name.clone(),
+            model: c.model.clone(),
+            state: c.state.clone(),
+            created: c.created,
+            expires: ttl.map(|d| SystemTime::now() + d),
+        });
+        if let Some(p) = &self.persist {
+            p.set_checkpoint_expiry(tenant, &c)?;
+        }
+        self.checkpoints
+            .insert((tenant.clone(), name.to_owned()), c);
         Ok(())
     }
 

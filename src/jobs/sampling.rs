@@ -143,7 +143,7 @@ impl SampleRequest {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SampledSeq {
     pub tokens: Vec<u32>,
     /// log p(token) under the model (temperature 1, before filtering).
@@ -153,7 +153,7 @@ pub struct SampledSeq {
     pub stop_reason: StopReason,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SampleOutput {
     pub sequences: Vec<SampledSeq>,
     /// With `prompt_logprobs`: for prompt tokens 1.., log p(token | earlier tokens).

@@ -208,7 +208,7 @@ impl Scheduler {
             .entry(entry.id.clone())
             .or_insert_with(|| ModelQueue {
                 entry: entry.clone(),
-                next_seq: entry.first_seq,
+                next_seq: entry.first_seq.or(seq_id).unwrap_or(0),
                 pending: BTreeMap::new(),
                 seen: HashMap::new(),
                 outstanding: 0,

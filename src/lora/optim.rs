@@ -77,7 +77,7 @@ pub struct AdamState {
 }
 
 /// What a step did, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
     pub step: u64,
     pub grad_norm: f64,

@@ -47,7 +47,7 @@ pub struct Work<'a> {
     pub config: &'a LossConfig,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkResult {
     pub loss: f64,
     pub metrics: BTreeMap<String, f64>,

@@ -5,6 +5,8 @@
 //! reads what is there.
 #![allow(dead_code)]
 
+pub mod server;
+
 use candle_core::{DType, Device, Tensor};
 use loraplex::lora::{LoraConfig, LoraWeights, Target};
 use loraplex::model::{BaseModel, LlamaConfig};

@@ -181,7 +181,12 @@ def main():
     out = tc.forward(data, "cross_entropy").result()
     check(math.isfinite(out.metrics["loss:sum"]), "training client still works after a refused request")
 
-    sc.close("success") if callable(getattr(sc, "close", None)) else None
+    sc.close("success").result()
+    try:
+        rc.get_training_run(tc.model_id).result()
+        check(False, "a closed session's models are released")
+    except Exception:  # noqa: BLE001
+        log("ok: closing the session released its training models")
     log("ALL SDK CHECKS PASSED")
 
 

@@ -116,6 +116,10 @@ pub fn routes() -> Router<Shared> {
             "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
             put(training::set_checkpoint_ttl),
         )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/peft",
+            get(training::download_peft),
+        )
         .route("/api/v1/checkpoints", get(training::list_user_checkpoints))
         .route("/api/v1/weights_info", post(training::weights_info))
         .route(
@@ -143,6 +147,15 @@ pub async fn reap_sessions(state: Shared) {
         for id in stale {
             tracing::info!(session = %id, "session stopped heartbeating; releasing it");
             session::release(&state, &id).await;
+        }
+        // Checkpoints past their time to live: out of the cache, then off the disk.
+        for (tenant, c) in state.engine.registry().take_expired_checkpoints() {
+            if let Some(p) = state.engine.registry().persist().cloned() {
+                let r = tokio::task::spawn_blocking(move || p.delete_checkpoint(&tenant, &c)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %e, "cannot delete an expired checkpoint");
+                }
+            }
         }
     }
 }
@@ -191,12 +204,17 @@ impl TinkerPath {
 }
 
 /// A checkpoint name chosen by a user: no `/`, bounded length.
+/// A checkpoint name chosen by a user: what the checkpoint store accepts as a directory
+/// name, and not the name reserved for automatic checkpoints.
 pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
-    if name.is_empty() || name.len() > 200 || name.contains('/') || name.contains(char::is_control)
-    {
+    crate::store::checkpoint::check_name(field, name).map_err(crate::Error::from)?;
+    if name.starts_with(crate::store::durable::AUTO_CHECKPOINT) {
         return Err(ApiError::invalid(
             field,
-            format!("{name:?} must be 1 to 200 characters with no '/'"),
+            format!(
+                "names starting with {:?} are reserved for automatic checkpoints",
+                crate::store::durable::AUTO_CHECKPOINT
+            ),
         ));
     }
     Ok(())

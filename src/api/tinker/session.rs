@@ -62,6 +62,9 @@ pub async fn create_session(
             samplers: Mutex::new(Vec::new()),
         },
     );
+    if let Some(d) = &s.durable {
+        d.session_created(&tenant, &id).await?;
+    }
     tracing::info!(session = %id, tenant = %tenant, "session created");
     let info = s
         .auth
@@ -88,6 +91,12 @@ pub async fn heartbeat(
     match s.tinker.session(&tenant, &req.session_id) {
         Ok(sess) => {
             *sess.last_heartbeat.lock() = Instant::now();
+            drop(sess);
+            if let Some(d) = &s.durable {
+                if let Err(e) = d.session_heartbeat(&tenant, &req.session_id).await {
+                    tracing::warn!(error = %e, "cannot record a heartbeat");
+                }
+            }
             Ok(axum::Json(json!({"type": "session_heartbeat"})).into_response())
         }
         Err(_) => Ok((
@@ -111,6 +120,30 @@ pub async fn finish(
     Ok(axum::Json(json!({})))
 }
 
+/// Sessions and their models as a previous run left them; each gets a fresh heartbeat
+/// allowance, so a client that reconnects within the timeout finds them.
+pub fn restore(s: &Shared, r: &crate::store::durable::Restored) {
+    for rec in &r.sessions {
+        let models: Vec<String> = r
+            .model_sessions
+            .iter()
+            .filter(|(_, sid)| sid == &rec.id.0)
+            .map(|(m, _)| m.0.clone())
+            .collect();
+        s.tinker.sessions.insert(
+            rec.id.0.clone(),
+            SessionInfo {
+                tenant: rec.tenant.clone(),
+                created: rec.created,
+                last_heartbeat: Mutex::new(Instant::now()),
+                user_metadata: Value::Null,
+                models: Mutex::new(models),
+                samplers: Mutex::new(Vec::new()),
+            },
+        );
+    }
+}
+
 /// Drop a session with its training models and sampling sessions (checkpoints stay).
 pub async fn release(s: &Shared, id: &str) {
     let Some((_, sess)) = s.tinker.sessions.remove(id) else {
@@ -121,7 +154,7 @@ pub async fn release(s: &Shared, id: &str) {
     for m in models {
         let _ = s
             .engine
-            .delete_model(&sess.tenant, &AdapterId(m.clone()))
+            .unload_model(&sess.tenant, &AdapterId(m.clone()))
             .await;
         s.tinker.last_request.remove(&m);
     }

@@ -106,11 +106,12 @@ pub async fn create_model(
         dashmap::Entry::Vacant(v) => {
             let engine = s.engine.clone();
             let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
+            let session = Some(req.session_id.clone());
             let f = s
                 .engine
                 .spawn_job(&tenant, JobKind::CreateModel, async move {
                     engine
-                        .create_model_as(&t, id, config, 1)
+                        .create_model_as(&t, id, config, Some(1), session)
                         .await
                         .map(JobOutput::ModelCreated)
                 })?;
@@ -147,6 +148,7 @@ pub async fn get_info(
         },
         "is_lora": true,
         "lora_rank": e.config.rank,
+        "step": e.step(),
         "model_name": s.model_name,
         "optimizer_config": {"type": "adamw"},
     })))
@@ -538,7 +540,13 @@ pub async fn load_weights(
             }
             let config = ckpt.state.weights.config.clone();
             s.engine
-                .create_model_as(&tenant, AdapterId(model_id.clone()), config, 0)
+                .create_model_as(
+                    &tenant,
+                    AdapterId(model_id.clone()),
+                    config,
+                    Some(0),
+                    Some(session.clone()),
+                )
                 .await?;
             let f = submit(&s, &tenant, &model_id, 0, Ok(op(&path))).await?;
             s.tinker
@@ -570,7 +578,7 @@ pub async fn unload_model(
     let f = s
         .engine
         .spawn_job(&tenant, JobKind::CreateModel, async move {
-            engine.delete_model(&t, &id).await?;
+            engine.unload_model(&t, &id).await?;
             Ok(JobOutput::ModelUnloaded(id))
         })?;
     Ok(future_json(&f, Some(&req.model_id)))
@@ -705,6 +713,7 @@ fn training_run(s: &Shared, tenant: &TenantId, id: &str) -> ApiResult<Value> {
         "is_lora": true,
         "corrupted": false,
         "lora_rank": e.config.rank,
+        "step": e.step(),
         "last_request_time": rfc3339(last_request),
         "last_checkpoint": last("weights"),
         "last_sampler_checkpoint": last("sampler_weights"),
@@ -769,4 +778,41 @@ pub async fn weights_info(
         "train_attn": has(Target::Q) || has(Target::K) || has(Target::V) || has(Target::O),
         "optimizer_config": {"type": "adamw"},
     })))
+}
+
+/// A checkpoint's adapter as a `.tar` in Hugging Face PEFT layout (`adapter_config.json`,
+/// `adapter_model.safetensors`), ready for `PeftModel.from_pretrained`.
+pub async fn download_peft(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let c = s
+        .engine
+        .registry()
+        .checkpoint_entry(&tenant, &format!("{id}/{kind}/{name}"))?;
+    let base = s.model_name.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        crate::store::peft::export_peft_tar(&c.state.weights, &base, &mut out).map(|_| out)
+    })
+    .await
+    .map_err(|e| crate::Error::Unavailable(format!("export panicked: {e}")))?
+    .map_err(crate::Error::from)?;
+    let file = format!(
+        "attachment; filename=\"{}-{name}-peft.tar\"",
+        id.replace(':', ".")
+    );
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/x-tar".to_owned(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, file),
+        ],
+        bytes,
+    )
+        .into_response())
 }

@@ -1,0 +1,605 @@
+//! The durable side of a running server: one handle over the metadata database, the
+//! checkpoint files and the plugin bytes under the data directory. It implements the
+//! engine's [`Persist`] (checkpoints are on disk before a save is acknowledged; an
+//! automatic checkpoint follows every K optimizer steps; a deleted model's files go) and
+//! rebuilds the engine's registry at start-up ([`Durable::restore`]).
+//!
+//! The database runs on a small runtime of its own, so lanes and blocking threads can wait
+//! on it ([`Durable::block`]) and async handlers can await it ([`Durable::call`]) without
+//! either kind of caller blocking tokio's workers.
+
+use super::checkpoint::{model_dir_name, CheckpointKind, CheckpointStore};
+use super::db::{CheckpointRecord, Db, ModelRecord, PluginRecord, SessionRecord, TenantRecord};
+use super::error::StoreError;
+use crate::error::{Error, Result};
+use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist};
+use crate::jobs::{AdapterId, Engine, TenantId};
+use crate::lora::{LoraConfig, LoraWeights};
+use crate::model::BaseModel;
+use crate::train::TrainableAdapter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Prefix of a model's automatic checkpoints (`auto-<step>`; only the newest is kept, and
+/// none appears in the user's listings). Users cannot name checkpoints with it.
+pub const AUTO_CHECKPOINT: &str = "auto-";
+
+fn auto_name(step: u64) -> String {
+    format!("{AUTO_CHECKPOINT}{step:010}")
+}
+
+/// Adapters at least this big default to an automatic checkpoint every
+/// [`LARGE_ADAPTER_AUTO_EVERY`] steps instead of every step.
+const LARGE_ADAPTER_BYTES: u64 = 64 << 20;
+const LARGE_ADAPTER_AUTO_EVERY: u64 = 10;
+
+pub struct Durable {
+    rt: tokio::runtime::Handle,
+    db: Db,
+    checkpoints: CheckpointStore,
+    plugin_dir: PathBuf,
+    base_model: String,
+    /// Automatic checkpoint every this many optimizer steps (`None`: by adapter size).
+    auto_every: Option<u64>,
+}
+
+/// What [`Durable::restore`] brought back.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub models: usize,
+    pub checkpoints: usize,
+    pub sessions: Vec<SessionRecord>,
+    /// model → its Tinker session.
+    pub model_sessions: Vec<(AdapterId, String)>,
+}
+
+fn store_err(e: StoreError) -> Error {
+    e.into()
+}
+
+impl Durable {
+    /// Open (or create) everything under `data_dir`: `loraplex.db`, `checkpoints/`,
+    /// `plugins/`. Unfinished checkpoint writes left by a crash are swept.
+    pub fn open(
+        data_dir: &Path,
+        base_model: &str,
+        auto_every: Option<u64>,
+    ) -> Result<Arc<Durable>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("loraplex-db".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("loraplex-db-io")
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(std::future::pending::<()>());
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+        let rt = rx
+            .recv()
+            .map_err(|_| Error::Unavailable("the database thread did not start".into()))??;
+        let path = data_dir.join("loraplex.db");
+        let db = rt.block_on(Db::open(&path)).map_err(store_err)?;
+        let (checkpoints, _) =
+            CheckpointStore::open(data_dir.join("checkpoints")).map_err(store_err)?;
+        let plugin_dir = data_dir.join("plugins");
+        std::fs::create_dir_all(&plugin_dir)?;
+        Ok(Arc::new(Durable {
+            rt,
+            db,
+            checkpoints,
+            plugin_dir,
+            base_model: base_model.to_owned(),
+            auto_every,
+        }))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.db.path().to_owned()
+    }
+
+    /// Run database work from a thread that may block (a lane, `spawn_blocking`).
+    pub fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
+    /// Run database work from async code on another runtime.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Db) -> Fut,
+        Fut: std::future::Future<Output = super::error::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = f(self.db.clone());
+        self.rt
+            .spawn(fut)
+            .await
+            .map_err(|e| Error::Unavailable(format!("database task failed: {e}")))?
+            .map_err(store_err)
+    }
+
+    async fn ensure_tenant(db: &Db, tenant: &TenantId) -> super::error::Result<()> {
+        match db.get_tenant(tenant).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotFound { .. }) => {
+                let r = db
+                    .insert_tenant(&TenantRecord {
+                        id: tenant.clone(),
+                        name: String::new(),
+                        created: SystemTime::now(),
+                    })
+                    .await;
+                match r {
+                    Err(StoreError::AlreadyExists { .. }) | Ok(()) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- sessions and plugins (called by the API) ----
+
+    pub async fn session_created(&self, tenant: &TenantId, id: &str) -> Result<()> {
+        let (t, rec) = (
+            tenant.clone(),
+            SessionRecord {
+                id: super::db::ClientSessionId(id.to_owned()),
+                tenant: tenant.clone(),
+                created: SystemTime::now(),
+                last_heartbeat: SystemTime::now(),
+            },
+        );
+        self.call(move |db| async move {
+            Self::ensure_tenant(&db, &t).await?;
+            db.insert_session(&rec).await
+        })
+        .await
+    }
+
+    pub async fn session_heartbeat(&self, tenant: &TenantId, id: &str) -> Result<()> {
+        let (t, id) = (tenant.clone(), super::db::ClientSessionId(id.to_owned()));
+        self.call(move |db| async move { db.heartbeat_session(&t, &id, SystemTime::now()).await })
+            .await
+    }
+
+    /// Keep a plugin's bytes (by content hash) and its owner.
+    pub async fn plugin_uploaded(
+        &self,
+        tenant: &TenantId,
+        hash: &str,
+        kind: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let file = self.plugin_file(hash)?;
+        if !file.exists() {
+            let tmp = file.with_extension("wasm.tmp");
+            let bytes = bytes.to_vec();
+            let (t2, f2) = (tmp.clone(), file.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&t2)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&t2, &f2)?;
+                if let Some(d) = f2.parent() {
+                    std::fs::File::open(d)?.sync_all()?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("plugin write panicked: {e}")))??;
+        }
+        let rec = PluginRecord {
+            tenant: tenant.clone(),
+            content_hash: hash.to_owned(),
+            kind: kind.to_owned(),
+            created: SystemTime::now(),
+        };
+        let t = tenant.clone();
+        self.call(move |db| async move {
+            Self::ensure_tenant(&db, &t).await?;
+            db.insert_plugin(&rec).await.map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn plugin_deleted(&self, tenant: &TenantId, hash: &str) -> Result<()> {
+        let (t, h) = (tenant.clone(), hash.to_owned());
+        let still_owned = self
+            .call(move |db| async move { db.delete_plugin(&t, &h).await })
+            .await?;
+        if !still_owned {
+            let _ = std::fs::remove_file(self.plugin_file(hash)?);
+        }
+        Ok(())
+    }
+
+    fn plugin_file(&self, hash: &str) -> Result<PathBuf> {
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::invalid("plugin_id", "not a content hash"));
+        }
+        Ok(self.plugin_dir.join(format!("{hash}.wasm")))
+    }
+
+    /// Every tenant's plugins, with their bytes, for reloading at start-up.
+    pub fn stored_plugins(&self) -> Result<Vec<(PluginRecord, Vec<u8>)>> {
+        let db = self.db.clone();
+        let recs = self
+            .block(async move {
+                let mut out = Vec::new();
+                for t in db.list_tenants().await? {
+                    out.extend(db.list_plugins(&t.id).await?);
+                }
+                Ok::<_, StoreError>(out)
+            })
+            .map_err(store_err)?;
+        let mut out = Vec::new();
+        for r in recs {
+            match std::fs::read(self.plugin_file(&r.content_hash)?) {
+                Ok(b) => out.push((r, b)),
+                Err(e) => {
+                    tracing::error!(plugin = %r.content_hash, error = %e, "plugin bytes missing")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuild the registry after a restart: every live model at its newest checkpoint
+    /// (automatic or explicit; a model never stepped is re-initialised from its seed, which
+    /// gives the same weights), every checkpoint, and the open sessions. Blocking.
+    pub fn restore(&self, engine: &Engine, model: &BaseModel) -> Result<Restored> {
+        let db = self.db.clone();
+        let (tenants, per_tenant) = self
+            .block(async move {
+                let tenants = db.list_tenants().await?;
+                let mut rows = Vec::new();
+                for t in &tenants {
+                    let models = db.list_models(&t.id, false).await?;
+                    let cks = db.list_checkpoints(&t.id, None).await?;
+                    let sessions = db.list_sessions(&t.id).await?;
+                    rows.push((models, cks, sessions));
+                }
+                Ok::<_, StoreError>((tenants, rows))
+            })
+            .map_err(store_err)?;
+        let mut out = Restored::default();
+        let reg = engine.registry();
+        for (t, (models, cks, sessions)) in tenants.iter().zip(per_tenant) {
+            for m in models {
+                let state = self.model_state(&t.id, &m, model)?;
+                if let Some(s) = &m.session {
+                    out.model_sessions.push((m.id.clone(), s.0.clone()));
+                }
+                reg.insert_adapter(AdapterEntry::new(
+                    m.id.clone(),
+                    t.id.clone(),
+                    m.lora_config.clone(),
+                    None,
+                    m.session.as_ref().map(|s| s.0.clone()),
+                    state,
+                ));
+                out.models += 1;
+            }
+            for c in cks {
+                let name = match c.path.strip_prefix("tinker://") {
+                    Some(n) => n.to_owned(),
+                    None => continue,
+                };
+                match super::checkpoint::read_checkpoint(&c.dir, &model.device) {
+                    Ok(ck) => {
+                        reg.restore_checkpoint(
+                            &t.id,
+                            Checkpoint {
+                                name,
+                                model: c.model.clone(),
+                                state: Arc::new(ck.into_trainable()),
+                                created: c.created,
+                                expires: c.expires,
+                            },
+                        );
+                        out.checkpoints += 1;
+                    }
+                    Err(e) => tracing::error!(path = %c.path, error = %e, "checkpoint unreadable"),
+                }
+            }
+            out.sessions.extend(sessions);
+        }
+        Ok(out)
+    }
+
+    fn model_state(
+        &self,
+        tenant: &TenantId,
+        m: &ModelRecord,
+        model: &BaseModel,
+    ) -> Result<TrainableAdapter> {
+        // The newest of the automatic checkpoint and the explicit ones (by step).
+        let auto = self
+            .checkpoints
+            .list(tenant, &m.id, CheckpointKind::Training)
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(AUTO_CHECKPOINT))
+            .max_by_key(|(_, meta)| meta.step);
+        let explicit = match &m.newest_checkpoint {
+            Some(p) => Some(split_name(p.strip_prefix("tinker://").unwrap_or(p))?),
+            None => None,
+        };
+        let pick = match (auto, explicit) {
+            (Some((n, meta)), Some(e)) => {
+                let e_step = self
+                    .checkpoints
+                    .load(tenant, &e.0, e.1, &e.2, &model.device)
+                    .map(|c| c.meta.step)
+                    .unwrap_or(0);
+                if meta.step >= e_step {
+                    Some((m.id.clone(), CheckpointKind::Training, n))
+                } else {
+                    Some(e)
+                }
+            }
+            (Some((n, _)), None) => Some((m.id.clone(), CheckpointKind::Training, n)),
+            (None, e) => e,
+        };
+        let ck = match pick {
+            Some((mid, kind, name)) => Some(
+                self.checkpoints
+                    .load(tenant, &mid, kind, &name, &model.device)
+                    .map_err(store_err)?,
+            ),
+            None => None,
+        };
+        match ck {
+            Some(c) => {
+                c.check_model(&model.config).map_err(store_err)?;
+                Ok(c.into_trainable())
+            }
+            None => Ok(TrainableAdapter::new(LoraWeights::init(
+                &m.lora_config,
+                &model.config,
+                &model.device,
+            )?)),
+        }
+    }
+
+    fn auto_every(&self, state: &TrainableAdapter) -> u64 {
+        self.auto_every
+            .unwrap_or_else(|| {
+                let n: usize = state
+                    .weights
+                    .pairs
+                    .values()
+                    .map(|p| p.a.elem_count() + p.b.elem_count())
+                    .sum();
+                if (n as u64) * 4 < LARGE_ADAPTER_BYTES {
+                    1
+                } else {
+                    LARGE_ADAPTER_AUTO_EVERY
+                }
+            })
+            .max(1)
+    }
+}
+
+/// `{model}/{segment}/{name}` → its parts.
+fn split_name(name: &str) -> Result<(AdapterId, CheckpointKind, String)> {
+    let parts: Vec<&str> = name.split('/').collect();
+    let kind = |seg: &str| match seg {
+        "weights" => Some(CheckpointKind::Training),
+        "sampler_weights" => Some(CheckpointKind::Sampler),
+        _ => None,
+    };
+    match parts.as_slice() {
+        [m, seg, n] if !m.is_empty() => match kind(seg) {
+            Some(k) => Ok((AdapterId((*m).to_owned()), k, (*n).to_owned())),
+            None => Err(Error::invalid(
+                "path",
+                format!("{name:?}: unknown segment {seg:?}"),
+            )),
+        },
+        _ => Err(Error::invalid(
+            "path",
+            format!("{name:?} is not model/segment/name"),
+        )),
+    }
+}
+
+impl Persist for Durable {
+    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+        let (model, kind, name) = split_name(&c.name)?;
+        // Overwrite: the old files go first (a crash in between loses the old copy, never
+        // leaves a half-written one).
+        if self
+            .checkpoints
+            .dir_of(tenant, &model, kind, &name)
+            .map_err(store_err)?
+            .exists()
+        {
+            self.checkpoints
+                .delete(tenant, &model, kind, &name)
+                .map_err(store_err)?;
+        }
+        let (dir, meta) = self
+            .checkpoints
+            .save(tenant, &model, kind, &name, &c.state)
+            .map_err(store_err)?;
+        let rec = CheckpointRecord {
+            path: format!("tinker://{}", c.name),
+            model: model.clone(),
+            tenant: tenant.clone(),
+            kind,
+            dir,
+            size_bytes: meta.size_bytes,
+            step: c.state.optim.step,
+            created: c.created,
+            expires: c.expires,
+        };
+        let (db, t) = (self.db.clone(), tenant.clone());
+        self.block(async move {
+            Self::ensure_tenant(&db, &t).await?;
+            // Overwriting: the new files are in place; replace the row.
+            match db.delete_checkpoint(&t, &rec.path).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            db.insert_checkpoint(&rec).await?;
+            if kind == CheckpointKind::Training {
+                match db
+                    .update_model_progress(&t, &rec.model, rec.step, Some(&rec.path))
+                    .await
+                {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .map_err(store_err)
+    }
+
+    fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+        let (model, kind, name) = split_name(&c.name)?;
+        let (db, t, path) = (
+            self.db.clone(),
+            tenant.clone(),
+            format!("tinker://{}", c.name),
+        );
+        self.block(async move { db.delete_checkpoint(&t, &path).await })
+            .map(|_| ())
+            .or_else(|e| match e {
+                StoreError::NotFound { .. } => Ok(()),
+                e => Err(e),
+            })
+            .map_err(store_err)?;
+        match self.checkpoints.delete(tenant, &model, kind, &name) {
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    fn set_checkpoint_expiry(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+        let (db, t, path, exp) = (
+            self.db.clone(),
+            tenant.clone(),
+            format!("tinker://{}", c.name),
+            c.expires,
+        );
+        self.block(async move { db.set_checkpoint_expiry(&t, &path, exp).await })
+            .map_err(store_err)
+    }
+
+    fn stepped(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<()> {
+        let step = state.optim.step;
+        let auto = step % self.auto_every(state) == 0;
+        if auto {
+            let name = auto_name(step);
+            self.checkpoints
+                .save(tenant, model, CheckpointKind::Training, &name, state)
+                .map_err(store_err)?;
+            // The new one is complete: older automatic checkpoints can go.
+            for (old, _) in self
+                .checkpoints
+                .list(tenant, model, CheckpointKind::Training)
+                .map_err(store_err)?
+            {
+                if old.starts_with(AUTO_CHECKPOINT) && old != name {
+                    let _ = self
+                        .checkpoints
+                        .delete(tenant, model, CheckpointKind::Training, &old);
+                }
+            }
+        }
+        let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
+        self.block(async move {
+            let newest = db.get_model(&t, &m).await?.newest_checkpoint;
+            db.update_model_progress(&t, &m, step, newest.as_deref())
+                .await
+        })
+        .map_err(store_err)
+    }
+
+    fn model_created(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        config: &LoraConfig,
+        session: Option<&str>,
+    ) -> Result<()> {
+        let rec = ModelRecord {
+            id: model.clone(),
+            tenant: tenant.clone(),
+            session: session.map(|s| super::db::ClientSessionId(s.to_owned())),
+            base_model: self.base_model.clone(),
+            lora_config: config.clone(),
+            step: 0,
+            newest_checkpoint: None,
+            deleted: false,
+            created: SystemTime::now(),
+        };
+        let (db, t) = (self.db.clone(), tenant.clone());
+        self.block(async move {
+            Self::ensure_tenant(&db, &t).await?;
+            db.insert_model(&rec).await
+        })
+        .map_err(store_err)
+    }
+
+    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId, purge: bool) -> Result<()> {
+        let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
+        let cks = self
+            .block(async move {
+                db.mark_model_deleted(&t, &m).await?;
+                let cks = if purge {
+                    db.list_checkpoints(&t, Some(&m)).await?
+                } else {
+                    Vec::new()
+                };
+                for c in &cks {
+                    db.delete_checkpoint(&t, &c.path).await?;
+                }
+                Ok::<_, StoreError>(cks)
+            })
+            .map_err(store_err)?;
+        // Automatic checkpoints go either way: the model will not come back.
+        for (old, _) in self
+            .checkpoints
+            .list(tenant, model, CheckpointKind::Training)
+            .map_err(store_err)?
+        {
+            if old.starts_with(AUTO_CHECKPOINT) {
+                let _ = self
+                    .checkpoints
+                    .delete(tenant, model, CheckpointKind::Training, &old);
+            }
+        }
+        if purge {
+            drop(cks);
+            let dir = self
+                .checkpoints
+                .root()
+                .join(tenant.as_str())
+                .join(model_dir_name(model).map_err(store_err)?);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+        }
+        Ok(())
+    }
+}
