@@ -241,6 +241,28 @@ async fn fb(
     .await
 }
 
+async fn send_fb(app: &Router, key: &str, req: &proto::ForwardBackwardRequest) -> Resp {
+    call(
+        app,
+        Method::POST,
+        "/api/v1/forward_backward",
+        Some(key),
+        "application/x-protobuf",
+        req.encode_to_vec(),
+    )
+    .await
+}
+
+/// The protobuf result of a forward_backward submitted as `r`.
+async fn fb_result(app: &Router, key: &str, r: &Resp) -> proto::ForwardBackwardOutput {
+    let id = r.json()["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_owned();
+    proto::ForwardBackwardOutput::decode(retrieve(app, key, &id).await.body)
+        .expect("ForwardBackwardOutput")
+}
+
 /// A session and a trained-from-zero model; returns (session, model id).
 async fn tinker_model(app: &Router, key: &str) -> (String, String) {
     let s = post(
@@ -742,21 +764,8 @@ async fn tinker_protocol_over_raw_http() {
         forward_only: true,
         ..Default::default()
     };
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/v1/forward_backward",
-        Some(A),
-        "application/x-protobuf",
-        fwd.encode_to_vec(),
-    )
-    .await;
-    let o = proto::ForwardBackwardOutput::decode(
-        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
-            .await
-            .body,
-    )
-    .unwrap();
+    let r = send_fb(&app, A, &fwd).await;
+    let o = fb_result(&app, A, &r).await;
     assert!(
         o.metrics["loss:sum"] < loss0,
         "{} < {loss0}",
@@ -797,38 +806,12 @@ async fn tinker_protocol_over_raw_http() {
     fwd.seq_id = 4;
     fwd.data = vec![rl.clone()];
     fwd.loss_fn = "ppo".into();
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/v1/forward_backward",
-        Some(A),
-        "application/x-protobuf",
-        fwd.encode_to_vec(),
-    )
-    .await;
-    let builtin = proto::ForwardBackwardOutput::decode(
-        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
-            .await
-            .body,
-    )
-    .unwrap();
+    let r = send_fb(&app, A, &fwd).await;
+    let builtin = fb_result(&app, A, &r).await;
     fwd.seq_id = 5;
     fwd.loss_fn = format!("plugin:{pid}");
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/v1/forward_backward",
-        Some(A),
-        "application/x-protobuf",
-        fwd.encode_to_vec(),
-    )
-    .await;
-    let plugin = proto::ForwardBackwardOutput::decode(
-        retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
-            .await
-            .body,
-    )
-    .unwrap();
+    let r = send_fb(&app, A, &fwd).await;
+    let plugin = fb_result(&app, A, &r).await;
     let (a, b) = (builtin.metrics["loss:sum"], plugin.metrics["loss:sum"]);
     assert!(
         (a - b).abs() < 1e-4 * a.abs().max(1.0),
@@ -859,15 +842,7 @@ async fn tinker_protocol_over_raw_http() {
         200
     );
     fwd.seq_id = 6;
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/v1/forward_backward",
-        Some(A),
-        "application/x-protobuf",
-        fwd.encode_to_vec(),
-    )
-    .await;
+    let r = send_fb(&app, A, &fwd).await;
     let f = retrieve(&app, A, r.json()["request_id"].as_str().unwrap())
         .await
         .json();

@@ -8,7 +8,7 @@
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Tenant};
 use super::tinker::sampling::SamplingParamsJson;
-use super::tinker::training::AdamJson;
+use super::tinker::training::{check_base_model, AdamJson};
 use super::Shared;
 use crate::jobs::{
     AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, TenantId,
@@ -76,30 +76,14 @@ async fn add_lora(
     Json(req): Json<AddLora>,
 ) -> ApiResult<axum::Json<Value>> {
     if let Some(b) = &req.base_model {
-        if b != &s.model_name {
-            return Err(ApiError::invalid(
-                "base_model",
-                format!(
-                    "{b:?} is not served here; this server serves {:?}",
-                    s.model_name
-                ),
-            ));
-        }
+        check_base_model(&s, b)?;
     }
     let rank = req.rank.unwrap_or(8);
     let config = LoraConfig {
         rank,
         alpha: req.alpha.unwrap_or(2.0 * rank as f32),
         seed: req.seed.unwrap_or(0),
-        targets: vec![
-            Target::Q,
-            Target::K,
-            Target::V,
-            Target::O,
-            Target::Gate,
-            Target::Up,
-            Target::Down,
-        ],
+        targets: Target::ALL.to_vec(),
         train_unembed: false,
     };
     if !(config.alpha.is_finite() && config.alpha > 0.0) {

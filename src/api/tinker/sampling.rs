@@ -44,15 +44,7 @@ pub async fn create_sampling_session(
             s.engine.checkpoint_sampling_session(&tenant, &path.key())?
         }
         (None, Some(b)) => {
-            if b != &s.model_name {
-                return Err(ApiError::invalid(
-                    "base_model",
-                    format!(
-                        "{b:?} is not served here; this server serves {:?}",
-                        s.model_name
-                    ),
-                ));
-            }
+            super::training::check_base_model(&s, b)?;
             s.engine.base_sampling_session(&tenant).await?
         }
         (None, None) => {

@@ -49,7 +49,8 @@ pub struct CreateModel {
     optimizer_config: Option<Value>,
 }
 
-fn check_base_model(s: &Shared, name: &str) -> ApiResult<()> {
+/// The base model a request names must be the one served.
+pub fn check_base_model(s: &Shared, name: &str) -> ApiResult<()> {
     if name != s.model_name {
         return Err(ApiError::invalid(
             "base_model",
