@@ -51,6 +51,7 @@ fn app_with(max_body: usize) -> (Router, Shared) {
         Auth::Development,
         loraplex::config::DEFAULT_MODEL_NAME.into(),
         PluginLimits::default(),
+        None,
     )
     .expect("state");
     (loraplex::api::router(state.clone()), state)

@@ -59,6 +59,7 @@ impl AppState {
         auth: Auth,
         model_name: String,
         limits: PluginLimits,
+        durable: Option<Arc<Durable>>,
     ) -> Result<Shared> {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let plugins = plugins::PluginStore::new(limits, Some(cfg.data_dir.join("plugin-cache")))?;
@@ -72,18 +73,8 @@ impl AppState {
             rest: rest::RestState::default(),
             metrics: ops::HttpMetrics::default(),
             started: Instant::now(),
-            durable: None,
+            durable,
         }))
-    }
-
-    fn with_durable(self: Shared, durable: Arc<Durable>) -> Shared {
-        match Arc::try_unwrap(self) {
-            Ok(mut s) => {
-                s.durable = Some(durable);
-                Arc::new(s)
-            }
-            Err(s) => s,
-        }
     }
 }
 
@@ -213,8 +204,8 @@ pub async fn build(
         auth,
         model.model_name,
         PluginLimits::from_env().map_err(Error::Plugin)?,
-    )?
-    .with_durable(durable.clone());
+        Some(durable.clone()),
+    )?;
     let base = engine.base_model().await?;
     let (d, e) = (durable.clone(), engine.clone());
     let restored = tokio::task::spawn_blocking(move || d.restore(&e, &base))
