@@ -6,7 +6,7 @@ use super::ids::{FutureId, TenantId};
 use crate::error::{Error, Result};
 use crate::lora::optim::AdamParams;
 use crate::model::BaseModel;
-use crate::train::loss::{self, LossConfig, LossFunction};
+use crate::train::loss::{LossConfig, LossFunction};
 use crate::train::Datum;
 use std::sync::Arc;
 
@@ -40,18 +40,7 @@ impl FbRequest {
             return Err(Error::invalid("data", "no data"));
         }
         for (i, d) in self.data.iter().enumerate() {
-            let field = format!("data[{i}]");
-            model.check_tokens(&format!("{field}.model_input"), &d.model_input, 0)?;
-            let (ids, _) = loss::targets_of(&d.loss_fn_inputs, d.model_input.len(), &field)?;
-            if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
-                return Err(Error::invalid(
-                    format!("{field}.loss_fn_inputs.target_tokens"),
-                    format!(
-                        "token id {t} is outside the vocabulary (size {})",
-                        model.config.vocab_size
-                    ),
-                ));
-            }
+            d.checked_targets(model, &format!("data[{i}]"))?;
         }
         Ok(())
     }

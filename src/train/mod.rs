@@ -19,6 +19,35 @@ pub struct Datum {
 }
 
 impl Datum {
+    /// Check the datum against the model (token ids, target ids, every input's leading
+    /// dimension) and return its target ids and K (candidates per position).
+    pub fn checked_targets(&self, model: &BaseModel, field: &str) -> Result<(Vec<u32>, usize)> {
+        model.check_tokens(&format!("{field}.model_input"), &self.model_input, 0)?;
+        let (ids, k) = loss::targets_of(&self.loss_fn_inputs, self.model_input.len(), field)?;
+        if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
+            return Err(Error::invalid(
+                format!("{field}.loss_fn_inputs.target_tokens"),
+                format!(
+                    "token id {t} is outside the vocabulary (size {})",
+                    model.config.vocab_size
+                ),
+            ));
+        }
+        for (name, t) in &self.loss_fn_inputs {
+            let lead = t.shape.first().copied().unwrap_or(t.len());
+            if lead != self.model_input.len() {
+                return Err(Error::invalid(
+                    format!("{field}.loss_fn_inputs.{name}"),
+                    format!(
+                        "leading dimension {lead} differs from the model_input length {}",
+                        self.model_input.len()
+                    ),
+                ));
+            }
+        }
+        Ok((ids, k))
+    }
+
     /// Next-token cross-entropy on `tokens`: inputs `tokens[..n-1]`, targets `tokens[1..]`,
     /// weight 1 on every target at or after `prompt_len - 1` (0 before).
     pub fn next_token(tokens: &[u32], prompt_len: usize) -> Self {
@@ -172,33 +201,7 @@ fn validate_work(
     w.data
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let field = format!("data[{i}]");
-            model.check_tokens(&format!("{field}.model_input"), &d.model_input, 0)?;
-            let (ids, k) = loss::targets_of(&d.loss_fn_inputs, d.model_input.len(), &field)?;
-            if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
-                return Err(Error::invalid(
-                    format!("{field}.loss_fn_inputs.target_tokens"),
-                    format!(
-                        "token id {t} is outside the vocabulary (size {})",
-                        model.config.vocab_size
-                    ),
-                ));
-            }
-            for (name, t) in &d.loss_fn_inputs {
-                let lead = t.shape.first().copied().unwrap_or(t.len());
-                if lead != d.model_input.len() {
-                    return Err(Error::invalid(
-                        format!("{field}.loss_fn_inputs.{name}"),
-                        format!(
-                            "leading dimension {lead} differs from the model_input length {}",
-                            d.model_input.len()
-                        ),
-                    ));
-                }
-            }
-            Ok((ids, k))
-        })
+        .map(|(i, d)| d.checked_targets(model, &format!("data[{i}]")))
         .collect()
 }
 
