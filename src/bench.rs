@@ -559,3 +559,106 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
     ));
     Ok(out)
 }
+
+/// `loraplex bench kernels`: the host matmul against candle's GEMM on weights too big for
+/// the caches (as in a decode step), and whole decode steps of B sequences of B adapters.
+pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
+    use crate::model::host::{matmul_nt, SMALL_M};
+    use crate::model::{InferRow, KvCache};
+    use candle_core::{Device, Tensor};
+    const REPS: usize = 5;
+    let dev = Device::Cpu;
+    let mut out = String::from(
+        "Matmul x[m, 576] · W[3072, 576]ᵀ over 30 distinct weights (212 MB, colder than any cache); median of 5, µs per matmul\n\n| m | candle GEMM µs | host kernel µs | GEMM / host |\n|---|---|---|---|\n",
+    );
+    let (n, k) = (3072usize, 576usize);
+    let mut rng = SplitMix64::new(7);
+    let mut rand = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    let wv: Vec<Vec<f32>> = (0..30).map(|_| rand(n * k)).collect();
+    let ws: Vec<Tensor> = wv
+        .iter()
+        .map(|w| Tensor::from_slice(w, (n, k), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    for m in [1usize, 2, 4, 8, 16, 32, 64, 128] {
+        let xv = rand(m * k);
+        let x = Tensor::from_slice(&xv, (m, k), &dev)?;
+        let (mut gemm, mut host) = (Vec::new(), Vec::new());
+        for _ in 0..REPS {
+            let t = Instant::now();
+            for w in &ws {
+                x.matmul(&w.t()?)?;
+            }
+            gemm.push(t.elapsed().as_secs_f64() * 1e6 / ws.len() as f64);
+            let t = Instant::now();
+            for w in &wv {
+                std::hint::black_box(matmul_nt(&xv, m, k, w, n));
+            }
+            host.push(t.elapsed().as_secs_f64() * 1e6 / wv.len() as f64);
+        }
+        let (g, h) = (median(&mut gemm), median(&mut host));
+        out.push_str(&format!("| {m} | {g:.0} | {h:.0} | {:.2}x |\n", g / h));
+    }
+    out.push_str(&format!(
+        "\nInference uses the host kernel up to m = {SMALL_M} rows.\n\n"
+    ));
+    // Decode steps of B sequences, each with its own rank-8 adapter on all 7 targets.
+    let (dev, dt) = crate::model::default_device();
+    let model = BaseModel::load(&model_args.model_path, &model_args.model_name, &dev, dt)?;
+    let adapters: Vec<LoraWeights> = (0..8)
+        .map(|i| {
+            let c = LoraConfig {
+                rank: 8,
+                alpha: 32.0,
+                seed: i,
+                targets: Target::ALL.to_vec(),
+                train_unembed: false,
+            };
+            LoraWeights::init(&c, &model.config, &dev)
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&LoraWeights> = adapters.iter().collect();
+    out.push_str("Decode steps (8-token prompts, then 16 one-token steps each; median of 3 rounds, alternating)\n\n| sequences (one adapter each) | ms per step | tokens/s | vs 1 sequence |\n|---|---|---|---|\n");
+    let sizes = [1usize, 2, 4, 8];
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    let prompt: Vec<u32> = (1..=8).collect();
+    for _ in 0..3 {
+        for (si, &b) in sizes.iter().enumerate() {
+            let mut caches: Vec<KvCache> = (0..b).map(|_| KvCache::default()).collect();
+            let rows: Vec<InferRow> = (0..b)
+                .map(|i| InferRow {
+                    tokens: &prompt,
+                    adapter: Some(i),
+                })
+                .collect();
+            let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            model.forward_infer(&rows, &mut cs, &refs, false)?;
+            let tok = [42u32];
+            let t = Instant::now();
+            for _ in 0..16 {
+                let rows: Vec<InferRow> = (0..b)
+                    .map(|i| InferRow {
+                        tokens: &tok,
+                        adapter: Some(i),
+                    })
+                    .collect();
+                let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                model.forward_infer(&rows, &mut cs, &refs, false)?;
+            }
+            ms[si].push(t.elapsed().as_secs_f64() * 1e3 / 16.0);
+        }
+    }
+    let one = median(&mut ms[0].clone());
+    for (&b, v) in sizes.iter().zip(ms.iter_mut()) {
+        let m = median(v);
+        out.push_str(&format!(
+            "| {b} | {m:.1} | {:.1} | {:.2}x |\n",
+            b as f64 * 1e3 / m,
+            b as f64 * one / m
+        ));
+    }
+    Ok(out)
+}

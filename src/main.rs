@@ -52,6 +52,8 @@ enum BenchCmd {
     /// N tenants training and sampling at once through the job engine, against the same
     /// work run tenant after tenant; batched against single-sequence decoding.
     Tenants(loraplex::bench::TenantsBenchArgs),
+    /// The host inference kernels against candle's GEMM, and decode steps by batch size.
+    Kernels(loraplex::config::ModelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +88,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Tenants(args),
         } => {
             print!("{}", loraplex::bench::tenants(&args)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Kernels(model),
+        } => {
+            print!("{}", loraplex::bench::kernels(&model)?);
         }
         Cmd::Generate {
             model,

@@ -240,3 +240,91 @@ fn loraplex_lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
 }
+
+/// Rows of several new tokens after a filled cache (a prompt arriving in chunks) in the
+/// same steps as one-token rows: every position's prediction equals the full forward pass.
+#[test]
+fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
+    let model = tiny(DType::F32);
+    let v = model.config.vocab_size;
+    let ads = [
+        random_adapter(&model, 6, 2, true),
+        random_adapter(&model, 7, 3, false),
+    ];
+    let refs: Vec<&LoraWeights> = ads.iter().collect();
+    let mut rng = SplitMix64::new(12);
+    let seqs: Vec<(Vec<u32>, Option<usize>)> = vec![
+        (tokens(&mut rng, 10, v), Some(0)),
+        (tokens(&mut rng, 8, v), Some(1)),
+        (tokens(&mut rng, 9, v), None),
+    ];
+    let full: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|(s, a)| {
+            let rows = [TrainRow {
+                tokens: &s[..s.len() - 1],
+                targets: &s[1..],
+                k: 1,
+                adapter: *a,
+            }];
+            model
+                .forward_train(&rows, &refs, false)
+                .unwrap()
+                .0
+                .remove(0)
+        })
+        .collect();
+    // Chunk lengths per step and sequence (cut short at each sequence's end).
+    let schedule = [[3, 1, 2], [2, 1, 3], [1, 4, 1], [3, 1, 2], [9, 9, 9]];
+    let mut caches = vec![KvCache::default(); seqs.len()];
+    let mut done = vec![0usize; seqs.len()];
+    for chunk in schedule {
+        let live: Vec<usize> = (0..seqs.len())
+            .filter(|&i| done[i] < seqs[i].0.len() - 1)
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        let ends: Vec<usize> = live
+            .iter()
+            .map(|&i| (done[i] + chunk[i]).min(seqs[i].0.len() - 1))
+            .collect();
+        let rows: Vec<InferRow> = live
+            .iter()
+            .zip(&ends)
+            .map(|(&i, &e)| InferRow {
+                tokens: &seqs[i].0[done[i]..e],
+                adapter: seqs[i].1,
+            })
+            .collect();
+        let mut cr: Vec<&mut KvCache> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+            .map(|(_, c)| c)
+            .collect();
+        let (last, plp) = model.forward_infer(&rows, &mut cr, &refs, true).unwrap();
+        let last = last.to_vec2::<f32>().unwrap();
+        let plp = plp.unwrap();
+        for (r, (&i, &e)) in live.iter().zip(&ends).enumerate() {
+            // Within the chunk: the prompt logprobs of its tokens after the first.
+            for (t, lp) in plp[r].iter().enumerate() {
+                let want = full[i][done[i] + t];
+                assert!(
+                    (lp - want).abs() < 1e-4,
+                    "seq {i} pos {}: {lp} vs {want}",
+                    done[i] + t
+                );
+            }
+            let lp = last[r][seqs[i].0[e] as usize] - loraplex_lse(&last[r]);
+            assert!(
+                (lp - full[i][e - 1]).abs() < 1e-4,
+                "seq {i} after {e} tokens: {lp} vs {}",
+                full[i][e - 1]
+            );
+            done[i] = e;
+            assert_eq!(caches[i].len, e);
+        }
+    }
+    assert!(done.iter().zip(&seqs).all(|(d, s)| *d == s.0.len() - 1));
+}

@@ -21,8 +21,9 @@ use super::registry::Session;
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::{BaseModel, InferRow, KvCache};
-use crate::sample::{choose, SamplingParams, StopReason};
+use crate::sample::{choose_with_lse, SamplingParams, StopReason};
 use crate::util::SplitMix64;
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -422,33 +423,40 @@ impl Sampler {
             }
             logits.to_vec2::<f32>()?
         };
+        // Every sequence's choice at once: each reads only its own logits row and state.
+        let prefilled: Vec<bool> = self.live.iter().map(|l| l.out.tokens.is_empty()).collect();
+        let chosen: Vec<Option<Result<()>>> = self
+            .live
+            .par_iter_mut()
+            .zip(logits.par_iter())
+            .map(|(l, row)| (l.req.params.max_tokens > 0).then(|| next_token(&model, l, row)))
+            .collect();
         let mut failed: Vec<(FutureId, Error)> = Vec::new();
         let mut done: Vec<usize> = Vec::new();
-        for (i, (l, row)) in self.live.iter_mut().zip(&logits).enumerate() {
-            let tenant = self.jobs.get(&l.future).map(|a| a.job.tenant.clone());
-            if l.out.tokens.is_empty() {
-                if let Some(t) = &tenant {
-                    self.ctx
-                        .metrics
-                        .sampled_tokens(t, l.req.prompt.len() as u64);
+        for (i, (l, chosen)) in self.live.iter().zip(chosen).enumerate() {
+            let tenant = self.jobs.get(&l.future).map(|a| &a.job.tenant);
+            if let (true, Some(t)) = (prefilled[i], tenant) {
+                self.ctx
+                    .metrics
+                    .sampled_tokens(t, l.req.prompt.len() as u64);
+            }
+            match chosen {
+                None => {
+                    done.push(i);
+                    continue;
                 }
-            }
-            let max_tokens = l.req.params.max_tokens;
-            if max_tokens == 0 {
-                done.push(i);
-                continue;
-            }
-            match next_token(&model, l, row) {
-                Ok(()) => {}
-                Err(e) => {
+                Some(Err(e)) => {
                     failed.push((l.future.clone(), e));
                     continue;
                 }
+                Some(Ok(())) => {}
             }
-            if let Some(t) = &tenant {
+            if let Some(t) = tenant {
                 self.ctx.metrics.sampled_tokens(t, 1);
             }
-            if l.out.stop_reason == StopReason::Stop || l.out.tokens.len() >= max_tokens {
+            if l.out.stop_reason == StopReason::Stop
+                || l.out.tokens.len() >= l.req.params.max_tokens
+            {
                 done.push(i);
             }
         }
@@ -494,10 +502,7 @@ impl Sampler {
 /// Choose and record the next token of one sequence; mark it stopped if it should stop.
 fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
     let p = &l.req.params;
-    let mut history = l.req.prompt.clone();
-    history.extend(&l.out.tokens);
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let lse = crate::sample::log_sum_exp(row);
     let (tok, lp) = match &l.req.sampler {
         Some(s) => {
             let (prompt, generated, rng) = (&l.req.prompt, &l.out.tokens, &mut l.rng);
@@ -524,7 +529,12 @@ fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
             })?;
             (t, lp - lse)
         }
-        None => choose(row, p, &history, &mut l.rng),
+        None => {
+            let mut history = Vec::with_capacity(l.req.prompt.len() + l.out.tokens.len());
+            history.extend(&l.req.prompt);
+            history.extend(&l.out.tokens);
+            choose_with_lse(row, lse, p, &history, &mut l.rng)
+        }
     };
     l.out.tokens.push(tok);
     l.out.logprobs.push(lp);

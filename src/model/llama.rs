@@ -15,11 +15,16 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::rotary_emb::rope;
 
-/// Past keys and values of one sequence, per layer `[kv_heads, len, head_dim]`.
+/// Past keys and values of one sequence, after RoPE. A model keeps them in one of two
+/// forms: per layer `[kv_heads, len, head_dim]` tensors on its device, or (on the host
+/// kernels) per layer `[len, kv_heads · head_dim]` buffers that grow in place.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub(crate) hk: Vec<Vec<f32>>,
+    pub(crate) hv: Vec<Vec<f32>>,
+    /// Tokens cached.
     pub len: usize,
 }
 
@@ -88,9 +93,13 @@ const LM_CHUNK: usize = 256;
 /// the logits in backward beyond it.
 const KEEP_PROBS_BYTES: usize = 1 << 30;
 
-type Adapters<'a> = [&'a LoraWeights];
+pub(crate) type Adapters<'a> = [&'a LoraWeights];
 
-fn pair<'a>(adapters: &'a Adapters, seg: &Segment, site: Site) -> Option<(&'a LoraPair, f64)> {
+pub(crate) fn pair<'a>(
+    adapters: &'a Adapters,
+    seg: &Segment,
+    site: Site,
+) -> Option<(&'a LoraPair, f64)> {
     let a = adapters.get(seg.adapter?)?;
     a.get(site).map(|p| (p, a.scale))
 }
@@ -225,7 +234,12 @@ impl BaseModel {
     }
 
     /// Additive causal mask `[group·len, total]` for `len` new queries at `pos0..`.
-    fn causal_mask(&self, len: usize, pos0: usize, total: usize) -> Result<Option<Tensor>> {
+    pub(crate) fn causal_mask(
+        &self,
+        len: usize,
+        pos0: usize,
+        total: usize,
+    ) -> Result<Option<Tensor>> {
         if len == 1 {
             return Ok(None);
         }
@@ -474,7 +488,7 @@ impl BaseModel {
         xf: &Tensor,
         lora: Option<(&LoraPair, f64)>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut logits = xf.matmul(&self.weights.lm_head.t()?)?;
+        let mut logits = self.linear(xf, &self.weights.lm_head)?;
         let mut xa = None;
         if let Some((p, scale)) = lora {
             let a = xf.matmul(&p.a.to_dtype(xf.dtype())?.t()?)?;
@@ -826,7 +840,6 @@ impl BaseModel {
     /// [`Self::forward_infer`], plus with `prompt_top_k > 0` (and `prompt_logprobs`), per
     /// row and per new token after the first, the `prompt_top_k` most likely tokens at that
     /// position with their log-probabilities, best first.
-    #[allow(clippy::type_complexity)]
     pub fn forward_infer_top(
         &self,
         rows: &[InferRow],
@@ -834,11 +847,26 @@ impl BaseModel {
         adapters: &Adapters,
         prompt_logprobs: bool,
         prompt_top_k: usize,
-    ) -> Result<(
-        Tensor,
-        Option<Vec<Vec<f32>>>,
-        Option<Vec<Vec<Vec<(u32, f32)>>>>,
-    )> {
+    ) -> Result<InferOut> {
+        if self.host_kernels() {
+            // The whole step on a pool thread: the kernels' parallel loops then start on a
+            // worker whose sibling is still spinning, instead of waking the pool and
+            // parking the caller a hundred times a step.
+            return rayon::scope(|_| {
+                self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k)
+            });
+        }
+        self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k)
+    }
+
+    fn infer_step(
+        &self,
+        rows: &[InferRow],
+        caches: &mut [&mut KvCache],
+        adapters: &Adapters,
+        prompt_logprobs: bool,
+        prompt_top_k: usize,
+    ) -> Result<InferOut> {
         if rows.len() != caches.len() || rows.is_empty() {
             return Err(Error::invalid(
                 "rows",
@@ -867,7 +895,11 @@ impl BaseModel {
                     .ok_or_else(|| Error::invalid("rows", "duplicate row"))
             })
             .collect::<Result<_>>()?;
-        let x = self.body(&batch, adapters, None, Some(&mut packed))?;
+        let x = if self.host_kernels() {
+            self.body_host(&batch, adapters, &mut packed)?
+        } else {
+            self.body(&batch, adapters, None, Some(&mut packed))?
+        };
         let xf = self.rms(&x, &self.weights.final_norm)?;
         let mut last = vec![None; rows.len()];
         let mut plp = prompt_logprobs.then(|| vec![Vec::new(); rows.len()]);
@@ -930,6 +962,14 @@ impl BaseModel {
         Ok((Tensor::cat(&last, 0)?.to_dtype(DType::F32)?, plp, ptop))
     }
 }
+
+/// Last-position logits `[rows, vocab]`, and optionally prompt logprobs and prompt top-k
+/// (see [`BaseModel::forward_infer_top`]).
+pub type InferOut = (
+    Tensor,
+    Option<Vec<Vec<f32>>>,
+    Option<Vec<Vec<Vec<(u32, f32)>>>>,
+);
 
 /// Head geometry of a `[t, heads · head_dim]` row and the attention scale.
 struct HeadLayout {

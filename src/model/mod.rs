@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod host;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;

@@ -80,6 +80,12 @@ pub struct GenerateRequest<'a> {
     pub params: SamplingParams,
 }
 
+/// `ln Σ exp(x)` of a logits row.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+}
+
 /// Pick the next token from one logits row. Returns (token, its model logprob).
 pub fn choose(
     logits: &[f32],
@@ -87,10 +93,20 @@ pub fn choose(
     history: &[u32],
     rng: &mut SplitMix64,
 ) -> (u32, f32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let mut l: Vec<f32> = logits.to_vec();
+    choose_with_lse(logits, log_sum_exp(logits), p, history, rng)
+}
+
+/// [`choose`] given the row's [`log_sum_exp`].
+pub fn choose_with_lse(
+    logits: &[f32],
+    lse: f32,
+    p: &SamplingParams,
+    history: &[u32],
+    rng: &mut SplitMix64,
+) -> (u32, f32) {
+    let mut l = std::borrow::Cow::Borrowed(logits);
     if p.repetition_penalty != 1.0 {
+        let l = l.to_mut();
         for &t in history {
             if let Some(x) = l.get_mut(t as usize) {
                 *x = if *x > 0.0 {
@@ -117,9 +133,24 @@ pub fn choose(
         argmax(&l)
     } else {
         let mut idx: Vec<usize> = (0..l.len()).collect();
-        idx.sort_unstable_by(|&a, &b| l[b].total_cmp(&l[a]));
-        if p.top_k > 0 {
-            idx.truncate(p.top_k as usize);
+        let by_logit = |a: &usize, b: &usize| l[*b].total_cmp(&l[*a]).then(a.cmp(b));
+        let k = if p.top_k > 0 {
+            (p.top_k as usize).min(idx.len())
+        } else {
+            idx.len()
+        };
+        if k < idx.len() {
+            // Only the k best need an order.
+            idx.select_nth_unstable_by(k - 1, by_logit);
+            idx.truncate(k);
+        }
+        if p.top_p < 1.0 || p.min_p > 0.0 || k < l.len() {
+            idx.sort_unstable_by(by_logit);
+        } else {
+            // No filter reads the order: draw over the ids as they are, after the best
+            // (the scale of the weights), without sorting the vocabulary every token.
+            let best = argmax(&l);
+            idx.swap(0, best);
         }
         let m = l[idx[0]];
         let mut probs: Vec<f64> = idx

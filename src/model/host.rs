@@ -1,0 +1,768 @@
+//! Host (CPU, f32) kernels for the inference path, where candle's general ops cost more than
+//! the arithmetic: a matmul with few rows against a wide frozen weight (a decode step),
+//! the LoRA updates of many small adapter segments, and single-token attention against a
+//! growing KV cache. Each kernel reads its operands in place and writes one output buffer,
+//! so a decode step issues a handful of calls per layer instead of hundreds of tensor ops.
+//!
+//! Never used for training tapes or on a GPU: [`super::BaseModel::host_kernels`] gates them
+//! to a CPU model in f32, and the training forward keeps candle's GEMM for big batches.
+//! Numerics are checked against the candle path in this module's tests.
+
+use super::batch::{PackedBatch, Row, Segment};
+use super::llama::{pair, Adapters, KvCache};
+use super::BaseModel;
+use crate::error::{Error, Result};
+use crate::lora::{Site, Target};
+use candle_core::{DType, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+/// Rows up to which inference uses [`matmul_nt`] rather than candle's GEMM: at few rows the
+/// GEMM packs the whole weight for each call, while this kernel streams it once. On this
+/// machine it is 2-2.5x faster at 1-16 rows and even at 64 (`loraplex bench kernels`).
+pub const SMALL_M: usize = 64;
+
+/// Work (multiply-adds) below which a kernel runs on the calling thread: waking the pool
+/// costs more than it saves.
+const PAR_MIN_WORK: usize = 1 << 17;
+
+fn host_only() -> Error {
+    Error::Tensor(candle_core::Error::Msg(
+        "host kernel given a tensor that is not contiguous f32 on the CPU".into(),
+    ))
+}
+
+/// The f32 contents of a contiguous CPU tensor, read in place (holds its storage's read
+/// lock while alive).
+pub struct HostView<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> HostView<'a> {
+    pub fn new(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets().ok_or_else(host_only)?;
+        let view = HostView {
+            storage,
+            start,
+            end,
+        };
+        view.try_slice()?;
+        Ok(view)
+    }
+
+    fn try_slice(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.end]),
+            _ => Err(host_only()),
+        }
+    }
+
+    pub fn slice(&self) -> &[f32] {
+        // Checked in `new`: CPU f32 storage with this range.
+        self.try_slice().unwrap_or(&[])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `out[i][j] += alpha · Σₖ x[i][k] · w[j][k]` for `x: [m, k]`, `w: [n, k]`, `out: [m, ldo]`
+/// (columns `col0..col0+n` of each output row). Each weight row is read once for all rows
+/// of `x`; the column range is split across the thread pool when the work is large.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_acc(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    alpha: f32,
+    out: &mut [f32],
+    ldo: usize,
+    col0: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && col0 + n <= ldo);
+    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dst = Out {
+        ptr: out.as_mut_ptr(),
+        ldo,
+        alpha,
+    };
+    let threads = rayon::current_num_threads();
+    if m * n * k < PAR_MIN_WORK || threads == 1 {
+        // SAFETY: `out` covers rows 0..m at columns col0..col0+n (asserted above).
+        unsafe { dot_block(x, m, k, w, 0, n, dst.at(col0)) };
+        return;
+    }
+    // Column blocks, a few per thread; each writes only its own columns.
+    let per = n.div_ceil(threads * 4).next_multiple_of(8).max(8);
+    (0..n.div_ceil(per)).into_par_iter().for_each(|b| {
+        let j0 = b * per;
+        let j1 = (j0 + per).min(n);
+        // SAFETY: as above; blocks write disjoint column ranges of the same rows.
+        unsafe { dot_block(x, m, k, w, j0, j1, dst.at(col0)) };
+    });
+}
+
+/// `x · wᵀ` as a new `[m, n]` buffer.
+pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    matmul_nt_acc(x, m, k, w, n, 1.0, &mut out, n, 0);
+    out
+}
+
+/// Where a kernel accumulates: row `i`, column `j` is `ptr[i · ldo + j]`, scaled by `alpha`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    ldo: usize,
+    alpha: f32,
+}
+
+// SAFETY: threads given the same `Out` write disjoint column ranges (see `matmul_nt_acc`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The same output shifted right by `col` columns.
+    fn at(self, col: usize) -> Out {
+        // SAFETY: callers keep every accessed element inside the original buffer.
+        Out {
+            ptr: unsafe { self.ptr.add(col) },
+            ..self
+        }
+    }
+
+    /// # Safety
+    /// Element (i, j) must lie in the buffer and belong to this thread.
+    unsafe fn add(self, i: usize, j: usize, v: f32) {
+        let p = self.ptr.add(i * self.ldo + j);
+        *p += self.alpha * v;
+    }
+}
+
+/// Output columns `j0..j1`: `out(i, j) += alpha · Σₖ x[i][k] · w[j][k]`.
+///
+/// # Safety
+/// `out` must cover rows `0..m`, columns `j0..j1`, and no other thread may write them.
+unsafe fn dot_block(x: &[f32], m: usize, k: usize, w: &[f32], j0: usize, j1: usize, out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        avx::dot_block(x, m, k, w, j0, j1, out);
+        return;
+    }
+    for i in 0..m {
+        let xi = &x[i * k..(i + 1) * k];
+        for j in j0..j1 {
+            out.add(i, j, dot_portable(xi, &w[j * k..(j + 1) * k]));
+        }
+    }
+}
+/// A dot product with eight independent partial sums (vectorizes without target features).
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use super::Out;
+    use std::arch::x86_64::*;
+
+    /// Sum of each of four vectors' lanes: `[Σa0, Σa1, Σa2, Σa3]`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum4(a: [__m256; 4]) -> __m128 {
+        let t01 = _mm256_hadd_ps(a[0], a[1]);
+        let t23 = _mm256_hadd_ps(a[2], a[3]);
+        let t = _mm256_hadd_ps(t01, t23);
+        _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1))
+    }
+
+    /// Dot products of `R` (1 or 4) weight rows from `j` with `C` input rows from `i`.
+    /// Every (row, column) pair sums in the same order whatever `C`, so a row's result does
+    /// not depend on the rows batched with it.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const C: usize, const PF: usize>(
+        x: *const f32,
+        i: usize,
+        k: usize,
+        w: *const f32,
+        j: usize,
+        out: Out,
+    ) {
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); R]; C];
+        let mut kk = 0;
+        while kk < k8 {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(w.add((j + r) * k + kk));
+                if PF > 0 {
+                    // Weight rows `PF` ahead, while these are in use: the stream from
+                    // memory overlaps the arithmetic.
+                    _mm_prefetch::<_MM_HINT_T0>(w.add((j + PF + r) * k + kk) as *const i8);
+                }
+            }
+            for (c, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(x.add((i + c) * k + kk));
+                for r in 0..R {
+                    a[r] = _mm256_fmadd_ps(wv[r], xv, a[r]);
+                }
+            }
+            kk += 8;
+        }
+        for (c, a) in acc.iter().enumerate() {
+            let mut sums = [0f32; R];
+            if R == 4 {
+                _mm_storeu_ps(
+                    sums.as_mut_ptr(),
+                    hsum4([a[0], a[1 % R], a[2 % R], a[3 % R]]),
+                );
+            } else {
+                let s = hsum4([a[0], a[0], a[0], a[0]]);
+                sums[0] = _mm_cvtss_f32(s);
+            }
+            for (r, s) in sums.iter_mut().enumerate() {
+                for t in k8..k {
+                    *s += *x.add((i + c) * k + t) * *w.add((j + r) * k + t);
+                }
+                out.add(i + c, j + r, *s);
+            }
+        }
+    }
+
+    /// Eight weight rows from `j` against input row `i`, reduced to one vector of eight
+    /// sums in the same order as [`hsum4`] (so results match [`tile`]'s), then
+    /// accumulated into eight adjacent outputs. Few loads per output: the shape for one
+    /// input row, or for a short `k` such as a LoRA rank.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile8(x: *const f32, i: usize, k: usize, w: *const f32, j: usize, out: Out) {
+        let k8 = k / 8 * 8;
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut kk = 0;
+        while kk < k8 {
+            let xv = _mm256_loadu_ps(x.add(i * k + kk));
+            for (r, acc) in a.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(w.add((j + r) * k + kk)), xv, *acc);
+            }
+            kk += 8;
+        }
+        let q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        let sums = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(q0, q1),
+            _mm256_permute2f128_ps::<0x31>(q0, q1),
+        );
+        let mut s = [0f32; 8];
+        _mm256_storeu_ps(s.as_mut_ptr(), sums);
+        for (r, v) in s.iter_mut().enumerate() {
+            for t in k8..k {
+                *v += *x.add(i * k + t) * *w.add((j + r) * k + t);
+            }
+            out.add(i, j + r, *v);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `x: [m, k]`, `w: [≥ j1, k]`; `out` as for
+    /// [`super::dot_block`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_block(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        j0: usize,
+        j1: usize,
+        out: Out,
+    ) {
+        assert!(x.len() >= m * k && w.len() >= j1 * k);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut j = j0;
+        if m < 3 || k < 32 {
+            while j + 8 <= j1 {
+                for i in 0..m {
+                    tile8(xp, i, k, wp, j, out);
+                }
+                j += 8;
+            }
+        }
+        while j + 4 <= j1 {
+            // Four weight rows by two input rows: twelve of the sixteen vector registers
+            // (more accumulators spill and serialize the loop on the stack). Every tile
+            // prefetches the rows two blocks ahead, where they exist, so the memory stream
+            // runs during all of a block's tiles, not just the first.
+            let pf = j + 12 <= j1;
+            let mut i = 0;
+            while i + 2 <= m {
+                if pf {
+                    tile::<4, 2, 8>(xp, i, k, wp, j, out);
+                } else {
+                    tile::<4, 2, 0>(xp, i, k, wp, j, out);
+                }
+                i += 2;
+            }
+            if i < m {
+                if pf {
+                    tile::<4, 1, 8>(xp, i, k, wp, j, out);
+                } else {
+                    tile::<4, 1, 0>(xp, i, k, wp, j, out);
+                }
+            }
+            j += 4;
+        }
+        while j < j1 {
+            for i in 0..m {
+                tile::<1, 1, 0>(xp, i, k, wp, j, out);
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Half-split RoPE (Hugging Face Llama) of one head vector in place, at one position.
+/// `cos`, `sin`: that position's `[head_dim / 2]` rows.
+pub fn rope_in_place(v: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = v.len() / 2;
+    let (a, b) = v.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+/// Geometry of single-token attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// One new token's attention over a host cache. `q: [heads · head_dim]` (RoPE applied),
+/// `keys`, `values`: `[len, kv_heads · head_dim]` including this token. Writes
+/// `o: [heads · head_dim]`.
+pub fn attend_one(s: AttnShape, q: &[f32], keys: &[f32], values: &[f32], o: &mut [f32]) {
+    let hd = s.head_dim;
+    let kvd = s.kv_heads * hd;
+    let len = keys.len() / kvd;
+    let group = s.heads / s.kv_heads;
+    let mut p = vec![0f32; len];
+    for h in 0..s.heads {
+        let kh = h / group;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in p.iter_mut().enumerate() {
+            let kj = &keys[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+            *pj = dot_portable(qh, kj) * s.scale;
+            max = max.max(*pj);
+        }
+        let mut sum = 0f32;
+        for pj in p.iter_mut() {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        let oh = &mut o[h * hd..(h + 1) * hd];
+        oh.fill(0.0);
+        for (j, pj) in p.iter().enumerate() {
+            let w = pj / sum;
+            let vj = &values[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+            for (od, vd) in oh.iter_mut().zip(vj) {
+                *od += w * vd;
+            }
+        }
+    }
+}
+
+/// Root-mean-square norm of each `dim`-wide row, times `w`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        let ms = r.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(r).zip(w) {
+            *o = v * inv * w;
+        }
+    }
+    out
+}
+
+/// `silu(gate) · up` per row of `[gate | up]`, each `di` wide.
+fn silu_mul(gu: &[f32], di: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(gu.len() / 2);
+    for r in gu.chunks_exact(2 * di) {
+        let (g, u) = r.split_at(di);
+        out.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+    }
+    out
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+impl BaseModel {
+    /// Whether inference runs on the host kernels: a CPU model in f32.
+    pub(crate) fn host_kernels(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    /// `x Wᵀ` for `x: [m, k]` (small `m` on the host kernel, else candle's GEMM).
+    pub(crate) fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        if !(self.host_kernels() && m <= SMALL_M && x.dtype() == DType::F32) {
+            return Ok(x.matmul(&w.t()?)?);
+        }
+        let (n, k) = w.dims2()?;
+        let x = x.contiguous()?;
+        let out = matmul_nt(
+            HostView::new(&x)?.slice(),
+            m,
+            k,
+            HostView::new(w)?.slice(),
+            n,
+        );
+        Ok(Tensor::from_vec(out, (m, n), &self.device)?)
+    }
+
+    /// `x Wᵀ` for `x: [m, k]` plus, per segment, the LoRA update of each of `parts`, whose
+    /// outputs lie side by side in `W`'s rows (e.g. q, k, v of the fused `wqkv`).
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        x: &[f32],
+        m: usize,
+        w: &Tensor,
+        parts: &[Target],
+        layer: usize,
+        segs: &[Segment],
+        adapters: &Adapters,
+    ) -> Result<Vec<f32>> {
+        let (n, k) = w.dims2()?;
+        let mut out = if m <= SMALL_M {
+            matmul_nt(x, m, k, HostView::new(w)?.slice(), n)
+        } else {
+            Tensor::from_slice(x, (m, k), &self.device)?
+                .matmul(&w.t()?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        let mut col0 = 0;
+        for &t in parts {
+            let (_, width) = t.dims(&self.config);
+            for s in segs {
+                let Some((p, scale)) = pair(adapters, s, Site::Layer(layer, t)) else {
+                    continue;
+                };
+                let r = p.a.dim(0)?;
+                let xa = matmul_nt(
+                    &x[s.start * k..(s.start + s.len) * k],
+                    s.len,
+                    k,
+                    HostView::new(&p.a)?.slice(),
+                    r,
+                );
+                matmul_nt_acc(
+                    &xa,
+                    s.len,
+                    r,
+                    HostView::new(&p.b)?.slice(),
+                    width,
+                    scale as f32,
+                    &mut out[s.start * n..(s.start + s.len) * n],
+                    n,
+                    col0,
+                );
+            }
+            col0 += width;
+        }
+        Ok(out)
+    }
+
+    /// The transformer body of an inference step on the host: like `body` without a tape,
+    /// over plain buffers. Rows of one new token attend on the host kernel (in parallel);
+    /// longer rows (prefill) use candle's batched matmuls over the cache.
+    pub(crate) fn body_host(
+        &self,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let n = b.num_tokens();
+        let (hid, dq, dkv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let width = dq + 2 * dkv;
+        let half = hd / 2;
+        let eps = c.rms_norm_eps as f32;
+        let shape = AttnShape {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let segs = &b.segments;
+        let mut x = {
+            let embed = HostView::new(&self.weights.embed)?;
+            let e = embed.slice();
+            let mut x = Vec::with_capacity(n * hid);
+            for &t in &b.tokens {
+                x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
+            }
+            x
+        };
+        let (cos_t, sin_t) = (HostView::new(&self.cos)?, HostView::new(&self.sin)?);
+        let (cos, sin) = (cos_t.slice(), sin_t.slice());
+        for cache in caches.iter_mut() {
+            cache.hk.resize_with(self.weights.layers.len(), Vec::new);
+            cache.hv.resize_with(self.weights.layers.len(), Vec::new);
+        }
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let h = rms_norm(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
+            let mut qkv = self.project(&h, n, &lw.wqkv, &Target::ATTN[..3], l, segs, adapters)?;
+            // RoPE on q and k in place; keys and values join their row's cache.
+            for (r, cache) in b.rows.iter().zip(caches.iter_mut()) {
+                for t in 0..r.len {
+                    let pos = r.pos0 + t;
+                    let (cs, sn) = (
+                        &cos[pos * half..(pos + 1) * half],
+                        &sin[pos * half..(pos + 1) * half],
+                    );
+                    let row = &mut qkv[(r.start + t) * width..(r.start + t + 1) * width];
+                    for head in row[..dq + dkv].chunks_exact_mut(hd) {
+                        rope_in_place(head, cs, sn);
+                    }
+                    cache.hk[l].extend_from_slice(&row[dq..dq + dkv]);
+                    cache.hv[l].extend_from_slice(&row[dq + dkv..]);
+                }
+            }
+            let mut o = vec![0f32; n * dq];
+            // Which row each token belongs to, for the single-token rows.
+            let mut single: Vec<Option<&KvCache>> = vec![None; n];
+            for (r, cache) in b.rows.iter().zip(caches.iter()) {
+                if r.len == 1 {
+                    single[r.start] = Some(&**cache);
+                }
+            }
+            let one = |(i, oi): (usize, &mut [f32])| {
+                if let Some(cache) = single[i] {
+                    let q = &qkv[i * width..i * width + dq];
+                    attend_one(shape, q, &cache.hk[l], &cache.hv[l], oi);
+                }
+            };
+            // Multiply-adds of the single-token rows (scores and weighted values).
+            let work: usize = b
+                .rows
+                .iter()
+                .filter(|r| r.len == 1)
+                .map(|r| 2 * (r.pos0 + 1) * dq)
+                .sum();
+            if work < 8 * PAR_MIN_WORK {
+                o.chunks_mut(dq).enumerate().for_each(one);
+            } else {
+                o.par_chunks_mut(dq).enumerate().for_each(one);
+            }
+            for (r, cache) in b.rows.iter().zip(caches.iter()) {
+                if r.len > 1 {
+                    let out = self.attend_prefill(&qkv, width, r, cache, l)?;
+                    o[r.start * dq..(r.start + r.len) * dq].copy_from_slice(&out);
+                }
+            }
+            let ao = self.project(&o, n, &lw.wo, &[Target::O], l, segs, adapters)?;
+            add_in_place(&mut x, &ao);
+            let h2 = rms_norm(&x, HostView::new(&lw.mlp_norm)?.slice(), eps);
+            let gu = self.project(
+                &h2,
+                n,
+                &lw.wgate_up,
+                &[Target::Gate, Target::Up],
+                l,
+                segs,
+                adapters,
+            )?;
+            let a = silu_mul(&gu, c.intermediate_size);
+            let down = self.project(&a, n, &lw.wdown, &[Target::Down], l, segs, adapters)?;
+            add_in_place(&mut x, &down);
+        }
+        for (cache, r) in caches.iter_mut().zip(&b.rows) {
+            cache.len = r.pos0 + r.len;
+        }
+        Ok(Tensor::from_vec(x, (n, hid), &self.device)?)
+    }
+
+    /// Causal attention of a row of several new tokens (after RoPE, already in `cache`)
+    /// over its whole cache, with candle's matmuls. Returns `[len, q_dim]`.
+    fn attend_prefill(
+        &self,
+        qkv: &[f32],
+        width: usize,
+        r: &Row,
+        cache: &KvCache,
+        l: usize,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (dq, hd, h, kvh) = (c.q_dim(), c.head_dim, c.num_heads, c.num_kv_heads);
+        let (t, total) = (r.len, r.pos0 + r.len);
+        let mut q = Vec::with_capacity(t * dq);
+        for i in r.start..r.start + t {
+            q.extend_from_slice(&qkv[i * width..i * width + dq]);
+        }
+        let q = Tensor::from_vec(q, (t, h, hd), &self.device)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .affine(1.0 / (hd as f64).sqrt(), 0.0)?
+            .reshape((kvh, c.group_size() * t, hd))?;
+        let kv = |buf: &[f32]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(buf, (total, kvh, hd), &self.device)?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (k, v) = (kv(&cache.hk[l])?, kv(&cache.hv[l])?);
+        let s = q.matmul(&k.t()?)?;
+        let s = match self.causal_mask(t, r.pos0, total)? {
+            Some(m) => s.broadcast_add(&m)?,
+            None => s,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        let o = p
+            .matmul(&v)?
+            .reshape((h, t, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::SplitMix64;
+    use candle_core::Device;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n)
+            .map(|_| (r.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn matmul_matches_candle_at_every_shape() -> Result<()> {
+        // Odd sizes exercise every tile and the k remainder; a big n takes the parallel path.
+        for &(m, k, n) in &[
+            (1, 5, 3),
+            (3, 17, 9),
+            (2, 64, 4),
+            (7, 576, 960),
+            (24, 131, 3001),
+        ] {
+            let x = rand(m * k, 1);
+            let w = rand(n * k, 2);
+            let got = matmul_nt(&x, m, k, &w, n);
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu)?;
+            let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu)?;
+            let want = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-4 * (k as f32).sqrt(), "({m},{k},{n}): {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_its_batch() {
+        let (k, n) = (100, 37);
+        let x = rand(5 * k, 3);
+        let w = rand(n * k, 4);
+        let all = matmul_nt(&x, 5, k, &w, n);
+        for i in 0..5 {
+            let one = matmul_nt(&x[i * k..(i + 1) * k], 1, k, &w, n);
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn accumulate_scales_into_a_column_range() {
+        let (m, k, n, ldo) = (3, 10, 4, 9);
+        let x = rand(m * k, 5);
+        let w = rand(n * k, 6);
+        let plain = matmul_nt(&x, m, k, &w, n);
+        let mut out = vec![1f32; m * ldo];
+        matmul_nt_acc(&x, m, k, &w, n, 0.5, &mut out, ldo, 2);
+        for i in 0..m {
+            for j in 0..ldo {
+                let want = if (2..6).contains(&j) {
+                    1.0 + 0.5 * plain[i * n + j - 2]
+                } else {
+                    1.0
+                };
+                assert!((out[i * ldo + j] - want).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_softmax_written_out() {
+        // Two kv heads shared by four query heads, three cached tokens.
+        let s = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            scale: 0.5,
+        };
+        let q = rand(16, 7);
+        let keys = rand(3 * 8, 8);
+        let values = rand(3 * 8, 9);
+        let mut o = vec![0f32; 16];
+        attend_one(s, &q, &keys, &values, &mut o);
+        for h in 0..4 {
+            let kh = h / 2;
+            let sc: Vec<f32> = (0..3)
+                .map(|j| {
+                    (0..4)
+                        .map(|d| q[h * 4 + d] * keys[j * 8 + kh * 4 + d])
+                        .sum::<f32>()
+                        * 0.5
+                })
+                .collect();
+            let z: f32 = sc.iter().map(|v| v.exp()).sum();
+            for d in 0..4 {
+                let want: f32 = (0..3)
+                    .map(|j| sc[j].exp() / z * values[j * 8 + kh * 4 + d])
+                    .sum();
+                assert!((o[h * 4 + d] - want).abs() < 1e-5, "head {h} dim {d}");
+            }
+        }
+    }
+}
