@@ -216,19 +216,21 @@ mod avx {
         let mut acc = [[_mm256_setzero_ps(); R]; C];
         let mut kk = 0;
         while kk < k8 {
-            let mut wv = [_mm256_setzero_ps(); R];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(w.add((j + r) * k + kk));
+            // The input vectors first, then one weight vector at a time: C + 1 registers
+            // beside the R · C accumulators.
+            let mut xv = [_mm256_setzero_ps(); C];
+            for (c, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add((i + c) * k + kk));
+            }
+            for r in 0..R {
+                let wv = _mm256_loadu_ps(w.add((j + r) * k + kk));
                 if PF > 0 {
                     // Weight rows `PF` ahead, while these are in use: the stream from
                     // memory overlaps the arithmetic.
                     _mm_prefetch::<_MM_HINT_T0>(w.add((j + PF + r) * k + kk) as *const i8);
                 }
-            }
-            for (c, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(x.add((i + c) * k + kk));
-                for r in 0..R {
-                    a[r] = _mm256_fmadd_ps(wv[r], xv, a[r]);
+                for c in 0..C {
+                    acc[c][r] = _mm256_fmadd_ps(wv, xv[c], acc[c][r]);
                 }
             }
             kk += 8;
@@ -310,26 +312,26 @@ mod avx {
             }
         }
         while j + 4 <= j1 {
-            // Four weight rows by two input rows: twelve of the sixteen vector registers
-            // (more accumulators spill and serialize the loop on the stack). Every tile
+            // Four weight rows by three input rows: twelve accumulators, three input
+            // vectors and one weight vector fill the sixteen registers. Every tile
             // prefetches the rows two blocks ahead, where they exist, so the memory stream
             // runs during all of a block's tiles, not just the first.
             let pf = j + 12 <= j1;
             let mut i = 0;
-            while i + 2 <= m {
+            while i + 3 <= m {
                 if pf {
-                    tile::<4, 2, 8>(xp, i, k, wp, j, out);
+                    tile::<4, 3, 8>(xp, i, k, wp, j, out);
                 } else {
-                    tile::<4, 2, 0>(xp, i, k, wp, j, out);
+                    tile::<4, 3, 0>(xp, i, k, wp, j, out);
                 }
-                i += 2;
+                i += 3;
             }
-            if i < m {
-                if pf {
-                    tile::<4, 1, 8>(xp, i, k, wp, j, out);
-                } else {
-                    tile::<4, 1, 0>(xp, i, k, wp, j, out);
-                }
+            match (m - i, pf) {
+                (2, true) => tile::<4, 2, 8>(xp, i, k, wp, j, out),
+                (2, false) => tile::<4, 2, 0>(xp, i, k, wp, j, out),
+                (1, true) => tile::<4, 1, 8>(xp, i, k, wp, j, out),
+                (1, false) => tile::<4, 1, 0>(xp, i, k, wp, j, out),
+                _ => {}
             }
             j += 4;
         }
