@@ -161,22 +161,7 @@ fn kv_cache_decode_equals_full_forward_batched_or_not() {
         (tokens(&mut rng, 8, v), None),
     ];
     // Reference: full forward over each whole sequence; logprob of token t+1 at position t.
-    let full: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|(s, a)| {
-            let rows = [TrainRow {
-                tokens: &s[..s.len() - 1],
-                targets: &s[1..],
-                k: 1,
-                adapter: *a,
-            }];
-            model
-                .forward_train(&rows, &refs, false)
-                .unwrap()
-                .0
-                .remove(0)
-        })
-        .collect();
+    let full = full_forward_logprobs(&model, &refs, &seqs);
     // Batched: prefill 3 tokens of each, then decode the rest one token per step, all together.
     let mut caches = vec![KvCache::default(); seqs.len()];
     let mut got: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
@@ -236,6 +221,25 @@ fn kv_cache_decode_equals_full_forward_batched_or_not() {
     }
 }
 
+/// Per sequence, the logprob of token t+1 at position t from one full training forward pass.
+fn full_forward_logprobs(
+    model: &loraplex::model::BaseModel,
+    refs: &[&LoraWeights],
+    seqs: &[(Vec<u32>, Option<usize>)],
+) -> Vec<Vec<f32>> {
+    seqs.iter()
+        .map(|(s, a)| {
+            let rows = [TrainRow {
+                tokens: &s[..s.len() - 1],
+                targets: &s[1..],
+                k: 1,
+                adapter: *a,
+            }];
+            model.forward_train(&rows, refs, false).unwrap().0.remove(0)
+        })
+        .collect()
+}
+
 fn loraplex_lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
@@ -258,22 +262,7 @@ fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
         (tokens(&mut rng, 8, v), Some(1)),
         (tokens(&mut rng, 9, v), None),
     ];
-    let full: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|(s, a)| {
-            let rows = [TrainRow {
-                tokens: &s[..s.len() - 1],
-                targets: &s[1..],
-                k: 1,
-                adapter: *a,
-            }];
-            model
-                .forward_train(&rows, &refs, false)
-                .unwrap()
-                .0
-                .remove(0)
-        })
-        .collect();
+    let full = full_forward_logprobs(&model, &refs, &seqs);
     // Chunk lengths per step and sequence (cut short at each sequence's end).
     let schedule = [[3, 1, 2], [2, 1, 3], [1, 4, 1], [3, 1, 2], [9, 9, 9]];
     let mut caches = vec![KvCache::default(); seqs.len()];
