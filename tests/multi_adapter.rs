@@ -148,18 +148,8 @@ fn optimizer_step_on_one_adapter_leaves_others_untouched() {
 #[test]
 fn kv_cache_decode_equals_full_forward_batched_or_not() {
     let model = tiny(DType::F32);
-    let v = model.config.vocab_size;
-    let ads = [
-        random_adapter(&model, 4, 2, true),
-        random_adapter(&model, 5, 3, false),
-    ];
+    let (ads, seqs) = decode_fixture(&model, 4, [9, 6, 8]);
     let refs: Vec<&LoraWeights> = ads.iter().collect();
-    let mut rng = SplitMix64::new(11);
-    let seqs: Vec<(Vec<u32>, Option<usize>)> = vec![
-        (tokens(&mut rng, 9, v), Some(0)),
-        (tokens(&mut rng, 6, v), Some(1)),
-        (tokens(&mut rng, 8, v), None),
-    ];
     // Reference: full forward over each whole sequence; logprob of token t+1 at position t.
     let full = full_forward_logprobs(&model, &refs, &seqs);
     // Batched: prefill 3 tokens of each, then decode the rest one token per step, all together.
@@ -221,6 +211,29 @@ fn kv_cache_decode_equals_full_forward_batched_or_not() {
     }
 }
 
+type Seqs = Vec<(Vec<u32>, Option<usize>)>;
+
+/// Two adapters (rank 2 with an LM-head pair, rank 3 without) seeded from `seed`, and three
+/// random sequences of the given lengths: on adapter 0, on adapter 1, on the base model.
+fn decode_fixture(
+    model: &loraplex::model::BaseModel,
+    seed: u64,
+    lens: [usize; 3],
+) -> (Vec<LoraWeights>, Seqs) {
+    let v = model.config.vocab_size;
+    let ads = vec![
+        random_adapter(model, seed, 2, true),
+        random_adapter(model, seed + 1, 3, false),
+    ];
+    let mut rng = SplitMix64::new(seed + 7);
+    let seqs = lens
+        .into_iter()
+        .zip([Some(0), Some(1), None])
+        .map(|(n, a)| (tokens(&mut rng, n, v), a))
+        .collect();
+    (ads, seqs)
+}
+
 /// Per sequence, the logprob of token t+1 at position t from one full training forward pass.
 fn full_forward_logprobs(
     model: &loraplex::model::BaseModel,
@@ -250,18 +263,8 @@ fn loraplex_lse(row: &[f32]) -> f32 {
 #[test]
 fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
     let model = tiny(DType::F32);
-    let v = model.config.vocab_size;
-    let ads = [
-        random_adapter(&model, 6, 2, true),
-        random_adapter(&model, 7, 3, false),
-    ];
+    let (ads, seqs) = decode_fixture(&model, 6, [10, 8, 9]);
     let refs: Vec<&LoraWeights> = ads.iter().collect();
-    let mut rng = SplitMix64::new(12);
-    let seqs: Vec<(Vec<u32>, Option<usize>)> = vec![
-        (tokens(&mut rng, 10, v), Some(0)),
-        (tokens(&mut rng, 8, v), Some(1)),
-        (tokens(&mut rng, 9, v), None),
-    ];
     let full = full_forward_logprobs(&model, &refs, &seqs);
     // Chunk lengths per step and sequence (cut short at each sequence's end).
     let schedule = [[3, 1, 2], [2, 1, 3], [1, 4, 1], [3, 1, 2], [9, 9, 9]];
