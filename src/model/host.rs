@@ -415,11 +415,21 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// `silu(gate) · up` per row of `[gate | up]`, each `di` wide.
+/// Rows in parallel once there are enough exponentials to pay for the split.
 fn silu_mul(gu: &[f32], di: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(gu.len() / 2);
-    for r in gu.chunks_exact(2 * di) {
+    let mut out = vec![0f32; gu.len() / 2];
+    let row = |(o, r): (&mut [f32], &[f32])| {
         let (g, u) = r.split_at(di);
-        out.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    };
+    if out.len() >= 4 * di {
+        out.par_chunks_mut(di)
+            .zip(gu.par_chunks(2 * di))
+            .for_each(row);
+    } else {
+        out.chunks_mut(di).zip(gu.chunks(2 * di)).for_each(row);
     }
     out
 }
@@ -476,34 +486,53 @@ impl BaseModel {
                 .flatten_all()?
                 .to_vec1::<f32>()?
         };
-        let mut col0 = 0;
-        for &t in parts {
-            let (_, width) = t.dims(&self.config);
-            for s in segs {
-                let Some((p, scale)) = pair(adapters, s, Site::Layer(layer, t)) else {
-                    continue;
-                };
-                let r = p.a.dim(0)?;
-                let xa = matmul_nt(
-                    &x[s.start * k..(s.start + s.len) * k],
-                    s.len,
-                    k,
-                    HostView::new(&p.a)?.slice(),
-                    r,
-                );
-                matmul_nt_acc(
-                    &xa,
-                    s.len,
-                    r,
-                    HostView::new(&p.b)?.slice(),
-                    width,
-                    scale as f32,
-                    &mut out[s.start * n..(s.start + s.len) * n],
-                    n,
-                    col0,
-                );
+        // Segments own disjoint, consecutive row ranges of `out`: their LoRA updates run in
+        // parallel when there are several (each reads its own adapter's weights, so a step
+        // of many adapters is bound by how fast those reads go).
+        let mut slices = Vec::with_capacity(segs.len());
+        let mut rest = out.as_mut_slice();
+        for s in segs {
+            let (mine, tail) = rest.split_at_mut(s.len * n);
+            slices.push((s, mine));
+            rest = tail;
+        }
+        let carrying: Vec<(&Segment, &mut [f32])> = slices
+            .into_iter()
+            .filter(|(s, _)| {
+                parts
+                    .iter()
+                    .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
+            })
+            .collect();
+        // Multiply-adds: rank · (in + out) per token and part.
+        let work: usize = carrying
+            .iter()
+            .flat_map(|(s, _)| {
+                parts.iter().filter_map(move |&t| {
+                    let (p, _) = pair(adapters, s, Site::Layer(layer, t))?;
+                    Some(s.len * p.a.dims().first()? * (k + t.dims(&self.config).1))
+                })
+            })
+            .sum();
+        let one = |(s, rows): (&Segment, &mut [f32])| -> Result<()> {
+            let xs = &x[s.start * k..(s.start + s.len) * k];
+            let mut col0 = 0;
+            for &t in parts {
+                let (_, width) = t.dims(&self.config);
+                if let Some((p, scale)) = pair(adapters, s, Site::Layer(layer, t)) {
+                    let r = p.a.dim(0)?;
+                    let xa = matmul_nt(xs, s.len, k, HostView::new(&p.a)?.slice(), r);
+                    let b = HostView::new(&p.b)?;
+                    matmul_nt_acc(&xa, s.len, r, b.slice(), width, scale as f32, rows, n, col0);
+                }
+                col0 += width;
             }
-            col0 += width;
+            Ok(())
+        };
+        if carrying.len() > 1 && work >= PAR_MIN_WORK / 4 {
+            carrying.into_par_iter().try_for_each(one)?;
+        } else {
+            carrying.into_iter().try_for_each(one)?;
         }
         Ok(out)
     }
@@ -585,7 +614,7 @@ impl BaseModel {
                 .filter(|r| r.len == 1)
                 .map(|r| 2 * (r.pos0 + 1) * dq)
                 .sum();
-            if work < 8 * PAR_MIN_WORK {
+            if work < PAR_MIN_WORK {
                 o.chunks_mut(dq).enumerate().for_each(one);
             } else {
                 o.par_chunks_mut(dq).enumerate().for_each(one);
