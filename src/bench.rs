@@ -35,6 +35,8 @@ struct Case {
     /// Run each adapter's step one after another instead of in one batch.
     sequential: bool,
     forward_only: bool,
+    /// On candle's general ops instead of the host training pass (the reference).
+    candle: bool,
 }
 
 const QV: &[Target] = &[Target::Q, Target::V];
@@ -63,6 +65,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 1,
             sequential: false,
             forward_only: true,
+            candle: false,
         },
         Case {
             name: "train 1x128 q,v",
@@ -71,6 +74,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 1,
             sequential: false,
             forward_only: false,
+            candle: false,
         },
         Case {
             name: "train 4x128 q,v",
@@ -79,6 +83,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 1,
             sequential: false,
             forward_only: false,
+            candle: false,
         },
         Case {
             name: "train 1x128 all",
@@ -87,6 +92,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 1,
             sequential: false,
             forward_only: false,
+            candle: false,
         },
         Case {
             name: "train 4x128 all",
@@ -95,6 +101,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 1,
             sequential: false,
             forward_only: false,
+            candle: false,
         },
         Case {
             name: "4 adapters x 1x128 all, one batch",
@@ -103,6 +110,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 4,
             sequential: false,
             forward_only: false,
+            candle: false,
         },
         Case {
             name: "4 adapters x 1x128 all, one after another",
@@ -111,8 +119,28 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             adapters: 4,
             sequential: true,
             forward_only: false,
+            candle: false,
+        },
+        Case {
+            name: "train 1x128 all, candle ops (reference)",
+            targets: ALL,
+            rows: 1,
+            adapters: 1,
+            sequential: false,
+            forward_only: false,
+            candle: true,
+        },
+        Case {
+            name: "4 adapters x 1x128 all, one batch, candle ops (reference)",
+            targets: ALL,
+            rows: 1,
+            adapters: 4,
+            sequential: false,
+            forward_only: false,
+            candle: true,
         },
     ];
+    let reference = model.without_host_kernels();
     let mut out = format!(
         "model {} ({} layers, hidden {}), loaded in {:.2} s; rank {}, {} tokens/row, {} timed steps after 1 warm-up, {:?}\n\n",
         model.name, model.config.num_layers, model.config.hidden_size, load_s, args.rank, args.seq_len, args.steps, dev
@@ -171,7 +199,8 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
                         config: &loss_cfg,
                     })
                     .collect();
-                let (res, grads) = forward_backward(&model, &weights, &work, case.forward_only)?;
+                let m = if case.candle { &reference } else { &model };
+                let (res, grads) = forward_backward(m, &weights, &work, case.forward_only)?;
                 for r in res {
                     r?;
                 }

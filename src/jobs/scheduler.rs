@@ -96,6 +96,12 @@ pub(crate) struct Scheduler {
     gather_until: Option<Instant>,
     /// How long the last batch took: the gather window scales with it.
     last_pass: Duration,
+    /// When a lane last came free: its waiting for peers starts no earlier.
+    freed_at: Instant,
+    /// The models of the batch that finished last, and when work last arrived: once all of
+    /// them are back and nothing arrived for `batch_wait_ms`, the wait ends early.
+    last_models: Vec<AdapterId>,
+    last_arrival: Instant,
 }
 
 /// How an adapter's turn in a round ended.
@@ -128,6 +134,9 @@ impl Scheduler {
             free,
             gather_until: None,
             last_pass: Duration::ZERO,
+            freed_at: Instant::now(),
+            last_models: Vec::new(),
+            last_arrival: Instant::now(),
         }
     }
 
@@ -258,6 +267,8 @@ impl Scheduler {
             tokens
         );
         q.seen.insert(seq, future.clone());
+        let now = Instant::now();
+        self.last_arrival = now;
         q.pending.insert(
             seq,
             Queued {
@@ -269,7 +280,7 @@ impl Scheduler {
                 },
                 next_datum: 0,
                 started: false,
-                arrived: Instant::now(),
+                arrived: now,
             },
         );
         q.outstanding += 1;
@@ -281,6 +292,8 @@ impl Scheduler {
     fn lane_done(&mut self, r: LaneReport) {
         self.free.push(r.lane);
         self.last_pass = r.elapsed;
+        self.freed_at = Instant::now();
+        self.last_models = r.adapters.iter().map(|(a, _)| a.clone()).collect();
         for (adapter, finished) in r.adapters {
             let Some(q) = self.queues.get_mut(&adapter) else {
                 // Deleted while running.
@@ -346,7 +359,9 @@ impl Scheduler {
 
     /// `batch_wait_ms`, or up to 5% of the last pass where that is longer (at most
     /// `MAX_GATHER`): on a slow device a few more milliseconds cost nothing, and a tenant
-    /// that misses a batch waits a whole pass.
+    /// that misses a batch waits a whole pass. It runs from when the work arrived or the
+    /// lane came free, whichever is later: tenants answered at the end of a pass get the
+    /// whole window to send their next request.
     fn gather_window(&self) -> Duration {
         Duration::from_millis(self.cfg.batch_wait_ms).max((self.last_pass / 20).min(MAX_GATHER))
     }
@@ -366,7 +381,18 @@ impl Scheduler {
                 self.gather_until = None;
                 return;
             };
-            let until = oldest + self.gather_window();
+            let mut until = oldest.max(self.freed_at) + self.gather_window();
+            // Everyone from the last batch is back and the burst of submissions is over
+            // (a client sends forward_backward and optim_step back to back): go now.
+            let peers_back = !self.last_models.is_empty()
+                && self
+                    .last_models
+                    .iter()
+                    .all(|id| self.queues.get(id).is_none_or(|q| q.ready()));
+            if peers_back {
+                until =
+                    until.min(self.last_arrival + Duration::from_millis(self.cfg.batch_wait_ms));
+            }
             if Instant::now() < until {
                 self.gather_until = Some(until);
                 return;

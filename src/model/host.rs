@@ -4,9 +4,9 @@
 //! growing KV cache. Each kernel reads its operands in place and writes one output buffer,
 //! so a decode step issues a handful of calls per layer instead of hundreds of tensor ops.
 //!
-//! Never used for training tapes or on a GPU: [`super::BaseModel::host_kernels`] gates them
-//! to a CPU model in f32, and the training forward keeps candle's GEMM for big batches.
-//! Numerics are checked against the candle path in this module's tests.
+//! Never used on a GPU: [`super::BaseModel::host_kernels`] gates them to a CPU model in
+//! f32. The training pass on the host lives in [`super::host_train`]. Numerics are checked
+//! against the candle path in this module's tests.
 
 use super::batch::{PackedBatch, Row, Segment};
 use super::llama::{pair, Adapters, KvCache};
@@ -443,7 +443,7 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 impl BaseModel {
     /// Whether inference runs on the host kernels: a CPU model in f32.
     pub(crate) fn host_kernels(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32
+        self.host && self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// `x Wᵀ` for `x: [m, k]` (small `m` on the host kernel, else candle's GEMM).

@@ -6,8 +6,13 @@
 //! silently drop gradients); every backward here is explicit and checked against finite
 //! differences in the tests. One pass serves rows of many adapters: base matmuls run over
 //! the packed batch, LoRA updates per adapter segment, attention per row.
+//!
+//! On a CPU model in f32 the same pass runs on plain buffers in [`super::host_train`]
+//! (about 1.6x faster); this candle version serves f64 (the finite-difference checks) and
+//! GPUs, and is the reference the host pass is tested against.
 
 use super::batch::{PackedBatch, Segment};
+use super::host_train::HostTape;
 use super::BaseModel;
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPair, LoraWeights, Site, Target};
@@ -48,14 +53,24 @@ pub struct InferRow<'a> {
 /// Activations kept from a training forward pass for its backward pass.
 pub struct Tape {
     batch: PackedBatch,
+    kmax: usize,
+    /// Per input row, its `k`.
+    ks: Vec<usize>,
+    inner: TapeKind,
+}
+
+enum TapeKind {
+    Candle(CandleTape),
+    Host(HostTape),
+}
+
+/// The candle pass's activations.
+struct CandleTape {
     layers: Vec<LayerTape>,
     x_last: Tensor,
     xf: Tensor,
     targets: Tensor,
-    kmax: usize,
     lm: Vec<LmChunk>,
-    /// Per input row, its `k`.
-    ks: Vec<usize>,
 }
 
 struct RowTape {
@@ -88,10 +103,10 @@ struct LmChunk {
 }
 
 /// Most tokens per LM-head chunk: bounds the `[chunk, vocab]` logits buffer.
-const LM_CHUNK: usize = 256;
-/// Keep softmax probabilities for backward while they fit in this many bytes; recompute
-/// the logits in backward beyond it.
-const KEEP_PROBS_BYTES: usize = 1 << 30;
+pub(crate) const LM_CHUNK: usize = 256;
+/// Default budget for softmax probabilities kept for backward (see
+/// [`BaseModel::with_probs_budget`]).
+pub(crate) const KEEP_PROBS_BYTES: usize = 1 << 30;
 
 pub(crate) type Adapters<'a> = [&'a LoraWeights];
 
@@ -598,12 +613,55 @@ impl BaseModel {
                 tgt[dst..dst + r.k].copy_from_slice(&r.targets[t * r.k..(t + 1) * r.k]);
             }
         }
+        let keep_probs =
+            keep && batch.num_tokens() * self.config.vocab_size * 4 <= self.probs_budget;
+        let ks: Vec<usize> = rows.iter().map(|r| r.k).collect();
+        let (lp, inner) = if self.host_kernels() {
+            // On a pool thread, as the inference step (see `forward_infer_top`).
+            let (lp, tape) = rayon::scope(|_| {
+                self.forward_train_host(&batch, &tgt, kmax, adapters, keep, keep_probs)
+            })?;
+            let lp: Vec<Vec<f64>> = lp
+                .chunks(kmax)
+                .map(|r| r.iter().map(|&v| v as f64).collect())
+                .collect();
+            (lp, tape.map(TapeKind::Host))
+        } else {
+            let (lp, tape) = self.forward_candle(&batch, tgt, kmax, adapters, keep, keep_probs)?;
+            (lp, tape.map(TapeKind::Candle))
+        };
+        let mut out = vec![Vec::new(); rows.len()];
+        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
+            let k = rows[i].k;
+            out[i] = lp[pr.start..pr.start + pr.len]
+                .iter()
+                .flat_map(|row| row[..k].iter().copied())
+                .collect();
+        }
+        let tape = inner.map(|inner| Tape {
+            ks,
+            batch,
+            kmax,
+            inner,
+        });
+        Ok((out, tape))
+    }
+
+    /// The candle forward pass: per packed token, the log-probability of each of its
+    /// `kmax` targets, and the tape with `keep`.
+    fn forward_candle(
+        &self,
+        batch: &PackedBatch,
+        tgt: Vec<u32>,
+        kmax: usize,
+        adapters: &Adapters,
+        keep: bool,
+        keep_probs: bool,
+    ) -> Result<(Vec<Vec<f64>>, Option<CandleTape>)> {
         let targets = Tensor::from_vec(tgt, (batch.num_tokens(), kmax), &self.device)?;
         let mut layers = Vec::new();
-        let x_last = self.body(&batch, adapters, keep.then_some(&mut layers), None)?;
+        let x_last = self.body(batch, adapters, keep.then_some(&mut layers), None)?;
         let xf = self.rms(&x_last, &self.weights.final_norm)?;
-        let keep_probs =
-            keep && batch.num_tokens() * self.config.vocab_size * 4 <= KEEP_PROBS_BYTES;
         let mut lp_parts = Vec::new();
         let mut lm = Vec::new();
         for s in &batch.segments {
@@ -634,25 +692,14 @@ impl BaseModel {
         let lp = Tensor::cat(&lp_parts, 0)?
             .to_dtype(DType::F64)?
             .to_vec2::<f64>()?;
-        let mut out = vec![Vec::new(); rows.len()];
-        for (pr, &i) in batch.rows.iter().zip(&batch.order) {
-            let k = rows[i].k;
-            out[i] = lp[pr.start..pr.start + pr.len]
-                .iter()
-                .flat_map(|row| row[..k].iter().copied())
-                .collect();
-        }
-        let tape = keep.then(|| Tape {
-            ks: rows.iter().map(|r| r.k).collect(),
-            batch,
+        let tape = keep.then(|| CandleTape {
             layers,
             x_last,
             xf,
             targets,
-            kmax,
             lm,
         });
-        Ok((out, tape))
+        Ok((lp, tape))
     }
 
     /// Backward pass seeded with d loss / d logprob for every target (shaped like the
@@ -665,13 +712,9 @@ impl BaseModel {
     ) -> Result<Vec<LoraGrads>> {
         let Tape {
             batch,
-            layers,
-            x_last,
-            xf,
-            targets,
             kmax,
-            lm,
             ks,
+            inner,
         } = tape;
         if dlp.len() != ks.len() {
             return Err(Error::invalid(
@@ -699,6 +742,28 @@ impl BaseModel {
                 g[dst..dst + k].copy_from_slice(&dlp[i][t * k..(t + 1) * k]);
             }
         }
+        match inner {
+            TapeKind::Host(t) => rayon::scope(|_| self.backward_host(t, &batch, &g, adapters)),
+            TapeKind::Candle(t) => self.backward_candle(t, &batch, g, kmax, adapters),
+        }
+    }
+
+    /// Backward of [`Self::forward_candle`], seeded with `g` (`[N, kmax]`).
+    fn backward_candle(
+        &self,
+        tape: CandleTape,
+        batch: &PackedBatch,
+        g: Vec<f32>,
+        kmax: usize,
+        adapters: &Adapters,
+    ) -> Result<Vec<LoraGrads>> {
+        let CandleTape {
+            layers,
+            x_last,
+            xf,
+            targets,
+            lm,
+        } = tape;
         let g = Tensor::from_vec(g, (batch.num_tokens(), kmax), &self.device)?
             .to_dtype(self.lm_dtype())?;
         let mut grads = vec![LoraGrads::default(); adapters.len()];

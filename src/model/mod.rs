@@ -5,6 +5,7 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod host;
+pub mod host_train;
 pub mod llama;
 pub mod tokenizer;
 pub mod weights;
@@ -20,6 +21,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct BaseModel {
     /// The name clients use, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.
     pub name: String,
@@ -33,6 +35,11 @@ pub struct BaseModel {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) sin_neg: Tensor,
+    /// Whether a CPU f32 model runs on the host kernels (see [`Self::host_kernels`]).
+    pub(crate) host: bool,
+    /// Softmax probabilities of a training pass are kept for its backward pass while they
+    /// fit in this many bytes; beyond it backward recomputes the logits.
+    pub(crate) probs_budget: usize,
 }
 
 impl std::fmt::Debug for BaseModel {
@@ -109,7 +116,27 @@ impl BaseModel {
             chat_template,
             device: device.clone(),
             dtype,
+            host: true,
+            probs_budget: llama::KEEP_PROBS_BYTES,
         })
+    }
+
+    /// The same model (sharing its weights) on candle's general ops only: the reference the
+    /// host kernels are tested and benchmarked against.
+    pub fn without_host_kernels(&self) -> BaseModel {
+        BaseModel {
+            host: false,
+            ..self.clone()
+        }
+    }
+
+    /// The same model with another budget for kept softmax probabilities (0: backward
+    /// always recomputes the logits).
+    pub fn with_probs_budget(&self, bytes: usize) -> BaseModel {
+        BaseModel {
+            probs_budget: bytes,
+            ..self.clone()
+        }
     }
 
     /// A seeded random model (no tokenizer), for tests and tools.

@@ -1,0 +1,1179 @@
+//! The training forward and backward pass on the host (CPU, f32): the same maths as
+//! [`super::llama`], over plain buffers instead of candle tensors.
+//!
+//! On a CPU the candle pass spends about half its time outside the matrix products: every
+//! op allocates its output (page faults), elementwise ops run on one thread, and each row's
+//! attention is a chain of small ops that leaves the second core idle. Here every matrix
+//! product is one call of the `gemm` crate (the kernel candle itself uses) reading its
+//! operands in place with strides, so transposes, column blocks of fused weights and
+//! accumulation into a residual cost nothing; norms, SiLU and RoPE run over rows in
+//! parallel; attention runs as one task per (row, key/value head), so a batch of many
+//! adapters' rows keeps both cores busy.
+//!
+//! Gated like the inference kernels by [`BaseModel::host_kernels`]; the candle pass stays
+//! for f64 (the finite-difference checks) and GPUs, and is the reference this pass is
+//! tested against (`tests/host_train.rs`).
+
+use super::batch::{PackedBatch, Segment};
+use super::host::{rope_in_place, HostView};
+use super::llama::{pair, Adapters};
+use super::BaseModel;
+use crate::error::Result;
+use crate::lora::{LoraGrads, Site, Target};
+use candle_core::Tensor;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Multiply-adds from which a matrix product is split across the thread pool.
+const PAR_GEMM: usize = 1 << 18;
+/// Elements from which a row-wise elementwise loop is split across the pool.
+const PAR_ELEMS: usize = 1 << 14;
+
+/// A matrix operand read in place: element `(i, j)` is `data[off + i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix whose rows are `ld` apart, starting at `off`.
+    fn rows(data: &'a [f32], off: usize, ld: usize) -> Self {
+        Mat {
+            data,
+            off,
+            rs: ld,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of [`Mat::rows`]`(data, off, ld)`.
+    fn t(data: &'a [f32], off: usize, ld: usize) -> Self {
+        Mat {
+            data,
+            off,
+            rs: 1,
+            cs: ld,
+        }
+    }
+
+    /// Panics unless every element of an `r x c` view lies inside `data`: the bounds the
+    /// unsafe call below relies on (shapes come from the model config, never from users).
+    fn check(&self, r: usize, c: usize) {
+        if r > 0 && c > 0 {
+            assert!(
+                self.off + (r - 1) * self.rs + (c - 1) * self.cs < self.data.len(),
+                "matrix view out of bounds"
+            );
+        }
+    }
+}
+
+/// `dst[doff + i·ldd + j] (+)= alpha · Σₖ a(i, k) · b(k, j)` for `i < m`, `j < n`;
+/// accumulates when `acc`, else overwrites. Split across the pool when `par` and the
+/// product is big enough.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    doff: usize,
+    ldd: usize,
+    acc: bool,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    par: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldd && doff + (m - 1) * ldd + n <= dst.len(),
+        "gemm output out of bounds"
+    );
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                dst[doff + i * ldd..doff + i * ldd + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    a.check(m, k);
+    b.check(k, n);
+    let threads = rayon::current_num_threads();
+    let parallelism = if par && threads > 1 && m * n * k >= PAR_GEMM {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every element read or written lies inside its slice (checked above), and
+    // `dst` is borrowed mutably for the call, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(doff),
+            1,
+            ldd as isize,
+            acc,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Run `f(row index, row)` over the `width`-wide rows of `out`, in parallel when big.
+fn for_rows<F>(out: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out.len() >= PAR_ELEMS {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// RMS norm of each row of `x` times `w`: the normed rows and each row's `1 / rms`.
+fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    let rinv: Vec<f32> = x
+        .chunks(d)
+        .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt())
+        .collect();
+    let mut h = vec![0f32; x.len()];
+    for_rows(&mut h, d, |i, hr| {
+        for ((o, v), w) in hr.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(w) {
+            *o = v * rinv[i] * w;
+        }
+    });
+    (h, rinv)
+}
+
+/// `acc += d/dx (x · w / rms(x))` given the output gradient `dy`.
+fn rms_bwd_acc(x: &[f32], w: &[f32], rinv: &[f32], dy: &[f32], acc: &mut [f32]) {
+    let d = w.len();
+    for_rows(acc, d, |i, ar| {
+        let (xr, dyr) = (&x[i * d..(i + 1) * d], &dy[i * d..(i + 1) * d]);
+        let r = rinv[i];
+        let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((x, g), w)| g * w * x).sum();
+        let coef = r * r * r * dot / d as f32;
+        for (((a, x), g), w) in ar.iter_mut().zip(xr).zip(dyr).zip(w) {
+            *a += g * w * r - x * coef;
+        }
+    });
+}
+
+/// Activations kept from a host training pass for [`BaseModel::backward_host`].
+pub(crate) struct HostTape {
+    layers: Vec<LayerTape>,
+    x_last: Vec<f32>,
+    rinv_f: Vec<f32>,
+    xf: Vec<f32>,
+    lm: Vec<LmChunk>,
+    targets: Vec<u32>,
+    kmax: usize,
+}
+
+struct LayerTape {
+    x_in: Vec<f32>,
+    rinv1: Vec<f32>,
+    h: Vec<f32>,
+    /// `[q · scale | k | v]` per token, RoPE applied to q and k.
+    qkv: Vec<f32>,
+    /// Attention probabilities per (row, query head), `[t, t]` each.
+    p: Vec<Vec<f32>>,
+    o: Vec<f32>,
+    x_mid: Vec<f32>,
+    rinv2: Vec<f32>,
+    h2: Vec<f32>,
+    gu: Vec<f32>,
+    a: Vec<f32>,
+    xa: SavedXa,
+}
+
+/// LoRA `x Aᵀ` per target, per segment (None where a segment's adapter lacks the target).
+type SavedXa = Vec<(Target, Vec<Option<Vec<f32>>>)>;
+
+/// Tokens `start..start+len` through the LM head. Chunks span segments: the base LM head
+/// runs once over all of a chunk's rows, each segment's LoRA over its own.
+struct LmChunk {
+    start: usize,
+    len: usize,
+    probs: Option<Vec<f32>>,
+    loras: Vec<LmLora>,
+}
+
+/// An LM-head LoRA over rows `seg.start..` of a chunk, and its `x Aᵀ`.
+struct LmLora {
+    seg: Segment,
+    xa: Vec<f32>,
+}
+
+/// One adapter segment's LoRA gradient for one site.
+type SiteGrad = (usize, Vec<f32>, Vec<f32>);
+
+/// Split `buf` (rows `width` wide) into each segment's rows.
+fn segment_rows<'s, 'b>(
+    buf: &'b mut [f32],
+    width: usize,
+    segs: &'s [Segment],
+) -> Vec<(&'s Segment, &'b mut [f32])> {
+    let mut out = Vec::with_capacity(segs.len());
+    let mut rest = buf;
+    for s in segs {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(s.len * width);
+        out.push((s, mine));
+        rest = tail;
+    }
+    out
+}
+
+impl BaseModel {
+    /// The host forward pass over a packed batch. `targets`: `[N, kmax]`. Returns the log
+    /// probability of every target (`[N, kmax]`, padding included) and, with `keep`, the
+    /// tape. Runs on the calling thread's pool (callers wrap it in `rayon::scope`).
+    pub(crate) fn forward_train_host(
+        &self,
+        b: &PackedBatch,
+        targets: &[u32],
+        kmax: usize,
+        adapters: &Adapters,
+        keep: bool,
+        keep_probs: bool,
+    ) -> Result<(Vec<f32>, Option<HostTape>)> {
+        let c = &self.config;
+        let n = b.num_tokens();
+        let hid = c.hidden_size;
+        let eps = c.rms_norm_eps as f32;
+        let mut x = {
+            let embed = HostView::new(&self.weights.embed)?;
+            let e = embed.slice();
+            let mut x = Vec::with_capacity(n * hid);
+            for &t in &b.tokens {
+                x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
+            }
+            x
+        };
+        let mut layers = Vec::new();
+        for l in 0..self.weights.layers.len() {
+            let (x_out, tape) = self.layer_fwd(b, adapters, l, x)?;
+            x = x_out;
+            if keep {
+                layers.push(tape);
+            }
+        }
+        let (xf, rinv_f) = rms_fwd(&x, HostView::new(&self.weights.final_norm)?.slice(), eps);
+        let mut lp = vec![0f32; n * kmax];
+        let mut lm = Vec::new();
+        let vocab = c.vocab_size;
+        // With the softmax kept for backward the whole batch is one chunk (the buffer is
+        // kept anyway, and the LM head's weight is read and packed once for all adapters).
+        let to_probs = keep && keep_probs;
+        let chunk = if to_probs { n } else { super::llama::LM_CHUNK };
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let (mut logits, loras) = self.lm_logits_host(&xf, start, len, b, adapters)?;
+            let tg = &targets[start * kmax..(start + len) * kmax];
+            let lpc = &mut lp[start * kmax..(start + len) * kmax];
+            // Per row: the targets' log-probabilities, then (kept for backward) the row
+            // turned into probabilities.
+            let rows = logits.par_chunks_mut(vocab).zip(lpc.par_chunks_mut(kmax));
+            rows.enumerate().for_each(|(i, (row, lpr))| {
+                let tgr = &tg[i * kmax..(i + 1) * kmax];
+                for (o, &t) in lpr.iter_mut().zip(tgr) {
+                    *o = row[t as usize];
+                }
+                let lse = log_softmax_row(row, to_probs);
+                lpr.iter_mut().for_each(|o| *o -= lse);
+            });
+            if keep {
+                lm.push(LmChunk {
+                    start,
+                    len,
+                    probs: keep_probs.then_some(logits),
+                    loras,
+                });
+            }
+            start += len;
+        }
+        let tape = keep.then(|| HostTape {
+            layers,
+            x_last: x,
+            rinv_f,
+            xf,
+            lm,
+            targets: targets.to_vec(),
+            kmax,
+        });
+        Ok((lp, tape))
+    }
+
+    /// Logits `[len, vocab]` of normed hidden rows `start..start+len`, with the LM-head
+    /// LoRA of each segment there that carries one, and those LoRAs' `x Aᵀ`.
+    fn lm_logits_host(
+        &self,
+        xf: &[f32],
+        start: usize,
+        len: usize,
+        b: &PackedBatch,
+        adapters: &Adapters,
+    ) -> Result<(Vec<f32>, Vec<LmLora>)> {
+        let (hid, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let e = HostView::new(&self.weights.lm_head)?;
+        let mut logits = vec![0f32; len * vocab];
+        gemm(
+            (len, vocab, hid),
+            &mut logits,
+            0,
+            vocab,
+            false,
+            Mat::rows(xf, start * hid, hid),
+            Mat::t(e.slice(), 0, hid),
+            1.0,
+            true,
+        );
+        let mut loras = Vec::new();
+        for s in &b.segments {
+            let (lo, hi) = (s.start.max(start), (s.start + s.len).min(start + len));
+            let Some((p, scale)) = pair(adapters, s, Site::LmHead).filter(|_| lo < hi) else {
+                continue;
+            };
+            let (a, bm) = (HostView::new(&p.a)?, HostView::new(&p.b)?);
+            let r = p.a.dim(0)?;
+            let rows = hi - lo;
+            let mut xa = vec![0f32; rows * r];
+            gemm(
+                (rows, r, hid),
+                &mut xa,
+                0,
+                r,
+                false,
+                Mat::rows(xf, lo * hid, hid),
+                Mat::t(a.slice(), 0, hid),
+                1.0,
+                true,
+            );
+            gemm(
+                (rows, vocab, r),
+                &mut logits,
+                (lo - start) * vocab,
+                vocab,
+                true,
+                Mat::rows(&xa, 0, r),
+                Mat::t(bm.slice(), 0, r),
+                scale as f32,
+                true,
+            );
+            let seg = Segment {
+                start: lo,
+                len: rows,
+                adapter: s.adapter,
+            };
+            loras.push(LmLora { seg, xa });
+        }
+        Ok((logits, loras))
+    }
+
+    /// Base projection `x Wᵀ` of `x: [N, in]` into a new `[N, W rows]` buffer, plus the
+    /// LoRA update of each of `parts` (their outputs side by side in `W`'s rows). Returns
+    /// the output and the LoRA `x Aᵀ` per part and segment.
+    #[allow(clippy::too_many_arguments)]
+    fn project_train(
+        &self,
+        x: &[f32],
+        n: usize,
+        w: &Tensor,
+        parts: &[Target],
+        layer: usize,
+        segs: &[Segment],
+        adapters: &Adapters,
+    ) -> Result<(Vec<f32>, SavedXa)> {
+        let (width, k) = w.dims2()?;
+        let wv = HostView::new(w)?;
+        let mut out = vec![0f32; n * width];
+        gemm(
+            (n, width, k),
+            &mut out,
+            0,
+            width,
+            false,
+            Mat::rows(x, 0, k),
+            Mat::t(wv.slice(), 0, k),
+            1.0,
+            true,
+        );
+        let carrying = segs
+            .iter()
+            .filter(|s| {
+                parts
+                    .iter()
+                    .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
+            })
+            .count();
+        let one = |(s, rows): (&Segment, &mut [f32])| -> Result<Vec<Option<Vec<f32>>>> {
+            let mut col0 = 0;
+            let mut xas = Vec::with_capacity(parts.len());
+            for &t in parts {
+                let (_, dim) = t.dims(&self.config);
+                let xa = match pair(adapters, s, Site::Layer(layer, t)) {
+                    Some((p, scale)) => {
+                        let r = p.a.dim(0)?;
+                        let (a, bm) = (HostView::new(&p.a)?, HostView::new(&p.b)?);
+                        let mut xa = vec![0f32; s.len * r];
+                        gemm(
+                            (s.len, r, k),
+                            &mut xa,
+                            0,
+                            r,
+                            false,
+                            Mat::rows(x, s.start * k, k),
+                            Mat::t(a.slice(), 0, k),
+                            1.0,
+                            carrying == 1,
+                        );
+                        gemm(
+                            (s.len, dim, r),
+                            rows,
+                            col0,
+                            width,
+                            true,
+                            Mat::rows(&xa, 0, r),
+                            Mat::t(bm.slice(), 0, r),
+                            scale as f32,
+                            carrying == 1,
+                        );
+                        Some(xa)
+                    }
+                    None => None,
+                };
+                xas.push(xa);
+                col0 += dim;
+            }
+            Ok(xas)
+        };
+        let split = segment_rows(&mut out, width, segs);
+        let per_seg: Vec<Vec<Option<Vec<f32>>>> = if carrying > 1 {
+            split.into_par_iter().map(one).collect::<Result<_>>()?
+        } else {
+            split.into_iter().map(one).collect::<Result<_>>()?
+        };
+        let mut per_seg = per_seg;
+        let saved = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| {
+                segs.iter()
+                    .any(|s| pair(adapters, s, Site::Layer(layer, t)).is_some())
+            })
+            .map(|(pi, &t)| {
+                let xas = per_seg.iter_mut().map(|xas| xas[pi].take()).collect();
+                (t, xas)
+            })
+            .collect();
+        Ok((out, saved))
+    }
+
+    /// One decoder layer forward; returns its output and its tape.
+    fn layer_fwd(
+        &self,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        l: usize,
+        x: Vec<f32>,
+    ) -> Result<(Vec<f32>, LayerTape)> {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let n = b.num_tokens();
+        let (hid, dq, dkv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (h_n, kvh, g) = (c.num_heads, c.num_kv_heads, c.group_size());
+        let w3 = dq + 2 * dkv;
+        let di = c.intermediate_size;
+        let eps = c.rms_norm_eps as f32;
+        let segs = &b.segments;
+        let (h, rinv1) = rms_fwd(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
+        let (mut qkv, mut xa) =
+            self.project_train(&h, n, &lw.wqkv, &Target::ATTN[..3], l, segs, adapters)?;
+        // RoPE on q (then the attention scale) and k, per token at its position.
+        let pos = token_positions(b);
+        let half = hd / 2;
+        let scale = 1.0 / (hd as f32).sqrt();
+        {
+            let (cos_t, sin_t) = (HostView::new(&self.cos)?, HostView::new(&self.sin)?);
+            let (cos, sin) = (cos_t.slice(), sin_t.slice());
+            for_rows(&mut qkv, w3, |i, row| {
+                let p = pos[i];
+                let (cs, sn) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                for (hi, head) in row[..dq + dkv].chunks_exact_mut(hd).enumerate() {
+                    rope_in_place(head, cs, sn);
+                    if hi < h_n {
+                        head.iter_mut().for_each(|v| *v *= scale);
+                    }
+                }
+            });
+        }
+        // Attention: a task per (row, kv head), each owning its group's query heads.
+        let tasks: Vec<(usize, usize)> = (0..b.rows.len())
+            .flat_map(|ri| (0..kvh).map(move |kh| (ri, kh)))
+            .collect();
+        let qkv_ref = &qkv;
+        let results: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
+            .par_iter()
+            .map(|&(ri, kh)| {
+                let r = &b.rows[ri];
+                let t = r.len;
+                (0..g)
+                    .map(|gi| {
+                        let hq = kh * g + gi;
+                        let mut p = vec![0f32; t * t];
+                        gemm(
+                            (t, t, hd),
+                            &mut p,
+                            0,
+                            t,
+                            false,
+                            Mat::rows(qkv_ref, r.start * w3 + hq * hd, w3),
+                            Mat::t(qkv_ref, r.start * w3 + dq + kh * hd, w3),
+                            1.0,
+                            false,
+                        );
+                        for (i, row) in p.chunks_mut(t).enumerate() {
+                            softmax_causal(row, i + 1);
+                        }
+                        let mut oh = vec![0f32; t * hd];
+                        gemm(
+                            (t, hd, t),
+                            &mut oh,
+                            0,
+                            hd,
+                            false,
+                            Mat::rows(&p, 0, t),
+                            Mat::rows(qkv_ref, r.start * w3 + dq + dkv + kh * hd, w3),
+                            1.0,
+                            false,
+                        );
+                        (p, oh)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut o = vec![0f32; n * dq];
+        let mut p_all: Vec<Vec<f32>> = vec![Vec::new(); b.rows.len() * h_n];
+        for (&(ri, kh), heads) in tasks.iter().zip(results) {
+            let r = &b.rows[ri];
+            for (gi, (p, oh)) in heads.into_iter().enumerate() {
+                let hq = kh * g + gi;
+                for (i, src) in oh.chunks_exact(hd).enumerate() {
+                    let dst = (r.start + i) * dq + hq * hd;
+                    o[dst..dst + hd].copy_from_slice(src);
+                }
+                p_all[ri * h_n + hq] = p;
+            }
+        }
+        let (ao, xa_o) = self.project_train(&o, n, &lw.wo, &[Target::O], l, segs, adapters)?;
+        xa.extend(xa_o);
+        let mut x_mid = ao;
+        for_rows(&mut x_mid, hid, |i, r| {
+            for (a, b) in r.iter_mut().zip(&x[i * hid..(i + 1) * hid]) {
+                *a += b;
+            }
+        });
+        let (h2, rinv2) = rms_fwd(&x_mid, HostView::new(&lw.mlp_norm)?.slice(), eps);
+        let (gu, xa_gu) = self.project_train(
+            &h2,
+            n,
+            &lw.wgate_up,
+            &[Target::Gate, Target::Up],
+            l,
+            segs,
+            adapters,
+        )?;
+        xa.extend(xa_gu);
+        let mut a = vec![0f32; n * di];
+        for_rows(&mut a, di, |i, ar| {
+            let (gr, ur) = gu[i * 2 * di..(i + 1) * 2 * di].split_at(di);
+            for ((o, g), u) in ar.iter_mut().zip(gr).zip(ur) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+        let (m, xa_d) = self.project_train(&a, n, &lw.wdown, &[Target::Down], l, segs, adapters)?;
+        xa.extend(xa_d);
+        let mut x_out = m;
+        for_rows(&mut x_out, hid, |i, r| {
+            for (a, b) in r.iter_mut().zip(&x_mid[i * hid..(i + 1) * hid]) {
+                *a += b;
+            }
+        });
+        Ok((
+            x_out,
+            LayerTape {
+                x_in: x,
+                rinv1,
+                h,
+                qkv,
+                p: p_all,
+                o,
+                x_mid,
+                rinv2,
+                h2,
+                gu,
+                a,
+                xa,
+            },
+        ))
+    }
+
+    /// Backward of [`Self::forward_train_host`] seeded with `g = d loss / d logprob`
+    /// (`[N, kmax]`). Returns gradients per adapter index.
+    pub(crate) fn backward_host(
+        &self,
+        tape: HostTape,
+        b: &PackedBatch,
+        g: &[f32],
+        adapters: &Adapters,
+    ) -> Result<Vec<LoraGrads>> {
+        let c = &self.config;
+        let n = b.num_tokens();
+        let (hid, vocab) = (c.hidden_size, c.vocab_size);
+        let HostTape {
+            layers,
+            x_last,
+            rinv_f,
+            xf,
+            lm,
+            targets,
+            kmax,
+        } = tape;
+        let mut site_grads: Vec<(Site, SiteGrad)> = Vec::new();
+        let e = HostView::new(&self.weights.lm_head)?;
+        let mut dxf = vec![0f32; n * hid];
+        for ch in lm {
+            let (mut d, loras) = match ch.probs {
+                Some(p) => (p, ch.loras),
+                None => {
+                    let (mut logits, loras) =
+                        self.lm_logits_host(&xf, ch.start, ch.len, b, adapters)?;
+                    logits.par_chunks_mut(vocab).for_each(|row| {
+                        log_softmax_row(row, true);
+                    });
+                    (logits, loras)
+                }
+            };
+            // d logits = scatter(g) − p · Σ g, per row.
+            let (gc, tg) = (
+                &g[ch.start * kmax..(ch.start + ch.len) * kmax],
+                &targets[ch.start * kmax..(ch.start + ch.len) * kmax],
+            );
+            d.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+                let gr = &gc[i * kmax..(i + 1) * kmax];
+                let gsum: f32 = gr.iter().sum();
+                row.iter_mut().for_each(|v| *v *= -gsum);
+                for (&t, &gv) in tg[i * kmax..(i + 1) * kmax].iter().zip(gr) {
+                    row[t as usize] += gv;
+                }
+            });
+            gemm(
+                (ch.len, hid, vocab),
+                &mut dxf,
+                ch.start * hid,
+                hid,
+                false,
+                Mat::rows(&d, 0, vocab),
+                Mat::rows(e.slice(), 0, hid),
+                1.0,
+                true,
+            );
+            for LmLora { seg, xa } in loras {
+                let (Some((p, scale)), Some(ai)) =
+                    (pair(adapters, &seg, Site::LmHead), seg.adapter)
+                else {
+                    continue;
+                };
+                let (da, db) = lora_site_bwd(
+                    (p, scale),
+                    &xf,
+                    hid,
+                    (&d, (seg.start - ch.start) * vocab, vocab),
+                    &xa,
+                    &seg,
+                    &mut dxf[seg.start * hid..(seg.start + seg.len) * hid],
+                    true,
+                )?;
+                site_grads.push((Site::LmHead, (ai, da, db)));
+            }
+        }
+        let mut dx = vec![0f32; n * hid];
+        rms_bwd_acc(
+            &x_last,
+            HostView::new(&self.weights.final_norm)?.slice(),
+            &rinv_f,
+            &dxf,
+            &mut dx,
+        );
+        drop(dxf);
+        for (l, t) in layers.into_iter().enumerate().rev() {
+            self.layer_bwd(b, adapters, l, t, &mut dx, &mut site_grads)?;
+        }
+        let mut grads = vec![LoraGrads::default(); adapters.len()];
+        for (site, (ai, da, db)) in site_grads {
+            let Some(p) = adapters.get(ai).and_then(|a| a.get(site)) else {
+                continue;
+            };
+            let da = Tensor::from_vec(da, p.a.dims(), p.a.device())?;
+            let db = Tensor::from_vec(db, p.b.dims(), p.b.device())?;
+            if let Some(gr) = grads.get_mut(ai) {
+                gr.add(site, da, db)?;
+            }
+        }
+        Ok(grads)
+    }
+
+    /// One decoder layer backward: `dx` holds d loss / d layer output on entry and
+    /// d loss / d layer input on return.
+    fn layer_bwd(
+        &self,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        l: usize,
+        t: LayerTape,
+        dx: &mut [f32],
+        site_grads: &mut Vec<(Site, SiteGrad)>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let lw = &self.weights.layers[l];
+        let n = b.num_tokens();
+        let (hid, dq, dkv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (h_n, kvh, g) = (c.num_heads, c.num_kv_heads, c.group_size());
+        let w3 = dq + 2 * dkv;
+        let di = c.intermediate_size;
+        let segs = &b.segments;
+        let xa_of = |target: Target| {
+            t.xa.iter()
+                .find(|(tt, _)| *tt == target)
+                .map(|(_, v)| v.as_slice())
+        };
+        // MLP: down projection.
+        let wdown = HostView::new(&lw.wdown)?;
+        let mut da = vec![0f32; n * di];
+        gemm(
+            (n, di, hid),
+            &mut da,
+            0,
+            di,
+            false,
+            Mat::rows(dx, 0, hid),
+            Mat::rows(wdown.slice(), 0, di),
+            1.0,
+            true,
+        );
+        self.lora_bwd(
+            (&t.a, di),
+            (dx, 0, hid),
+            &mut da,
+            segs,
+            adapters,
+            Site::Layer(l, Target::Down),
+            xa_of(Target::Down),
+            site_grads,
+        )?;
+        // SiLU gate.
+        let mut dgu = vec![0f32; n * 2 * di];
+        for_rows(&mut dgu, 2 * di, |i, row| {
+            let (dg, du) = row.split_at_mut(di);
+            let (gr, ur) = t.gu[i * 2 * di..(i + 1) * 2 * di].split_at(di);
+            let dar = &da[i * di..(i + 1) * di];
+            for j in 0..di {
+                let sg = 1.0 / (1.0 + (-gr[j]).exp());
+                du[j] = dar[j] * gr[j] * sg;
+                dg[j] = dar[j] * ur[j] * sg * (1.0 + gr[j] * (1.0 - sg));
+            }
+        });
+        drop(da);
+        let wgu = HostView::new(&lw.wgate_up)?;
+        let mut dh2 = vec![0f32; n * hid];
+        gemm(
+            (n, hid, 2 * di),
+            &mut dh2,
+            0,
+            hid,
+            false,
+            Mat::rows(&dgu, 0, 2 * di),
+            Mat::rows(wgu.slice(), 0, hid),
+            1.0,
+            true,
+        );
+        for (target, col0) in [(Target::Gate, 0), (Target::Up, di)] {
+            self.lora_bwd(
+                (&t.h2, hid),
+                (&dgu, col0, 2 * di),
+                &mut dh2,
+                segs,
+                adapters,
+                Site::Layer(l, target),
+                xa_of(target),
+                site_grads,
+            )?;
+        }
+        drop(dgu);
+        // dx becomes d loss / d x_mid.
+        rms_bwd_acc(
+            &t.x_mid,
+            HostView::new(&lw.mlp_norm)?.slice(),
+            &t.rinv2,
+            &dh2,
+            dx,
+        );
+        drop(dh2);
+        // Attention output projection.
+        let wo = HostView::new(&lw.wo)?;
+        let mut d_o = vec![0f32; n * dq];
+        gemm(
+            (n, dq, hid),
+            &mut d_o,
+            0,
+            dq,
+            false,
+            Mat::rows(dx, 0, hid),
+            Mat::rows(wo.slice(), 0, dq),
+            1.0,
+            true,
+        );
+        self.lora_bwd(
+            (&t.o, dq),
+            (dx, 0, hid),
+            &mut d_o,
+            segs,
+            adapters,
+            Site::Layer(l, Target::O),
+            xa_of(Target::O),
+            site_grads,
+        )?;
+        // Attention, a task per (row, kv head): dq of its query heads, dk and dv.
+        let tasks: Vec<(usize, usize)> = (0..b.rows.len())
+            .flat_map(|ri| (0..kvh).map(move |kh| (ri, kh)))
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let half = hd / 2;
+        let (cos_t, sin_t) = (HostView::new(&self.cos)?, HostView::new(&self.sin_neg)?);
+        let (cos, sin_neg) = (cos_t.slice(), sin_t.slice());
+        let (qkv, p_all, d_o_ref) = (&t.qkv, &t.p, &d_o);
+        type Grads3 = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        let results: Vec<Grads3> = tasks
+            .par_iter()
+            .map(|&(ri, kh)| {
+                let r = &b.rows[ri];
+                let tl = r.len;
+                let (mut dk, mut dv) = (vec![0f32; tl * hd], vec![0f32; tl * hd]);
+                let mut dqs = Vec::with_capacity(g);
+                let mut dp = vec![0f32; tl * tl];
+                for gi in 0..g {
+                    let hq = kh * g + gi;
+                    let p = &p_all[ri * h_n + hq];
+                    let d_oh = Mat::rows(d_o_ref, r.start * dq + hq * hd, dq);
+                    gemm(
+                        (tl, tl, hd),
+                        &mut dp,
+                        0,
+                        tl,
+                        false,
+                        d_oh,
+                        Mat::t(qkv, r.start * w3 + dq + dkv + kh * hd, w3),
+                        1.0,
+                        false,
+                    );
+                    gemm(
+                        (tl, hd, tl),
+                        &mut dv,
+                        0,
+                        hd,
+                        gi > 0,
+                        Mat::t(p, 0, tl),
+                        d_oh,
+                        1.0,
+                        false,
+                    );
+                    // dS = P ∘ (dP − rowsum(dP ∘ P)), in place.
+                    for (dpr, pr) in dp.chunks_mut(tl).zip(p.chunks(tl)) {
+                        let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        for (d, p) in dpr.iter_mut().zip(pr) {
+                            *d = p * (*d - dot);
+                        }
+                    }
+                    let mut dqh = vec![0f32; tl * hd];
+                    gemm(
+                        (tl, hd, tl),
+                        &mut dqh,
+                        0,
+                        hd,
+                        false,
+                        Mat::rows(&dp, 0, tl),
+                        Mat::rows(qkv, r.start * w3 + dq + kh * hd, w3),
+                        scale,
+                        false,
+                    );
+                    gemm(
+                        (tl, hd, tl),
+                        &mut dk,
+                        0,
+                        hd,
+                        gi > 0,
+                        Mat::t(&dp, 0, tl),
+                        Mat::rows(qkv, r.start * w3 + hq * hd, w3),
+                        1.0,
+                        false,
+                    );
+                    dqs.push(dqh);
+                }
+                // Undo RoPE: rotate the gradients back by each position's angle.
+                let unrope = |buf: &mut [f32]| {
+                    for (i, row) in buf.chunks_exact_mut(hd).enumerate() {
+                        let p = r.pos0 + i;
+                        rope_in_place(
+                            row,
+                            &cos[p * half..(p + 1) * half],
+                            &sin_neg[p * half..(p + 1) * half],
+                        );
+                    }
+                };
+                dqs.iter_mut().for_each(|d| unrope(d));
+                unrope(&mut dk);
+                (dqs, dk, dv)
+            })
+            .collect();
+        drop(d_o);
+        let mut dqkv = vec![0f32; n * w3];
+        for (&(ri, kh), (dqs, dk, dv)) in tasks.iter().zip(results) {
+            let r = &b.rows[ri];
+            for i in 0..r.len {
+                let row = (r.start + i) * w3;
+                for (gi, dqh) in dqs.iter().enumerate() {
+                    let col = row + (kh * g + gi) * hd;
+                    dqkv[col..col + hd].copy_from_slice(&dqh[i * hd..(i + 1) * hd]);
+                }
+                let col = row + dq + kh * hd;
+                dqkv[col..col + hd].copy_from_slice(&dk[i * hd..(i + 1) * hd]);
+                let col = row + dq + dkv + kh * hd;
+                dqkv[col..col + hd].copy_from_slice(&dv[i * hd..(i + 1) * hd]);
+            }
+        }
+        let wqkv = HostView::new(&lw.wqkv)?;
+        let mut dh = vec![0f32; n * hid];
+        gemm(
+            (n, hid, w3),
+            &mut dh,
+            0,
+            hid,
+            false,
+            Mat::rows(&dqkv, 0, w3),
+            Mat::rows(wqkv.slice(), 0, hid),
+            1.0,
+            true,
+        );
+        for (target, col0) in [(Target::Q, 0), (Target::K, dq), (Target::V, dq + dkv)] {
+            self.lora_bwd(
+                (&t.h, hid),
+                (&dqkv, col0, w3),
+                &mut dh,
+                segs,
+                adapters,
+                Site::Layer(l, target),
+                xa_of(target),
+                site_grads,
+            )?;
+        }
+        rms_bwd_acc(
+            &t.x_in,
+            HostView::new(&lw.attn_norm)?.slice(),
+            &t.rinv1,
+            &dh,
+            dx,
+        );
+        Ok(())
+    }
+
+    /// Backward of one site's LoRA over every segment carrying it: adds the extra input
+    /// gradient into `dx` (`[N, in]`) and records dA, dB per adapter. `dy`: the output
+    /// gradient as (buffer, first column, row width).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(
+        &self,
+        (x, in_dim): (&[f32], usize),
+        dy: (&[f32], usize, usize),
+        dx: &mut [f32],
+        segs: &[Segment],
+        adapters: &Adapters,
+        site: Site,
+        xas: Option<&[Option<Vec<f32>>]>,
+        site_grads: &mut Vec<(Site, SiteGrad)>,
+    ) -> Result<()> {
+        let Some(xas) = xas else {
+            return Ok(());
+        };
+        let work: Vec<(&Segment, &mut [f32], &Vec<f32>)> = segment_rows(dx, in_dim, segs)
+            .into_iter()
+            .zip(xas)
+            .filter_map(|((s, rows), xa)| Some((s, rows, xa.as_ref()?)))
+            .collect();
+        let par = work.len() > 1;
+        let one = |(s, rows, xa): (&Segment, &mut [f32], &Vec<f32>)| -> Result<Option<SiteGrad>> {
+            let (Some((p, scale)), Some(ai)) = (pair(adapters, s, site), s.adapter) else {
+                return Ok(None);
+            };
+            let (dy, col0, ld) = dy;
+            let dy = (dy, s.start * ld + col0, ld);
+            let (da, db) = lora_site_bwd((p, scale), x, in_dim, dy, xa, s, rows, !par)?;
+            Ok(Some((ai, da, db)))
+        };
+        let got: Vec<Option<SiteGrad>> = if par {
+            work.into_par_iter().map(one).collect::<Result<_>>()?
+        } else {
+            work.into_iter().map(one).collect::<Result<_>>()?
+        };
+        site_grads.extend(got.into_iter().flatten().map(|sg| (site, sg)));
+        Ok(())
+    }
+}
+
+/// One segment's LoRA backward at one site: returns (dA, dB) and adds
+/// `scale · (dy B) A` into `dx_rows` (the segment's rows of the input gradient). `x`: the
+/// whole batch's input (`[N, in]`); `dy`: (buffer, offset of the segment's first output
+/// gradient, row width).
+#[allow(clippy::too_many_arguments)]
+fn lora_site_bwd(
+    (p, scale): (&crate::lora::LoraPair, f64),
+    x: &[f32],
+    in_dim: usize,
+    (dy, dys, ld): (&[f32], usize, usize),
+    xa: &[f32],
+    s: &Segment,
+    dx_rows: &mut [f32],
+    par: bool,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (r, out_dim) = (p.a.dim(0)?, p.b.dim(0)?);
+    let (a, bm) = (HostView::new(&p.a)?, HostView::new(&p.b)?);
+    let scale = scale as f32;
+    let mut db = vec![0f32; out_dim * r];
+    gemm(
+        (out_dim, r, s.len),
+        &mut db,
+        0,
+        r,
+        false,
+        Mat::t(dy, dys, ld),
+        Mat::rows(xa, 0, r),
+        scale,
+        par,
+    );
+    let mut dxa = vec![0f32; s.len * r];
+    gemm(
+        (s.len, r, out_dim),
+        &mut dxa,
+        0,
+        r,
+        false,
+        Mat::rows(dy, dys, ld),
+        Mat::rows(bm.slice(), 0, r),
+        scale,
+        par,
+    );
+    let mut da = vec![0f32; r * in_dim];
+    gemm(
+        (r, in_dim, s.len),
+        &mut da,
+        0,
+        in_dim,
+        false,
+        Mat::t(&dxa, 0, r),
+        Mat::rows(x, s.start * in_dim, in_dim),
+        1.0,
+        par,
+    );
+    gemm(
+        (s.len, in_dim, r),
+        dx_rows,
+        0,
+        in_dim,
+        true,
+        Mat::rows(&dxa, 0, r),
+        Mat::rows(a.slice(), 0, in_dim),
+        1.0,
+        par,
+    );
+    Ok((da, db))
+}
+
+/// Each packed token's position.
+fn token_positions(b: &PackedBatch) -> Vec<usize> {
+    let mut pos = vec![0; b.num_tokens()];
+    for r in &b.rows {
+        for (i, p) in pos[r.start..r.start + r.len].iter_mut().enumerate() {
+            *p = r.pos0 + i;
+        }
+    }
+    pos
+}
+
+/// Softmax over the first `n` entries of a score row; the rest (future keys) become 0.
+fn softmax_causal(row: &mut [f32], n: usize) {
+    let (live, masked) = row.split_at_mut(n);
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0f32;
+    for v in live.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|v| *v *= inv);
+    masked.fill(0.0);
+}
+
+/// The log-sum-exp of a logits row; with `to_probs`, the row becomes its softmax. The
+/// sum of a vocabulary's exponentials runs in f64 over four interleaved partial sums: a
+/// plain f32 running sum over 49,152 terms costs about 1e-4 of the log-probability.
+fn log_softmax_row(row: &mut [f32], to_probs: bool) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut acc = [0f64; 4];
+    let mut chunks = row.chunks_exact_mut(4);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            let e = (*v - max).exp();
+            if to_probs {
+                *v = e;
+            }
+            *a += e as f64;
+        }
+    }
+    for v in chunks.into_remainder() {
+        let e = (*v - max).exp();
+        if to_probs {
+            *v = e;
+        }
+        acc[0] += e as f64;
+    }
+    let sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    if to_probs {
+        let inv = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+    max + sum.ln() as f32
+}

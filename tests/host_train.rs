@@ -1,0 +1,193 @@
+//! The host training pass (CPU f32, `model::host_train`) against the candle pass it
+//! replaces on the CPU, which `tests/gradients.rs` checks against finite differences:
+//! log-probabilities and every LoRA gradient, with many adapters in one batch, a base-model
+//! row, top-K targets, an LM-head LoRA, and the softmax kept or recomputed in backward. On
+//! a tiny model the two passes agree to f32 rounding; on SmolLM2 both are held against the
+//! candle pass in f64, and the host pass must be as exact as the candle pass in f32.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use loraplex::lora::{LoraGrads, LoraWeights};
+use loraplex::model::{BaseModel, TrainRow};
+use loraplex::util::SplitMix64;
+
+/// tokens, targets, k, adapter
+type Row = (Vec<u32>, Vec<u32>, usize, Option<usize>);
+
+struct Case {
+    rows: Vec<Row>,
+    seeds: Vec<Vec<f32>>,
+}
+
+impl Case {
+    fn new(spec: &[(usize, usize, Option<usize>)], vocab: usize, seed: u64) -> Case {
+        let mut rng = SplitMix64::new(seed);
+        let rows: Vec<_> = spec
+            .iter()
+            .map(|&(len, k, a)| {
+                (
+                    tokens(&mut rng, len, vocab),
+                    tokens(&mut rng, len * k, vocab),
+                    k,
+                    a,
+                )
+            })
+            .collect();
+        let seeds = rows
+            .iter()
+            .map(|(t, _, k, _)| (0..t.len() * k).map(|_| rng.normal()).collect())
+            .collect();
+        Case { rows, seeds }
+    }
+
+    fn train_rows(&self) -> Vec<TrainRow<'_>> {
+        self.rows
+            .iter()
+            .map(|(t, g, k, a)| TrainRow {
+                tokens: t,
+                targets: g,
+                k: *k,
+                adapter: *a,
+            })
+            .collect()
+    }
+
+    fn run(&self, model: &BaseModel, ads: &[&LoraWeights]) -> (Vec<Vec<f32>>, Vec<LoraGrads>) {
+        let (lp, tape) = model.forward_train(&self.train_rows(), ads, true).unwrap();
+        let grads = model.backward(tape.unwrap(), &self.seeds, ads).unwrap();
+        (lp, grads)
+    }
+}
+
+/// Worst difference of logprobs, and of each gradient relative to its largest entry.
+fn compare(
+    host: &(Vec<Vec<f32>>, Vec<LoraGrads>),
+    reference: &(Vec<Vec<f32>>, Vec<LoraGrads>),
+) -> (f32, f32) {
+    let lp_err = host
+        .0
+        .iter()
+        .zip(&reference.0)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0f32, f32::max);
+    let mut g_err = 0f32;
+    for (ai, (h, r)) in host.1.iter().zip(&reference.1).enumerate() {
+        assert_eq!(
+            h.pairs.keys().collect::<Vec<_>>(),
+            r.pairs.keys().collect::<Vec<_>>(),
+            "adapter {ai}: the same sites get gradients"
+        );
+        for (site, (da, db)) in &h.pairs {
+            let (ra, rb) = &r.pairs[site];
+            for (got, want) in [(flat(da), flat(ra)), (flat(db), flat(rb))] {
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    scale > 0.0,
+                    "adapter {ai} {site:?}: zero reference gradient"
+                );
+                g_err = g_err.max(max_abs_diff(&got, &want) / scale);
+            }
+        }
+    }
+    (lp_err, g_err)
+}
+
+#[test]
+fn host_pass_equals_candle_pass_on_a_tiny_model() {
+    let model = tiny(DType::F32);
+    let v = model.config.vocab_size;
+    let ads: Vec<LoraWeights> = (0..3)
+        .map(|i| random_adapter(&model, 20 + i, 2 + i as usize, i == 1))
+        .collect();
+    let refs: Vec<&LoraWeights> = ads.iter().collect();
+    // Interleaved adapters, a base-model row, top-2 targets, a one-token row.
+    let case = Case::new(
+        &[
+            (7, 1, Some(2)),
+            (3, 2, Some(0)),
+            (5, 1, None),
+            (9, 1, Some(1)),
+            (1, 1, Some(0)),
+            (6, 2, Some(1)),
+        ],
+        v,
+        5,
+    );
+    for budget in [usize::MAX, 0] {
+        let host = case.run(&model.with_probs_budget(budget), &refs);
+        let reference = case.run(
+            &model.without_host_kernels().with_probs_budget(budget),
+            &refs,
+        );
+        let (lp_err, g_err) = compare(&host, &reference);
+        assert!(
+            lp_err < 1e-5,
+            "budget {budget}: logprobs differ by {lp_err}"
+        );
+        assert!(
+            g_err < 1e-4,
+            "budget {budget}: gradients differ by {g_err} (relative)"
+        );
+    }
+    // 294 tokens with the softmax recomputed: the LM head's first 256-token chunk ends
+    // inside adapter 1's segment (packed at 184..294), so its LM-head LoRA runs on part of
+    // its rows in each chunk.
+    let long = Case::new(
+        &[
+            (60, 1, Some(0)),
+            (50, 2, Some(1)),
+            (64, 1, None),
+            (60, 1, Some(0)),
+            (60, 1, Some(1)),
+        ],
+        v,
+        7,
+    );
+    let host = long.run(&model.with_probs_budget(0), &refs);
+    let reference = long.run(&model.without_host_kernels().with_probs_budget(0), &refs);
+    let (lp_err, g_err) = compare(&host, &reference);
+    assert!(lp_err < 1e-5, "long rows: logprobs differ by {lp_err}");
+    assert!(
+        g_err < 1e-4,
+        "long rows: gradients differ by {g_err} (relative)"
+    );
+}
+
+#[test]
+fn host_pass_on_smollm2_is_as_exact_as_the_candle_pass() {
+    // The reference: the candle pass in f64 over the same (dequantized) weights.
+    let model = smollm2();
+    let exact_model = BaseModel::load(
+        &model_path(),
+        "smollm2-f64",
+        &candle_core::Device::Cpu,
+        DType::F64,
+    )
+    .unwrap();
+    let v = model.config.vocab_size;
+    let ads: Vec<LoraWeights> = (0..2)
+        .map(|i| random_adapter(model, 30 + i, 8, i == 0))
+        .collect();
+    let refs: Vec<&LoraWeights> = ads.iter().collect();
+    let case = Case::new(
+        &[(40, 1, Some(1)), (24, 1, Some(0)), (17, 2, Some(1))],
+        v,
+        6,
+    );
+    let exact = case.run(&exact_model, &refs);
+    let host = compare(&case.run(model, &refs), &exact);
+    let candle = compare(&case.run(&model.without_host_kernels(), &refs), &exact);
+    println!(
+        "SmolLM2 in f32 against f64: host logprobs {:.2e}, gradients {:.2e} (relative); \
+         candle {:.2e}, {:.2e}",
+        host.0, host.1, candle.0, candle.1
+    );
+    assert!(host.0 < 1e-4, "host logprobs off by {}", host.0);
+    assert!(host.1 < 3e-4, "host gradients off by {} (relative)", host.1);
+    assert!(
+        host.0 <= 2.0 * candle.0 && host.1 <= 2.0 * candle.1,
+        "the host pass is less exact than the candle pass: {host:?} against {candle:?}"
+    );
+}
