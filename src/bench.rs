@@ -346,6 +346,10 @@ pub struct TenantsBenchArgs {
     /// Tokens each tenant samples after training.
     #[arg(long, default_value_t = 32)]
     pub sample_tokens: usize,
+    /// Runs of each mode per tenant count, alternating which goes first; walls are the
+    /// medians and the speed-up their ratio (this machine drifts ±10% between runs).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
 }
 
 /// Rounds of the decode comparison (medians reported).
@@ -462,9 +466,11 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
             })
             .collect();
         let tokens = (n * (args.steps * args.seq_len + args.sample_tokens)) as f64;
-        let mut walls = [0f64; 2];
+        let mut wall_runs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut runs_together = Vec::new();
-        for (mode, wall) in walls.iter_mut().enumerate() {
+        let repeats = args.repeats.max(1);
+        // Together first in even repeats, one after another first in odd ones.
+        for mode in (0..repeats).flat_map(|r| [r % 2, 1 - r % 2]) {
             let together = mode == 0;
             let r: Result<Vec<TenantRun>> = rt.block_on(async {
                 let engine = Engine::with_model(args.engine.clone(), model.clone())?;
@@ -511,14 +517,15 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
                         );
                     }
                 }
-                *wall = t.elapsed().as_secs_f64();
+                wall_runs[mode].push(t.elapsed().as_secs_f64());
                 Ok(runs)
             });
             let r = r?;
             if together {
-                runs_together = r;
+                runs_together.extend(r);
             }
         }
+        let walls = wall_runs.map(|mut w| median(&mut w));
         let all: Vec<f64> = runs_together.iter().flat_map(|r| r.steps.clone()).collect();
         let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
         let mut p50s: Vec<f64> = runs_together
