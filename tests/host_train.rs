@@ -131,20 +131,18 @@ fn host_pass_equals_candle_pass_on_a_tiny_model() {
             "budget {budget}: gradients differ by {g_err} (relative)"
         );
     }
-    // 294 tokens with the softmax recomputed: the LM head's first 256-token chunk ends
-    // inside adapter 1's segment (packed at 184..294), so its LM-head LoRA runs on part of
-    // its rows in each chunk.
-    let long = Case::new(
-        &[
-            (60, 1, Some(0)),
-            (50, 2, Some(1)),
-            (64, 1, None),
-            (60, 1, Some(0)),
-            (60, 1, Some(1)),
-        ],
-        v,
-        7,
-    );
+    // 782 tokens with the softmax recomputed. The host pass runs the rows as two parts side
+    // by side, and in each part the LM head's first 256-token chunk ends inside adapter 1's
+    // segment, so its LM-head LoRA runs on part of its rows in each chunk.
+    let mut spec = vec![
+        (64, 1, None),
+        (64, 1, None),
+        (30, 1, Some(0)),
+        (20, 1, Some(2)),
+    ];
+    spec.extend([(60, 2, Some(1)); 2]);
+    spec.extend([(60, 1, Some(1)); 8]);
+    let long = Case::new(&spec, v, 7);
     let host = long.run(&model.with_probs_budget(0), &refs);
     let reference = long.run(&model.without_host_kernels().with_probs_budget(0), &refs);
     let (lp_err, g_err) = compare(&host, &reference);
@@ -171,8 +169,9 @@ fn host_pass_on_smollm2_is_as_exact_as_the_candle_pass() {
         .map(|i| random_adapter(model, 30 + i, 8, i == 0))
         .collect();
     let refs: Vec<&LoraWeights> = ads.iter().collect();
+    // 134 tokens: enough for the host pass to run the rows as parts side by side.
     let case = Case::new(
-        &[(40, 1, Some(1)), (24, 1, Some(0)), (17, 2, Some(1))],
+        &[(64, 1, Some(1)), (40, 1, Some(0)), (30, 2, Some(1))],
         v,
         6,
     );

@@ -255,9 +255,17 @@ impl LoraGrads {
     /// Global L2 norm over every gradient tensor.
     pub fn norm(&self) -> Result<f64> {
         let mut s = 0f64;
-        for (a, b) in self.pairs.values() {
-            s += a.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            s += b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        for t in self.pairs.values().flat_map(|(a, b)| [a, b]) {
+            let on_host = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+            s += if on_host {
+                let v = crate::model::host::HostView::new(t)?;
+                v.slice()
+                    .iter()
+                    .map(|x| (*x as f64) * (*x as f64))
+                    .sum::<f64>()
+            } else {
+                t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
+            };
         }
         Ok(s.sqrt())
     }
