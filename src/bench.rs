@@ -537,10 +537,6 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
             .map(|r| percentile(&r.steps, 0.95))
             .collect();
         let worst = p95s.iter().copied().fold(0.0, f64::max);
-            for r in &runs_together {
-                eprintln!("TMP steps {:?}", r.steps);
-            }
-        }
         out.push_str(&format!(
             "| {n} | {:.2} | {:.2} | {:.2}x | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |\n",
             walls[0],
