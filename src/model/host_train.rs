@@ -777,33 +777,16 @@ impl BaseModel {
         let w3 = dq + 2 * dkv;
         let di = c.intermediate_size;
         let segs = &b.segments;
-        let xa_of = |target: Target| {
-            t.xa.iter()
-                .find(|(tt, _)| *tt == target)
-                .map(|(_, v)| v.as_slice())
-        };
         // MLP: down projection.
-        let wdown = HostView::new(&lw.wdown)?;
-        let mut da = vec![0f32; n * di];
-        gemm(
-            (n, di, hid),
-            &mut da,
-            0,
-            di,
-            false,
-            Mat::rows(dx, 0, hid),
-            Mat::rows(wdown.slice(), 0, di),
-            1.0,
-            true,
-        );
-        self.lora_bwd(
-            (&t.a, di),
-            (dx, 0, hid),
-            &mut da,
-            segs,
+        let da = self.project_back(
+            dx,
+            &lw.wdown,
+            &t.a,
+            &[Target::Down],
+            l,
+            b,
             adapters,
-            Site::Layer(l, Target::Down),
-            xa_of(Target::Down),
+            &t.xa,
             site_grads,
         )?;
         // SiLU gate.
@@ -819,31 +802,17 @@ impl BaseModel {
             }
         });
         drop(da);
-        let wgu = HostView::new(&lw.wgate_up)?;
-        let mut dh2 = vec![0f32; n * hid];
-        gemm(
-            (n, hid, 2 * di),
-            &mut dh2,
-            0,
-            hid,
-            false,
-            Mat::rows(&dgu, 0, 2 * di),
-            Mat::rows(wgu.slice(), 0, hid),
-            1.0,
-            true,
-        );
-        for (target, col0) in [(Target::Gate, 0), (Target::Up, di)] {
-            self.lora_bwd(
-                (&t.h2, hid),
-                (&dgu, col0, 2 * di),
-                &mut dh2,
-                segs,
-                adapters,
-                Site::Layer(l, target),
-                xa_of(target),
-                site_grads,
-            )?;
-        }
+        let dh2 = self.project_back(
+            &dgu,
+            &lw.wgate_up,
+            &t.h2,
+            &[Target::Gate, Target::Up],
+            l,
+            b,
+            adapters,
+            &t.xa,
+            site_grads,
+        )?;
         drop(dgu);
         // dx becomes d loss / d x_mid.
         rms_bwd_acc(
@@ -855,27 +824,15 @@ impl BaseModel {
         );
         drop(dh2);
         // Attention output projection.
-        let wo = HostView::new(&lw.wo)?;
-        let mut d_o = vec![0f32; n * dq];
-        gemm(
-            (n, dq, hid),
-            &mut d_o,
-            0,
-            dq,
-            false,
-            Mat::rows(dx, 0, hid),
-            Mat::rows(wo.slice(), 0, dq),
-            1.0,
-            true,
-        );
-        self.lora_bwd(
-            (&t.o, dq),
-            (dx, 0, hid),
-            &mut d_o,
-            segs,
+        let d_o = self.project_back(
+            dx,
+            &lw.wo,
+            &t.o,
+            &[Target::O],
+            l,
+            b,
             adapters,
-            Site::Layer(l, Target::O),
-            xa_of(Target::O),
+            &t.xa,
             site_grads,
         )?;
         // Attention, a task per (row, kv head): dq of its query heads, dk and dv.
@@ -999,31 +956,17 @@ impl BaseModel {
                 dqkv[col..col + hd].copy_from_slice(&dv[i * hd..(i + 1) * hd]);
             }
         }
-        let wqkv = HostView::new(&lw.wqkv)?;
-        let mut dh = vec![0f32; n * hid];
-        gemm(
-            (n, hid, w3),
-            &mut dh,
-            0,
-            hid,
-            false,
-            Mat::rows(&dqkv, 0, w3),
-            Mat::rows(wqkv.slice(), 0, hid),
-            1.0,
-            true,
-        );
-        for (target, col0) in [(Target::Q, 0), (Target::K, dq), (Target::V, dq + dkv)] {
-            self.lora_bwd(
-                (&t.h, hid),
-                (&dqkv, col0, w3),
-                &mut dh,
-                segs,
-                adapters,
-                Site::Layer(l, target),
-                xa_of(target),
-                site_grads,
-            )?;
-        }
+        let dh = self.project_back(
+            &dqkv,
+            &lw.wqkv,
+            &t.h,
+            &Target::ATTN[..3],
+            l,
+            b,
+            adapters,
+            &t.xa,
+            site_grads,
+        )?;
         rms_bwd_acc(
             &t.x_in,
             HostView::new(&lw.attn_norm)?.slice(),
@@ -1032,6 +975,60 @@ impl BaseModel {
             dx,
         );
         Ok(())
+    }
+
+    /// Backward of [`Self::project_train`]: the input gradient `dy · W` (`[N, in]`) for
+    /// `dy: [N, W rows]`, plus the LoRA input gradient of each of `parts` (side by side in
+    /// `dy`, as in `W`); records their dA, dB.
+    #[allow(clippy::too_many_arguments)]
+    fn project_back(
+        &self,
+        dy: &[f32],
+        w: &Tensor,
+        x: &[f32],
+        parts: &[Target],
+        layer: usize,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        saved: &SavedXa,
+        site_grads: &mut Vec<(Site, SiteGrad)>,
+    ) -> Result<Vec<f32>> {
+        let (width, k) = w.dims2()?;
+        let wv = HostView::new(w)?;
+        let n = dy.len() / width;
+        let mut dx = vec![0f32; n * k];
+        gemm(
+            (n, k, width),
+            &mut dx,
+            0,
+            k,
+            false,
+            Mat::rows(dy, 0, width),
+            Mat::rows(wv.slice(), 0, k),
+            1.0,
+            true,
+        );
+        let mut col0 = 0;
+        for &t in parts {
+            let xas = saved
+                .iter()
+                .find(|(tt, _)| *tt == t)
+                .map(|(_, v)| v.as_slice());
+            let site = Site::Layer(layer, t);
+            let dy = (dy, col0, width);
+            self.lora_bwd(
+                (x, k),
+                dy,
+                &mut dx,
+                &b.segments,
+                adapters,
+                site,
+                xas,
+                site_grads,
+            )?;
+            col0 += t.dims(&self.config).1;
+        }
+        Ok(dx)
     }
 
     /// Backward of one site's LoRA over every segment carrying it: adds the extra input
