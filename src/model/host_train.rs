@@ -772,11 +772,10 @@ impl BaseModel {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let n = b.num_tokens();
-        let (hid, dq, dkv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (dq, dkv, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let (h_n, kvh, g) = (c.num_heads, c.num_kv_heads, c.group_size());
         let w3 = dq + 2 * dkv;
         let di = c.intermediate_size;
-        let segs = &b.segments;
         // MLP: down projection.
         let da = self.project_back(
             dx,
