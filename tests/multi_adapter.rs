@@ -187,12 +187,7 @@ fn kv_cache_decode_equals_full_forward_batched_or_not() {
                 adapter: seqs[i].1,
             })
             .collect();
-        let mut cr: Vec<&mut KvCache> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| live.contains(i))
-            .map(|(_, c)| c)
-            .collect();
+        let mut cr = live_caches(&mut caches, &live);
         let (last, _) = model.forward_infer(&rows, &mut cr, &refs, false).unwrap();
         let last = last.to_vec2::<f32>().unwrap();
         for (r, &i) in live.iter().enumerate() {
@@ -215,6 +210,16 @@ type Seqs = Vec<(Vec<u32>, Option<usize>)>;
 
 /// Two adapters (rank 2 with an LM-head pair, rank 3 without) seeded from `seed`, and three
 /// random sequences of the given lengths: on adapter 0, on adapter 1, on the base model.
+/// The caches of the live sequences, in order.
+fn live_caches<'a>(caches: &'a mut [KvCache], live: &[usize]) -> Vec<&'a mut KvCache> {
+    caches
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| live.contains(i))
+        .map(|(_, c)| c)
+        .collect()
+}
+
 fn decode_fixture(
     model: &loraplex::model::BaseModel,
     seed: u64,
@@ -289,12 +294,7 @@ fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
                 adapter: seqs[i].1,
             })
             .collect();
-        let mut cr: Vec<&mut KvCache> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| live.contains(i))
-            .map(|(_, c)| c)
-            .collect();
+        let mut cr = live_caches(&mut caches, &live);
         let (last, plp) = model.forward_infer(&rows, &mut cr, &refs, true).unwrap();
         let last = last.to_vec2::<f32>().unwrap();
         let plp = plp.unwrap();
