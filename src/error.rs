@@ -47,6 +47,9 @@ pub enum Error {
     /// The engine is shutting down or one of its parts stopped.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
+    /// Code of ours panicked while serving this request or job; only it failed.
+    #[error("internal error: {0}")]
+    Panic(String),
 }
 
 impl Error {
@@ -64,18 +67,48 @@ impl Error {
         }
     }
 
+    /// Whose fault the error is; see [`Error::class`].
     pub fn category(&self) -> Category {
-        match self {
-            Error::InvalidInput { .. }
-            | Error::Unsupported(_)
-            | Error::Template(_)
-            | Error::Plugin(_)
-            | Error::NotFound { .. }
-            | Error::Busy { .. } => Category::User,
-            Error::JobFailed { category, .. } => *category,
-            _ => Category::Server,
+        self.class().category
+    }
+
+    /// The one classification of a failure: whose fault it is, the HTTP status a handler
+    /// answers with, and a short machine-readable kind. A failure is classified the same
+    /// whether a handler returns it or a job's future fails with it.
+    pub fn class(&self) -> Class {
+        use Category::{Server, User};
+        let (category, status, kind) = match self {
+            Error::InvalidInput { .. } => (User, 400, "invalid_input"),
+            Error::Unsupported(_) => (User, 400, "unsupported"),
+            Error::Template(_) => (User, 400, "chat_template"),
+            // Raised on what a request sent: token ids to decode, text to encode.
+            Error::Tokenizer(_) => (User, 400, "tokenizer"),
+            Error::Plugin(_) => (User, 400, "plugin"),
+            Error::NotFound { .. } => (User, 404, "not_found"),
+            Error::Busy { .. } => (User, 429, "busy"),
+            Error::Unavailable(_) => (Server, 503, "unavailable"),
+            Error::ModelLoad { .. } => (Server, 503, "model_load"),
+            Error::JobFailed { category, .. } => match category {
+                User => (User, 400, "job_failed"),
+                Server => (Server, 500, "job_failed"),
+            },
+            Error::Tensor(_) | Error::Io(_) | Error::Panic(_) => (Server, 500, "internal"),
+        };
+        Class {
+            category,
+            status,
+            kind,
         }
     }
+}
+
+/// How a failure is reported (see [`Error::class`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub category: Category,
+    /// The HTTP status: 4xx for [`Category::User`], 5xx for [`Category::Server`].
+    pub status: u16,
+    pub kind: &'static str,
 }
 
 impl Error {

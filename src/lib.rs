@@ -14,13 +14,15 @@
 //!   plugin upload, metrics; [`auth`]: API keys and tenants.
 //! - [`store`]: durable state: the metadata database (SQLite), the futures kept in it,
 //!   atomic checkpoint files, and PEFT export.
-//! - [`config`]: every setting with its default and environment variable.
+//! - [`config`]: every setting with its default and environment variable; [`failpoint`]:
+//!   panics that tests inject to prove containment.
 
 pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod jobs;
 pub mod lora;
 pub mod model;

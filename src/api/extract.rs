@@ -18,6 +18,7 @@ impl FromRequestParts<Shared> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        crate::failpoint::hit("api.request");
         let h = &parts.headers;
         let key = h
             .get("x-api-key")

@@ -87,6 +87,7 @@ pub fn router(state: Shared) -> Router {
         .merge(plugins::routes())
         .merge(ops::routes())
         .fallback(no_route)
+        .layer(axum::middleware::from_fn(catch_panic))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_span,
@@ -99,6 +100,23 @@ async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> error::Ap
     error::ApiError::NoRoute {
         method: method.to_string(),
         path: uri.path().to_owned(),
+    }
+}
+
+/// A handler that panics fails its own request with a 500 JSON body; the server, and every
+/// other request, go on. The panic's message goes to the log only.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(payload) => {
+            tracing::error!(panic = %crate::util::panic_message(&*payload), "handler panicked");
+            error::ApiError::from(Error::Panic("the request's handler failed".into()))
+                .into_response()
+        }
     }
 }
 
@@ -144,6 +162,7 @@ pub async fn build(
     model: ModelArgs,
     engine_cfg: EngineConfig,
 ) -> Result<(Shared, Router)> {
+    crate::failpoint::arm_from_env();
     let auth = match &serve.keys_file {
         Some(p) => Auth::from_file(p)?,
         None => {

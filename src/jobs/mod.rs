@@ -280,6 +280,7 @@ impl Engine {
     where
         F: std::future::Future<Output = Result<JobOutput>> + Send + 'static,
     {
+        use futures_util::FutureExt;
         use tracing::Instrument;
         let id = self.inner.futures.create(tenant, kind, 0)?;
         let futures = self.inner.futures.clone();
@@ -292,7 +293,17 @@ impl Engine {
             async move {
                 futures.set_running(&fid);
                 metrics.started(&t);
-                let outcome = work.await;
+                // A panic fails this job's future; the runtime and other jobs go on.
+                let outcome = std::panic::AssertUnwindSafe(async {
+                    crate::failpoint::hit("job.task");
+                    work.await
+                })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| {
+                    tracing::error!(panic = %crate::util::panic_message(&*p), "job panicked");
+                    Err(Error::Panic("the job failed".into()))
+                });
                 // Counters first: whoever the future wakes may read them.
                 metrics.finished(&t, outcome.is_ok(), true);
                 if let Err(e) = &outcome {

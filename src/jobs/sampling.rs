@@ -253,7 +253,10 @@ impl Sampler {
             let err = match r {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
-                Err(_) => Some(Error::Unavailable("the sampler panicked".into())),
+                Err(p) => {
+                    tracing::error!(panic = %crate::util::panic_message(&*p), "decoding step panicked");
+                    Some(Error::Panic("the decoding step failed".into()))
+                }
             };
             if let Some(e) = err {
                 // The whole step failed: fail every request that had a sequence in it.
@@ -347,6 +350,7 @@ impl Sampler {
 
     /// One batched forward over every live sequence, then one token for each.
     fn step(&mut self) -> Result<()> {
+        crate::failpoint::hit("job.sample_step");
         let model = self.ctx.model.clone();
         // Distinct snapshots, by identity.
         let mut snaps: Vec<Arc<LoraWeights>> = Vec::new();
