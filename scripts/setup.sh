@@ -10,3 +10,5 @@ if [ -x plugins/build.sh ]; then
 fi
 # The tinker SDK for the end-to-end test.
 ./scripts/setup-sdk.sh >/dev/null
+# schemathesis for the API fuzzing test (tests/fuzz_api.rs).
+./scripts/setup-fuzz.sh >/dev/null

@@ -965,11 +965,23 @@ async fn openapi_lists_every_route_and_each_is_routed() {
         .await
         .json();
     assert_eq!(doc["openapi"], "3.1.0");
-    for (method, path, _, _) in loraplex::api::ops::ROUTES {
-        assert!(
-            doc["paths"][path][method].is_object(),
-            "{method} {path} in the document"
-        );
+    let ops: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        ops,
+        loraplex::api::routes::ROUTES.len(),
+        "one operation per route"
+    );
+    for route in loraplex::api::routes::ROUTES {
+        let (method, path) = (route.verb.as_str(), route.path);
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} in the document");
+        assert_eq!(op["security"].is_null(), route.public, "{method} {path}");
+        // Answered by its handler, not the 404 fallback; a key is needed unless public.
         let concrete = path
             .replace("{id}", "x")
             .replace("{kind}", "weights")
@@ -984,7 +996,17 @@ async fn openapi_lists_every_route_and_each_is_routed() {
                 "{method} {path} is not routed"
             );
         }
+        assert_eq!(
+            r.status == StatusCode::UNAUTHORIZED,
+            !route.public,
+            "{method} {path}: public is {} but answered {} without a key",
+            route.public,
+            r.status
+        );
     }
+    // A path outside the table is the JSON 404 fallback.
+    let r = call(&app, Method::GET, "/api/v1/nowhere", Some(A), "", vec![]).await;
+    assert_eq!(r.json()["error"]["type"], "no_route");
     // Metrics after some traffic.
     let (_, _model) = tinker_model(&app, A).await;
     let m = call(&app, Method::GET, "/metrics", None, "", vec![]).await;

@@ -1,5 +1,5 @@
 //! Extractors whose rejections are JSON errors like every other failure: the tenant from
-//! the API key, JSON bodies and protobuf bodies. They read at most the router's body
+//! the API key, JSON bodies, protobuf bodies, path parameters and query strings. They read at most the router's body
 //! limit and name what was wrong (missing field, wrong type, bad encoding).
 
 use super::error::ApiError;
@@ -93,5 +93,34 @@ impl<T: prost::Message + Default> FromRequest<Shared> for Proto<T> {
         T::decode(bytes)
             .map(Proto)
             .map_err(|e| ApiError::Malformed(format!("invalid protobuf: {e}")))
+    }
+}
+
+/// Path parameters; a rejection (bad percent-encoding, wrong count) is a JSON 400, not
+/// axum's plain-text one.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<Shared> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| ApiError::invalid("path", e.body_text()))
+    }
+}
+
+/// A query string; a rejection (a mistyped parameter) is a JSON 400 naming it.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<Shared> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Query(q.0))
+            .map_err(|e| ApiError::invalid("query", e.body_text()))
     }
 }

@@ -6,7 +6,8 @@
 //! - [`rest`]: the simple REST routes of the Flask server loraplex replaces;
 //! - [`plugins`]: upload, list and delete of a tenant's wasm components.
 //!
-//! Plus [`ops`]: health, Prometheus metrics and the OpenAPI document.
+//! Plus [`ops`]: health and Prometheus metrics. [`routes`] is the one table of every route,
+//! from which both the router and the OpenAPI document ([`openapi`]) are built.
 //!
 //! The path of a request: route → tenant from the API key ([`extract::Tenant`]) →
 //! validated engine call ([`crate::jobs::Engine`]) → future → `retrieve_future`. Handlers
@@ -14,10 +15,12 @@
 
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod ops;
 pub mod plugins;
 pub mod proto;
 pub mod rest;
+pub mod routes;
 pub mod tinker;
 
 use crate::auth::Auth;
@@ -82,10 +85,7 @@ impl AppState {
 pub fn router(state: Shared) -> Router {
     let limit = state.cfg.max_body_bytes;
     Router::new()
-        .merge(tinker::routes())
-        .merge(rest::routes())
-        .merge(plugins::routes())
-        .merge(ops::routes())
+        .merge(routes::router())
         .fallback(no_route)
         .layer(axum::middleware::from_fn(catch_panic))
         .layer(axum::middleware::from_fn_with_state(

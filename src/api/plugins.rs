@@ -5,16 +5,14 @@
 //! resolution of loss and sampler names; compiling and running is [`crate::plugins`]'s job.
 
 use super::error::{ApiError, ApiResult};
-use super::extract::Tenant;
+use super::extract::{Path, Tenant};
 use super::Shared;
 use crate::error::Error;
 use crate::jobs::{TenantId, TokenSampler};
 use crate::plugins::{PluginHost, PluginId, PluginKind, PluginLimits, PluginLoss, PluginSampler};
 use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossFunction};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::routing::{delete, get};
-use axum::Router;
+use axum::extract::State;
 use dashmap::DashMap;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -160,17 +158,6 @@ pub async fn restore(s: &Shared) -> crate::Result<()> {
     Ok(())
 }
 
-pub fn routes() -> Router<Shared> {
-    Router::new()
-        .route(
-            "/api/v1/plugins",
-            get(list)
-                .post(upload)
-                .layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
-        )
-        .route("/api/v1/plugins/{id}", delete(remove).get(describe))
-}
-
 fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
     json!({
         "plugin_id": id.0,
@@ -182,7 +169,7 @@ fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
 }
 
 /// Upload a component: the body is the raw `.wasm` bytes.
-async fn upload(
+pub(crate) async fn upload(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     body: Bytes,
@@ -214,7 +201,7 @@ async fn upload(
     Ok(axum::Json(out))
 }
 
-async fn list(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
+pub(crate) async fn list(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
     let items: Vec<Value> = s
         .plugins
         .owned
@@ -225,7 +212,7 @@ async fn list(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Val
     axum::Json(json!({ "plugins": items }))
 }
 
-async fn describe(
+pub(crate) async fn describe(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
@@ -240,7 +227,7 @@ async fn describe(
 }
 
 /// Forget a tenant's plugin; the compiled code goes once no tenant owns it.
-async fn remove(
+pub(crate) async fn remove(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,

@@ -21,9 +21,8 @@ use crate::train::Datum;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use dashmap::DashMap;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -36,33 +35,15 @@ pub struct RestState {
     fwdbwd_weights: DashMap<FutureId, f64>,
 }
 
-pub fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/add_lora", post(add_lora))
-        .route("/api/v1/add_lora_async", post(add_lora))
-        .route("/fwdbwd", post(fwdbwd))
-        .route("/api/v1/fwdbwd_async", post(fwdbwd))
-        .route("/optim_step", post(optim_step))
-        .route("/api/v1/optim_step_async", post(optim_step))
-        .route("/retrieve_future", post(retrieve_future))
-        .route("/remove_lora", post(remove_lora))
-        .route("/api/v1/remove_lora", post(remove_lora))
-        .route("/api/v1/sample", post(sample))
-        .route("/api/v1/sample_async", post(sample_async))
-        .route("/list_loss_functions", get(list_loss_functions))
-        .route(
-            "/get_server_capabilities",
-            get(super::tinker::session::capabilities),
-        )
-}
-
-#[derive(Deserialize)]
-struct AddLora {
+#[derive(Deserialize, JsonSchema)]
+pub(crate) struct AddLora {
     #[serde(default)]
     base_model: Option<String>,
     #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
     rank: Option<usize>,
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     alpha: Option<f32>,
     #[serde(default)]
     seed: Option<u64>,
@@ -70,7 +51,7 @@ struct AddLora {
 
 /// Create an adapter on attention and MLP (rank 8, alpha 16 unless given). The adapter
 /// exists when this returns; the future is for clients that wait on it.
-async fn add_lora(
+pub(crate) async fn add_lora(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<AddLora>,
@@ -99,18 +80,22 @@ async fn add_lora(
     Ok(axum::Json(json!({"request_id": f.0, "model_id": id.0})))
 }
 
-#[derive(Deserialize)]
-struct FwdBwd {
+#[derive(Deserialize, JsonSchema)]
+pub(crate) struct FwdBwd {
     model_id: String,
+    /// Chat conversations; the loss is on the assistant's tokens.
+    #[schemars(schema_with = "crate::api::openapi::schema::conversations")]
     data: Vec<Vec<Message>>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::loss_fn_or_null")]
     loss_fn: Option<String>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::config_map_or_null")]
     loss_fn_config: Option<BTreeMap<String, ConfigValue>>,
 }
 
 /// Render each conversation with the chat template; weight 1 on the assistant's tokens.
-async fn fwdbwd(
+pub(crate) async fn fwdbwd(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<FwdBwd>,
@@ -170,14 +155,15 @@ async fn fwdbwd(
     ))
 }
 
-#[derive(Deserialize)]
-struct OptimStep {
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "RestOptimStep")]
+pub(crate) struct OptimStep {
     model_id: String,
     #[serde(default)]
     adam_params: Option<AdamJson>,
 }
 
-async fn optim_step(
+pub(crate) async fn optim_step(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<OptimStep>,
@@ -197,12 +183,12 @@ async fn optim_step(
     ))
 }
 
-#[derive(Deserialize)]
-struct RemoveLora {
+#[derive(Deserialize, JsonSchema)]
+pub(crate) struct RemoveLora {
     model_id: String,
 }
 
-async fn remove_lora(
+pub(crate) async fn remove_lora(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<RemoveLora>,
@@ -215,8 +201,9 @@ async fn remove_lora(
     ))
 }
 
-#[derive(Deserialize)]
-struct Retrieve {
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "RestRetrieve")]
+pub(crate) struct Retrieve {
     request_id: String,
 }
 
@@ -224,7 +211,7 @@ struct Retrieve {
 /// a short wait saves polling clients a round trip).
 const REST_POLL: Duration = Duration::from_secs(2);
 
-async fn retrieve_future(
+pub(crate) async fn retrieve_future(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<Retrieve>,
@@ -280,10 +267,12 @@ fn render(s: &Shared, id: &FutureId, out: &JobOutput) -> ApiResult<Value> {
     })
 }
 
-#[derive(Deserialize)]
-struct Sample {
+#[derive(Deserialize, JsonSchema)]
+pub(crate) struct Sample {
+    /// A REST adapter, or the base model (absent or its name).
     #[serde(default)]
     model_id: Option<String>,
+    #[schemars(length(min = 1), inner(length(min = 1)))]
     prompts: Vec<String>,
     #[serde(default)]
     sampling_params: SamplingParamsJson,
@@ -295,10 +284,11 @@ struct Sample {
     sampler: Option<SamplerRef>,
 }
 
-#[derive(Deserialize)]
-struct SamplerRef {
+#[derive(Deserialize, JsonSchema)]
+pub(crate) struct SamplerRef {
     plugin: String,
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::config_map")]
     config: BTreeMap<String, ConfigValue>,
 }
 
@@ -361,7 +351,7 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
 }
 
 /// Synchronous sampling: `{generated_text: [one string per prompt], outputs: [...]}`.
-async fn sample(
+pub(crate) async fn sample(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
@@ -399,7 +389,7 @@ async fn sample(
 }
 
 /// Sampling as futures (one per prompt), for `/retrieve_future`.
-async fn sample_async(
+pub(crate) async fn sample_async(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
@@ -411,7 +401,10 @@ async fn sample_async(
     ))
 }
 
-async fn list_loss_functions(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
+pub(crate) async fn list_loss_functions(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+) -> axum::Json<Value> {
     let builtin: Vec<&str> = BuiltinLoss::ALL.iter().map(|l| l.name()).collect();
     let plugins = s.plugins.loss_plugins(&tenant);
     axum::Json(json!({

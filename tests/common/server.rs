@@ -47,6 +47,11 @@ pub fn sdk_python() -> PathBuf {
 }
 
 pub fn start_server(data_dir: &Path) -> (Server, u16) {
+    start_server_with(data_dir, &[])
+}
+
+/// The same, with extra environment variables (settings) for the server.
+pub fn start_server_with(data_dir: &Path, env: &[(&str, &str)]) -> (Server, u16) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_loraplex"))
         .arg("serve")
@@ -54,6 +59,7 @@ pub fn start_server(data_dir: &Path) -> (Server, u16) {
         .env("LORAPLEX_DATA_DIR", data_dir)
         .env("LORAPLEX_MODEL_PATH", super::model_path())
         .env("RUST_LOG", "warn,loraplex=info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

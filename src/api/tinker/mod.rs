@@ -16,8 +16,6 @@ pub mod training;
 use super::error::{ApiError, ApiResult};
 use super::Shared;
 use crate::jobs::{FutureId, TenantId};
-use axum::routing::{delete, get, post, put};
-use axum::Router;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -68,67 +66,6 @@ impl TinkerState {
         self.last_request
             .insert(model.to_owned(), SystemTime::now());
     }
-}
-
-pub fn routes() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/client/config", post(session::client_config))
-        .route(
-            "/api/v1/client/dynamic_config",
-            post(session::dynamic_config),
-        )
-        .route("/api/v1/create_session", post(session::create_session))
-        .route("/api/v1/session_heartbeat", post(session::heartbeat))
-        .route("/api/v1/sessions/{id}/finish", post(session::finish))
-        .route("/api/v1/sessions", get(session::list_sessions))
-        .route("/api/v1/sessions/{id}", get(session::get_session))
-        .route("/api/v1/telemetry", post(session::telemetry))
-        .route(
-            "/api/v1/get_server_capabilities",
-            get(session::capabilities),
-        )
-        .route("/api/v1/healthz", get(super::ops::healthz))
-        .route("/api/v1/create_model", post(training::create_model))
-        .route("/api/v1/get_info", post(training::get_info))
-        .route("/api/v1/forward_backward", post(training::forward_backward))
-        .route("/api/v1/optim_step", post(training::optim_step))
-        .route("/api/v1/save_weights", post(training::save_weights))
-        .route(
-            "/api/v1/save_weights_for_sampler",
-            post(training::save_weights_for_sampler),
-        )
-        .route("/api/v1/load_weights", post(training::load_weights))
-        .route("/api/v1/unload_model", post(training::unload_model))
-        .route("/api/v1/training_runs", get(training::list_training_runs))
-        .route(
-            "/api/v1/training_runs/{id}",
-            get(training::get_training_run),
-        )
-        .route(
-            "/api/v1/training_runs/{id}/checkpoints",
-            get(training::list_checkpoints),
-        )
-        .route(
-            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}",
-            delete(training::delete_checkpoint),
-        )
-        .route(
-            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
-            put(training::set_checkpoint_ttl),
-        )
-        .route(
-            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/peft",
-            get(training::download_peft),
-        )
-        .route("/api/v1/checkpoints", get(training::list_user_checkpoints))
-        .route("/api/v1/weights_info", post(training::weights_info))
-        .route(
-            "/api/v1/create_sampling_session",
-            post(sampling::create_sampling_session),
-        )
-        .route("/api/v1/samplers/{id}", get(sampling::get_sampler))
-        .route("/api/v1/asample", post(sampling::asample))
-        .route("/api/v1/retrieve_future", post(futures::retrieve_future))
 }
 
 /// Close sessions that stopped heartbeating, releasing their models and samplers.

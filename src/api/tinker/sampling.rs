@@ -4,23 +4,26 @@
 
 use super::TinkerPath;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{Json, Tenant};
+use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
 use crate::jobs::{SampleRequest, SessionId, TenantId};
 use crate::model::BaseModel;
 use crate::sample::SamplingParams;
-use axum::extract::{Path, State};
+use axum::extract::State;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Tokens generated when a request names no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct CreateSamplingSession {
     session_id: String,
     sampling_session_seq_id: u64,
+    /// A sampler checkpoint, `tinker://<model>/sampler_weights/<name>`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::tinker_path_or_null")]
     model_path: Option<String>,
     #[serde(default)]
     base_model: Option<String>,
@@ -93,32 +96,40 @@ pub async fn get_sampler(
 
 /// `stop`: one string, several strings, or token ids. Absent: EOS stops; `[]`: nothing
 /// stops but `max_tokens`.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, JsonSchema)]
 #[serde(untagged)]
 pub enum Stop {
-    Text(String),
-    Texts(Vec<String>),
-    Ids(Vec<i64>),
+    Text(#[schemars(length(min = 1))] String),
+    Texts(#[schemars(inner(length(min = 1)))] Vec<String>),
+    Ids(#[schemars(inner(range(min = 0)))] Vec<i64>),
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(Deserialize, Debug, Default, JsonSchema)]
 pub struct SamplingParamsJson {
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_tokens: Option<usize>,
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Option<Stop>,
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub temperature: Option<f32>,
+    /// -1: no top-k filtering.
     #[serde(default)]
+    #[schemars(range(min = -1))]
     pub top_k: Option<i64>,
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub top_p: Option<f32>,
-    /// loraplex extensions.
+    /// loraplex extension.
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
     pub min_p: Option<f32>,
+    /// loraplex extension.
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub repetition_penalty: Option<f32>,
 }
 
@@ -211,14 +222,16 @@ pub fn model_input_tokens(field: &str, v: &Value) -> ApiResult<Vec<u32>> {
     Ok(out)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct Asample {
     #[serde(default)]
     sampling_session_id: Option<String>,
     #[serde(default)]
     seq_id: Option<u64>,
     #[serde(default)]
+    #[schemars(range(min = 1))]
     num_samples: Option<usize>,
+    #[schemars(schema_with = "crate::api::openapi::schema::model_input")]
     prompt: Value,
     #[serde(default)]
     sampling_params: SamplingParamsJson,
@@ -228,15 +241,20 @@ pub struct Asample {
     topk_prompt_logprobs: Option<usize>,
     #[serde(default)]
     topk_sample_logprobs: Option<usize>,
+    /// Not supported: only 0 is accepted.
     #[serde(default)]
+    #[schemars(range(max = 0))]
     prompt_alt_tokens_k: Option<usize>,
+    /// Not supported: only null is accepted.
     #[serde(default)]
+    #[schemars(with = "Option<()>")]
     target_prompt_logprobs: Option<Value>,
     #[serde(default)]
     prompt_logprobs_last_n: Option<usize>,
     #[serde(default)]
     base_model: Option<String>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::tinker_path_or_null")]
     model_path: Option<String>,
 }
 

@@ -3,13 +3,14 @@
 
 use super::SessionInfo;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{Json, Tenant};
+use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
 use crate::jobs::{AdapterId, SessionId};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use parking_lot::Mutex;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::{Instant, SystemTime};
@@ -39,7 +40,7 @@ pub async fn dynamic_config() -> axum::Json<Value> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct CreateSession {
     #[serde(default)]
     user_metadata: Option<Value>,
@@ -77,7 +78,7 @@ pub async fn create_session(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct Heartbeat {
     session_id: String,
 }

@@ -5,7 +5,7 @@
 
 use super::{check_name, rfc3339, TinkerPath};
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{Json, Proto, Tenant};
+use crate::api::extract::{Json, Path, Proto, Query, Tenant};
 use crate::api::proto::{self, chunk, loss_config_value, tensor};
 use crate::api::Shared;
 use crate::jobs::registry::Checkpoint;
@@ -14,7 +14,8 @@ use crate::lora::optim::AdamParams;
 use crate::lora::LoraConfig;
 use crate::train::loss::{ConfigValue, LossConfig, LossInputs, TensorIn};
 use crate::train::Datum;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -24,9 +25,10 @@ fn future_json(id: &FutureId, model: Option<&str>) -> axum::Json<Value> {
     axum::Json(json!({"request_id": id.0, "model_id": model}))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct LoraConfigJson {
     #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
     rank: Option<usize>,
     #[serde(default)]
     seed: Option<u64>,
@@ -38,14 +40,16 @@ pub struct LoraConfigJson {
     train_attn: Option<bool>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct CreateModel {
     session_id: String,
     model_seq_id: u64,
+    /// The served base model's name (`GET /api/v1/get_server_capabilities`).
     base_model: String,
     #[serde(default)]
     lora_config: Option<LoraConfigJson>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::optimizer_config")]
     optimizer_config: Option<Value>,
 }
 
@@ -125,7 +129,7 @@ pub async fn create_model(
     Ok(future_json(&future, Some(&model_id)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct ModelRef {
     model_id: String,
 }
@@ -369,7 +373,7 @@ async fn submit(
 
 // --- optim_step ------------------------------------------------------------------------
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, JsonSchema)]
 pub struct AdamJson {
     #[serde(default)]
     learning_rate: Option<f64>,
@@ -399,9 +403,10 @@ impl AdamJson {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct OptimStep {
     model_id: String,
+    #[schemars(range(min = 0))]
     seq_id: i64,
     adam_params: AdamJson,
 }
@@ -419,13 +424,17 @@ pub async fn optim_step(
 
 // --- checkpoints -----------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct SaveWeights {
     model_id: String,
+    /// The checkpoint's name.
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::checkpoint_name_or_null")]
     path: Option<String>,
+    #[schemars(range(min = 0))]
     seq_id: i64,
     #[serde(default)]
+    #[schemars(range(max = MAX_TTL_S))]
     ttl_seconds: Option<u64>,
     #[serde(default)]
     sampling_session_seq_id: Option<u64>,
@@ -486,23 +495,25 @@ async fn save(
         }
         Ok(Op::SaveState {
             name: key,
-            ttl: req.ttl_seconds.map(Duration::from_secs),
+            ttl: ttl(req.ttl_seconds)?,
         })
     })();
     let f = submit(&s, &tenant, &req.model_id, seq_id, op).await?;
     Ok(future_json(&f, Some(&req.model_id)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct LoadWeights {
     #[serde(default)]
     model_id: Option<String>,
     #[serde(default)]
+    #[schemars(range(min = 0))]
     seq_id: Option<i64>,
     #[serde(default)]
     session_id: Option<String>,
     #[serde(default)]
     model_seq_id: Option<u64>,
+    #[schemars(schema_with = "crate::api::openapi::schema::tinker_path")]
     path: String,
     #[serde(default)]
     optimizer: bool,
@@ -629,7 +640,7 @@ pub async fn list_checkpoints(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct Page {
     #[serde(default)]
     limit: Option<usize>,
@@ -656,20 +667,50 @@ pub async fn list_user_checkpoints(
     }))
 }
 
+/// Registry work that writes through to the database, which blocks: off tokio's workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::Error::Unavailable(format!("checkpoint update failed: {e}")))??)
+}
+
 pub async fn delete_checkpoint(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Path((id, kind, name)): Path<(String, String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.engine
-        .registry()
-        .delete_checkpoint(&tenant, &format!("{id}/{kind}/{name}"))?;
+    let engine = s.engine.clone();
+    blocking(move || {
+        engine
+            .registry()
+            .delete_checkpoint(&tenant, &format!("{id}/{kind}/{name}"))
+    })
+    .await?;
     Ok(axum::Json(json!({})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct Ttl {
+    /// Absent or null: the checkpoint never expires.
+    #[schemars(range(max = MAX_TTL_S))]
     ttl_seconds: Option<u64>,
+}
+
+/// The longest time to live a checkpoint can get (100 years): later instants overflow
+/// the clock's arithmetic.
+pub const MAX_TTL_S: u64 = 100 * 365 * 86_400;
+
+/// A requested time to live, bounded by [`MAX_TTL_S`].
+fn ttl(secs: Option<u64>) -> ApiResult<Option<Duration>> {
+    match secs {
+        Some(t) if t > MAX_TTL_S => Err(ApiError::invalid(
+            "ttl_seconds",
+            format!("{t} is more than the limit of {MAX_TTL_S} seconds"),
+        )),
+        t => Ok(t.map(Duration::from_secs)),
+    }
 }
 
 pub async fn set_checkpoint_ttl(
@@ -678,11 +719,14 @@ pub async fn set_checkpoint_ttl(
     Path((id, kind, name)): Path<(String, String, String)>,
     Json(req): Json<Ttl>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.engine.registry().set_checkpoint_ttl(
-        &tenant,
-        &format!("{id}/{kind}/{name}"),
-        req.ttl_seconds.map(Duration::from_secs),
-    )?;
+    let ttl = ttl(req.ttl_seconds)?;
+    let engine = s.engine.clone();
+    blocking(move || {
+        engine
+            .registry()
+            .set_checkpoint_ttl(&tenant, &format!("{id}/{kind}/{name}"), ttl)
+    })
+    .await?;
     Ok(axum::Json(json!({})))
 }
 
@@ -755,8 +799,9 @@ pub async fn list_training_runs(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct WeightsInfo {
+    #[schemars(schema_with = "crate::api::openapi::schema::tinker_path")]
     tinker_path: String,
 }
 
