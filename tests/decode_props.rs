@@ -5,8 +5,8 @@
 
 use loraplex::api::proto::{self, tensor};
 use loraplex::api::tinker::training::{decode_data, tensor_in};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -76,15 +76,18 @@ fn i64_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 fn tensor_strategy() -> impl Strategy<Value = proto::Tensor> {
     let dense = prop::collection::vec(any::<u8>(), 0..96).prop_map(tensor::Encoding::Dense);
-    let sparse = (i64_bytes(), i64_bytes(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(
-        |(crow_indices, col_indices, values)| {
+    let sparse = (
+        i64_bytes(),
+        i64_bytes(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(crow_indices, col_indices, values)| {
             tensor::Encoding::SparseCsr(proto::SparseCsr {
                 crow_indices,
                 col_indices,
                 values,
             })
-        },
-    );
+        });
     (
         -1i32..8,
         prop::collection::vec(dim(), 0..6),

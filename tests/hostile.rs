@@ -44,7 +44,12 @@ fn dense(dtype: proto::DType, shape: &[i64], values: usize) -> proto::Tensor {
 }
 
 /// A forward_backward whose one datum has `name` replaced by `t`.
-fn hostile_fb(model: &str, seq: i32, name: &str, t: proto::Tensor) -> proto::ForwardBackwardRequest {
+fn hostile_fb(
+    model: &str,
+    seq: i32,
+    name: &str,
+    t: proto::Tensor,
+) -> proto::ForwardBackwardRequest {
     let mut d = ce_datum();
     d.loss_fn_inputs.insert(name.to_owned(), t);
     proto::ForwardBackwardRequest {
@@ -67,8 +72,11 @@ async fn tensors_claiming_huge_shapes_fail_their_own_future_and_nothing_else() {
     // The report: about 100 bytes, shape [1, 2^40], no entries. Alone on the wire.
     let tiny = proto::ForwardBackwardRequest {
         model_id: model.clone(),
-        seq_id: 0,
-        data: vec![text_datum(&[504], &[("weights", csr(Float32, &[1, 1 << 40], &[0, 0], &[], 0))])],
+        seq_id: 1,
+        data: vec![text_datum(
+            &[504],
+            &[("weights", csr(Float32, &[1, 1 << 40], &[0, 0], &[], 0))],
+        )],
         loss_fn: "cross_entropy".into(),
         ..Default::default()
     };
@@ -84,21 +92,61 @@ async fn tensors_claiming_huge_shapes_fail_their_own_future_and_nothing_else() {
 
     // Its family: every dtype, dense and sparse, overflowing and merely too large.
     let cases: Vec<(&str, proto::Tensor, &str)> = vec![
-        ("weights", csr(Int64, &[n, 1 << 40], &vec![0; n as usize + 1], &[], 0), "values"),
-        ("weights", csr(Int32, &[n, 1 << 40], &vec![0; n as usize + 1], &[], 0), "values"),
-        ("weights", csr(Float32, &[1 << 32, 1 << 32], &[0, 0], &[], 0), "values"),
-        ("weights", csr(Float32, &[i64::MAX, 2], &[0, 0], &[], 0), "values"),
-        ("weights", csr(Float32, &[n, 2000], &vec![0; n as usize + 1], &[], 0), "values"),
-        ("target_tokens", csr(Int64, &[n, 1 << 33], &vec![0; n as usize + 1], &[], 0), "values"),
-        ("weights", dense(Float32, &[1 << 32, 1 << 32, 1 << 32], 0), "values"),
+        (
+            "weights",
+            csr(Int64, &[n, 1 << 40], &vec![0; n as usize + 1], &[], 0),
+            "values",
+        ),
+        (
+            "weights",
+            csr(Int32, &[n, 1 << 40], &vec![0; n as usize + 1], &[], 0),
+            "values",
+        ),
+        (
+            "weights",
+            csr(Float32, &[1 << 32, 1 << 32], &[0, 0], &[], 0),
+            "values",
+        ),
+        (
+            "weights",
+            csr(Float32, &[i64::MAX, 2], &[0, 0], &[], 0),
+            "values",
+        ),
+        (
+            "weights",
+            csr(Float32, &[n, 2000], &vec![0; n as usize + 1], &[], 0),
+            "values",
+        ),
+        (
+            "target_tokens",
+            csr(Int64, &[n, 1 << 33], &vec![0; n as usize + 1], &[], 0),
+            "values",
+        ),
+        (
+            "weights",
+            dense(Float32, &[1 << 32, 1 << 32, 1 << 32], 0),
+            "values",
+        ),
         ("weights", dense(Float32, &[n, 1 << 40], 0), "values"),
         ("target_tokens", dense(Int64, &[n, 1 << 31], 0), "values"),
         ("target_tokens", dense(Int32, &[n, 1 << 31], 0), "values"),
         ("weights", dense(Float32, &[n, -1], 0), "negative"),
-        ("weights", dense(Float32, &[1, 1, 1, 1, n], n as usize), "dimensions"),
-        ("weights", dense(Float32, &[n + 1], n as usize), "does not match"),
+        (
+            "weights",
+            dense(Float32, &[1, 1, 1, 1, n], n as usize),
+            "dimensions",
+        ),
+        (
+            "weights",
+            dense(Float32, &[n + 1], n as usize),
+            "does not match",
+        ),
         ("weights", csr(Float32, &[n, 4], &[0, 5], &[0], 1), "CSR"),
-        ("weights", csr(Float32, &[n, 4], &vec![0; n as usize + 1], &[-1], 0), "CSR"),
+        (
+            "weights",
+            csr(Float32, &[n, 4], &vec![0; n as usize + 1], &[-1], 0),
+            "CSR",
+        ),
         (
             "weights",
             proto::Tensor {
@@ -109,24 +157,44 @@ async fn tensors_claiming_huge_shapes_fail_their_own_future_and_nothing_else() {
             "dtype",
         ),
     ];
-    let mut seq = 1;
+    let mut seq = 2;
     for (name, t, needle) in cases {
         let shape = t.shape.clone();
         let r = send_fb(&app, A, &hostile_fb(&model, seq, name, t)).await;
         seq += 1;
-        assert_eq!(r.status, 200, "{shape:?}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "{shape:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let id = r.json()["request_id"].as_str().expect("id").to_owned();
         let f = retrieve(&app, A, &id).await.json();
         assert_eq!(f["category"], "user", "{shape:?}: {f}");
         let msg = f["error"].as_str().unwrap_or_default();
-        assert!(msg.contains(needle), "{shape:?}: {msg:?} should mention {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{shape:?}: {msg:?} should mention {needle:?}"
+        );
         assert!(msg.contains(name), "{shape:?}: {msg:?} should name {name}");
     }
 
     // The model's order went on: a good request right after trains.
-    let r = fb(&app, A, &model, seq, "cross_entropy", vec![ce_datum()], HashMap::new()).await;
+    let r = fb(
+        &app,
+        A,
+        &model,
+        seq,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
     let out = fb_result(&app, A, &r).await;
-    assert!(!out.loss_fn_outputs.is_empty(), "the good request after them ran");
+    assert!(
+        !out.loss_fn_outputs.is_empty(),
+        "the good request after them ran"
+    );
 
     // A legal sparse [N, K] target still densifies.
     let k = 2i64;
@@ -150,7 +218,10 @@ async fn tensors_claiming_huge_shapes_fail_their_own_future_and_nothing_else() {
     };
     let r = send_fb(&app, A, &req).await;
     let out = fb_result(&app, A, &r).await;
-    assert!(!out.loss_fn_outputs.is_empty(), "a legal sparse input works");
+    assert!(
+        !out.loss_fn_outputs.is_empty(),
+        "a legal sparse input works"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +234,7 @@ async fn a_request_cannot_decode_past_the_configured_total() {
     // Two datums of 11 tokens, two inputs each: 44 values > 20.
     let req = proto::ForwardBackwardRequest {
         model_id: model.clone(),
-        seq_id: 0,
+        seq_id: 1,
         data: vec![ce_datum(), ce_datum()],
         loss_fn: "cross_entropy".into(),
         ..Default::default()
@@ -198,7 +269,10 @@ async fn sampling_text_and_plugin_sizes_are_bounded_and_named() {
     )
     .await;
     assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
-    let sampler = c.json()["sampling_session_id"].as_str().expect("sampler").to_owned();
+    let sampler = c.json()["sampling_session_id"]
+        .as_str()
+        .expect("sampler")
+        .to_owned();
     let big = post(
         &app,
         "/api/v1/asample",
@@ -215,9 +289,15 @@ async fn sampling_text_and_plugin_sizes_are_bounded_and_named() {
         f["error"].as_str().unwrap_or_default().to_owned()
     } else {
         big.assert_error(400, "LORAPLEX_MAX_SAMPLE_TOKENS");
-        big.json()["error"]["message"].as_str().unwrap_or_default().to_owned()
+        big.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     };
-    assert!(v.contains("LORAPLEX_MAX_SAMPLE_TOKENS") && v.contains("262144"), "{v}");
+    assert!(
+        v.contains("LORAPLEX_MAX_SAMPLE_TOKENS") && v.contains("262144"),
+        "{v}"
+    );
 
     // REST: a conversation of too many messages, a prompt longer than the context could
     // hold, too many prompts.
@@ -227,9 +307,14 @@ async fn sampling_text_and_plugin_sizes_are_bounded_and_named() {
     let msgs: Vec<_> = (0..300)
         .map(|i| json!({"role": if i % 2 == 0 {"user"} else {"assistant"}, "content": "hi"}))
         .collect();
-    post(&app, "/fwdbwd", A, json!({"model_id": model, "data": [msgs]}))
-        .await
-        .assert_error(400, "at most 256");
+    post(
+        &app,
+        "/fwdbwd",
+        A,
+        json!({"model_id": model, "data": [msgs]}),
+    )
+    .await
+    .assert_error(400, "at most 256");
     let long = "a".repeat(9 << 20);
     post(
         &app,
@@ -239,13 +324,23 @@ async fn sampling_text_and_plugin_sizes_are_bounded_and_named() {
     )
     .await
     .assert_error(400, "cannot fit the context");
-    post(&app, "/api/v1/sample", A, json!({"prompts": [long], "sampling_params": {"max_tokens": 1}}))
-        .await
-        .assert_error(400, "prompts[0]");
+    post(
+        &app,
+        "/api/v1/sample",
+        A,
+        json!({"prompts": [long], "sampling_params": {"max_tokens": 1}}),
+    )
+    .await
+    .assert_error(400, "prompts[0]");
     let many: Vec<&str> = vec!["hi"; 129];
-    post(&app, "/api/v1/sample", A, json!({"prompts": many, "sampling_params": {"max_tokens": 1}}))
-        .await
-        .assert_error(400, "at most 128");
+    post(
+        &app,
+        "/api/v1/sample",
+        A,
+        json!({"prompts": many, "sampling_params": {"max_tokens": 1}}),
+    )
+    .await
+    .assert_error(400, "at most 128");
 
     // A plugin over the cap is a JSON 413 naming the limit.
     let r = call(

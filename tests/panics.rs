@@ -46,7 +46,15 @@ async fn a_panic_fails_its_own_request_or_job_and_everything_goes_on() {
     assert_eq!(r.json()["error"]["type"], "internal", "{}", r.json());
     assert_eq!(failpoint::remaining("api.request"), 0);
     assert_eq!(get(&app, "/api/v1/sessions", A).await.status, 200);
-    let m = call(&app, axum::http::Method::GET, "/metrics", None, "", Vec::new()).await;
+    let m = call(
+        &app,
+        axum::http::Method::GET,
+        "/metrics",
+        None,
+        "",
+        Vec::new(),
+    )
+    .await;
     let text = String::from_utf8_lossy(&m.body).into_owned();
     assert!(
         text.contains("route=\"/api/v1/sessions\",status=\"500\"} 1"),
@@ -56,11 +64,29 @@ async fn a_panic_fails_its_own_request_or_job_and_everything_goes_on() {
     // 2. A training batch on the worker lane: the future fails as a server error, then
     //    the lane runs the model's next request.
     failpoint::arm("job.batch", 1);
-    let r = fb(&app, A, &model, 0, "cross_entropy", vec![ce_datum()], HashMap::new()).await;
+    let r = fb(
+        &app,
+        A,
+        &model,
+        1,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
     let id = r.json()["request_id"].as_str().expect("id").to_owned();
     let f = retrieve(&app, A, &id).await.json();
     assert_eq!(f["category"], "server", "{f}");
-    let r = fb(&app, A, &model, 1, "cross_entropy", vec![ce_datum()], HashMap::new()).await;
+    let r = fb(
+        &app,
+        A,
+        &model,
+        2,
+        "cross_entropy",
+        vec![ce_datum()],
+        HashMap::new(),
+    )
+    .await;
     let out = fb_result(&app, A, &r).await;
     assert!(!out.loss_fn_outputs.is_empty(), "the lane kept working");
 
@@ -82,7 +108,11 @@ async fn a_panic_fails_its_own_request_or_job_and_everything_goes_on() {
     assert!(!is_proto(&r));
     assert_eq!(r.json()["category"], "server", "{}", r.json());
     let r = sample(&app, &sampler, 1).await;
-    assert!(is_proto(&r), "the sampling lane kept working: {}", String::from_utf8_lossy(&r.body));
+    assert!(
+        is_proto(&r),
+        "the sampling lane kept working: {}",
+        String::from_utf8_lossy(&r.body)
+    );
 
     // 4. A job that runs as its own task (creating a model).
     failpoint::arm("job.task", 1);

@@ -388,7 +388,11 @@ pub fn decode_data(
 }
 
 fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> ApiResult<Op> {
-    let data = decode_data(req, s.cfg.max_loss_input_columns, s.cfg.max_loss_input_values)?;
+    let data = decode_data(
+        req,
+        s.cfg.max_loss_input_columns,
+        s.cfg.max_loss_input_values,
+    )?;
     let config = loss_config(req);
     let loss = s.plugins.resolve_loss(tenant, &req.loss_fn, &config)?;
     let fb = FbRequest {
