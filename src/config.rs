@@ -22,6 +22,7 @@
 //! | widest loss input (`[N, K]`: K) | `LORAPLEX_MAX_LOSS_INPUT_COLUMNS` | 1024 |
 //! | values all loss inputs of a request decode to | `LORAPLEX_MAX_LOSS_INPUT_VALUES` | 8 Mi |
 //! | sampled tokens of one request (`num_samples × (prompt + max_tokens)`) | `LORAPLEX_MAX_SAMPLE_TOKENS` | 262144 |
+//! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
 //! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
 //! | engine settings | see [`EngineConfig`] | |
 //!
@@ -96,6 +97,10 @@ pub struct EngineConfig {
     /// Jobs queued (not yet finished) across all adapters before new work is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_JOBS", default_value_t = 1024)]
     pub max_queued_jobs: usize,
+    /// Bytes of request data (tokens, loss inputs) that queued training jobs may hold
+    /// together before new work is refused with 429.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_BYTES", default_value_t = 2 << 30)]
+    pub max_queued_bytes: usize,
     /// Jobs queued per adapter before new work on it is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_PER_MODEL", default_value_t = 64)]
     pub max_queued_per_model: usize,
@@ -128,6 +133,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 2048,
             batch_wait_ms: 10,
             max_queued_jobs: 1024,
+            max_queued_bytes: 2 << 30,
             max_queued_per_model: 64,
             max_queued_samples: 256,
             max_decode_batch: 64,
@@ -154,6 +160,7 @@ impl EngineConfig {
             max_batch_tokens: var("LORAPLEX_MAX_BATCH_TOKENS", d.max_batch_tokens).max(1),
             batch_wait_ms: var("LORAPLEX_BATCH_WAIT_MS", d.batch_wait_ms),
             max_queued_jobs: var("LORAPLEX_MAX_QUEUED_JOBS", d.max_queued_jobs),
+            max_queued_bytes: var("LORAPLEX_MAX_QUEUED_BYTES", d.max_queued_bytes),
             max_queued_per_model: var("LORAPLEX_MAX_QUEUED_PER_MODEL", d.max_queued_per_model),
             max_queued_samples: var("LORAPLEX_MAX_QUEUED_SAMPLES", d.max_queued_samples),
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),

@@ -504,6 +504,12 @@ impl Engine {
         self.inner.metrics.all()
     }
 
+    /// Bytes of request data held by queued training jobs (bounded by
+    /// `LORAPLEX_MAX_QUEUED_BYTES`).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.metrics.queued_bytes.load(Ordering::Acquire)
+    }
+
     /// Jobs failed by a tenant's plugin since start.
     pub fn plugin_failures(&self) -> u64 {
         self.inner.futures.plugin_failures.load(Ordering::Relaxed)
