@@ -19,6 +19,11 @@
 //! | session heartbeat timeout | `LORAPLEX_SESSION_TIMEOUT_S` | 600 |
 //! | automatic checkpoint every K steps | `LORAPLEX_AUTO_CHECKPOINT_STEPS` | 1 (10 for adapters ≥ 64 MiB) |
 //! | fetched results kept for | `LORAPLEX_RESULT_TTL_S` | 3600 |
+//! | widest loss input (`[N, K]`: K) | `LORAPLEX_MAX_LOSS_INPUT_COLUMNS` | 1024 |
+//! | values all loss inputs of a request decode to | `LORAPLEX_MAX_LOSS_INPUT_VALUES` | 8 Mi |
+//! | sampled tokens of one request (`num_samples × (prompt + max_tokens)`) | `LORAPLEX_MAX_SAMPLE_TOKENS` | 262144 |
+//! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
+//! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
 //! | engine settings | see [`EngineConfig`] | |
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
@@ -92,6 +97,10 @@ pub struct EngineConfig {
     /// Jobs queued (not yet finished) across all adapters before new work is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_JOBS", default_value_t = 1024)]
     pub max_queued_jobs: usize,
+    /// Bytes of request data (tokens, loss inputs) that queued training jobs may hold
+    /// together before new work is refused with 429.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_BYTES", default_value_t = 2 << 30)]
+    pub max_queued_bytes: usize,
     /// Jobs queued per adapter before new work on it is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_PER_MODEL", default_value_t = 64)]
     pub max_queued_per_model: usize,
@@ -101,6 +110,14 @@ pub struct EngineConfig {
     /// Sequences decoded together in one step; more wait to join.
     #[arg(long, env = "LORAPLEX_MAX_DECODE_BATCH", default_value_t = 64)]
     pub max_decode_batch: usize,
+    /// Positions one sampling request may take: `num_samples × (prompt + max_tokens)`.
+    #[arg(long, env = "LORAPLEX_MAX_SAMPLE_TOKENS", default_value_t = 262_144)]
+    pub max_sample_tokens: usize,
+    /// KV-cache positions the live sequences of the decoding batch may reserve together
+    /// (each reserves `prompt + max_tokens`); more wait to join, so the cache's memory is
+    /// bounded whatever tenants ask for (SmolLM2: 46 KB per position in f32).
+    #[arg(long, env = "LORAPLEX_MAX_KV_TOKENS", default_value_t = 262_144)]
+    pub max_kv_tokens: usize,
     /// How long work waits for a missing earlier `seq_id` before it fails (ms).
     #[arg(long, env = "LORAPLEX_SEQ_TIMEOUT_MS", default_value_t = 30_000)]
     pub seq_timeout_ms: u64,
@@ -116,9 +133,12 @@ impl Default for EngineConfig {
             max_batch_tokens: 2048,
             batch_wait_ms: 10,
             max_queued_jobs: 1024,
+            max_queued_bytes: 2 << 30,
             max_queued_per_model: 64,
             max_queued_samples: 256,
             max_decode_batch: 64,
+            max_sample_tokens: 262_144,
+            max_kv_tokens: 262_144,
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
         }
@@ -140,9 +160,12 @@ impl EngineConfig {
             max_batch_tokens: var("LORAPLEX_MAX_BATCH_TOKENS", d.max_batch_tokens).max(1),
             batch_wait_ms: var("LORAPLEX_BATCH_WAIT_MS", d.batch_wait_ms),
             max_queued_jobs: var("LORAPLEX_MAX_QUEUED_JOBS", d.max_queued_jobs),
+            max_queued_bytes: var("LORAPLEX_MAX_QUEUED_BYTES", d.max_queued_bytes),
             max_queued_per_model: var("LORAPLEX_MAX_QUEUED_PER_MODEL", d.max_queued_per_model),
             max_queued_samples: var("LORAPLEX_MAX_QUEUED_SAMPLES", d.max_queued_samples),
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
+            max_sample_tokens: var("LORAPLEX_MAX_SAMPLE_TOKENS", d.max_sample_tokens).max(1),
+            max_kv_tokens: var("LORAPLEX_MAX_KV_TOKENS", d.max_kv_tokens).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
         }
@@ -181,6 +204,13 @@ pub struct ServeConfig {
     /// A finished future's result is deleted this long after it was first fetched (s).
     #[arg(long, env = "LORAPLEX_RESULT_TTL_S", default_value_t = 3600)]
     pub result_ttl_s: u64,
+    /// Widest loss input a datum may send (`[N, K]`: K at most this). Sparse tensors are
+    /// densified, so their shape, not their size on the wire, is what costs memory.
+    #[arg(long, env = "LORAPLEX_MAX_LOSS_INPUT_COLUMNS", default_value_t = 1024)]
+    pub max_loss_input_columns: usize,
+    /// Values all loss inputs of one forward_backward may decode to (dense or densified).
+    #[arg(long, env = "LORAPLEX_MAX_LOSS_INPUT_VALUES", default_value_t = 8 << 20)]
+    pub max_loss_input_values: usize,
 }
 
 impl ServeConfig {
@@ -195,6 +225,8 @@ impl ServeConfig {
             session_timeout_s: 600,
             auto_checkpoint_steps: None,
             result_ttl_s: 3600,
+            max_loss_input_columns: 1024,
+            max_loss_input_values: 8 << 20,
         }
     }
 }

@@ -949,3 +949,52 @@ async fn decode_batch_admits_tenants_fairly() {
         "B's one sample should not wait for A's six"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_request_data_is_bounded_and_given_back() {
+    let m = model();
+    let cfg = EngineConfig {
+        max_queued_bytes: 1,
+        ..Default::default()
+    };
+    let e = engine(&m, cfg);
+    let (ta, tb) = (TenantId::from("a"), TenantId::from("b"));
+    let a = e.create_model(&ta, lora(1)).await.unwrap();
+    let b = e.create_model(&tb, lora(2)).await.unwrap();
+    let mut rng = SplitMix64::new(5);
+    let v = m.config.vocab_size;
+    // seq 0 has not come: seq 1 waits, holding its data.
+    let f1 = e
+        .submit(&ta, &a, Some(1), fb(data(&mut rng, 2, 8, v), ce()))
+        .await
+        .unwrap();
+    let held = e.queued_bytes();
+    assert!(held >= 2 * 8 * 4, "the waiting request is counted: {held}");
+    // Over the budget: refused as busy (429), for any tenant, until the data is gone.
+    let err = e
+        .submit(&tb, &b, Some(0), fb(data(&mut rng, 1, 8, v), ce()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Busy { what, .. } if what.contains("memory")),
+        "{err}"
+    );
+    let f0 = e
+        .submit(&ta, &a, Some(0), Op::OptimStep(adam()))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(&ta, &f0, T).await.unwrap().state, JobState::Done);
+    assert_eq!(e.wait(&ta, &f1, T).await.unwrap().state, JobState::Done);
+    for _ in 0..100 {
+        if e.queued_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.queued_bytes(), 0, "given back once the jobs ran");
+    let fb_ = e
+        .submit(&tb, &b, Some(0), fb(data(&mut rng, 1, 8, v), ce()))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(&tb, &fb_, T).await.unwrap().state, JobState::Done);
+}

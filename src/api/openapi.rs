@@ -98,7 +98,7 @@ pub mod schema {
         json_schema!({
             "type": "array",
             "minItems": 1,
-            "items": {"type": "array", "items": {
+            "items": {"type": "array", "maxItems": 256, "items": {
                 "type": "object",
                 "required": ["role", "content"],
                 "properties": {

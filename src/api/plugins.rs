@@ -12,7 +12,7 @@ use crate::jobs::{TenantId, TokenSampler};
 use crate::plugins::{PluginHost, PluginId, PluginKind, PluginLimits, PluginLoss, PluginSampler};
 use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossFunction};
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequest, State};
 use dashmap::DashMap;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Largest component accepted (the plugin host's own cap).
-pub const MAX_PLUGIN_BYTES: usize = 32 << 20;
+pub const MAX_PLUGIN_BYTES: usize = crate::plugins::MAX_COMPONENT_BYTES;
 
 pub struct PluginMeta {
     pub kind: PluginKind,
@@ -158,6 +158,28 @@ pub async fn restore(s: &Shared) -> crate::Result<()> {
     Ok(())
 }
 
+/// The raw `.wasm` body, at most [`MAX_PLUGIN_BYTES`]; a larger one is a JSON 413.
+pub struct WasmBody(pub Bytes);
+
+impl FromRequest<Shared> for WasmBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &Shared) -> ApiResult<Self> {
+        Bytes::from_request(req, state)
+            .await
+            .map(WasmBody)
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge {
+                        limit: MAX_PLUGIN_BYTES,
+                    }
+                } else {
+                    ApiError::Malformed(e.body_text())
+                }
+            })
+    }
+}
+
 fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
     json!({
         "plugin_id": id.0,
@@ -172,7 +194,7 @@ fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
 pub(crate) async fn upload(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
-    body: Bytes,
+    WasmBody(body): WasmBody,
 ) -> ApiResult<axum::Json<Value>> {
     if body.is_empty() {
         return Err(ApiError::invalid(

@@ -401,6 +401,17 @@ impl Engine {
         let s = self.inner.registry.session(tenant, session)?;
         let model = self.base_model().await?;
         req.validate(&model)?;
+        let positions = req.positions();
+        if positions > self.inner.cfg.max_sample_tokens {
+            return Err(Error::invalid(
+                "num_samples",
+                format!(
+                    "num_samples × (prompt + max_tokens) = {positions} exceeds the limit of {} \
+                     per request (LORAPLEX_MAX_SAMPLE_TOKENS)",
+                    self.inner.cfg.max_sample_tokens
+                ),
+            ));
+        }
         let tx = self.sampler(&model).await?;
         let n = self
             .inner
@@ -416,6 +427,7 @@ impl Engine {
             });
         }
         let tokens = (req.prompt.len() + req.params.max_tokens * req.num_samples) as u64;
+        debug_assert!(tokens as usize <= positions);
         let future = self.inner.futures.create(tenant, JobKind::Sample, tokens)?;
         self.inner.metrics.queued(tenant);
         let span = tracing::info_span!(
@@ -459,6 +471,7 @@ impl Engine {
                         metrics: self.inner.metrics.clone(),
                         outstanding: self.inner.sampling_outstanding.clone(),
                         max_decode_batch: self.inner.cfg.max_decode_batch,
+                        max_kv_tokens: self.inner.cfg.max_kv_tokens,
                     },
                     rx,
                 )?;
@@ -489,6 +502,12 @@ impl Engine {
     /// Every tenant's counters.
     pub fn all_tenant_metrics(&self) -> Vec<(TenantId, TenantMetrics)> {
         self.inner.metrics.all()
+    }
+
+    /// Bytes of request data held by queued training jobs (bounded by
+    /// `LORAPLEX_MAX_QUEUED_BYTES`).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.metrics.queued_bytes.load(Ordering::Acquire)
     }
 
     /// Jobs failed by a tenant's plugin since start.

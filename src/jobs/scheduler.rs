@@ -254,6 +254,16 @@ impl Scheduler {
         if q.outstanding >= self.cfg.max_queued_per_model {
             return Err(self.busy("this model's queue"));
         }
+        // Memory held by waiting requests is bounded too; a request alone always fits
+        // (the API bounds each request's size), and ops that carry no data always do.
+        let bytes = op.data_bytes();
+        let held = self
+            .metrics
+            .queued_bytes
+            .load(std::sync::atomic::Ordering::Acquire);
+        if bytes > 0 && held > 0 && held.saturating_add(bytes) > self.cfg.max_queued_bytes {
+            return Err(self.busy("the queue's memory budget"));
+        }
         let kind: JobKind = op.kind();
         let tokens = op.num_tokens();
         let future = self.futures.create(&tenant, kind, tokens as u64)?;
@@ -277,6 +287,7 @@ impl Scheduler {
                     tenant: tenant.clone(),
                     op: Arc::new(op),
                     span,
+                    _charge: Arc::new(super::job::Charge::new(self.metrics.clone(), bytes)),
                 },
                 next_datum: 0,
                 started: false,
