@@ -141,7 +141,7 @@ fn schemathesis_finds_no_server_error_and_no_crash() {
     let with_2xx = ops.values().filter(|v| v[1] > 0).count();
     eprintln!(
         "schemathesis: {total} requests in {took:.0} s (seed {seed}), {covered} of {} operations \
-         reached, {with_2xx} with a 2xx answer; exit {status}",
+         reached, {with_2xx} with a 2xx answer; schemathesis {status}",
         ops.len()
     );
 

@@ -40,7 +40,7 @@ DIST = os.environ.get(
 )
 STATS = os.environ.get("LORAPLEX_FUZZ_STATS")
 # Share of forward_backward requests that get a hostile tensor (0 while chasing other bugs).
-HOSTILE = float(os.environ.get("LORAPLEX_FUZZ_HOSTILE", "0.15"))
+HOSTILE = float(os.environ.get("LORAPLEX_FUZZ_HOSTILE", "0.25"))
 # The hooks' own randomness: hypothesis owns the `random` module inside a test.
 RNG = _random.Random()
 VOCAB = 49152
