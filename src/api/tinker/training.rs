@@ -105,6 +105,8 @@ pub async fn create_model(
     let (future, model_id) = match entry {
         dashmap::Entry::Occupied(e) => e.get().clone(),
         dashmap::Entry::Vacant(v) => {
+            // Refused at once (403) at the quota; the job claims its place exactly.
+            s.engine.registry().check_run_quota(&tenant)?;
             let engine = s.engine.clone();
             let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
             let session = Some(req.session_id.clone());
