@@ -542,6 +542,9 @@ pub async fn load_weights(
                 sess.models.lock().push(model_id.clone());
             }
             let config = ckpt.state.weights.config.clone();
+            // The load below is a job: a tenant at its queued-jobs quota is refused before
+            // the model exists, so its retry does not find the id taken.
+            s.engine.admit_job(&tenant)?;
             s.engine
                 .create_model_as(
                     &tenant,
