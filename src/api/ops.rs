@@ -188,6 +188,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/api/v1/plugins/{id}", "none", "One plugin"),
     ("delete", "/api/v1/plugins/{id}", "none", "Delete a plugin"),
     (
+        "get",
+        "/api/v1/usage",
+        "none",
+        "The tenant's usage and limits, per quota",
+    ),
+    (
         "post",
         "/add_lora",
         "json",
