@@ -25,6 +25,17 @@
 //! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
 //! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
 //! | engine settings | see [`EngineConfig`] | |
+//! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
+//! | per-tenant sampling sessions | `LORAPLEX_QUOTA_SAMPLING_SESSIONS` | 512 |
+//! | per-tenant jobs queued or running | `LORAPLEX_QUOTA_QUEUED_JOBS` | 256 |
+//! | per-tenant requests per second (0: no limit) | `LORAPLEX_QUOTA_REQUESTS_PER_SECOND` | 100 |
+//! | per-tenant request burst | `LORAPLEX_QUOTA_REQUEST_BURST` | 200 |
+//! | per-tenant checkpoint bytes | `LORAPLEX_QUOTA_CHECKPOINT_BYTES` | 32 GiB |
+//! | per-tenant plugins | `LORAPLEX_QUOTA_PLUGINS` | 64 |
+//! | per-tenant plugin bytes | `LORAPLEX_QUOTA_PLUGIN_BYTES` | 512 MiB |
+//!
+//! The quotas ([`QuotaConfig`], enforced by [`crate::quota`]) are per tenant; a keys file
+//! may override them for one tenant (`key tenant training_runs=4 checkpoint_bytes=1000000`).
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
 //! each default.
@@ -124,6 +135,9 @@ pub struct EngineConfig {
     /// The Retry-After suggested to refused callers (ms).
     #[arg(long, env = "LORAPLEX_RETRY_AFTER_MS", default_value_t = 1_000)]
     pub retry_after_ms: u64,
+    /// Per-tenant quotas and rate limits.
+    #[command(flatten)]
+    pub quotas: QuotaConfig,
 }
 
 impl Default for EngineConfig {
@@ -141,6 +155,7 @@ impl Default for EngineConfig {
             max_kv_tokens: 262_144,
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -168,6 +183,120 @@ impl EngineConfig {
             max_kv_tokens: var("LORAPLEX_MAX_KV_TOKENS", d.max_kv_tokens).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+            quotas: QuotaConfig::from_env(),
+        }
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one tenant may hold and how fast it may call ([`crate::quota`]). The defaults are
+/// generous: normal SDK use never meets them; they stop one tenant from taking what every
+/// other tenant needs (memory, disk, queue places, request handling). A keys file line may
+/// override any of them for its tenant: `key tenant training_runs=4 plugins=0`.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct QuotaConfig {
+    /// Training runs (live LoRA models, each with weights and optimizer state in memory)
+    /// a tenant may hold at once; more are refused with 403 `quota_exceeded`.
+    #[arg(
+        long = "quota-training-runs",
+        env = "LORAPLEX_QUOTA_TRAINING_RUNS",
+        default_value_t = 64
+    )]
+    pub training_runs: u64,
+    /// Sampling sessions (frozen copies of weights) a tenant may hold at once.
+    #[arg(
+        long = "quota-sampling-sessions",
+        env = "LORAPLEX_QUOTA_SAMPLING_SESSIONS",
+        default_value_t = 512
+    )]
+    pub sampling_sessions: u64,
+    /// Jobs (training, sampling, control) a tenant may have queued or running; more are
+    /// refused with 429 and Retry-After until some finish.
+    #[arg(
+        long = "quota-queued-jobs",
+        env = "LORAPLEX_QUOTA_QUEUED_JOBS",
+        default_value_t = 256
+    )]
+    pub queued_jobs: u64,
+    /// Requests per second a tenant may send on average (a token bucket refilled at this
+    /// rate); above it, 429 with Retry-After. 0: no rate limit.
+    #[arg(
+        long = "quota-requests-per-second",
+        env = "LORAPLEX_QUOTA_REQUESTS_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub requests_per_second: u64,
+    /// Requests a tenant may send at once above the rate (the bucket's size). The SDK
+    /// sends bursts of forward_backward chunks and polls.
+    #[arg(
+        long = "quota-request-burst",
+        env = "LORAPLEX_QUOTA_REQUEST_BURST",
+        default_value_t = 200
+    )]
+    pub request_burst: u64,
+    /// Bytes of named checkpoints (weights and optimizer state, as listings report
+    /// `size_bytes`) a tenant may keep; a save over it fails with category user and writes
+    /// nothing. Automatic checkpoints (one per training run) are bounded by
+    /// `training_runs` instead.
+    #[arg(
+        long = "quota-checkpoint-bytes",
+        env = "LORAPLEX_QUOTA_CHECKPOINT_BYTES",
+        default_value_t = 32 << 30
+    )]
+    pub checkpoint_bytes: u64,
+    /// Plugins a tenant may own.
+    #[arg(
+        long = "quota-plugins",
+        env = "LORAPLEX_QUOTA_PLUGINS",
+        default_value_t = 64
+    )]
+    pub plugins: u64,
+    /// Bytes of plugin components a tenant may own (each at most 32 MiB).
+    #[arg(
+        long = "quota-plugin-bytes",
+        env = "LORAPLEX_QUOTA_PLUGIN_BYTES",
+        default_value_t = 512 << 20
+    )]
+    pub plugin_bytes: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            training_runs: 64,
+            sampling_sessions: 512,
+            queued_jobs: 256,
+            requests_per_second: 100,
+            request_burst: 200,
+            checkpoint_bytes: 32 << 30,
+            plugins: 64,
+            plugin_bytes: 512 << 20,
+        }
+    }
+}
+
+impl QuotaConfig {
+    /// Defaults overridden by the environment variables named on each field.
+    pub fn from_env() -> Self {
+        let d = Self::default();
+        QuotaConfig {
+            training_runs: env_or("LORAPLEX_QUOTA_TRAINING_RUNS", d.training_runs),
+            sampling_sessions: env_or("LORAPLEX_QUOTA_SAMPLING_SESSIONS", d.sampling_sessions),
+            queued_jobs: env_or("LORAPLEX_QUOTA_QUEUED_JOBS", d.queued_jobs),
+            requests_per_second: env_or(
+                "LORAPLEX_QUOTA_REQUESTS_PER_SECOND",
+                d.requests_per_second,
+            ),
+            request_burst: env_or("LORAPLEX_QUOTA_REQUEST_BURST", d.request_burst),
+            checkpoint_bytes: env_or("LORAPLEX_QUOTA_CHECKPOINT_BYTES", d.checkpoint_bytes),
+            plugins: env_or("LORAPLEX_QUOTA_PLUGINS", d.plugins),
+            plugin_bytes: env_or("LORAPLEX_QUOTA_PLUGIN_BYTES", d.plugin_bytes),
         }
     }
 }

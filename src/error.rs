@@ -41,6 +41,24 @@ pub enum Error {
         what: &'static str,
         retry_after_ms: u64,
     },
+    /// A tenant's hard quota would be exceeded ([`crate::quota`]). Not transient: the
+    /// tenant must free something first, so it is a 403 the SDK does not retry.
+    #[error("quota exceeded: {quota} is limited to {limit} per tenant ({used} in use, {requested} more requested)")]
+    QuotaExceeded {
+        quota: &'static str,
+        limit: u64,
+        used: u64,
+        requested: u64,
+    },
+    /// A tenant is over a rate or its queued-jobs quota: retry after the delay (429).
+    #[error(
+        "rate limited: {quota} is limited to {limit} per tenant; retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        quota: &'static str,
+        limit: u64,
+        retry_after_ms: u64,
+    },
     /// A job failed; what it failed with, as stored in its future.
     #[error("{message}")]
     JobFailed { message: String, category: Category },
@@ -86,6 +104,8 @@ impl Error {
             Error::Plugin(_) => (User, 400, "plugin"),
             Error::NotFound { .. } => (User, 404, "not_found"),
             Error::Busy { .. } => (User, 429, "busy"),
+            Error::QuotaExceeded { .. } => (User, 403, "quota_exceeded"),
+            Error::RateLimited { .. } => (User, 429, "rate_limited"),
             Error::Unavailable(_) => (Server, 503, "unavailable"),
             Error::ModelLoad { .. } => (Server, 503, "model_load"),
             Error::JobFailed { category, .. } => match category {
@@ -115,7 +135,9 @@ impl Error {
     /// Whether the same request may succeed later unchanged (the API adds Retry-After).
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
-            Error::Busy { retry_after_ms, .. } => Some(*retry_after_ms),
+            Error::Busy { retry_after_ms, .. } | Error::RateLimited { retry_after_ms, .. } => {
+                Some(*retry_after_ms)
+            }
             _ => None,
         }
     }

@@ -998,3 +998,56 @@ async fn queued_request_data_is_bounded_and_given_back() {
         .unwrap();
     assert_eq!(e.wait(&tb, &fb_, T).await.unwrap().state, JobState::Done);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_kv_budget_decodes_one_sequence_at_a_time_with_the_same_results() {
+    let m = model();
+    let params = SamplingParams {
+        max_tokens: 8,
+        temperature: 1.0,
+        seed: Some(7),
+        ..Default::default()
+    };
+    let mut req = SampleRequest::new(vec![1, 2, 3, 4], params);
+    req.num_samples = 4;
+    let mut outs = Vec::new();
+    // 12 positions a sequence: a budget of 20 admits one at a time.
+    for max_kv_tokens in [262_144, 20] {
+        let e = engine(
+            &m,
+            EngineConfig {
+                max_kv_tokens,
+                ..Default::default()
+            },
+        );
+        let t = TenantId::from("t");
+        let s = e.base_sampling_session(&t).await.unwrap();
+        let f = e.sample(&t, &s, req.clone()).await.unwrap();
+        let o = e.result(&t, &f, T).await.unwrap();
+        outs.push(
+            sample_out(&o)
+                .sequences
+                .iter()
+                .map(|q| q.tokens.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(outs[0].len(), 4);
+    assert_eq!(outs[0], outs[1], "the budget changes when, not what");
+
+    // A request over the per-request bound is refused, naming it.
+    let e = engine(
+        &m,
+        EngineConfig {
+            max_sample_tokens: 40,
+            ..Default::default()
+        },
+    );
+    let t = TenantId::from("t");
+    let s = e.base_sampling_session(&t).await.unwrap();
+    let err = e.sample(&t, &s, req.clone()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("LORAPLEX_MAX_SAMPLE_TOKENS") && err.to_string().contains("48"),
+        "{err}"
+    );
+}

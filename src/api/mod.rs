@@ -6,8 +6,9 @@
 //! - [`rest`]: the simple REST routes of the Flask server loraplex replaces;
 //! - [`plugins`]: upload, list and delete of a tenant's wasm components.
 //!
-//! Plus [`ops`]: health and Prometheus metrics. [`routes`] is the one table of every route,
-//! from which both the router and the OpenAPI document ([`openapi`]) are built.
+//! Plus [`ops`]: health and Prometheus metrics; [`usage`]: a tenant's usage against its
+//! quotas. [`routes`] is the one table of every route, from which both the router and the
+//! OpenAPI document ([`openapi`]) are built.
 //!
 //! The path of a request: route → tenant from the API key ([`extract::Tenant`]) →
 //! validated engine call ([`crate::jobs::Engine`]) → future → `retrieve_future`. Handlers
@@ -22,6 +23,7 @@ pub mod proto;
 pub mod rest;
 pub mod routes;
 pub mod tinker;
+pub mod usage;
 
 use crate::auth::Auth;
 use crate::config::{EngineConfig, ModelArgs, PluginLimits, ServeConfig};
@@ -163,8 +165,14 @@ pub async fn build(
     engine_cfg: EngineConfig,
 ) -> Result<(Shared, Router)> {
     crate::failpoint::arm_from_env();
+    let mut overrides = std::collections::HashMap::new();
     let auth = match &serve.keys_file {
-        Some(p) => Auth::from_file(p)?,
+        Some(p) => {
+            let text = std::fs::read_to_string(p)?;
+            overrides = crate::quota::overrides_from_keys(&text, &engine_cfg.quotas)
+                .map_err(|e| Error::invalid(p.display().to_string(), e))?;
+            Auth::from_file(p)?
+        }
         None => {
             tracing::warn!(
                 "no keys file: development mode, every distinct API key is its own tenant"
@@ -217,6 +225,7 @@ pub async fn build(
     }
     let persist: Arc<dyn crate::jobs::registry::Persist> = durable.clone();
     let engine = Engine::start_durable(engine_cfg, loader, Arc::new(futures), Some(persist))?;
+    engine.quotas().set_overrides(overrides);
     let state = AppState::new(
         engine.clone(),
         serve,

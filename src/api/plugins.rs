@@ -202,6 +202,7 @@ pub(crate) async fn upload(
             "empty; send the component's .wasm bytes",
         ));
     }
+    check_quota(&s, &tenant, &PluginId::of(&body), body.len() as u64)?;
     let host = s.plugins.host.clone();
     let bytes = body.clone();
     let (id, kind) = tokio::task::spawn_blocking(move || host.load(&bytes))
@@ -214,6 +215,8 @@ pub(crate) async fn upload(
         created: SystemTime::now(),
     };
     let out = meta_json(&id, &meta);
+    // Again after compiling: another upload of the tenant's may have landed meanwhile.
+    check_quota(&s, &tenant, &id, body.len() as u64)?;
     if let Some(d) = &s.durable {
         d.plugin_uploaded(&tenant, &id.0, &kind.to_string(), &body)
             .await?;
@@ -221,6 +224,29 @@ pub(crate) async fn upload(
     s.plugins.owned.insert((tenant.clone(), id.clone()), meta);
     tracing::info!(tenant = %tenant, plugin = %id, %kind, "plugin uploaded");
     Ok(axum::Json(out))
+}
+
+/// Plugins and their bytes `tenant` owns (its `plugins` and `plugin_bytes` usage).
+pub fn usage(s: &Shared, tenant: &TenantId) -> (u64, u64) {
+    s.plugins
+        .owned
+        .iter()
+        .filter(|e| &e.key().0 == tenant)
+        .fold((0, 0), |(n, b), e| (n + 1, b + e.value().size as u64))
+}
+
+/// Refuse an upload that would take `tenant` over its plugin quotas. Uploading a plugin it
+/// owns already costs nothing.
+fn check_quota(s: &Shared, tenant: &TenantId, id: &PluginId, size: u64) -> ApiResult<()> {
+    use crate::quota::Quota;
+    if s.plugins.owned.contains_key(&(tenant.clone(), id.clone())) {
+        return Ok(());
+    }
+    let (n, bytes) = usage(s, tenant);
+    let q = s.engine.quotas();
+    q.check(tenant, Quota::Plugins, n, 1)?;
+    q.check(tenant, Quota::PluginBytes, bytes, size)?;
+    Ok(())
 }
 
 pub(crate) async fn list(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {

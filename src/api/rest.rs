@@ -70,6 +70,8 @@ pub(crate) async fn add_lora(
     if !(config.alpha.is_finite() && config.alpha > 0.0) {
         return Err(ApiError::invalid("alpha", "must be a positive number"));
     }
+    // The future below is a job: refuse before creating rather than after.
+    s.engine.admit_job(&tenant)?;
     let id = s.engine.create_model(&tenant, config).await?;
     let out = id.clone();
     let f = s
@@ -375,7 +377,21 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
                 .await?
         }
     };
-    let (params, stop_strings) = req.sampling_params.resolve(&model)?;
+    // The session is only this call's: it goes however the call ends (it counts
+    // against the tenant's sampling_sessions quota while it exists).
+    let out = submit_on(s, tenant, &model, &session, req).await;
+    let _ = s.engine.registry().remove_session(tenant, &session);
+    out
+}
+
+async fn submit_on(
+    s: &Shared,
+    tenant: &TenantId,
+    model: &crate::model::BaseModel,
+    session: &crate::jobs::SessionId,
+    req: Sample,
+) -> ApiResult<Vec<FutureId>> {
+    let (params, stop_strings) = req.sampling_params.resolve(model)?;
     let sampler = match req.sampler {
         Some(r) => Some(s.plugins.resolve_sampler(tenant, &r.plugin, r.config)?),
         None => None,
@@ -407,9 +423,8 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
         r.stop_strings = stop_strings.clone();
         r.sampler = sampler.clone();
         s.metrics.submitted(JobKind::Sample);
-        futures.push(s.engine.sample(tenant, &session, r).await?);
+        futures.push(s.engine.sample(tenant, session, r).await?);
     }
-    let _ = s.engine.registry().remove_session(tenant, &session);
     Ok(futures)
 }
 

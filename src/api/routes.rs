@@ -4,7 +4,7 @@
 //! route that is not in [`ROUTES`] does not exist.
 
 use super::tinker::{futures, sampling, session, training};
-use super::{ops, plugins, rest, Shared};
+use super::{ops, plugins, rest, usage, Shared};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
@@ -191,6 +191,8 @@ pub static ROUTES: &[Route] = &[
     r(Get, "/api/v1/plugins", h!(plugins::list), NoBody, "The tenant's plugins"),
     r(Get, "/api/v1/plugins/{id}", h!(plugins::describe), NoBody, "One plugin"),
     r(Delete, "/api/v1/plugins/{id}", h!(plugins::remove), NoBody, "Delete a plugin"),
+    // Quotas.
+    r(Get, "/api/v1/usage", h!(usage::usage), NoBody, "The tenant's usage and limits, per quota"),
     // The seed's REST routes.
     r(Post, "/add_lora", h!(rest::add_lora), Json(json::<rest::AddLora>), "REST: create an adapter (future holds model_id)"),
     r(Post, "/fwdbwd", h!(rest::fwdbwd), Json(json::<rest::FwdBwd>), "REST: forward_backward on chat conversations (future holds loss)"),

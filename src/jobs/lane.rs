@@ -372,7 +372,7 @@ fn barrier(
                 tenant: j.tenant.clone(),
                 adapter: Some(entry.id.clone()),
                 weights: Some(Arc::new(st.train.weights.clone())),
-            });
+            })?;
             Ok(JobOutput::SamplingSession(id))
         }
         Op::Refused(f) => Err(Error::JobFailed {

@@ -248,6 +248,14 @@ impl Scheduler {
                 .map_or(q.next_seq, |k| k + 1)
                 .max(q.next_seq),
         };
+        // The tenant's own limit first: a tenant at it is told so, not that the
+        // server is busy.
+        let held = self.metrics.snapshot(&tenant);
+        self.registry.quotas().check_queued(
+            &tenant,
+            (held.queued + held.running).max(0) as u64,
+            self.cfg.retry_after_ms,
+        )?;
         if self.outstanding >= self.cfg.max_queued_jobs {
             return Err(self.busy("the job queue"));
         }

@@ -109,6 +109,8 @@ pub async fn create_model(
     let (future, model_id) = match entry {
         dashmap::Entry::Occupied(e) => e.get().clone(),
         dashmap::Entry::Vacant(v) => {
+            // Refused at once (403) at the quota; the job claims its place exactly.
+            s.engine.registry().check_run_quota(&tenant)?;
             let engine = s.engine.clone();
             let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
             let session = Some(req.session_id.clone());
@@ -620,6 +622,9 @@ pub async fn load_weights(
                 sess.models.lock().push(model_id.clone());
             }
             let config = ckpt.state.weights.config.clone();
+            // The load below is a job: a tenant at its queued-jobs quota is refused before
+            // the model exists, so its retry does not find the id taken.
+            s.engine.admit_job(&tenant)?;
             s.engine
                 .create_model_as(
                     &tenant,
