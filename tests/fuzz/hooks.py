@@ -27,6 +27,7 @@ import re
 import random as _random
 import struct
 import threading
+import time
 
 import requests
 import schemathesis
@@ -259,11 +260,16 @@ schemathesis.openapi.media_type("application/wasm", wasm_body())
 
 def api(method, path, body=None, raw=None, ctype="application/json"):
     headers = {"X-API-Key": KEY}
-    if raw is not None:
-        headers["Content-Type"] = ctype
-        r = requests.request(method, BASE + path, data=raw, headers=headers, timeout=120)
-    else:
-        r = requests.request(method, BASE + path, json=body, headers=headers, timeout=120)
+    for _ in range(50):
+        if raw is not None:
+            headers["Content-Type"] = ctype
+            r = requests.request(method, BASE + path, data=raw, headers=headers, timeout=120)
+        else:
+            r = requests.request(method, BASE + path, json=body, headers=headers, timeout=120)
+        if r.status_code != 429:
+            break
+        # The tenant's rate limit or a full queue, shared with the fuzzer's own requests.
+        time.sleep(min(float(r.headers.get("retry-after", "1")), 2.0))
     if r.status_code >= 300:
         raise RuntimeError(f"fixture {method} {path}: {r.status_code} {r.text[:300]}")
     return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.content
@@ -682,7 +688,10 @@ def after_call(context, case, response):
         # Put the plugin back, so later requests can still name it.
         for name in ("ppo-clip", "min-p"):
             if name in COMPONENTS:
-                api("POST", "/api/v1/plugins", raw=COMPONENTS[name], ctype="application/wasm")
+                try:
+                    api("POST", "/api/v1/plugins", raw=COMPONENTS[name], ctype="application/wasm")
+                except (RuntimeError, requests.RequestException) as e:
+                    print(f"hooks: cannot upload {name} again: {e}", flush=True)
     if STATS_FILE is not None:
         with STATS_LOCK:
             STATS_FILE.write(f"{op.method.upper()} {op.path} {status}\n")
