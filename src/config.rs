@@ -19,6 +19,11 @@
 //! | session heartbeat timeout | `LORAPLEX_SESSION_TIMEOUT_S` | 600 |
 //! | automatic checkpoint every K steps | `LORAPLEX_AUTO_CHECKPOINT_STEPS` | 1 (10 for adapters ≥ 64 MiB) |
 //! | fetched results kept for | `LORAPLEX_RESULT_TTL_S` | 3600 |
+//! | unfetched results kept for | `LORAPLEX_UNREAD_RESULT_TTL_S` | 86400 |
+//! | futures held in memory | `LORAPLEX_MAX_FUTURES` | 100000 |
+//! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
+//! | open Tinker sessions in all | `LORAPLEX_MAX_SESSIONS` | 65536 |
+//! | tenants with their own metrics | `LORAPLEX_MAX_METRIC_TENANTS` | 1000 |
 //! | engine settings | see [`EngineConfig`] | |
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
@@ -107,6 +112,11 @@ pub struct EngineConfig {
     /// The Retry-After suggested to refused callers (ms).
     #[arg(long, env = "LORAPLEX_RETRY_AFTER_MS", default_value_t = 1_000)]
     pub retry_after_ms: u64,
+    /// Tenants whose job counters are kept apart (`/metrics` labels). Past it, the
+    /// longest idle tenants' counters fold into `tenant="_other"`: in development mode
+    /// every API key is a tenant, and labels must stay bounded.
+    #[arg(long, env = "LORAPLEX_MAX_METRIC_TENANTS", default_value_t = 1_000)]
+    pub max_metric_tenants: usize,
 }
 
 impl Default for EngineConfig {
@@ -121,6 +131,7 @@ impl Default for EngineConfig {
             max_decode_batch: 64,
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
+            max_metric_tenants: 1_000,
         }
     }
 }
@@ -145,6 +156,7 @@ impl EngineConfig {
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+            max_metric_tenants: var("LORAPLEX_MAX_METRIC_TENANTS", d.max_metric_tenants).max(1),
         }
     }
 }
@@ -181,6 +193,20 @@ pub struct ServeConfig {
     /// A finished future's result is deleted this long after it was first fetched (s).
     #[arg(long, env = "LORAPLEX_RESULT_TTL_S", default_value_t = 3600)]
     pub result_ttl_s: u64,
+    /// A finished future nobody fetched is deleted this long after it finished (s).
+    #[arg(long, env = "LORAPLEX_UNREAD_RESULT_TTL_S", default_value_t = 86_400)]
+    pub unread_result_ttl_s: u64,
+    /// Most futures held in memory (the database holds the rest until they expire).
+    #[arg(long, env = "LORAPLEX_MAX_FUTURES", default_value_t = 100_000)]
+    pub max_futures: usize,
+    /// Open Tinker sessions one tenant may hold; one more is refused with a 400 naming
+    /// the limit. Sessions end when finished or after `LORAPLEX_SESSION_TIMEOUT_S`.
+    #[arg(long, env = "LORAPLEX_MAX_SESSIONS_PER_TENANT", default_value_t = 1024)]
+    pub max_sessions_per_tenant: usize,
+    /// Open Tinker sessions in all (in development mode every API key is a tenant); one
+    /// more is refused with a 429.
+    #[arg(long, env = "LORAPLEX_MAX_SESSIONS", default_value_t = 65_536)]
+    pub max_sessions: usize,
 }
 
 impl ServeConfig {
@@ -195,6 +221,10 @@ impl ServeConfig {
             session_timeout_s: 600,
             auto_checkpoint_steps: None,
             result_ttl_s: 3600,
+            unread_result_ttl_s: 86_400,
+            max_futures: 100_000,
+            max_sessions_per_tenant: 1024,
+            max_sessions: 65_536,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! the assistant's tokens), `/optim_step`, `/retrieve_future` (202 while pending),
 //! `/api/v1/sample` (synchronous text), `/remove_lora`, `/list_loss_functions`, and the
 //! `/api/v1/..._async` aliases. They run on the same engine as the Tinker routes; only
-//! the shapes of requests and results differ.
+//! the shapes of requests and results differ. This layer keeps nothing of its own: a
+//! result renders from the stored job output alone (the same after a restart), and the
+//! sampling sessions it makes live only while their jobs are submitted.
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Tenant};
@@ -11,10 +13,12 @@ use super::tinker::sampling::SamplingParamsJson;
 use super::tinker::training::{check_base_model, AdamJson};
 use super::Shared;
 use crate::jobs::{
-    AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, TenantId,
+    AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, SessionId,
+    TenantId,
 };
 use crate::lora::{LoraConfig, Target};
 use crate::model::chat::Message;
+use crate::model::BaseModel;
 use crate::sample::StopReason;
 use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossInputs, TensorIn};
 use crate::train::Datum;
@@ -23,18 +27,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use dashmap::DashMap;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// What the REST layer remembers of its futures: the weight total of a fwdbwd (to report
-/// the mean loss per trained token) and the model a future belongs to.
-#[derive(Default)]
-pub struct RestState {
-    fwdbwd_weights: DashMap<FutureId, f64>,
-}
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -126,7 +122,6 @@ async fn fwdbwd(
         return Err(ApiError::invalid("data", "no conversations"));
     }
     let mut data = Vec::with_capacity(req.data.len());
-    let mut total_weight = 0.0;
     for (i, conv) in req.data.iter().enumerate() {
         let r = tmpl.render_tokens(tok, conv)?;
         if r.tokens.len() < 2 || !r.assistant_mask.iter().skip(1).any(|&m| m) {
@@ -139,7 +134,6 @@ async fn fwdbwd(
         let w: Vec<f32> = (0..n)
             .map(|j| if r.assistant_mask[j + 1] { 1.0 } else { 0.0 })
             .collect();
-        total_weight += w.iter().map(|&x| x as f64).sum::<f64>();
         let mut inputs = LossInputs::new();
         inputs.insert(
             "target_tokens".into(),
@@ -164,7 +158,6 @@ async fn fwdbwd(
         .engine
         .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
         .await?;
-    s.rest.fwdbwd_weights.insert(f.clone(), total_weight);
     Ok(axum::Json(
         json!({"request_id": f.0, "model_id": req.model_id}),
     ))
@@ -232,7 +225,7 @@ async fn retrieve_future(
     let id = FutureId(req.request_id.clone());
     let rec = s.engine.wait(&tenant, &id, REST_POLL).await?;
     match (rec.state, rec.output, rec.failure) {
-        (JobState::Done, Some(out), _) => Ok(axum::Json(render(&s, &id, &out)?).into_response()),
+        (JobState::Done, Some(out), _) => Ok(axum::Json(render(&s, &out)?).into_response()),
         (JobState::Failed, _, Some(f)) => Err(ApiError::Engine(crate::Error::JobFailed {
             message: f.message,
             category: f.category,
@@ -245,11 +238,14 @@ async fn retrieve_future(
     }
 }
 
-fn render(s: &Shared, id: &FutureId, out: &JobOutput) -> ApiResult<Value> {
+/// A finished future's JSON. Everything it needs is in the stored output, so a result
+/// read after a restart renders as it did before.
+fn render(s: &Shared, out: &JobOutput) -> ApiResult<Value> {
     Ok(match out {
         JobOutput::ModelCreated(m) => json!({"status": "completed", "model_id": m.0}),
         JobOutput::ForwardBackward(r) => {
-            let w = s.rest.fwdbwd_weights.get(id).map(|w| *w).unwrap_or(0.0);
+            // The assistant tokens of the conversations: the weights the route set.
+            let w = r.weight_sum;
             json!({
                 "status": "completed",
                 "loss": if w > 0.0 { r.loss / w } else { r.loss },
@@ -302,6 +298,19 @@ struct SamplerRef {
     config: BTreeMap<String, ConfigValue>,
 }
 
+/// [`submit_samples`] on a task of its own: a client that hangs up mid-way cannot cancel
+/// it between making its sampling session and removing it.
+async fn submit_detached(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
+    let (s, tenant) = (s.clone(), tenant.clone());
+    tokio::spawn(async move { submit_samples(&s, &tenant, req).await })
+        .await
+        .map_err(|e| {
+            ApiError::Engine(crate::Error::Unavailable(format!(
+                "sampling submission: {e}"
+            )))
+        })?
+}
+
 /// Submit one sample job per prompt; returns the futures in prompt order.
 async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
     if req.prompts.is_empty() {
@@ -322,7 +331,21 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
                 .await?
         }
     };
-    let (params, stop_strings) = req.sampling_params.resolve(&model)?;
+    // The sampling session lives only while its jobs are submitted (each job holds its
+    // snapshot): removed on every way out, so a refused request leaves nothing behind.
+    let futures = submit_on(s, tenant, &session, &model, req).await;
+    let _ = s.engine.registry().remove_session(tenant, &session);
+    futures
+}
+
+async fn submit_on(
+    s: &Shared,
+    tenant: &TenantId,
+    session: &SessionId,
+    model: &BaseModel,
+    req: Sample,
+) -> ApiResult<Vec<FutureId>> {
+    let (params, stop_strings) = req.sampling_params.resolve(model)?;
     let sampler = match req.sampler {
         Some(r) => Some(s.plugins.resolve_sampler(tenant, &r.plugin, r.config)?),
         None => None,
@@ -354,9 +377,8 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
         r.stop_strings = stop_strings.clone();
         r.sampler = sampler.clone();
         s.metrics.submitted(JobKind::Sample);
-        futures.push(s.engine.sample(tenant, &session, r).await?);
+        futures.push(s.engine.sample(tenant, session, r).await?);
     }
-    let _ = s.engine.registry().remove_session(tenant, &session);
     Ok(futures)
 }
 
@@ -366,7 +388,7 @@ async fn sample(
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
 ) -> ApiResult<axum::Json<Value>> {
-    let futures = submit_samples(&s, &tenant, req).await?;
+    let futures = submit_detached(&s, &tenant, req).await?;
     let model = s.engine.base_model().await?;
     let tok = model.tokenizer()?;
     let mut texts = Vec::new();
@@ -404,7 +426,7 @@ async fn sample_async(
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
 ) -> ApiResult<axum::Json<Value>> {
-    let futures = submit_samples(&s, &tenant, req).await?;
+    let futures = submit_detached(&s, &tenant, req).await?;
     let ids: Vec<&str> = futures.iter().map(|f| f.0.as_str()).collect();
     Ok(axum::Json(
         json!({"request_id": ids.first(), "request_ids": ids}),
