@@ -509,6 +509,43 @@ fn results_expire_a_while_after_they_are_first_fetched() {
     assert_eq!(s.get(&t, &unfetched).unwrap().state, JobState::Done);
 }
 
+#[test]
+fn unread_results_expire_and_the_in_memory_map_stays_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db.sqlite");
+    let t = TenantId::from("tenant-a");
+    let cfg = FutureStoreConfig {
+        unread_ttl: Duration::from_secs(3),
+        sweep_interval: Duration::from_secs(3600),
+        max_records: 10,
+        ..Default::default()
+    };
+    let s = SqliteFutureStore::open(&path, cfg).unwrap();
+    let ids: Vec<FutureId> = (0..40).map(|_| FutureId::generate()).collect();
+    for id in &ids {
+        s.insert(FutureRecord::new(
+            id.clone(),
+            t.clone(),
+            JobKind::Forward,
+            0,
+        ))
+        .unwrap();
+        s.finish(id, Ok(JobOutput::Saved { name: "n".into() }))
+            .unwrap();
+        assert!(s.cached_len() <= 10, "{} futures in memory", s.cached_len());
+    }
+    // Evicted from memory, still in the database; read, so it waits for result_ttl.
+    assert_eq!(s.get(&t, &ids[0]).unwrap().state, JobState::Done);
+    assert!(s.cached_len() <= 10);
+    std::thread::sleep(Duration::from_millis(3_100));
+    assert_eq!(s.expire().unwrap(), 39, "every future nobody read");
+    assert!(matches!(
+        s.get(&t, &ids[1]),
+        Err(loraplex::Error::NotFound { .. })
+    ));
+    assert_eq!(s.get(&t, &ids[0]).unwrap().state, JobState::Done);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_runs_on_the_sqlite_store_and_its_results_outlive_it() {
     let tmp = tempfile::tempdir().unwrap();
