@@ -7,6 +7,8 @@
 //! Parts: [`session`] (client config, sessions, telemetry, capabilities), [`training`]
 //! (models, forward_backward, optim_step, checkpoints, training runs), [`sampling`]
 //! (sampling sessions, asample), [`futures`] (retrieve_future).
+//!
+//! What this layer keeps, and what bounds each part of it: [`TinkerState`].
 
 pub mod futures;
 pub mod sampling;
