@@ -6,6 +6,7 @@
 mod common;
 
 use clap::Parser;
+use loraplex::bench::load::stats::Class;
 use loraplex::bench::load::{run, LoadBenchArgs};
 
 #[derive(Parser)]
@@ -49,6 +50,19 @@ fn short_load_run_has_no_failures() {
         assert!(
             s.result_latency.get(op).is_some_and(|v| !v.is_empty()),
             "no {op} finished:\n{}",
+            report.text
+        );
+    }
+    // Named sampler checkpoints were made, given a TTL and deleted on a durable server.
+    for op in [
+        "create_sampling_session",
+        "set_checkpoint_ttl",
+        "delete_checkpoint",
+    ] {
+        let answers = s.answers.get(&(op, Class::Good));
+        assert!(
+            answers.is_some_and(|m| m.get("200").is_some_and(|&n| n > 0)),
+            "no {op} answered 200:\n{}",
             report.text
         );
     }

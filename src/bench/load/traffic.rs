@@ -606,7 +606,7 @@ impl Tenant {
         let seq = self.seq;
         self.seq += 1;
         let mut checkpoint = None;
-        let sampler = if cycle % 2 == 0 {
+        let sampler = if cycle % 2 == 1 {
             let r = self
                 .post_future(
                     "save_weights_for_sampler",
