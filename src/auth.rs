@@ -21,7 +21,8 @@ pub enum Auth {
 }
 
 impl Auth {
-    /// Parse a keys file: one `key tenant` pair per line, `#` comments, blank lines.
+    /// Parse a keys file: one `key tenant` pair per line, optionally followed by the
+    /// tenant's quotas (`training_runs=4 ...`), `#` comments, blank lines.
     pub fn from_file(path: &Path) -> Result<Auth> {
         let text = std::fs::read_to_string(path)?;
         Self::parse(&text).map_err(|e| Error::invalid(path.display().to_string(), e))
@@ -35,11 +36,17 @@ impl Auth {
                 continue;
             }
             let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(key), Some(tenant), None) => {
+            // Fields after the tenant are its quotas (`name=value`, [`crate::quota`]).
+            match (parts.next(), parts.next()) {
+                (Some(key), Some(tenant)) if parts.all(|f| f.contains('=')) => {
                     keys.insert(key.to_owned(), TenantId(tenant.to_owned()));
                 }
-                _ => return Err(format!("line {}: expected `key tenant`", n + 1)),
+                _ => {
+                    return Err(format!(
+                        "line {}: expected `key tenant [quota=value ...]`",
+                        n + 1
+                    ))
+                }
             }
         }
         if keys.is_empty() {
@@ -89,6 +96,8 @@ mod tests {
         assert_eq!(a.tenant("tml-3"), Some(TenantId("bob".into())));
         assert_eq!(a.tenant("tml-4"), None);
         assert!(Auth::parse("just-a-key\n").is_err());
+        assert!(Auth::parse("tml-1 alice plugins=2\n").is_ok());
+        assert!(Auth::parse("tml-1 alice bob\n").is_err());
         assert!(Auth::parse("# nothing\n").is_err());
     }
 }

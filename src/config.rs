@@ -19,7 +19,23 @@
 //! | session heartbeat timeout | `LORAPLEX_SESSION_TIMEOUT_S` | 600 |
 //! | automatic checkpoint every K steps | `LORAPLEX_AUTO_CHECKPOINT_STEPS` | 1 (10 for adapters ≥ 64 MiB) |
 //! | fetched results kept for | `LORAPLEX_RESULT_TTL_S` | 3600 |
+//! | widest loss input (`[N, K]`: K) | `LORAPLEX_MAX_LOSS_INPUT_COLUMNS` | 1024 |
+//! | values all loss inputs of a request decode to | `LORAPLEX_MAX_LOSS_INPUT_VALUES` | 8 Mi |
+//! | sampled tokens of one request (`num_samples × (prompt + max_tokens)`) | `LORAPLEX_MAX_SAMPLE_TOKENS` | 262144 |
+//! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
+//! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
 //! | engine settings | see [`EngineConfig`] | |
+//! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
+//! | per-tenant sampling sessions | `LORAPLEX_QUOTA_SAMPLING_SESSIONS` | 512 |
+//! | per-tenant jobs queued or running | `LORAPLEX_QUOTA_QUEUED_JOBS` | 256 |
+//! | per-tenant requests per second (0: no limit) | `LORAPLEX_QUOTA_REQUESTS_PER_SECOND` | 100 |
+//! | per-tenant request burst | `LORAPLEX_QUOTA_REQUEST_BURST` | 200 |
+//! | per-tenant checkpoint bytes | `LORAPLEX_QUOTA_CHECKPOINT_BYTES` | 32 GiB |
+//! | per-tenant plugins | `LORAPLEX_QUOTA_PLUGINS` | 64 |
+//! | per-tenant plugin bytes | `LORAPLEX_QUOTA_PLUGIN_BYTES` | 512 MiB |
+//!
+//! The quotas ([`QuotaConfig`], enforced by [`crate::quota`]) are per tenant; a keys file
+//! may override them for one tenant (`key tenant training_runs=4 checkpoint_bytes=1000000`).
 //!
 //! The plugin limits are parsed by [`PluginLimits::from_env`], next to the reasons for
 //! each default.
@@ -92,6 +108,10 @@ pub struct EngineConfig {
     /// Jobs queued (not yet finished) across all adapters before new work is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_JOBS", default_value_t = 1024)]
     pub max_queued_jobs: usize,
+    /// Bytes of request data (tokens, loss inputs) that queued training jobs may hold
+    /// together before new work is refused with 429.
+    #[arg(long, env = "LORAPLEX_MAX_QUEUED_BYTES", default_value_t = 2 << 30)]
+    pub max_queued_bytes: usize,
     /// Jobs queued per adapter before new work on it is refused.
     #[arg(long, env = "LORAPLEX_MAX_QUEUED_PER_MODEL", default_value_t = 64)]
     pub max_queued_per_model: usize,
@@ -101,12 +121,23 @@ pub struct EngineConfig {
     /// Sequences decoded together in one step; more wait to join.
     #[arg(long, env = "LORAPLEX_MAX_DECODE_BATCH", default_value_t = 64)]
     pub max_decode_batch: usize,
+    /// Positions one sampling request may take: `num_samples × (prompt + max_tokens)`.
+    #[arg(long, env = "LORAPLEX_MAX_SAMPLE_TOKENS", default_value_t = 262_144)]
+    pub max_sample_tokens: usize,
+    /// KV-cache positions the live sequences of the decoding batch may reserve together
+    /// (each reserves `prompt + max_tokens`); more wait to join, so the cache's memory is
+    /// bounded whatever tenants ask for (SmolLM2: 46 KB per position in f32).
+    #[arg(long, env = "LORAPLEX_MAX_KV_TOKENS", default_value_t = 262_144)]
+    pub max_kv_tokens: usize,
     /// How long work waits for a missing earlier `seq_id` before it fails (ms).
     #[arg(long, env = "LORAPLEX_SEQ_TIMEOUT_MS", default_value_t = 30_000)]
     pub seq_timeout_ms: u64,
     /// The Retry-After suggested to refused callers (ms).
     #[arg(long, env = "LORAPLEX_RETRY_AFTER_MS", default_value_t = 1_000)]
     pub retry_after_ms: u64,
+    /// Per-tenant quotas and rate limits.
+    #[command(flatten)]
+    pub quotas: QuotaConfig,
 }
 
 impl Default for EngineConfig {
@@ -116,11 +147,15 @@ impl Default for EngineConfig {
             max_batch_tokens: 2048,
             batch_wait_ms: 10,
             max_queued_jobs: 1024,
+            max_queued_bytes: 2 << 30,
             max_queued_per_model: 64,
             max_queued_samples: 256,
             max_decode_batch: 64,
+            max_sample_tokens: 262_144,
+            max_kv_tokens: 262_144,
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -140,11 +175,128 @@ impl EngineConfig {
             max_batch_tokens: var("LORAPLEX_MAX_BATCH_TOKENS", d.max_batch_tokens).max(1),
             batch_wait_ms: var("LORAPLEX_BATCH_WAIT_MS", d.batch_wait_ms),
             max_queued_jobs: var("LORAPLEX_MAX_QUEUED_JOBS", d.max_queued_jobs),
+            max_queued_bytes: var("LORAPLEX_MAX_QUEUED_BYTES", d.max_queued_bytes),
             max_queued_per_model: var("LORAPLEX_MAX_QUEUED_PER_MODEL", d.max_queued_per_model),
             max_queued_samples: var("LORAPLEX_MAX_QUEUED_SAMPLES", d.max_queued_samples),
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
+            max_sample_tokens: var("LORAPLEX_MAX_SAMPLE_TOKENS", d.max_sample_tokens).max(1),
+            max_kv_tokens: var("LORAPLEX_MAX_KV_TOKENS", d.max_kv_tokens).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+            quotas: QuotaConfig::from_env(),
+        }
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one tenant may hold and how fast it may call ([`crate::quota`]). The defaults are
+/// generous: normal SDK use never meets them; they stop one tenant from taking what every
+/// other tenant needs (memory, disk, queue places, request handling). A keys file line may
+/// override any of them for its tenant: `key tenant training_runs=4 plugins=0`.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct QuotaConfig {
+    /// Training runs (live LoRA models, each with weights and optimizer state in memory)
+    /// a tenant may hold at once; more are refused with 403 `quota_exceeded`.
+    #[arg(
+        long = "quota-training-runs",
+        env = "LORAPLEX_QUOTA_TRAINING_RUNS",
+        default_value_t = 64
+    )]
+    pub training_runs: u64,
+    /// Sampling sessions (frozen copies of weights) a tenant may hold at once.
+    #[arg(
+        long = "quota-sampling-sessions",
+        env = "LORAPLEX_QUOTA_SAMPLING_SESSIONS",
+        default_value_t = 512
+    )]
+    pub sampling_sessions: u64,
+    /// Jobs (training, sampling, control) a tenant may have queued or running; more are
+    /// refused with 429 and Retry-After until some finish.
+    #[arg(
+        long = "quota-queued-jobs",
+        env = "LORAPLEX_QUOTA_QUEUED_JOBS",
+        default_value_t = 256
+    )]
+    pub queued_jobs: u64,
+    /// Requests per second a tenant may send on average (a token bucket refilled at this
+    /// rate); above it, 429 with Retry-After. 0: no rate limit.
+    #[arg(
+        long = "quota-requests-per-second",
+        env = "LORAPLEX_QUOTA_REQUESTS_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub requests_per_second: u64,
+    /// Requests a tenant may send at once above the rate (the bucket's size). The SDK
+    /// sends bursts of forward_backward chunks and polls.
+    #[arg(
+        long = "quota-request-burst",
+        env = "LORAPLEX_QUOTA_REQUEST_BURST",
+        default_value_t = 200
+    )]
+    pub request_burst: u64,
+    /// Bytes of named checkpoints (weights and optimizer state, as listings report
+    /// `size_bytes`) a tenant may keep; a save over it fails with category user and writes
+    /// nothing. Automatic checkpoints (one per training run) are bounded by
+    /// `training_runs` instead.
+    #[arg(
+        long = "quota-checkpoint-bytes",
+        env = "LORAPLEX_QUOTA_CHECKPOINT_BYTES",
+        default_value_t = 32 << 30
+    )]
+    pub checkpoint_bytes: u64,
+    /// Plugins a tenant may own.
+    #[arg(
+        long = "quota-plugins",
+        env = "LORAPLEX_QUOTA_PLUGINS",
+        default_value_t = 64
+    )]
+    pub plugins: u64,
+    /// Bytes of plugin components a tenant may own (each at most 32 MiB).
+    #[arg(
+        long = "quota-plugin-bytes",
+        env = "LORAPLEX_QUOTA_PLUGIN_BYTES",
+        default_value_t = 512 << 20
+    )]
+    pub plugin_bytes: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            training_runs: 64,
+            sampling_sessions: 512,
+            queued_jobs: 256,
+            requests_per_second: 100,
+            request_burst: 200,
+            checkpoint_bytes: 32 << 30,
+            plugins: 64,
+            plugin_bytes: 512 << 20,
+        }
+    }
+}
+
+impl QuotaConfig {
+    /// Defaults overridden by the environment variables named on each field.
+    pub fn from_env() -> Self {
+        let d = Self::default();
+        QuotaConfig {
+            training_runs: env_or("LORAPLEX_QUOTA_TRAINING_RUNS", d.training_runs),
+            sampling_sessions: env_or("LORAPLEX_QUOTA_SAMPLING_SESSIONS", d.sampling_sessions),
+            queued_jobs: env_or("LORAPLEX_QUOTA_QUEUED_JOBS", d.queued_jobs),
+            requests_per_second: env_or(
+                "LORAPLEX_QUOTA_REQUESTS_PER_SECOND",
+                d.requests_per_second,
+            ),
+            request_burst: env_or("LORAPLEX_QUOTA_REQUEST_BURST", d.request_burst),
+            checkpoint_bytes: env_or("LORAPLEX_QUOTA_CHECKPOINT_BYTES", d.checkpoint_bytes),
+            plugins: env_or("LORAPLEX_QUOTA_PLUGINS", d.plugins),
+            plugin_bytes: env_or("LORAPLEX_QUOTA_PLUGIN_BYTES", d.plugin_bytes),
         }
     }
 }
@@ -181,6 +333,13 @@ pub struct ServeConfig {
     /// A finished future's result is deleted this long after it was first fetched (s).
     #[arg(long, env = "LORAPLEX_RESULT_TTL_S", default_value_t = 3600)]
     pub result_ttl_s: u64,
+    /// Widest loss input a datum may send (`[N, K]`: K at most this). Sparse tensors are
+    /// densified, so their shape, not their size on the wire, is what costs memory.
+    #[arg(long, env = "LORAPLEX_MAX_LOSS_INPUT_COLUMNS", default_value_t = 1024)]
+    pub max_loss_input_columns: usize,
+    /// Values all loss inputs of one forward_backward may decode to (dense or densified).
+    #[arg(long, env = "LORAPLEX_MAX_LOSS_INPUT_VALUES", default_value_t = 8 << 20)]
+    pub max_loss_input_values: usize,
 }
 
 impl ServeConfig {
@@ -195,6 +354,8 @@ impl ServeConfig {
             session_timeout_s: 600,
             auto_checkpoint_steps: None,
             result_ttl_s: 3600,
+            max_loss_input_columns: 1024,
+            max_loss_input_values: 8 << 20,
         }
     }
 }

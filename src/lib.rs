@@ -11,20 +11,24 @@
 //! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
 //!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
 //! - [`api`]: the HTTP server: the Tinker SDK's wire protocol, the seed's REST routes,
-//!   plugin upload, metrics; [`auth`]: API keys and tenants.
+//!   plugin upload, metrics; [`auth`]: API keys and tenants; [`quota`]: what each tenant
+//!   may hold and how fast it may call.
 //! - [`store`]: durable state: the metadata database (SQLite), the futures kept in it,
 //!   atomic checkpoint files, and PEFT export.
-//! - [`config`]: every setting with its default and environment variable.
+//! - [`config`]: every setting with its default and environment variable; [`failpoint`]:
+//!   panics that tests inject to prove containment.
 
 pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod plugins;
+pub mod quota;
 pub mod sample;
 pub mod store;
 pub mod train;

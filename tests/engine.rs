@@ -949,3 +949,105 @@ async fn decode_batch_admits_tenants_fairly() {
         "B's one sample should not wait for A's six"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_request_data_is_bounded_and_given_back() {
+    let m = model();
+    let cfg = EngineConfig {
+        max_queued_bytes: 1,
+        ..Default::default()
+    };
+    let e = engine(&m, cfg);
+    let (ta, tb) = (TenantId::from("a"), TenantId::from("b"));
+    let a = e.create_model(&ta, lora(1)).await.unwrap();
+    let b = e.create_model(&tb, lora(2)).await.unwrap();
+    let mut rng = SplitMix64::new(5);
+    let v = m.config.vocab_size;
+    // seq 0 has not come: seq 1 waits, holding its data.
+    let f1 = e
+        .submit(&ta, &a, Some(1), fb(data(&mut rng, 2, 8, v), ce()))
+        .await
+        .unwrap();
+    let held = e.queued_bytes();
+    assert!(held >= 2 * 8 * 4, "the waiting request is counted: {held}");
+    // Over the budget: refused as busy (429), for any tenant, until the data is gone.
+    let err = e
+        .submit(&tb, &b, Some(0), fb(data(&mut rng, 1, 8, v), ce()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Busy { what, .. } if what.contains("memory")),
+        "{err}"
+    );
+    let f0 = e
+        .submit(&ta, &a, Some(0), Op::OptimStep(adam()))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(&ta, &f0, T).await.unwrap().state, JobState::Done);
+    assert_eq!(e.wait(&ta, &f1, T).await.unwrap().state, JobState::Done);
+    for _ in 0..100 {
+        if e.queued_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.queued_bytes(), 0, "given back once the jobs ran");
+    let fb_ = e
+        .submit(&tb, &b, Some(0), fb(data(&mut rng, 1, 8, v), ce()))
+        .await
+        .unwrap();
+    assert_eq!(e.wait(&tb, &fb_, T).await.unwrap().state, JobState::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_kv_budget_decodes_one_sequence_at_a_time_with_the_same_results() {
+    let m = model();
+    let params = SamplingParams {
+        max_tokens: 8,
+        temperature: 1.0,
+        seed: Some(7),
+        ..Default::default()
+    };
+    let mut req = SampleRequest::new(vec![1, 2, 3, 4], params);
+    req.num_samples = 4;
+    let mut outs = Vec::new();
+    // 12 positions a sequence: a budget of 20 admits one at a time.
+    for max_kv_tokens in [262_144, 20] {
+        let e = engine(
+            &m,
+            EngineConfig {
+                max_kv_tokens,
+                ..Default::default()
+            },
+        );
+        let t = TenantId::from("t");
+        let s = e.base_sampling_session(&t).await.unwrap();
+        let f = e.sample(&t, &s, req.clone()).await.unwrap();
+        let o = e.result(&t, &f, T).await.unwrap();
+        outs.push(
+            sample_out(&o)
+                .sequences
+                .iter()
+                .map(|q| q.tokens.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(outs[0].len(), 4);
+    assert_eq!(outs[0], outs[1], "the budget changes when, not what");
+
+    // A request over the per-request bound is refused, naming it.
+    let e = engine(
+        &m,
+        EngineConfig {
+            max_sample_tokens: 40,
+            ..Default::default()
+        },
+    );
+    let t = TenantId::from("t");
+    let s = e.base_sampling_session(&t).await.unwrap();
+    let err = e.sample(&t, &s, req.clone()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("LORAPLEX_MAX_SAMPLE_TOKENS") && err.to_string().contains("48"),
+        "{err}"
+    );
+}

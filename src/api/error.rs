@@ -4,7 +4,7 @@
 //! Tinker SDK and FastAPI-style clients print). User mistakes are 4xx, never 5xx or 409
 //! (the SDK retries those); transient conditions are 429/503 with `Retry-After`.
 
-use crate::error::{Category, Error};
+use crate::error::{Category, Class, Error};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -35,51 +35,30 @@ impl ApiError {
         })
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// Whose fault, which status, which kind: the engine's one classification
+    /// ([`Error::class`]) plus the refusals that happen before a request reaches it.
+    pub fn class(&self) -> Class {
+        let user = |status, kind| Class {
+            category: Category::User,
+            status,
+            kind,
+        };
         match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ApiError::Engine(e) => match e {
-                Error::InvalidInput { .. }
-                | Error::Unsupported(_)
-                | Error::Template(_)
-                | Error::Tokenizer(_)
-                | Error::Plugin(_) => StatusCode::BAD_REQUEST,
-                Error::NotFound { .. } => StatusCode::NOT_FOUND,
-                Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-                Error::Unavailable(_) | Error::ModelLoad { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                Error::JobFailed { category, .. } => match category {
-                    Category::User => StatusCode::BAD_REQUEST,
-                    Category::Server => StatusCode::INTERNAL_SERVER_ERROR,
-                },
-                Error::Tensor(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            ApiError::Unauthorized => user(401, "unauthorized"),
+            ApiError::TooLarge { .. } => user(413, "payload_too_large"),
+            ApiError::Malformed(_) => user(400, "malformed_request"),
+            ApiError::NoRoute { .. } => user(404, "no_route"),
+            ApiError::Engine(e) => e.class(),
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.class().status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     /// A short machine-readable name for the kind of failure.
     pub fn kind(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::TooLarge { .. } => "payload_too_large",
-            ApiError::Malformed(_) => "malformed_request",
-            ApiError::NoRoute { .. } => "no_route",
-            ApiError::Engine(e) => match e {
-                Error::InvalidInput { .. } => "invalid_input",
-                Error::Unsupported(_) => "unsupported",
-                Error::Template(_) => "chat_template",
-                Error::Tokenizer(_) => "tokenizer",
-                Error::Plugin(_) => "plugin",
-                Error::NotFound { .. } => "not_found",
-                Error::Busy { .. } => "busy",
-                Error::Unavailable(_) => "unavailable",
-                Error::ModelLoad { .. } => "model_load",
-                Error::JobFailed { .. } => "job_failed",
-                Error::Tensor(_) | Error::Io(_) => "internal",
-            },
-        }
+        self.class().kind
     }
 }
 

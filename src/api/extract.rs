@@ -11,13 +11,16 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-/// The caller's tenant, from `X-API-Key` (or `Authorization: Bearer <key>`).
+/// The caller's tenant, from `X-API-Key` (or `Authorization: Bearer <key>`). Every
+/// authenticated request takes one token from its tenant's bucket here: over the rate it
+/// is answered 429 with Retry-After before its body is read ([`crate::quota`]).
 pub struct Tenant(pub TenantId);
 
 impl FromRequestParts<Shared> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        crate::failpoint::hit("api.request");
         let h = &parts.headers;
         let key = h
             .get("x-api-key")
@@ -28,11 +31,9 @@ impl FromRequestParts<Shared> for Tenant {
                     .and_then(|v| v.strip_prefix("Bearer "))
             })
             .ok_or(ApiError::Unauthorized)?;
-        state
-            .auth
-            .tenant(key)
-            .map(Tenant)
-            .ok_or(ApiError::Unauthorized)
+        let tenant = state.auth.tenant(key).ok_or(ApiError::Unauthorized)?;
+        state.engine.quotas().admit_request(&tenant)?;
+        Ok(Tenant(tenant))
     }
 }
 

@@ -6,7 +6,8 @@
 //! - [`rest`]: the simple REST routes of the Flask server loraplex replaces;
 //! - [`plugins`]: upload, list and delete of a tenant's wasm components.
 //!
-//! Plus [`ops`]: health, Prometheus metrics and the OpenAPI document.
+//! Plus [`ops`]: health, Prometheus metrics and the OpenAPI document; [`usage`]: a
+//! tenant's usage against its quotas.
 //!
 //! The path of a request: route → tenant from the API key ([`extract::Tenant`]) →
 //! validated engine call ([`crate::jobs::Engine`]) → future → `retrieve_future`. Handlers
@@ -19,6 +20,7 @@ pub mod plugins;
 pub mod proto;
 pub mod rest;
 pub mod tinker;
+pub mod usage;
 
 use crate::auth::Auth;
 use crate::config::{EngineConfig, ModelArgs, PluginLimits, ServeConfig};
@@ -86,7 +88,9 @@ pub fn router(state: Shared) -> Router {
         .merge(rest::routes())
         .merge(plugins::routes())
         .merge(ops::routes())
+        .merge(usage::routes())
         .fallback(no_route)
+        .layer(axum::middleware::from_fn(catch_panic))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_span,
@@ -99,6 +103,23 @@ async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> error::Ap
     error::ApiError::NoRoute {
         method: method.to_string(),
         path: uri.path().to_owned(),
+    }
+}
+
+/// A handler that panics fails its own request with a 500 JSON body; the server, and every
+/// other request, go on. The panic's message goes to the log only.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => resp,
+        Err(payload) => {
+            tracing::error!(panic = %crate::util::panic_message(&*payload), "handler panicked");
+            error::ApiError::from(Error::Panic("the request's handler failed".into()))
+                .into_response()
+        }
     }
 }
 
@@ -144,8 +165,15 @@ pub async fn build(
     model: ModelArgs,
     engine_cfg: EngineConfig,
 ) -> Result<(Shared, Router)> {
+    crate::failpoint::arm_from_env();
+    let mut overrides = std::collections::HashMap::new();
     let auth = match &serve.keys_file {
-        Some(p) => Auth::from_file(p)?,
+        Some(p) => {
+            let text = std::fs::read_to_string(p)?;
+            overrides = crate::quota::overrides_from_keys(&text, &engine_cfg.quotas)
+                .map_err(|e| Error::invalid(p.display().to_string(), e))?;
+            Auth::from_file(p)?
+        }
         None => {
             tracing::warn!(
                 "no keys file: development mode, every distinct API key is its own tenant"
@@ -198,6 +226,7 @@ pub async fn build(
     }
     let persist: Arc<dyn crate::jobs::registry::Persist> = durable.clone();
     let engine = Engine::start_durable(engine_cfg, loader, Arc::new(futures), Some(persist))?;
+    engine.quotas().set_overrides(overrides);
     let state = AppState::new(
         engine.clone(),
         serve,

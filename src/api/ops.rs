@@ -188,6 +188,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("get", "/api/v1/plugins/{id}", "none", "One plugin"),
     ("delete", "/api/v1/plugins/{id}", "none", "Delete a plugin"),
     (
+        "get",
+        "/api/v1/usage",
+        "none",
+        "The tenant's usage and limits, per quota",
+    ),
+    (
         "post",
         "/add_lora",
         "json",
@@ -403,6 +409,7 @@ async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
         );
     }
     let _ = writeln!(o, "# HELP loraplex_queue_depth Jobs waiting in the engine's queues.\n# TYPE loraplex_queue_depth gauge\nloraplex_queue_depth {queued}");
+    let _ = writeln!(o, "# HELP loraplex_queued_bytes Request data held by queued training jobs.\n# TYPE loraplex_queued_bytes gauge\nloraplex_queued_bytes {}", s.engine.queued_bytes());
     let _ = writeln!(o, "# HELP loraplex_jobs_running Jobs running now.\n# TYPE loraplex_jobs_running gauge\nloraplex_jobs_running {running}");
     let rate = {
         let mut last = m.last_scrape.lock();

@@ -12,7 +12,7 @@ use crate::jobs::{TenantId, TokenSampler};
 use crate::plugins::{PluginHost, PluginId, PluginKind, PluginLimits, PluginLoss, PluginSampler};
 use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossFunction};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, State};
 use axum::routing::{delete, get};
 use axum::Router;
 use dashmap::DashMap;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Largest component accepted (the plugin host's own cap).
-pub const MAX_PLUGIN_BYTES: usize = 32 << 20;
+pub const MAX_PLUGIN_BYTES: usize = crate::plugins::MAX_COMPONENT_BYTES;
 
 pub struct PluginMeta {
     pub kind: PluginKind,
@@ -171,6 +171,28 @@ pub fn routes() -> Router<Shared> {
         .route("/api/v1/plugins/{id}", delete(remove).get(describe))
 }
 
+/// The raw `.wasm` body, at most [`MAX_PLUGIN_BYTES`]; a larger one is a JSON 413.
+pub struct WasmBody(pub Bytes);
+
+impl FromRequest<Shared> for WasmBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &Shared) -> ApiResult<Self> {
+        Bytes::from_request(req, state)
+            .await
+            .map(WasmBody)
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge {
+                        limit: MAX_PLUGIN_BYTES,
+                    }
+                } else {
+                    ApiError::Malformed(e.body_text())
+                }
+            })
+    }
+}
+
 fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
     json!({
         "plugin_id": id.0,
@@ -185,7 +207,7 @@ fn meta_json(id: &PluginId, m: &PluginMeta) -> Value {
 async fn upload(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
-    body: Bytes,
+    WasmBody(body): WasmBody,
 ) -> ApiResult<axum::Json<Value>> {
     if body.is_empty() {
         return Err(ApiError::invalid(
@@ -193,6 +215,7 @@ async fn upload(
             "empty; send the component's .wasm bytes",
         ));
     }
+    check_quota(&s, &tenant, &PluginId::of(&body), body.len() as u64)?;
     let host = s.plugins.host.clone();
     let bytes = body.clone();
     let (id, kind) = tokio::task::spawn_blocking(move || host.load(&bytes))
@@ -205,6 +228,8 @@ async fn upload(
         created: SystemTime::now(),
     };
     let out = meta_json(&id, &meta);
+    // Again after compiling: another upload of the tenant's may have landed meanwhile.
+    check_quota(&s, &tenant, &id, body.len() as u64)?;
     if let Some(d) = &s.durable {
         d.plugin_uploaded(&tenant, &id.0, &kind.to_string(), &body)
             .await?;
@@ -212,6 +237,29 @@ async fn upload(
     s.plugins.owned.insert((tenant.clone(), id.clone()), meta);
     tracing::info!(tenant = %tenant, plugin = %id, %kind, "plugin uploaded");
     Ok(axum::Json(out))
+}
+
+/// Plugins and their bytes `tenant` owns (its `plugins` and `plugin_bytes` usage).
+pub fn usage(s: &Shared, tenant: &TenantId) -> (u64, u64) {
+    s.plugins
+        .owned
+        .iter()
+        .filter(|e| &e.key().0 == tenant)
+        .fold((0, 0), |(n, b), e| (n + 1, b + e.value().size as u64))
+}
+
+/// Refuse an upload that would take `tenant` over its plugin quotas. Uploading a plugin it
+/// owns already costs nothing.
+fn check_quota(s: &Shared, tenant: &TenantId, id: &PluginId, size: u64) -> ApiResult<()> {
+    use crate::quota::Quota;
+    if s.plugins.owned.contains_key(&(tenant.clone(), id.clone())) {
+        return Ok(());
+    }
+    let (n, bytes) = usage(s, tenant);
+    let q = s.engine.quotas();
+    q.check(tenant, Quota::Plugins, n, 1)?;
+    q.check(tenant, Quota::PluginBytes, bytes, size)?;
+    Ok(())
 }
 
 async fn list(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {

@@ -89,6 +89,8 @@ async fn add_lora(
     if !(config.alpha.is_finite() && config.alpha > 0.0) {
         return Err(ApiError::invalid("alpha", "must be a positive number"));
     }
+    // The future below is a job: refuse before creating rather than after.
+    s.engine.admit_job(&tenant)?;
     let id = s.engine.create_model(&tenant, config).await?;
     let out = id.clone();
     let f = s
@@ -109,6 +111,33 @@ struct FwdBwd {
     loss_fn_config: Option<BTreeMap<String, ConfigValue>>,
 }
 
+/// Most messages in one conversation: rendering is quadratic in them (each prefix is
+/// rendered to find where the assistant's tokens start).
+const MAX_MESSAGES: usize = 256;
+
+/// Bytes of text per token of context accepted before tokenizing. A token of this
+/// tokenizer covers far fewer bytes, so a text over `context × this` could never fit the
+/// context: refusing it early only saves the work of tokenizing it.
+const MAX_TEXT_BYTES_PER_TOKEN: usize = 64;
+
+/// Refuse a text too long for the model's context before it is tokenized.
+fn check_text_len(field: &str, bytes: usize, model: &crate::model::BaseModel) -> ApiResult<()> {
+    let max = model
+        .config
+        .max_position_embeddings
+        .saturating_mul(MAX_TEXT_BYTES_PER_TOKEN);
+    if bytes > max {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{bytes} bytes of text cannot fit the context of {} tokens (at most {max} bytes)",
+                model.config.max_position_embeddings
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Render each conversation with the chat template; weight 1 on the assistant's tokens.
 async fn fwdbwd(
     State(s): State<Shared>,
@@ -116,18 +145,58 @@ async fn fwdbwd(
     Json(req): Json<FwdBwd>,
 ) -> ApiResult<axum::Json<Value>> {
     let model = s.engine.base_model().await?;
+    if req.data.is_empty() {
+        return Err(ApiError::invalid("data", "no conversations"));
+    }
+    for (i, conv) in req.data.iter().enumerate() {
+        if conv.len() > MAX_MESSAGES {
+            return Err(ApiError::invalid(
+                format!("data[{i}]"),
+                format!("{} messages; at most {MAX_MESSAGES}", conv.len()),
+            ));
+        }
+        let bytes = conv.iter().map(|m| m.role.len() + m.content.len()).sum();
+        check_text_len(&format!("data[{i}]"), bytes, &model)?;
+    }
+    // Tokenizing is CPU work: off tokio's workers.
+    let convs = req.data;
+    let (data, total_weight) =
+        tokio::task::spawn_blocking(move || render_conversations(&model, &convs))
+            .await
+            .map_err(|e| crate::Error::Panic(format!("rendering conversations: {e}")))??;
+    let config: LossConfig = req.loss_fn_config.unwrap_or_default();
+    let loss_name = req.loss_fn.unwrap_or_else(|| "cross_entropy".into());
+    let loss = s.plugins.resolve_loss(&tenant, &loss_name, &config)?;
+    let op = Op::ForwardBackward(FbRequest {
+        data,
+        loss,
+        loss_config: config,
+    });
+    s.metrics.submitted(op.kind());
+    let f = s
+        .engine
+        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
+        .await?;
+    s.rest.fwdbwd_weights.insert(f.clone(), total_weight);
+    Ok(axum::Json(
+        json!({"request_id": f.0, "model_id": req.model_id}),
+    ))
+}
+
+/// Conversations as datums (weight 1 on the assistant's tokens) and their weight total.
+fn render_conversations(
+    model: &crate::model::BaseModel,
+    convs: &[Vec<Message>],
+) -> ApiResult<(Vec<Datum>, f64)> {
     let tok = model.tokenizer()?;
     let tmpl = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::Engine(crate::Error::Template(
             "the model has no chat template".into(),
         ))
     })?;
-    if req.data.is_empty() {
-        return Err(ApiError::invalid("data", "no conversations"));
-    }
-    let mut data = Vec::with_capacity(req.data.len());
+    let mut data = Vec::with_capacity(convs.len());
     let mut total_weight = 0.0;
-    for (i, conv) in req.data.iter().enumerate() {
+    for (i, conv) in convs.iter().enumerate() {
         let r = tmpl.render_tokens(tok, conv)?;
         if r.tokens.len() < 2 || !r.assistant_mask.iter().skip(1).any(|&m| m) {
             return Err(ApiError::invalid(
@@ -151,23 +220,7 @@ async fn fwdbwd(
             loss_fn_inputs: inputs,
         });
     }
-    let config: LossConfig = req.loss_fn_config.unwrap_or_default();
-    let loss_name = req.loss_fn.unwrap_or_else(|| "cross_entropy".into());
-    let loss = s.plugins.resolve_loss(&tenant, &loss_name, &config)?;
-    let op = Op::ForwardBackward(FbRequest {
-        data,
-        loss,
-        loss_config: config,
-    });
-    s.metrics.submitted(op.kind());
-    let f = s
-        .engine
-        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
-        .await?;
-    s.rest.fwdbwd_weights.insert(f.clone(), total_weight);
-    Ok(axum::Json(
-        json!({"request_id": f.0, "model_id": req.model_id}),
-    ))
+    Ok((data, total_weight))
 }
 
 #[derive(Deserialize)]
@@ -302,12 +355,24 @@ struct SamplerRef {
     config: BTreeMap<String, ConfigValue>,
 }
 
+/// Most prompts in one sampling request (each is a job of its own).
+const MAX_PROMPTS: usize = crate::jobs::sampling::MAX_NUM_SAMPLES;
+
 /// Submit one sample job per prompt; returns the futures in prompt order.
 async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
     if req.prompts.is_empty() {
         return Err(ApiError::invalid("prompts", "no prompts"));
     }
+    if req.prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompts",
+            format!("{} prompts; at most {MAX_PROMPTS}", req.prompts.len()),
+        ));
+    }
     let model = s.engine.base_model().await?;
+    for (i, p) in req.prompts.iter().enumerate() {
+        check_text_len(&format!("prompts[{i}]"), p.len(), &model)?;
+    }
     let session = match req.model_id.as_deref() {
         None => s.engine.base_sampling_session(tenant).await?,
         Some(m) if m == s.model_name => s.engine.base_sampling_session(tenant).await?,
@@ -322,7 +387,21 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
                 .await?
         }
     };
-    let (params, stop_strings) = req.sampling_params.resolve(&model)?;
+    // The session is only this call's: it goes however the call ends (it counts
+    // against the tenant's sampling_sessions quota while it exists).
+    let out = submit_on(s, tenant, &model, &session, req).await;
+    let _ = s.engine.registry().remove_session(tenant, &session);
+    out
+}
+
+async fn submit_on(
+    s: &Shared,
+    tenant: &TenantId,
+    model: &crate::model::BaseModel,
+    session: &crate::jobs::SessionId,
+    req: Sample,
+) -> ApiResult<Vec<FutureId>> {
+    let (params, stop_strings) = req.sampling_params.resolve(model)?;
     let sampler = match req.sampler {
         Some(r) => Some(s.plugins.resolve_sampler(tenant, &r.plugin, r.config)?),
         None => None,
@@ -354,9 +433,8 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
         r.stop_strings = stop_strings.clone();
         r.sampler = sampler.clone();
         s.metrics.submitted(JobKind::Sample);
-        futures.push(s.engine.sample(tenant, &session, r).await?);
+        futures.push(s.engine.sample(tenant, session, r).await?);
     }
-    let _ = s.engine.registry().remove_session(tenant, &session);
     Ok(futures)
 }
 

@@ -95,6 +95,48 @@ impl Op {
     pub fn num_tokens(&self) -> usize {
         self.fb().map_or(0, |r| r.num_tokens())
     }
+
+    /// About how many bytes of request data the op holds while it waits (tokens and loss
+    /// inputs; what the engine's queue memory budget counts).
+    pub fn data_bytes(&self) -> usize {
+        self.fb().map_or(0, |r| {
+            r.data
+                .iter()
+                .map(|d| {
+                    let inputs: usize = d
+                        .loss_fn_inputs
+                        .values()
+                        .map(|t| t.len() * 8 + t.shape.len() * 8)
+                        .sum();
+                    d.model_input.len() * 4 + inputs
+                })
+                .sum()
+        })
+    }
+}
+
+/// A queued job's share of the queue memory budget, given back when the last copy of the
+/// job is dropped (after it ran, failed or was dropped with its model).
+pub(crate) struct Charge {
+    metrics: Arc<super::metrics::Metrics>,
+    bytes: usize,
+}
+
+impl Charge {
+    pub fn new(metrics: Arc<super::metrics::Metrics>, bytes: usize) -> Self {
+        metrics
+            .queued_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        Charge { metrics, bytes }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.metrics
+            .queued_bytes
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// A job as the scheduler and lanes see it.
@@ -104,4 +146,5 @@ pub(crate) struct JobRef {
     pub tenant: TenantId,
     pub op: Arc<Op>,
     pub span: tracing::Span,
+    pub _charge: Arc<Charge>,
 }

@@ -116,9 +116,10 @@ fn run_batch(ctx: &LaneCtx, mut batch: Batch) -> Vec<(AdapterId, Vec<FutureId>)>
             &mut finished,
         )
     }));
-    if r.is_err() {
+    if let Err(p) = r {
+        tracing::error!(panic = %crate::util::panic_message(&*p), "batch panicked");
         // Fail whatever the panic left unfinished; the model's state may be part-updated.
-        let e = Error::Unavailable("a worker lane panicked while running this job".into());
+        let e = Error::Panic("the worker lane failed while running this job".into());
         for (i, it) in batch.items.iter().enumerate() {
             let jobs = it.pieces.iter().map(|p| &p.job).chain(it.after.iter());
             for j in jobs {
@@ -169,6 +170,7 @@ fn run_items(
 ) {
     let mut guards: Vec<MutexGuard<AdapterState>> =
         items.iter().map(|it| it.entry.state.lock()).collect();
+    crate::failpoint::hit("job.batch");
     for forward_only in [true, false] {
         // (item, piece, request)
         let sel: Vec<(usize, &Piece, &FbRequest)> = items
@@ -370,7 +372,7 @@ fn barrier(
                 tenant: j.tenant.clone(),
                 adapter: Some(entry.id.clone()),
                 weights: Some(Arc::new(st.train.weights.clone())),
-            });
+            })?;
             Ok(JobOutput::SamplingSession(id))
         }
         Op::Refused(f) => Err(Error::JobFailed {

@@ -33,6 +33,8 @@ pub struct TenantMetrics {
 #[derive(Default)]
 pub struct Metrics {
     tenants: DashMap<TenantId, Arc<TenantCounters>>,
+    /// Bytes of request data held by queued training jobs (see `job::Charge`).
+    pub queued_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Metrics {

@@ -92,7 +92,8 @@ impl Engine {
         store: Arc<dyn FutureStore>,
         persist: Option<Arc<dyn registry::Persist>>,
     ) -> Result<Engine> {
-        let registry = Arc::new(Registry::with_persist(loader, persist));
+        let quotas = Arc::new(crate::quota::Quotas::new(&cfg.quotas));
+        let registry = Arc::new(Registry::with_persist(loader, persist).with_quotas(quotas));
         let futures = Arc::new(Futures::new(store));
         let metrics = Arc::new(Metrics::default());
         let (report_tx, report_rx) = mpsc::unbounded_channel();
@@ -140,6 +141,26 @@ impl Engine {
         &self.inner.registry
     }
 
+    /// The per-tenant quotas and rate limits this engine enforces.
+    pub fn quotas(&self) -> &Arc<crate::quota::Quotas> {
+        self.inner.registry.quotas()
+    }
+
+    /// Jobs of `tenant` queued or running now (what its `queued_jobs` quota counts).
+    pub fn jobs_held(&self, tenant: &TenantId) -> u64 {
+        let m = self.inner.metrics.snapshot(tenant);
+        (m.queued + m.running).max(0) as u64
+    }
+
+    /// Refuse a new job of `tenant` at its `queued_jobs` quota (429: jobs finish).
+    pub fn admit_job(&self, tenant: &TenantId) -> Result<()> {
+        self.quotas().check_queued(
+            tenant,
+            self.jobs_held(tenant),
+            self.inner.cfg.retry_after_ms,
+        )
+    }
+
     /// The base model, loaded on first use (once, however many callers race).
     pub async fn base_model(&self) -> Result<Arc<BaseModel>> {
         self.inner.registry.base().await
@@ -165,6 +186,7 @@ impl Engine {
         if self.inner.registry.exists(&id) {
             return Err(Error::invalid("model_id", format!("{id} exists already")));
         }
+        let slot = self.inner.registry.reserve_run(tenant)?;
         let model = self.base_model().await?;
         config.validate()?;
         let cfg = config.clone();
@@ -192,7 +214,7 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
         }
-        self.inner.registry.insert_adapter(entry);
+        self.inner.registry.insert_reserved(slot, entry);
         tracing::info!(tenant = %tenant, model = %id, "model created");
         Ok(id)
     }
@@ -280,7 +302,9 @@ impl Engine {
     where
         F: std::future::Future<Output = Result<JobOutput>> + Send + 'static,
     {
+        use futures_util::FutureExt;
         use tracing::Instrument;
+        self.admit_job(tenant)?;
         let id = self.inner.futures.create(tenant, kind, 0)?;
         let futures = self.inner.futures.clone();
         let metrics = self.inner.metrics.clone();
@@ -292,7 +316,17 @@ impl Engine {
             async move {
                 futures.set_running(&fid);
                 metrics.started(&t);
-                let outcome = work.await;
+                // A panic fails this job's future; the runtime and other jobs go on.
+                let outcome = std::panic::AssertUnwindSafe(async {
+                    crate::failpoint::hit("job.task");
+                    work.await
+                })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| {
+                    tracing::error!(panic = %crate::util::panic_message(&*p), "job panicked");
+                    Err(Error::Panic("the job failed".into()))
+                });
                 // Counters first: whoever the future wakes may read them.
                 metrics.finished(&t, outcome.is_ok(), true);
                 if let Err(e) = &outcome {
@@ -308,12 +342,12 @@ impl Engine {
     /// A sampling session on a checkpoint's weights (frozen at save time).
     pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
         let c = self.inner.registry.checkpoint_entry(tenant, name)?;
-        Ok(self.inner.registry.insert_session(Session {
+        self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
             adapter: Some(c.model.clone()),
             weights: Some(Arc::new(c.state.weights.clone())),
-        }))
+        })
     }
 
     /// The future's record now.
@@ -354,12 +388,12 @@ impl Engine {
     /// A sampling session on the base model alone.
     pub async fn base_sampling_session(&self, tenant: &TenantId) -> Result<SessionId> {
         self.base_model().await?;
-        Ok(self.inner.registry.insert_session(Session {
+        self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
             adapter: None,
             weights: None,
-        }))
+        })
     }
 
     /// Freeze a model's weights (after all its earlier work) into a sampling session.
@@ -390,6 +424,18 @@ impl Engine {
         let s = self.inner.registry.session(tenant, session)?;
         let model = self.base_model().await?;
         req.validate(&model)?;
+        let positions = req.positions();
+        if positions > self.inner.cfg.max_sample_tokens {
+            return Err(Error::invalid(
+                "num_samples",
+                format!(
+                    "num_samples × (prompt + max_tokens) = {positions} exceeds the limit of {} \
+                     per request (LORAPLEX_MAX_SAMPLE_TOKENS)",
+                    self.inner.cfg.max_sample_tokens
+                ),
+            ));
+        }
+        self.admit_job(tenant)?;
         let tx = self.sampler(&model).await?;
         let n = self
             .inner
@@ -405,6 +451,7 @@ impl Engine {
             });
         }
         let tokens = (req.prompt.len() + req.params.max_tokens * req.num_samples) as u64;
+        debug_assert!(tokens as usize <= positions);
         let future = self.inner.futures.create(tenant, JobKind::Sample, tokens)?;
         self.inner.metrics.queued(tenant);
         let span = tracing::info_span!(
@@ -448,6 +495,7 @@ impl Engine {
                         metrics: self.inner.metrics.clone(),
                         outstanding: self.inner.sampling_outstanding.clone(),
                         max_decode_batch: self.inner.cfg.max_decode_batch,
+                        max_kv_tokens: self.inner.cfg.max_kv_tokens,
                     },
                     rx,
                 )?;
@@ -478,6 +526,12 @@ impl Engine {
     /// Every tenant's counters.
     pub fn all_tenant_metrics(&self) -> Vec<(TenantId, TenantMetrics)> {
         self.inner.metrics.all()
+    }
+
+    /// Bytes of request data held by queued training jobs (bounded by
+    /// `LORAPLEX_MAX_QUEUED_BYTES`).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.metrics.queued_bytes.load(Ordering::Acquire)
     }
 
     /// Jobs failed by a tenant's plugin since start.

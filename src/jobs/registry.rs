@@ -4,12 +4,15 @@
 //! (dashmap) and a lane holds only the locks of the adapters in its batch.
 //!
 //! The registry stores state; it never decides order (the scheduler does) and never runs
-//! model work.
+//! model work. It does keep, beside each map, what every tenant holds in it, and refuses
+//! what would go over the tenant's quota ([`crate::quota`]): training runs, sampling
+//! sessions, checkpoint bytes. Restored state goes through the same inserts, so it counts.
 
 use super::ids::{AdapterId, SessionId, TenantId};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraGrads, LoraWeights};
 use crate::model::BaseModel;
+use crate::quota::{Quota, Quotas};
 use crate::train::{TrainableAdapter, WorkResult};
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -141,6 +144,55 @@ pub struct Session {
     pub weights: Option<Arc<LoraWeights>>,
 }
 
+/// What one tenant holds in the registry, for its quotas. An entry goes once it is empty,
+/// so the map is no bigger than the set of tenants holding something.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    /// Training runs, counting those being created.
+    runs: u64,
+    sessions: u64,
+    /// Bytes of checkpoints being written now.
+    saving: u64,
+}
+
+type HeldMap = DashMap<TenantId, Held>;
+
+/// Change a tenant's counts; the entry goes when it is empty.
+fn adjust(held: &HeldMap, tenant: &TenantId, f: impl FnOnce(&mut Held)) {
+    let empty = {
+        let mut h = held.entry(tenant.clone()).or_default();
+        f(&mut h);
+        h.is_empty()
+    };
+    if empty {
+        held.remove_if(tenant, |_, h| h.is_empty());
+    }
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.runs == 0 && self.sessions == 0 && self.saving == 0
+    }
+}
+
+/// A claimed place for a new training run: the run's once inserted
+/// ([`Registry::insert_reserved`]); dropped unused (the creation failed), it frees.
+pub struct RunSlot {
+    held: Arc<HeldMap>,
+    tenant: TenantId,
+    armed: bool,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        if self.armed {
+            adjust(&self.held, &self.tenant, |h| {
+                h.runs = h.runs.saturating_sub(1)
+            });
+        }
+    }
+}
+
 pub struct Registry {
     base: tokio::sync::OnceCell<Arc<BaseModel>>,
     loader: ModelLoader,
@@ -149,6 +201,8 @@ pub struct Registry {
     sessions: DashMap<SessionId, Arc<Session>>,
     checkpoints: DashMap<(TenantId, String), Arc<Checkpoint>>,
     persist: Option<Arc<dyn Persist>>,
+    quotas: Arc<Quotas>,
+    held: Arc<HeldMap>,
 }
 
 impl Registry {
@@ -157,6 +211,15 @@ impl Registry {
             persist,
             ..Self::new(loader)
         }
+    }
+
+    /// The same registry, enforcing `quotas`.
+    pub fn with_quotas(self, quotas: Arc<Quotas>) -> Self {
+        Registry { quotas, ..self }
+    }
+
+    pub fn quotas(&self) -> &Arc<Quotas> {
+        &self.quotas
     }
 
     pub fn persist(&self) -> Option<&Arc<dyn Persist>> {
@@ -172,6 +235,8 @@ impl Registry {
             sessions: DashMap::new(),
             checkpoints: DashMap::new(),
             persist: None,
+            quotas: Arc::new(Quotas::default()),
+            held: Arc::new(DashMap::new()),
         }
     }
 
@@ -201,10 +266,85 @@ impl Registry {
         self.loads.load(Ordering::SeqCst)
     }
 
+    /// Insert a training run whatever the tenant's quota (one restored after a restart).
     pub fn insert_adapter(&self, entry: AdapterEntry) -> Arc<AdapterEntry> {
+        adjust(&self.held, &entry.tenant, |h| h.runs += 1);
+        self.put_adapter(entry)
+    }
+
+    fn put_adapter(&self, entry: AdapterEntry) -> Arc<AdapterEntry> {
         let e = Arc::new(entry);
-        self.adapters.insert(e.id.clone(), e.clone());
+        if let Some(old) = self.adapters.insert(e.id.clone(), e.clone()) {
+            adjust(&self.held, &old.tenant, |h| {
+                h.runs = h.runs.saturating_sub(1)
+            });
+        }
         e
+    }
+
+    /// Claim a place for a new training run of `tenant`, refused at its `training_runs`
+    /// quota. Runs being created count, so racing creates cannot overshoot.
+    pub fn reserve_run(&self, tenant: &TenantId) -> Result<RunSlot> {
+        let limit = self.quotas.limit(tenant, Quota::TrainingRuns);
+        let mut refused = None;
+        adjust(&self.held, tenant, |h| {
+            if h.runs >= limit {
+                refused = Some(h.runs);
+            } else {
+                h.runs += 1;
+            }
+        });
+        if let Some(used) = refused {
+            return Err(Error::QuotaExceeded {
+                quota: Quota::TrainingRuns.name(),
+                limit,
+                used,
+                requested: 1,
+            });
+        }
+        Ok(RunSlot {
+            held: self.held.clone(),
+            tenant: tenant.clone(),
+            armed: true,
+        })
+    }
+
+    /// Insert a training run into the place claimed for it.
+    pub fn insert_reserved(&self, mut slot: RunSlot, entry: AdapterEntry) -> Arc<AdapterEntry> {
+        if slot.tenant != entry.tenant {
+            // Not the tenant the place was claimed for: count the run as its own.
+            return self.insert_adapter(entry);
+        }
+        slot.armed = false;
+        self.put_adapter(entry)
+    }
+
+    /// Refused if `tenant` cannot create one more training run now.
+    pub fn check_run_quota(&self, tenant: &TenantId) -> Result<()> {
+        self.quotas
+            .check(tenant, Quota::TrainingRuns, self.usage(tenant).0, 1)
+    }
+
+    /// Training runs (counting those being created) and sampling sessions `tenant` holds.
+    pub fn usage(&self, tenant: &TenantId) -> (u64, u64) {
+        self.held
+            .get(tenant)
+            .map_or((0, 0), |h| (h.runs, h.sessions))
+    }
+
+    /// Bytes of `tenant`'s live checkpoints (as their listings report them).
+    pub fn checkpoint_bytes(&self, tenant: &TenantId) -> u64 {
+        self.checkpoint_bytes_except(tenant, None)
+    }
+
+    fn checkpoint_bytes_except(&self, tenant: &TenantId, except: Option<&str>) -> u64 {
+        let now = SystemTime::now();
+        self.checkpoints
+            .iter()
+            .filter(|e| &e.key().0 == tenant && Some(e.key().1.as_str()) != except)
+            .filter(|e| !e.value().expired(now))
+            .map(|e| e.value().size_bytes())
+            .sum()
     }
 
     /// The adapter, if it exists and belongs to `tenant`.
@@ -220,7 +360,11 @@ impl Registry {
 
     pub(crate) fn remove_adapter(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
         self.adapter(tenant, id)?;
-        self.adapters.remove(id);
+        if let Some((_, old)) = self.adapters.remove(id) {
+            adjust(&self.held, &old.tenant, |h| {
+                h.runs = h.runs.saturating_sub(1)
+            });
+        }
         Ok(())
     }
 
@@ -241,10 +385,32 @@ impl Registry {
         self.adapters.len()
     }
 
-    pub(crate) fn insert_session(&self, s: Session) -> SessionId {
+    /// Insert a sampling session, refused at the tenant's `sampling_sessions` quota.
+    pub(crate) fn insert_session(&self, s: Session) -> Result<SessionId> {
+        let limit = self.quotas.limit(&s.tenant, Quota::SamplingSessions);
+        let mut refused = None;
+        adjust(&self.held, &s.tenant, |h| {
+            if h.sessions >= limit {
+                refused = Some(h.sessions);
+            } else {
+                h.sessions += 1;
+            }
+        });
+        if let Some(used) = refused {
+            return Err(Error::QuotaExceeded {
+                quota: Quota::SamplingSessions.name(),
+                limit,
+                used,
+                requested: 1,
+            });
+        }
         let id = s.id.clone();
-        self.sessions.insert(id.clone(), Arc::new(s));
-        id
+        if let Some(old) = self.sessions.insert(id.clone(), Arc::new(s)) {
+            adjust(&self.held, &old.tenant, |h| {
+                h.sessions = h.sessions.saturating_sub(1)
+            });
+        }
+        Ok(id)
     }
 
     pub fn session(&self, tenant: &TenantId, id: &SessionId) -> Result<Arc<Session>> {
@@ -273,12 +439,40 @@ impl Registry {
             created,
             expires: ttl.map(|d| created + d),
         });
-        if let Some(p) = &self.persist {
-            p.save_checkpoint(tenant, &c)?;
+        // Claim the bytes before writing, counting saves in flight, so two saves cannot
+        // both take the last space; a refused save writes nothing. (A checkpoint it
+        // replaces does not count.)
+        let size = c.size_bytes();
+        let limit = self.quotas.limit(tenant, Quota::CheckpointBytes);
+        let mut refused = None;
+        adjust(&self.held, tenant, |h| {
+            let used = self.checkpoint_bytes_except(tenant, Some(name)) + h.saving;
+            if used.saturating_add(size) > limit {
+                refused = Some(used);
+            } else {
+                h.saving += size;
+            }
+        });
+        if let Some(used) = refused {
+            return Err(Error::QuotaExceeded {
+                quota: Quota::CheckpointBytes.name(),
+                limit,
+                used,
+                requested: size,
+            });
         }
-        self.checkpoints
-            .insert((tenant.clone(), name.to_owned()), c);
-        Ok(())
+        let written = match &self.persist {
+            Some(p) => p.save_checkpoint(tenant, &c),
+            None => Ok(()),
+        };
+        if written.is_ok() {
+            self.checkpoints
+                .insert((tenant.clone(), name.to_owned()), c);
+        }
+        adjust(&self.held, tenant, |h| {
+            h.saving = h.saving.saturating_sub(size)
+        });
+        written
     }
 
     /// A checkpoint read back from the store at start-up.
@@ -366,7 +560,11 @@ impl Registry {
 
     pub fn remove_session(&self, tenant: &TenantId, id: &SessionId) -> Result<()> {
         self.session(tenant, id)?;
-        self.sessions.remove(id);
+        if let Some((_, old)) = self.sessions.remove(id) {
+            adjust(&self.held, &old.tenant, |h| {
+                h.sessions = h.sessions.saturating_sub(1)
+            });
+        }
         Ok(())
     }
 }

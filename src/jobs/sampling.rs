@@ -34,6 +34,12 @@ pub const MAX_NUM_SAMPLES: usize = 128;
 /// Most top logprobs per token.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// Most stop strings and stop tokens of one request together.
+pub const MAX_STOPS: usize = 64;
+
+/// Longest stop string.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// A tenant's sampling policy (a sampler plugin): starts one [`SequenceSampler`] per
 /// sequence, which holds that sequence's state. The engine computes each chosen token's
 /// logprob itself and checks the id.
@@ -96,6 +102,16 @@ impl SampleRequest {
         }
     }
 
+    /// KV-cache positions one sequence of this request can reach.
+    pub fn seq_positions(&self) -> usize {
+        self.prompt.len().saturating_add(self.params.max_tokens)
+    }
+
+    /// Positions all its sequences can reach: what the request may cost the KV cache.
+    pub fn positions(&self) -> usize {
+        self.seq_positions().saturating_mul(self.num_samples)
+    }
+
     pub fn validate(&self, model: &BaseModel) -> Result<()> {
         self.params.validate()?;
         model.check_tokens("prompt", &self.prompt, 0)?;
@@ -122,6 +138,23 @@ impl SampleRequest {
         }
         if self.stop_strings.iter().any(|s| s.is_empty()) {
             return Err(Error::invalid("stop", "empty stop string"));
+        }
+        // Every step compares the generated text's tail with each stop string.
+        let stops = self.stop_strings.len() + self.params.stop_tokens.len();
+        if stops > MAX_STOPS {
+            return Err(Error::invalid(
+                "stop",
+                format!("{stops} stop strings and tokens; at most {MAX_STOPS}"),
+            ));
+        }
+        if let Some(s) = self.stop_strings.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(Error::invalid(
+                "stop",
+                format!(
+                    "a stop string of {} bytes; at most {MAX_STOP_BYTES}",
+                    s.len()
+                ),
+            ));
         }
         if !self.stop_strings.is_empty() && model.tokenizer.is_none() {
             return Err(Error::invalid(
@@ -179,6 +212,8 @@ pub(crate) struct SamplerCtx {
     /// Requests accepted and not finished; admission control reads it.
     pub outstanding: Arc<AtomicUsize>,
     pub max_decode_batch: usize,
+    /// KV positions the live sequences may reserve together (see [`SampleRequest::positions`]).
+    pub max_kv_tokens: usize,
 }
 
 struct JobAcc {
@@ -240,10 +275,18 @@ impl Sampler {
             while let Ok(j) = rx.try_recv() {
                 self.admit(j);
             }
+            // Admit waiting sequences while the batch has room and their KV reservations fit
+            // (at least one always runs, so no request waits forever).
+            let mut reserved: usize = self.live.iter().map(|l| l.req.seq_positions()).sum();
             while self.live.len() < self.ctx.max_decode_batch {
-                match self.next_waiting() {
-                    Some(l) => self.live.push(l),
-                    None => break,
+                let Some(i) = self.next_waiting() else { break };
+                let need = self.waiting[i].req.seq_positions();
+                if !self.live.is_empty() && reserved + need > self.ctx.max_kv_tokens {
+                    break;
+                }
+                if let Some(l) = self.waiting.remove(i) {
+                    reserved += need;
+                    self.live.push(l);
                 }
             }
             if self.live.is_empty() {
@@ -253,7 +296,10 @@ impl Sampler {
             let err = match r {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
-                Err(_) => Some(Error::Unavailable("the sampler panicked".into())),
+                Err(p) => {
+                    tracing::error!(panic = %crate::util::panic_message(&*p), "decoding step panicked");
+                    Some(Error::Panic("the decoding step failed".into()))
+                }
             };
             if let Some(e) = err {
                 // The whole step failed: fail every request that had a sequence in it.
@@ -268,7 +314,8 @@ impl Sampler {
     /// The next sequence to join the batch: the oldest waiting one of the tenant with the
     /// fewest live sequences, so one tenant's 100-sample request cannot hold a full batch
     /// while another tenant's single sample waits behind it.
-    fn next_waiting(&mut self) -> Option<Live> {
+    /// Which waiting sequence joins next: the oldest of the tenant with the fewest live.
+    fn next_waiting(&self) -> Option<usize> {
         let mut live: HashMap<&TenantId, usize> = HashMap::new();
         for l in &self.live {
             *live.entry(&l.tenant).or_default() += 1;
@@ -287,8 +334,7 @@ impl Sampler {
                 }
             }
         }
-        let i = best?.1;
-        self.waiting.remove(i)
+        best.map(|b| b.1)
     }
 
     fn admit(&mut self, job: SampleJob) {
@@ -347,6 +393,7 @@ impl Sampler {
 
     /// One batched forward over every live sequence, then one token for each.
     fn step(&mut self) -> Result<()> {
+        crate::failpoint::hit("job.sample_step");
         let model = self.ctx.model.clone();
         // Distinct snapshots, by identity.
         let mut snaps: Vec<Arc<LoraWeights>> = Vec::new();

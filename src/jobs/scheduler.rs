@@ -248,11 +248,29 @@ impl Scheduler {
                 .map_or(q.next_seq, |k| k + 1)
                 .max(q.next_seq),
         };
+        // The tenant's own limit first: a tenant at it is told so, not that the
+        // server is busy.
+        let held = self.metrics.snapshot(&tenant);
+        self.registry.quotas().check_queued(
+            &tenant,
+            (held.queued + held.running).max(0) as u64,
+            self.cfg.retry_after_ms,
+        )?;
         if self.outstanding >= self.cfg.max_queued_jobs {
             return Err(self.busy("the job queue"));
         }
         if q.outstanding >= self.cfg.max_queued_per_model {
             return Err(self.busy("this model's queue"));
+        }
+        // Memory held by waiting requests is bounded too; a request alone always fits
+        // (the API bounds each request's size), and ops that carry no data always do.
+        let bytes = op.data_bytes();
+        let held = self
+            .metrics
+            .queued_bytes
+            .load(std::sync::atomic::Ordering::Acquire);
+        if bytes > 0 && held > 0 && held.saturating_add(bytes) > self.cfg.max_queued_bytes {
+            return Err(self.busy("the queue's memory budget"));
         }
         let kind: JobKind = op.kind();
         let tokens = op.num_tokens();
@@ -277,6 +295,7 @@ impl Scheduler {
                     tenant: tenant.clone(),
                     op: Arc::new(op),
                     span,
+                    _charge: Arc::new(super::job::Charge::new(self.metrics.clone(), bytes)),
                 },
                 next_datum: 0,
                 started: false,

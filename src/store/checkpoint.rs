@@ -318,9 +318,21 @@ fn decode(what: &'static str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// Largest `checkpoint.json` read back.
+const MAX_META_BYTES: u64 = 1 << 20;
+
 /// Read `checkpoint.json` only.
 pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     let path = dir.join(META_FILE);
+    // checkpoint.json lists a few files; anything larger is not ours.
+    if let Ok(m) = fs::metadata(&path) {
+        if m.len() > MAX_META_BYTES {
+            return Err(StoreError::corrupt(
+                &path,
+                format!("{} bytes; at most {MAX_META_BYTES}", m.len()),
+            ));
+        }
+    }
     let text = match fs::read(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -359,6 +371,19 @@ fn read_tensors(
         return Ok(None);
     };
     let path = dir.join(name);
+    // Read only a file of the size checkpoint.json recorded when it was written.
+    let on_disk = fs::metadata(&path)
+        .map_err(StoreError::io("read", &path))?
+        .len();
+    if on_disk != fe.size_bytes {
+        return Err(StoreError::corrupt(
+            &path,
+            format!(
+                "{on_disk} bytes on disk, {} in checkpoint.json",
+                fe.size_bytes
+            ),
+        ));
+    }
     let bytes = fs::read(&path).map_err(StoreError::io("read", &path))?;
     if bytes.len() as u64 != fe.size_bytes || hex::encode(Sha256::digest(&bytes)) != fe.sha256 {
         return Err(StoreError::corrupt(

@@ -245,8 +245,18 @@ impl Durable {
             })
             .map_err(store_err)?;
         let mut out = Vec::new();
+        let max = crate::plugins::MAX_COMPONENT_BYTES as u64;
         for r in recs {
-            match std::fs::read(self.plugin_file(&r.content_hash)?) {
+            let path = self.plugin_file(&r.content_hash)?;
+            // No component larger than an upload may be is read back.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() > max => {
+                    tracing::error!(plugin = %r.content_hash, bytes = m.len(), max, "stored plugin is too large; skipped");
+                    continue;
+                }
+                _ => {}
+            }
+            match std::fs::read(&path) {
                 Ok(b) => out.push((r, b)),
                 Err(e) => {
                     tracing::error!(plugin = %r.content_hash, error = %e, "plugin bytes missing")

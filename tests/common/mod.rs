@@ -5,6 +5,7 @@
 //! reads what is there.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod server;
 
 use candle_core::{DType, Device, Tensor};

@@ -240,6 +240,21 @@ pub struct Asample {
     model_path: Option<String>,
 }
 
+/// Removes a sampling session made for one request once that request is handled.
+struct TransientSession<'a> {
+    s: &'a Shared,
+    tenant: &'a TenantId,
+    id: Option<SessionId>,
+}
+
+impl Drop for TransientSession<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            let _ = self.s.engine.registry().remove_session(self.tenant, id);
+        }
+    }
+}
+
 /// How a sample future's result is rendered beyond the engine's output.
 #[derive(Debug, Clone, Copy)]
 pub struct SampleShape {
@@ -280,6 +295,14 @@ pub async fn asample(
                 "give a sampling_session_id",
             ))
         }
+    };
+    // A session made for this one request (model_path or base_model) goes when it is
+    // submitted: the job holds what it needs, and the session would otherwise count
+    // against the tenant's sampling_sessions quota forever.
+    let _transient = TransientSession {
+        s: &s,
+        tenant: &tenant,
+        id: req.sampling_session_id.is_none().then(|| session.clone()),
     };
     s.engine.registry().session(&tenant, &session)?;
     let key = req.seq_id.map(|q| (session.0.clone(), q));

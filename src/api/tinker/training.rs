@@ -105,6 +105,8 @@ pub async fn create_model(
     let (future, model_id) = match entry {
         dashmap::Entry::Occupied(e) => e.get().clone(),
         dashmap::Entry::Vacant(v) => {
+            // Refused at once (403) at the quota; the job claims its place exactly.
+            s.engine.registry().check_run_quota(&tenant)?;
             let engine = s.engine.clone();
             let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
             let session = Some(req.session_id.clone());
@@ -186,7 +188,17 @@ fn model_input(field: &str, chunks: &[proto::Chunk]) -> ApiResult<Vec<u32>> {
 }
 
 /// A loss input tensor: dense or sparse CSR (densified with 0), float32, int64 or int32.
-pub fn tensor_in(field: &str, t: &proto::Tensor) -> ApiResult<TensorIn> {
+///
+/// `max_values` bounds the decoded size (`limit` says where the bound comes from): it is
+/// checked on the shape, with overflow-checked arithmetic, before anything is allocated, so
+/// a tiny body that claims a huge shape (a CSR tensor of shape `[1, 2^40]` and no entries)
+/// is refused instead of allocated.
+pub fn tensor_in(
+    field: &str,
+    t: &proto::Tensor,
+    max_values: usize,
+    limit: &str,
+) -> ApiResult<TensorIn> {
     let dtype = proto::DType::try_from(t.dtype).unwrap_or(proto::DType::Unspecified);
     let values = |bytes: &[u8]| -> ApiResult<Result<Vec<f32>, Vec<i64>>> {
         Ok(match dtype {
@@ -204,18 +216,41 @@ pub fn tensor_in(field: &str, t: &proto::Tensor) -> ApiResult<TensorIn> {
             }
         })
     };
+    if t.shape.len() > MAX_TENSOR_RANK {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "shape has {} dimensions; at most {MAX_TENSOR_RANK}",
+                t.shape.len()
+            ),
+        ));
+    }
     let shape: Vec<usize> = t
         .shape
         .iter()
         .map(|&d| usize::try_from(d))
         .collect::<Result<_, _>>()
         .map_err(|_| ApiError::invalid(field, "negative dimension in shape"))?;
+    let too_big = || {
+        ApiError::invalid(
+            field,
+            format!("shape {shape:?} holds more than {max_values} values ({limit})"),
+        )
+    };
+    let size = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= max_values)
+        .ok_or_else(too_big)?;
     let (shape, data) = match &t.encoding {
         Some(tensor::Encoding::Dense(bytes)) => {
             let v = values(bytes)?;
             let n = v.as_ref().map_or_else(Vec::len, Vec::len);
+            if n > max_values {
+                return Err(too_big());
+            }
             let shape = if shape.is_empty() { vec![n] } else { shape };
-            if shape.iter().product::<usize>() != n {
+            if !t.shape.is_empty() && size != n {
                 return Err(ApiError::invalid(
                     field,
                     format!("shape {shape:?} does not match {n} values"),
@@ -230,38 +265,39 @@ pub fn tensor_in(field: &str, t: &proto::Tensor) -> ApiResult<TensorIn> {
                     "a sparse tensor needs a 2-D shape",
                 ));
             };
+            // Every read below is bounded by the body's length; `size` (checked above)
+            // bounds the dense result.
             let crow = proto::read_i64(field, &csr.crow_indices)?;
             let col = proto::read_i64(field, &csr.col_indices)?;
             let vals = values(&csr.values)?;
             let nnz = vals.as_ref().map_or_else(Vec::len, Vec::len);
             let ok = crow.len() == rows + 1
                 && crow.first() == Some(&0)
-                && crow.last().is_some_and(|&l| l as usize == nnz)
+                && crow.last().and_then(|&l| usize::try_from(l).ok()) == Some(nnz)
                 && col.len() == nnz
                 && crow.windows(2).all(|w| w[0] <= w[1])
-                && col.iter().all(|&c| c >= 0 && (c as usize) < cols);
+                && col
+                    .iter()
+                    .all(|&c| usize::try_from(c).is_ok_and(|c| c < cols));
             if !ok {
                 return Err(ApiError::invalid(field, "inconsistent sparse CSR indices"));
             }
-            let place = |dense_len: usize| -> Vec<usize> {
-                let mut idx = Vec::with_capacity(nnz);
-                for r in 0..rows {
-                    for k in crow[r] as usize..crow[r + 1] as usize {
-                        idx.push(r * cols + col[k] as usize);
-                    }
+            // crow is non-decreasing from 0 to nnz and every column is below `cols`, so
+            // each place is below rows * cols = size.
+            let mut idx = Vec::with_capacity(nnz);
+            for (r, w) in crow.windows(2).enumerate() {
+                for c in &col[w[0] as usize..w[1] as usize] {
+                    idx.push(r * cols + *c as usize);
                 }
-                debug_assert!(idx.iter().all(|&i| i < dense_len));
-                idx
-            };
-            let idx = place(rows * cols);
+            }
             let dense = match vals {
                 Ok(v) => {
-                    let mut d = vec![0f32; rows * cols];
+                    let mut d = vec![0f32; size];
                     idx.iter().zip(v).for_each(|(&i, x)| d[i] = x);
                     Ok(d)
                 }
                 Err(v) => {
-                    let mut d = vec![0i64; rows * cols];
+                    let mut d = vec![0i64; size];
                     idx.iter().zip(v).for_each(|(&i, x)| d[i] = x);
                     Err(d)
                 }
@@ -275,6 +311,9 @@ pub fn tensor_in(field: &str, t: &proto::Tensor) -> ApiResult<TensorIn> {
         Err(i) => TensorIn::i64(shape, i),
     })
 }
+
+/// Loss inputs are `[N]` or `[N, K]`; a little room for plugins' own inputs.
+const MAX_TENSOR_RANK: usize = 4;
 
 fn loss_config(req: &proto::ForwardBackwardRequest) -> LossConfig {
     if !req.loss_fn_config_v2.is_empty() {
@@ -307,23 +346,55 @@ pub async fn forward_backward(
     Ok(future_json(&f, Some(&req.model_id)))
 }
 
-fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> ApiResult<Op> {
+/// A forward_backward request's datums, every size checked before it is allocated: each
+/// loss input at most `tokens × max_cols` values, all of them together at most
+/// `max_values`.
+pub fn decode_data(
+    req: &proto::ForwardBackwardRequest,
+    max_cols: usize,
+    max_values: usize,
+) -> ApiResult<Vec<Datum>> {
+    // What the whole request may decode to: its datums' tokens times the widest legal
+    // input, at most the configured bound.
+    let mut budget = max_values;
     let mut data = Vec::with_capacity(req.data.len());
     for (i, d) in req.data.iter().enumerate() {
         let field = format!("data[{i}]");
         let tokens = model_input(&format!("{field}.model_input"), &d.model_input)?;
         let mut inputs = LossInputs::new();
         for (name, t) in &d.loss_fn_inputs {
-            inputs.insert(
-                name.clone(),
-                tensor_in(&format!("{field}.loss_fn_inputs.{name}"), t)?,
-            );
+            let f = format!("{field}.loss_fn_inputs.{name}");
+            let legal = tokens.len().max(1).saturating_mul(max_cols);
+            let tensor = if legal <= budget {
+                let why = format!(
+                    "{} tokens times at most {max_cols} columns, LORAPLEX_MAX_LOSS_INPUT_COLUMNS",
+                    tokens.len()
+                );
+                tensor_in(&f, t, legal, &why)?
+            } else {
+                let why = format!(
+                    "what is left of the request's {} values, LORAPLEX_MAX_LOSS_INPUT_VALUES",
+                    max_values
+                );
+                tensor_in(&f, t, budget, &why)?
+            };
+            budget -= tensor.len();
+            inputs.insert(name.clone(), tensor);
         }
         data.push(Datum {
             model_input: tokens,
             loss_fn_inputs: inputs,
         });
     }
+    Ok(data)
+}
+
+fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> ApiResult<Op> {
+    let data = decode_data(
+        req,
+        s.cfg.max_loss_input_columns,
+        s.cfg.max_loss_input_values,
+    )?;
     let config = loss_config(req);
     let loss = s.plugins.resolve_loss(tenant, &req.loss_fn, &config)?;
     let fb = FbRequest {
@@ -540,6 +611,9 @@ pub async fn load_weights(
                 sess.models.lock().push(model_id.clone());
             }
             let config = ckpt.state.weights.config.clone();
+            // The load below is a job: a tenant at its queued-jobs quota is refused before
+            // the model exists, so its retry does not find the id taken.
+            s.engine.admit_job(&tenant)?;
             s.engine
                 .create_model_as(
                     &tenant,
