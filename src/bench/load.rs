@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use traffic::{Ctx, Known, Traffic, BAD_KINDS, UNFIXED_KINDS};
+use traffic::{Ctx, Known, Traffic, BAD_KINDS};
 
 /// How long the child gets to exit after SIGTERM before it is killed.
 pub const STOP_WAIT: Duration = Duration::from_secs(30);
@@ -51,9 +51,8 @@ pub struct LoadBenchArgs {
     /// Share of operations replaced by a bad request.
     #[arg(long, default_value_t = 0.1)]
     pub bad_share: f64,
-    /// Kinds of bad request, sent in turn: `default` (all but those today's server is
-    /// known not to refuse, `traffic::UNFIXED_KINDS`), `all`, `none`, or a list of kinds.
-    #[arg(long, value_delimiter = ',', default_value = "default")]
+    /// Kinds of bad request, sent in turn: `all`, `none`, or a list of kinds.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
     pub bad_kinds: Vec<String>,
     /// Tokens per forward_backward datum: uniform in min..=max.
     #[arg(long, default_value_t = 16)]
@@ -129,8 +128,6 @@ fn kinds(names: &[String]) -> Result<Vec<&'static str>, LoadError> {
         let n = n.trim();
         if n == "all" {
             out.extend_from_slice(BAD_KINDS);
-        } else if n == "default" {
-            out.extend(BAD_KINDS.iter().filter(|k| !UNFIXED_KINDS.contains(k)));
         } else if n == "none" || n.is_empty() {
         } else if let Some(k) = BAD_KINDS.iter().find(|k| **k == n) {
             out.push(*k);
@@ -498,9 +495,6 @@ mod tests {
 
     #[test]
     fn bad_kinds_parse() {
-        let d = kinds(&names(&["default"])).unwrap();
-        assert_eq!(d.len(), BAD_KINDS.len() - UNFIXED_KINDS.len());
-        assert!(UNFIXED_KINDS.iter().all(|k| !d.contains(k)));
         assert_eq!(kinds(&names(&["all", "huge-sparse"])).unwrap(), BAD_KINDS);
         assert!(kinds(&names(&["none"])).unwrap().is_empty());
         assert_eq!(

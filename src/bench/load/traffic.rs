@@ -40,12 +40,6 @@ pub const BAD_KINDS: &[&str] = &[
     "huge-sparse",
 ];
 
-/// Kinds that today's server does not refuse, left out of the default list until it
-/// does: the sparse tensor of shape [1, 2^40] aborts the process (the CSR densification
-/// allocates 4 TiB); a `max_tokens` of 2^64 - 1 wraps `prompt + max_tokens` past the
-/// context check and decodes until EOS, holding a decode slot for minutes.
-pub const UNFIXED_KINDS: &[&str] = &["huge-sparse", "overflowing-max-tokens"];
-
 /// Kinds that need the tenant's own live training model (they take a `seq_id` in it).
 const NEEDS_MODEL: &[&str] = &[
     "out-of-vocab",
