@@ -512,7 +512,7 @@ impl Tenant {
         self.sampler = None;
         self.model = None;
         if self.in_time() {
-            if cycle % 2 == 0 {
+            if cycle.is_multiple_of(2) {
                 self.post_future(
                     "unload_model",
                     "/api/v1/unload_model",
@@ -716,7 +716,7 @@ impl Tenant {
             [] => return None,
             [only] => *only,
             [general, special, ..] => {
-                if self.rng.next_u64() % 2 == 0 {
+                if self.rng.next_u64().is_multiple_of(2) {
                     *special
                 } else {
                     *general
@@ -814,7 +814,7 @@ impl Tenant {
                 json!({"model_id": own_model, "seq_id": -1, "adam_params": {}}).to_string().into_bytes(),
             ),
             "bad-checkpoint-path" => {
-                let path = if self.rng.next_u64() % 2 == 0 {
+                let path = if self.rng.next_u64().is_multiple_of(2) {
                     format!("tinker://{own_model}/weights/../../../etc/passwd")
                 } else {
                     let m = foreign.model.unwrap_or_else(|| "session-x:train:0".into());
@@ -831,7 +831,7 @@ impl Tenant {
             "huge-sample" => {
                 let s = self.sampler.clone().unwrap_or_default();
                 // Too many samples, or too many tokens.
-                let (n, m) = if self.rng.next_u64() % 2 == 0 {
+                let (n, m) = if self.rng.next_u64().is_multiple_of(2) {
                     (1_000_000_000u64, 4u64)
                 } else {
                     (1, 1u64 << 40)
