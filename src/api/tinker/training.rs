@@ -775,9 +775,12 @@ pub async fn delete_checkpoint(
     Tenant(tenant): Tenant,
     Path((id, kind, name)): Path<(String, String, String)>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.engine
-        .registry()
-        .delete_checkpoint(&tenant, &format!("{id}/{kind}/{name}"))?;
+    let engine = s.engine.clone();
+    let key = format!("{id}/{kind}/{name}");
+    // The store blocks on its own runtime: not on an async worker (that panics).
+    tokio::task::spawn_blocking(move || engine.registry().delete_checkpoint(&tenant, &key))
+        .await
+        .map_err(|e| crate::Error::Unavailable(format!("checkpoint delete panicked: {e}")))??;
     Ok(axum::Json(json!({})))
 }
 
@@ -792,11 +795,13 @@ pub async fn set_checkpoint_ttl(
     Path((id, kind, name)): Path<(String, String, String)>,
     Json(req): Json<Ttl>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.engine.registry().set_checkpoint_ttl(
-        &tenant,
-        &format!("{id}/{kind}/{name}"),
-        req.ttl_seconds.map(Duration::from_secs),
-    )?;
+    let engine = s.engine.clone();
+    let key = format!("{id}/{kind}/{name}");
+    let ttl = req.ttl_seconds.map(Duration::from_secs);
+    // The store blocks on its own runtime: not on an async worker (that panics).
+    tokio::task::spawn_blocking(move || engine.registry().set_checkpoint_ttl(&tenant, &key, ttl))
+        .await
+        .map_err(|e| crate::Error::Unavailable(format!("checkpoint TTL panicked: {e}")))??;
     Ok(axum::Json(json!({})))
 }
 
