@@ -157,8 +157,8 @@ async fn fwdbwd(
     // Tokenizing is CPU work: off tokio's workers.
     let convs = req.data;
     let data = tokio::task::spawn_blocking(move || render_conversations(&model, &convs))
-            .await
-            .map_err(|e| crate::Error::Panic(format!("rendering conversations: {e}")))??;
+        .await
+        .map_err(|e| crate::Error::Panic(format!("rendering conversations: {e}")))??;
     let config: LossConfig = req.loss_fn_config.unwrap_or_default();
     let loss_name = req.loss_fn.unwrap_or_else(|| "cross_entropy".into());
     let loss = s.plugins.resolve_loss(&tenant, &loss_name, &config)?;

@@ -119,7 +119,7 @@ impl SampleRequest {
     pub fn validate(&self, model: &BaseModel) -> Result<()> {
         self.params.validate()?;
         model.check_tokens("prompt", &self.prompt, 0)?;
-        if self.prompt.len() + self.params.max_tokens > model.config.max_position_embeddings {
+        if self.seq_positions() > model.config.max_position_embeddings {
             return Err(Error::invalid(
                 "sampling_params.max_tokens",
                 format!(
