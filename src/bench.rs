@@ -1,5 +1,8 @@
 //! Benchmarks that print tables (`loraplex bench ...`). Timings are medians over several
-//! steps after a warm-up; peak RSS is reset per case where the OS allows.
+//! steps after a warm-up; peak RSS is reset per case where the OS allows. The load and
+//! soak benchmark against a real server lives in [`load`].
+
+pub mod load;
 
 use crate::error::Result;
 use crate::lora::optim::AdamParams;

@@ -24,6 +24,11 @@
 //! | sampled tokens of one request (`num_samples × (prompt + max_tokens)`) | `LORAPLEX_MAX_SAMPLE_TOKENS` | 262144 |
 //! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
 //! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
+//! | unfetched results kept for | `LORAPLEX_UNREAD_RESULT_TTL_S` | 86400 |
+//! | futures held in memory | `LORAPLEX_MAX_FUTURES` | 100000 |
+//! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
+//! | open Tinker sessions in all | `LORAPLEX_MAX_SESSIONS` | 65536 |
+//! | tenants with their own metrics | `LORAPLEX_MAX_METRIC_TENANTS` | 1000 |
 //! | engine settings | see [`EngineConfig`] | |
 //! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
 //! | per-tenant sampling sessions | `LORAPLEX_QUOTA_SAMPLING_SESSIONS` | 512 |
@@ -138,6 +143,11 @@ pub struct EngineConfig {
     /// Per-tenant quotas and rate limits.
     #[command(flatten)]
     pub quotas: QuotaConfig,
+    /// Tenants whose job counters are kept apart (`/metrics` labels). Past it, the
+    /// longest idle tenants' counters fold into `tenant="_other"`: in development mode
+    /// every API key is a tenant, and labels must stay bounded.
+    #[arg(long, env = "LORAPLEX_MAX_METRIC_TENANTS", default_value_t = 1_000)]
+    pub max_metric_tenants: usize,
 }
 
 impl Default for EngineConfig {
@@ -156,6 +166,7 @@ impl Default for EngineConfig {
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
             quotas: QuotaConfig::default(),
+            max_metric_tenants: 1_000,
         }
     }
 }
@@ -183,6 +194,7 @@ impl EngineConfig {
             max_kv_tokens: var("LORAPLEX_MAX_KV_TOKENS", d.max_kv_tokens).max(1),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
+            max_metric_tenants: var("LORAPLEX_MAX_METRIC_TENANTS", d.max_metric_tenants).max(1),
             quotas: QuotaConfig::from_env(),
         }
     }
@@ -340,6 +352,20 @@ pub struct ServeConfig {
     /// Values all loss inputs of one forward_backward may decode to (dense or densified).
     #[arg(long, env = "LORAPLEX_MAX_LOSS_INPUT_VALUES", default_value_t = 8 << 20)]
     pub max_loss_input_values: usize,
+    /// A finished future nobody fetched is deleted this long after it finished (s).
+    #[arg(long, env = "LORAPLEX_UNREAD_RESULT_TTL_S", default_value_t = 86_400)]
+    pub unread_result_ttl_s: u64,
+    /// Most futures held in memory (the database holds the rest until they expire).
+    #[arg(long, env = "LORAPLEX_MAX_FUTURES", default_value_t = 100_000)]
+    pub max_futures: usize,
+    /// Open Tinker sessions one tenant may hold; one more is refused with a 400 naming
+    /// the limit. Sessions end when finished or after `LORAPLEX_SESSION_TIMEOUT_S`.
+    #[arg(long, env = "LORAPLEX_MAX_SESSIONS_PER_TENANT", default_value_t = 1024)]
+    pub max_sessions_per_tenant: usize,
+    /// Open Tinker sessions in all (in development mode every API key is a tenant); one
+    /// more is refused with a 429.
+    #[arg(long, env = "LORAPLEX_MAX_SESSIONS", default_value_t = 65_536)]
+    pub max_sessions: usize,
 }
 
 impl ServeConfig {
@@ -356,6 +382,10 @@ impl ServeConfig {
             result_ttl_s: 3600,
             max_loss_input_columns: 1024,
             max_loss_input_values: 8 << 20,
+            unread_result_ttl_s: 86_400,
+            max_futures: 100_000,
+            max_sessions_per_tenant: 1024,
+            max_sessions: 65_536,
         }
     }
 }

@@ -54,6 +54,10 @@ enum BenchCmd {
     Tenants(loraplex::bench::TenantsBenchArgs),
     /// The host inference kernels against candle's GEMM, and decode steps by batch size.
     Kernels(loraplex::config::ModelArgs),
+    /// Many tenants' mixed traffic, good and bad, against a real `loraplex serve` on
+    /// loopback for a bounded time: throughput, latency, answers, RSS; fails on any
+    /// failed good request, 5xx or accepted bad request.
+    Load(loraplex::bench::load::LoadBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +97,16 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Kernels(model),
         } => {
             print!("{}", loraplex::bench::kernels(&model)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Load(args),
+        } => {
+            let exe = std::env::current_exe()?;
+            let report = loraplex::bench::load::run(&args, &exe)?;
+            print!("{}", report.text);
+            if !report.passed() {
+                anyhow::bail!("load benchmark failed: {}", report.failures.join("; "));
+            }
         }
         Cmd::Generate {
             model,

@@ -11,10 +11,16 @@ use common::http::*;
 use axum::http::{Method, StatusCode};
 use axum::Router;
 use loraplex::api::proto::{self, chunk};
+use loraplex::api::{AppState, Shared};
+use loraplex::auth::Auth;
+use loraplex::config::{EngineConfig, PluginLimits, ServeConfig};
+use loraplex::jobs::{Engine, FutureStoreConfig, MemoryFutureStore};
+use loraplex::model::BaseModel;
 use prost::Message;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_4xx_with_a_json_body_naming_the_problem() {
@@ -834,4 +840,257 @@ async fn seed_rest_workflow_four_users_at_once() {
         sequential.as_secs_f64(),
         sequential.as_secs_f64() / concurrent.as_secs_f64()
     );
+}
+
+/// An app whose futures expire fast (fetched: 300 ms; unfetched: 2 s; at most 64 held),
+/// whose metrics keep 4 tenants apart and which allows 3 sessions per tenant.
+fn bounded_app() -> (Router, Shared, Arc<MemoryFutureStore>) {
+    loraplex::config::init_compute_threads();
+    let model = Arc::new(
+        BaseModel::load(
+            &common::model_path(),
+            loraplex::config::DEFAULT_MODEL_NAME,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .expect("load SmolLM2 (run scripts/fetch-model.sh)"),
+    );
+    let store = Arc::new(MemoryFutureStore::new(FutureStoreConfig {
+        result_ttl: Duration::from_millis(300),
+        unread_ttl: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(100),
+        max_records: 64,
+        ..Default::default()
+    }));
+    let engine_cfg = EngineConfig {
+        max_metric_tenants: 4,
+        ..Default::default()
+    };
+    let engine = Engine::start_with_store(
+        engine_cfg,
+        Arc::new(move || Ok(model.clone())),
+        store.clone(),
+    )
+    .expect("engine");
+    let dir = std::env::temp_dir().join(format!(
+        "loraplex-api-bounded-{}-{}",
+        std::process::id(),
+        loraplex::jobs::FutureId::generate()
+    ));
+    let mut cfg = ServeConfig::for_tests(dir);
+    cfg.long_poll_ms = 2_000;
+    cfg.max_sessions_per_tenant = 3;
+    let state = AppState::new(
+        engine,
+        cfg,
+        Auth::Development,
+        loraplex::config::DEFAULT_MODEL_NAME.into(),
+        PluginLimits::default(),
+        None,
+    )
+    .expect("state");
+    (loraplex::api::router(state.clone()), state, store)
+}
+
+/// Poll a REST future until it is no longer pending; its final answer.
+async fn rest_result(app: &Router, key: &str, id: &str) -> Resp {
+    for _ in 0..300 {
+        let r = post(app, "/retrieve_future", key, json!({"request_id": id})).await;
+        if r.status != StatusCode::ACCEPTED {
+            return r;
+        }
+    }
+    panic!("future {id} never finished");
+}
+
+fn request_id(r: &Resp) -> String {
+    r.json()["request_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no request_id: {}", String::from_utf8_lossy(&r.body)))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn futures_expire_and_the_store_stays_bounded() {
+    let (app, state, store) = bounded_app();
+    let add = post(&app, "/add_lora", A, json!({"rank": 2})).await;
+    let model = add.json()["model_id"].as_str().unwrap().to_owned();
+    assert_eq!(rest_result(&app, A, &request_id(&add)).await.status, 200);
+    // Many jobs, each fetched once: the store never holds more than its cap.
+    let mut first = None;
+    for i in 0..150 {
+        let o = post(&app, "/optim_step", A, json!({"model_id": model})).await;
+        assert_eq!(o.status, 200, "{}", String::from_utf8_lossy(&o.body));
+        let id = request_id(&o);
+        let r = rest_result(&app, A, &id).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["step"], json!(i + 1));
+        first.get_or_insert(id);
+        assert!(store.len() <= 64, "{} futures held", store.len());
+    }
+    // One job nobody fetches.
+    let unread = request_id(&post(&app, "/optim_step", A, json!({"model_id": model})).await);
+    // Long-polls of unknown futures leave no wake-up behind.
+    for i in 0..50 {
+        post(
+            &app,
+            "/api/v1/retrieve_future",
+            A,
+            json!({"request_id": format!("future-nope-{i}")}),
+        )
+        .await
+        .assert_error(404, "not found");
+    }
+    assert_eq!(state.engine.waiting_futures(), 0);
+    // Past both times to live, everything is gone, and says so as a JSON 404.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    store.expire();
+    assert_eq!(store.len(), 0, "every finished future expired");
+    let first = first.unwrap();
+    for (path, id) in [
+        ("/api/v1/retrieve_future", &first),
+        ("/retrieve_future", &first),
+        ("/api/v1/retrieve_future", &unread),
+    ] {
+        let r = post(&app, path, A, json!({"request_id": id})).await;
+        r.assert_error(404, "not found");
+        assert_eq!(r.json()["error"]["type"], "not_found", "{}", r.json());
+    }
+    assert_eq!(state.engine.waiting_futures(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_models_and_tenants_leave_nothing_behind() {
+    let (app, state, _) = bounded_app();
+    // Twelve tenants come and go; per-tenant counters stay at the cap, totals stay right.
+    for i in 0..12 {
+        let key = format!("tml-passing-{i}");
+        let add = post(&app, "/add_lora", &key, json!({"rank": 2})).await;
+        assert_eq!(rest_result(&app, &key, &request_id(&add)).await.status, 200);
+        let model = add.json()["model_id"].as_str().unwrap().to_owned();
+        let rm = post(&app, "/remove_lora", &key, json!({"model_id": model})).await;
+        assert_eq!(rm.status, 200);
+    }
+    let tenants = state.engine.all_tenant_metrics();
+    assert!(tenants.len() <= 4, "{} tenants kept", tenants.len());
+    let done: u64 = tenants.iter().map(|(_, m)| m.done).sum::<u64>()
+        + state.engine.folded_tenant_metrics().done;
+    assert_eq!(done, 12, "no job lost from the totals");
+    let metrics = get(&app, "/metrics", A).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("tenant=\"_other\""), "{text}");
+    assert_eq!(state.engine.registry().num_adapters(), 0);
+
+    // A Tinker session: a model made and unloaded, an ephemeral sampler, a sampling
+    // session with samples. Finishing the session leaves nothing.
+    let (session, model) = tinker_model(&app, A).await;
+    let un = post(&app, "/api/v1/unload_model", A, json!({"model_id": model})).await;
+    assert_eq!(retrieve(&app, A, &request_id(&un)).await.status, 200);
+    let s = get(&app, &format!("/api/v1/sessions/{session}"), A)
+        .await
+        .json();
+    assert_eq!(
+        s["training_run_ids"],
+        json!([]),
+        "an unloaded model leaves its session"
+    );
+    let c = post(
+        &app,
+        "/api/v1/create_model",
+        A,
+        json!({"session_id": session, "model_seq_id": 1, "base_model": loraplex::config::DEFAULT_MODEL_NAME,
+               "lora_config": {"rank": 2}}),
+    )
+    .await;
+    let m2 = retrieve(&app, A, &request_id(&c)).await.json()["model_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The ephemeral sampler's future is never read: the session still releases it.
+    let eph = post(
+        &app,
+        "/api/v1/save_weights_for_sampler",
+        A,
+        json!({"model_id": m2, "seq_id": 1, "sampling_session_seq_id": 0}),
+    )
+    .await;
+    assert_eq!(eph.status, 200, "{}", String::from_utf8_lossy(&eph.body));
+    let sc = post(
+        &app,
+        "/api/v1/create_sampling_session",
+        A,
+        json!({"session_id": session, "sampling_session_seq_id": 1,
+               "base_model": loraplex::config::DEFAULT_MODEL_NAME}),
+    )
+    .await
+    .json();
+    let sid = sc["sampling_session_id"].as_str().unwrap().to_owned();
+    for seq in 0..3 {
+        let a = post(
+            &app,
+            "/api/v1/asample",
+            A,
+            json!({"sampling_session_id": sid, "seq_id": seq,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": SEQ[..4]}]},
+            "sampling_params": {"max_tokens": 1, "temperature": 0.0}}),
+        )
+        .await;
+        assert_eq!(retrieve(&app, A, &request_id(&a)).await.status, 200);
+    }
+    // A sample on a checkpoint path alone makes a sampling session only for itself.
+    let base = post(
+        &app,
+        "/api/v1/asample",
+        A,
+        json!({"base_model": loraplex::config::DEFAULT_MODEL_NAME,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": SEQ[..4]}]},
+        "sampling_params": {"max_tokens": 1}}),
+    )
+    .await;
+    assert_eq!(retrieve(&app, A, &request_id(&base)).await.status, 200);
+    // The ephemeral sampler's job runs on its own; wait for it without reading it.
+    let t = Instant::now();
+    while state.engine.registry().num_sessions() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "ephemeral sampler never made"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state.tinker.samples.len(), 1);
+    assert_eq!(state.engine.registry().num_sessions(), 2);
+    let fin = post(
+        &app,
+        &format!("/api/v1/sessions/{session}/finish"),
+        A,
+        json!({}),
+    )
+    .await;
+    assert_eq!(fin.status, 200);
+    assert_eq!(
+        state.engine.registry().num_sessions(),
+        0,
+        "samplers released"
+    );
+    assert_eq!(state.engine.registry().num_adapters(), 0, "models released");
+    assert!(state.tinker.samples.is_empty() && state.tinker.sampler_paths.is_empty());
+    assert!(state.tinker.sessions.is_empty());
+
+    // Sessions are capped per tenant, and so is what a session keeps.
+    for _ in 0..3 {
+        let r = post(&app, "/api/v1/create_session", B, json!({})).await;
+        assert_eq!(r.status, 200);
+    }
+    post(&app, "/api/v1/create_session", B, json!({}))
+        .await
+        .assert_error(400, "LORAPLEX_MAX_SESSIONS_PER_TENANT = 3");
+    let big = "x".repeat(20_000);
+    post(
+        &app,
+        "/api/v1/create_session",
+        A,
+        json!({"user_metadata": {"note": big}}),
+    )
+    .await
+    .assert_error(400, "at most 16384");
 }

@@ -290,3 +290,83 @@ fn wait_for(cond: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Poll a REST future (`/retrieve_future`: 202 while pending) to its JSON answer.
+fn rest_result(port: u16, id: &str) -> Value {
+    loop {
+        let (s, v) = post(port, "/retrieve_future", json!({"request_id": id}));
+        match s {
+            200 => return v,
+            202 => continue,
+            _ => panic!("future {id}: {s} {v}"),
+        }
+    }
+}
+
+/// A sample with `prompt_logprobs_last_n` and a REST `/fwdbwd` (mean loss per trained
+/// token) render byte for byte the same after the server restarts: what rendering needs is
+/// stored with the result, not kept beside it in memory.
+#[test]
+fn results_read_after_a_restart_render_as_before() {
+    let dir = std::env::temp_dir().join(format!("loraplex-rerender-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut server, port) = start_server(&dir);
+
+    let (_, s) = post(port, "/api/v1/create_session", json!({}));
+    let session = s["session_id"].as_str().unwrap().to_owned();
+    let (_, sc) = post(
+        port,
+        "/api/v1/create_sampling_session",
+        json!({"session_id": session, "sampling_session_seq_id": 0,
+               "base_model": loraplex::config::DEFAULT_MODEL_NAME}),
+    );
+    let sid = sc["sampling_session_id"].as_str().unwrap().to_owned();
+    let (st, a) = post(
+        port,
+        "/api/v1/asample",
+        json!({"sampling_session_id": sid, "seq_id": 0, "num_samples": 2,
+               "prompt": {"chunks": [{"type": "encoded_text", "tokens": SEQ[..8]}]},
+               "sampling_params": {"max_tokens": 3, "temperature": 0.0},
+               "prompt_logprobs": true, "prompt_logprobs_last_n": 3}),
+    );
+    assert_eq!(st, 200, "{a}");
+    let sample = a.json_id().to_owned();
+    let before_sample = retrieve(port, &sample).unwrap_err();
+    let decoded = proto::SampleResponse::decode(&*before_sample).expect("SampleResponse");
+    let plp = proto::read_f32("p", decoded.prompt_logprobs.as_ref().unwrap()).unwrap();
+    assert_eq!(plp.len(), 8);
+    assert!(plp[..5].iter().all(|x| x.is_nan()), "{plp:?}");
+    assert!(plp[5..].iter().all(|x| x.is_finite()), "{plp:?}");
+
+    let (_, add) = post(port, "/add_lora", json!({"rank": 2}));
+    let model = add["model_id"].as_str().unwrap().to_owned();
+    rest_result(port, add.json_id());
+    let conv = json!([[{"role": "user", "content": "What colour is the sky?"},
+                       {"role": "assistant", "content": "The sky is blue."}]]);
+    let (st, f) = post(port, "/fwdbwd", json!({"model_id": model, "data": conv}));
+    assert_eq!(st, 200, "{f}");
+    let fwdbwd = f.json_id().to_owned();
+    let before_fwdbwd = rest_result(port, &fwdbwd);
+    let tokens = before_fwdbwd["num_tokens"].as_f64().unwrap();
+    assert!(tokens > 0.0, "{before_fwdbwd}");
+    let (loss, sum) = (
+        before_fwdbwd["loss"].as_f64().unwrap(),
+        before_fwdbwd["loss_sum"].as_f64().unwrap(),
+    );
+    assert!((loss * tokens - sum).abs() < 1e-9 * sum.abs().max(1.0));
+
+    // Outcomes are written behind; give the writer a moment, then crash.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.0.kill().expect("SIGKILL");
+    let _ = server.0.wait();
+    drop(server);
+
+    let (_server, port) = start_server(&dir);
+    assert_eq!(
+        retrieve(port, &sample).unwrap_err(),
+        before_sample,
+        "the sample renders byte for byte as before"
+    );
+    assert_eq!(rest_result(port, &fwdbwd), before_fwdbwd);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -197,6 +197,7 @@ fn work_result() -> WorkResult {
         logprobs: vec![vec![-0.25, -1.5e-7, -30.125], vec![-2.0]],
         k: vec![1, 1],
         elementwise: Some(vec![vec![0.5, 0.25, 1.0 / 3.0], vec![f32::MIN_POSITIVE]]),
+        weight_sum: 3.0,
     }
 }
 
@@ -239,11 +240,13 @@ fn every_output() -> Vec<JobOutput> {
             ],
             prompt_logprobs: Some(vec![-1.0, -0.5]),
             prompt_top_logprobs: Some(vec![vec![(3, -0.2)], vec![(4, -0.3), (8, -1.3)]]),
+            prompt_logprobs_last_n: Some(1),
         }),
         JobOutput::Sample(SampleOutput {
             sequences: vec![],
             prompt_logprobs: None,
             prompt_top_logprobs: None,
+            prompt_logprobs_last_n: None,
         }),
     ]
 }
@@ -487,7 +490,12 @@ fn results_expire_a_while_after_they_are_first_fetched() {
     s.mark_fetched(&t, &pending).unwrap();
     assert_eq!(s.expire().unwrap(), 0, "too early");
     std::thread::sleep(Duration::from_millis(1600));
-    s.mark_fetched(&t, &fetched).unwrap(); // a second fetch does not extend it
+    // Past its time: gone for callers before the sweep, and a second fetch does not
+    // extend it.
+    assert!(matches!(
+        s.mark_fetched(&t, &fetched),
+        Err(loraplex::Error::NotFound { .. })
+    ));
     assert_eq!(s.expire().unwrap(), 1);
     assert!(matches!(
         s.get(&t, &fetched),
@@ -499,6 +507,43 @@ fn results_expire_a_while_after_they_are_first_fetched() {
     let s = store(&path);
     assert!(s.get(&t, &fetched).is_err());
     assert_eq!(s.get(&t, &unfetched).unwrap().state, JobState::Done);
+}
+
+#[test]
+fn unread_results_expire_and_the_in_memory_map_stays_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db.sqlite");
+    let t = TenantId::from("tenant-a");
+    let cfg = FutureStoreConfig {
+        unread_ttl: Duration::from_secs(3),
+        sweep_interval: Duration::from_secs(3600),
+        max_records: 10,
+        ..Default::default()
+    };
+    let s = SqliteFutureStore::open(&path, cfg).unwrap();
+    let ids: Vec<FutureId> = (0..40).map(|_| FutureId::generate()).collect();
+    for id in &ids {
+        s.insert(FutureRecord::new(
+            id.clone(),
+            t.clone(),
+            JobKind::Forward,
+            0,
+        ))
+        .unwrap();
+        s.finish(id, Ok(JobOutput::Saved { name: "n".into() }))
+            .unwrap();
+        assert!(s.cached_len() <= 10, "{} futures in memory", s.cached_len());
+    }
+    // Evicted from memory, still in the database; read, so it waits for result_ttl.
+    assert_eq!(s.get(&t, &ids[0]).unwrap().state, JobState::Done);
+    assert!(s.cached_len() <= 10);
+    std::thread::sleep(Duration::from_millis(3_100));
+    assert_eq!(s.expire().unwrap(), 39, "every future nobody read");
+    assert!(matches!(
+        s.get(&t, &ids[1]),
+        Err(loraplex::Error::NotFound { .. })
+    ));
+    assert_eq!(s.get(&t, &ids[0]).unwrap().state, JobState::Done);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

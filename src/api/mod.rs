@@ -47,7 +47,6 @@ pub struct AppState {
     pub model_name: String,
     pub plugins: plugins::PluginStore,
     pub tinker: tinker::TinkerState,
-    pub rest: rest::RestState,
     pub metrics: ops::HttpMetrics,
     pub started: Instant,
     /// The database, checkpoint files and plugin bytes (`None`: in memory only, as in
@@ -75,7 +74,6 @@ impl AppState {
             model_name,
             plugins,
             tinker: tinker::TinkerState::default(),
-            rest: rest::RestState::default(),
             metrics: ops::HttpMetrics::default(),
             started: Instant::now(),
             durable,
@@ -202,17 +200,16 @@ pub async fn build(
         model.model_name.clone(),
         serve.auto_checkpoint_steps,
     );
-    let ttl = Duration::from_secs(serve.result_ttl_s);
+    let store_cfg = FutureStoreConfig {
+        result_ttl: Duration::from_secs(serve.result_ttl_s),
+        unread_ttl: Duration::from_secs(serve.unread_result_ttl_s),
+        max_records: serve.max_futures.max(1),
+        ..FutureStoreConfig::default()
+    };
     let (durable, futures) = tokio::task::spawn_blocking(move || {
         let durable = Durable::open(&dir, &name, every)?;
-        let futures = SqliteFutureStore::open(
-            &durable.db_path(),
-            FutureStoreConfig {
-                result_ttl: ttl,
-                ..FutureStoreConfig::default()
-            },
-        )
-        .map_err(Error::from)?;
+        let futures =
+            SqliteFutureStore::open(&durable.db_path(), store_cfg).map_err(Error::from)?;
         Ok::<_, Error>((durable, futures))
     })
     .await

@@ -25,6 +25,8 @@ pub async fn healthz(State(s): State<Shared>) -> axum::Json<Value> {
 }
 
 /// HTTP counters: requests by route and status, seconds spent, submissions by job kind.
+/// Bounded: routes are labelled by [`route_label`] (the route table, a prefix with `*`, or
+/// `other`), statuses by what the server answers, kinds by [`JobKind`].
 #[derive(Default)]
 pub struct HttpMetrics {
     requests: DashMap<(String, u16), (u64, f64)>,
@@ -100,7 +102,17 @@ pub(crate) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
             snake(&k)
         );
     }
-    let tenants = s.engine.all_tenant_metrics();
+    let mut tenants: Vec<(String, crate::jobs::TenantMetrics)> = s
+        .engine
+        .all_tenant_metrics()
+        .into_iter()
+        .map(|(t, m)| (t.0, m))
+        .collect();
+    // Tenants past LORAPLEX_MAX_METRIC_TENANTS, folded into one label when idle.
+    let folded = s.engine.folded_tenant_metrics();
+    if folded != Default::default() {
+        tenants.push(("_other".into(), folded));
+    }
     let (mut queued, mut running, mut tokens) = (0i64, 0i64, 0u64);
     let _ = writeln!(o, "# HELP loraplex_tenant_jobs Jobs per tenant by state (queued and running are gauges, done and failed totals).\n# TYPE loraplex_tenant_jobs gauge");
     for (t, x) in &tenants {

@@ -3,6 +3,10 @@
 //! uploaded it: only they can name it as a loss (`loss_fn = "plugin:<id>"`, or Tinker's
 //! `"custom"` with config `plugin = <id>`) or as a sampler. Owns the ownership table and the
 //! resolution of loss and sampler names; compiling and running is [`crate::plugins`]'s job.
+//!
+//! Bounds: the ownership table holds one entry per (tenant, plugin) uploaded and not
+//! deleted (the per-tenant plugin quota caps it); the host's compiled code is held only
+//! while some tenant owns the plugin.
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Tenant};
@@ -40,6 +44,13 @@ impl PluginStore {
             host: PluginHost::new(limits, cache).map_err(Error::Plugin)?,
             owned: DashMap::new(),
         })
+    }
+
+    /// Drop the compiled code of a plugin no tenant owns.
+    pub fn unload_if_unowned(&self, id: &PluginId) {
+        if !self.owned.iter().any(|e| &e.key().1 == id) {
+            self.host.unload(id);
+        }
     }
 
     fn owned_kind(&self, tenant: &TenantId, id: &str) -> ApiResult<(PluginId, PluginKind)> {
@@ -218,8 +229,14 @@ pub(crate) async fn upload(
     // Again after compiling: another upload of the tenant's may have landed meanwhile.
     check_quota(&s, &tenant, &id, body.len() as u64)?;
     if let Some(d) = &s.durable {
-        d.plugin_uploaded(&tenant, &id.0, &kind.to_string(), &body)
-            .await?;
+        let stored = d
+            .plugin_uploaded(&tenant, &id.0, &kind.to_string(), &body)
+            .await;
+        if let Err(e) = stored {
+            // Compiled but owned by nobody: not kept.
+            s.plugins.unload_if_unowned(&id);
+            return Err(e.into());
+        }
     }
     s.plugins.owned.insert((tenant.clone(), id.clone()), meta);
     tracing::info!(tenant = %tenant, plugin = %id, %kind, "plugin uploaded");
@@ -288,8 +305,6 @@ pub(crate) async fn remove(
     if let Some(d) = &s.durable {
         d.plugin_deleted(&tenant, &id).await?;
     }
-    if !s.plugins.owned.iter().any(|e| e.key().1 == pid) {
-        s.plugins.host.unload(&pid);
-    }
+    s.plugins.unload_if_unowned(&pid);
     Ok(axum::Json(json!({"deleted": id})))
 }

@@ -3,7 +3,9 @@
 //! the assistant's tokens), `/optim_step`, `/retrieve_future` (202 while pending),
 //! `/api/v1/sample` (synchronous text), `/remove_lora`, `/list_loss_functions`, and the
 //! `/api/v1/..._async` aliases. They run on the same engine as the Tinker routes; only
-//! the shapes of requests and results differ.
+//! the shapes of requests and results differ. This layer keeps nothing of its own: a
+//! result renders from the stored job output alone (the same after a restart), and the
+//! sampling sessions it makes live only while their jobs are submitted.
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Tenant};
@@ -11,29 +13,23 @@ use super::tinker::sampling::SamplingParamsJson;
 use super::tinker::training::{check_base_model, AdamJson};
 use super::Shared;
 use crate::jobs::{
-    AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, TenantId,
+    AdapterId, FbRequest, FutureId, JobKind, JobOutput, JobState, Op, SampleRequest, SessionId,
+    TenantId,
 };
 use crate::lora::{LoraConfig, Target};
 use crate::model::chat::Message;
+use crate::model::BaseModel;
 use crate::sample::StopReason;
 use crate::train::loss::{BuiltinLoss, ConfigValue, LossConfig, LossInputs, TensorIn};
 use crate::train::Datum;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use dashmap::DashMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// What the REST layer remembers of its futures: the weight total of a fwdbwd (to report
-/// the mean loss per trained token) and the model a future belongs to.
-#[derive(Default)]
-pub struct RestState {
-    fwdbwd_weights: DashMap<FutureId, f64>,
-}
 
 #[derive(Deserialize, JsonSchema)]
 pub(crate) struct AddLora {
@@ -145,10 +141,9 @@ pub(crate) async fn fwdbwd(
     }
     // Tokenizing is CPU work: off tokio's workers.
     let convs = req.data;
-    let (data, total_weight) =
-        tokio::task::spawn_blocking(move || render_conversations(&model, &convs))
-            .await
-            .map_err(|e| crate::Error::Panic(format!("rendering conversations: {e}")))??;
+    let data = tokio::task::spawn_blocking(move || render_conversations(&model, &convs))
+        .await
+        .map_err(|e| crate::Error::Panic(format!("rendering conversations: {e}")))??;
     let config: LossConfig = req.loss_fn_config.unwrap_or_default();
     let loss_name = req.loss_fn.unwrap_or_else(|| "cross_entropy".into());
     let loss = s.plugins.resolve_loss(&tenant, &loss_name, &config)?;
@@ -162,17 +157,16 @@ pub(crate) async fn fwdbwd(
         .engine
         .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
         .await?;
-    s.rest.fwdbwd_weights.insert(f.clone(), total_weight);
     Ok(axum::Json(
         json!({"request_id": f.0, "model_id": req.model_id}),
     ))
 }
 
-/// Conversations as datums (weight 1 on the assistant's tokens) and their weight total.
+/// Conversations as datums (weight 1 on the assistant's tokens).
 fn render_conversations(
     model: &crate::model::BaseModel,
     convs: &[Vec<Message>],
-) -> ApiResult<(Vec<Datum>, f64)> {
+) -> ApiResult<Vec<Datum>> {
     let tok = model.tokenizer()?;
     let tmpl = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::Engine(crate::Error::Template(
@@ -180,7 +174,6 @@ fn render_conversations(
         ))
     })?;
     let mut data = Vec::with_capacity(convs.len());
-    let mut total_weight = 0.0;
     for (i, conv) in convs.iter().enumerate() {
         let r = tmpl.render_tokens(tok, conv)?;
         if r.tokens.len() < 2 || !r.assistant_mask.iter().skip(1).any(|&m| m) {
@@ -193,7 +186,6 @@ fn render_conversations(
         let w: Vec<f32> = (0..n)
             .map(|j| if r.assistant_mask[j + 1] { 1.0 } else { 0.0 })
             .collect();
-        total_weight += w.iter().map(|&x| x as f64).sum::<f64>();
         let mut inputs = LossInputs::new();
         inputs.insert(
             "target_tokens".into(),
@@ -205,7 +197,7 @@ fn render_conversations(
             loss_fn_inputs: inputs,
         });
     }
-    Ok((data, total_weight))
+    Ok(data)
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -272,7 +264,7 @@ pub(crate) async fn retrieve_future(
     let id = FutureId(req.request_id.clone());
     let rec = s.engine.wait(&tenant, &id, REST_POLL).await?;
     match (rec.state, rec.output, rec.failure) {
-        (JobState::Done, Some(out), _) => Ok(axum::Json(render(&s, &id, &out)?).into_response()),
+        (JobState::Done, Some(out), _) => Ok(axum::Json(render(&s, &out)?).into_response()),
         (JobState::Failed, _, Some(f)) => Err(ApiError::Engine(crate::Error::JobFailed {
             message: f.message,
             category: f.category,
@@ -285,11 +277,14 @@ pub(crate) async fn retrieve_future(
     }
 }
 
-fn render(s: &Shared, id: &FutureId, out: &JobOutput) -> ApiResult<Value> {
+/// A finished future's JSON. Everything it needs is in the stored output, so a result
+/// read after a restart renders as it did before.
+fn render(s: &Shared, out: &JobOutput) -> ApiResult<Value> {
     Ok(match out {
         JobOutput::ModelCreated(m) => json!({"status": "completed", "model_id": m.0}),
         JobOutput::ForwardBackward(r) => {
-            let w = s.rest.fwdbwd_weights.get(id).map(|w| *w).unwrap_or(0.0);
+            // The assistant tokens of the conversations: the weights the route set.
+            let w = r.weight_sum;
             json!({
                 "status": "completed",
                 "loss": if w > 0.0 { r.loss / w } else { r.loss },
@@ -348,6 +343,19 @@ pub(crate) struct SamplerRef {
 /// Most prompts in one sampling request (each is a job of its own).
 const MAX_PROMPTS: usize = crate::jobs::sampling::MAX_NUM_SAMPLES;
 
+/// [`submit_samples`] on a task of its own: a client that hangs up mid-way cannot cancel
+/// it between making its sampling session and removing it.
+async fn submit_detached(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
+    let (s, tenant) = (s.clone(), tenant.clone());
+    tokio::spawn(async move { submit_samples(&s, &tenant, req).await })
+        .await
+        .map_err(|e| {
+            ApiError::Engine(crate::Error::Unavailable(format!(
+                "sampling submission: {e}"
+            )))
+        })?
+}
+
 /// Submit one sample job per prompt; returns the futures in prompt order.
 async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult<Vec<FutureId>> {
     if req.prompts.is_empty() {
@@ -377,18 +385,19 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
                 .await?
         }
     };
-    // The session is only this call's: it goes however the call ends (it counts
-    // against the tenant's sampling_sessions quota while it exists).
-    let out = submit_on(s, tenant, &model, &session, req).await;
+    // The sampling session lives only while its jobs are submitted (each job holds its
+    // snapshot): removed on every way out, so a refused request leaves nothing behind
+    // (it counts against the tenant's sampling_sessions quota while it exists).
+    let futures = submit_on(s, tenant, &session, &model, req).await;
     let _ = s.engine.registry().remove_session(tenant, &session);
-    out
+    futures
 }
 
 async fn submit_on(
     s: &Shared,
     tenant: &TenantId,
-    model: &crate::model::BaseModel,
-    session: &crate::jobs::SessionId,
+    session: &SessionId,
+    model: &BaseModel,
     req: Sample,
 ) -> ApiResult<Vec<FutureId>> {
     let (params, stop_strings) = req.sampling_params.resolve(model)?;
@@ -434,7 +443,7 @@ pub(crate) async fn sample(
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
 ) -> ApiResult<axum::Json<Value>> {
-    let futures = submit_samples(&s, &tenant, req).await?;
+    let futures = submit_detached(&s, &tenant, req).await?;
     let model = s.engine.base_model().await?;
     let tok = model.tokenizer()?;
     let mut texts = Vec::new();
@@ -472,7 +481,7 @@ pub(crate) async fn sample_async(
     Tenant(tenant): Tenant,
     Json(req): Json<Sample>,
 ) -> ApiResult<axum::Json<Value>> {
-    let futures = submit_samples(&s, &tenant, req).await?;
+    let futures = submit_detached(&s, &tenant, req).await?;
     let ids: Vec<&str> = futures.iter().map(|f| f.0.as_str()).collect();
     Ok(axum::Json(
         json!({"request_id": ids.first(), "request_ids": ids}),

@@ -306,6 +306,7 @@ fn piece_done(
 fn merge_result(acc: &mut WorkResult, b: WorkResult) {
     let (na, nb) = (acc.logprobs.len() as f64, b.logprobs.len() as f64);
     acc.loss += b.loss;
+    acc.weight_sum += b.weight_sum;
     for (k, v) in b.metrics {
         let e = acc.metrics.entry(k.clone()).or_insert(v);
         if k.ends_with(":mean") {
@@ -372,6 +373,7 @@ fn barrier(
                 tenant: j.tenant.clone(),
                 adapter: Some(entry.id.clone()),
                 weights: Some(Arc::new(st.train.weights.clone())),
+                owner: entry.session.clone(),
             })?;
             Ok(JobOutput::SamplingSession(id))
         }

@@ -15,6 +15,13 @@
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
 //! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`].
 //! Model work never runs on tokio's workers: lanes are dedicated threads.
+//!
+//! Nothing here grows with the number of requests served: futures expire and are capped
+//! ([`future::FutureStoreConfig`]), long-poll wake-ups exist only while someone waits,
+//! the scheduler keeps one queue per live model, the sampler only what is decoding,
+//! per-tenant counters are capped (`max_metric_tenants`), and the registry holds live
+//! models, sampling sessions (removed by whoever made them, or with their Tinker session)
+//! and checkpoints (deleted, or expired by their time to live).
 
 pub mod future;
 pub mod ids;
@@ -25,7 +32,10 @@ pub mod registry;
 pub mod sampling;
 pub(crate) mod scheduler;
 
-pub use future::{FutureRecord, FutureStore, JobFailure, JobKind, JobOutput, JobState};
+pub use future::{
+    FutureRecord, FutureStore, FutureStoreConfig, JobFailure, JobKind, JobOutput, JobState,
+    MemoryFutureStore,
+};
 pub use ids::{AdapterId, FutureId, SessionId, TenantId};
 pub use job::{FbRequest, Op};
 pub use metrics::TenantMetrics;
@@ -37,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraWeights};
 use crate::model::BaseModel;
 use crate::train::TrainableAdapter;
-use future::{Futures, MemoryFutureStore};
+use future::Futures;
 use metrics::Metrics;
 use registry::{AdapterEntry, Session};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,7 +105,7 @@ impl Engine {
         let quotas = Arc::new(crate::quota::Quotas::new(&cfg.quotas));
         let registry = Arc::new(Registry::with_persist(loader, persist).with_quotas(quotas));
         let futures = Arc::new(Futures::new(store));
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants));
         let (report_tx, report_rx) = mpsc::unbounded_channel();
         let mut lanes = Vec::new();
         for lane in 0..cfg.max_workers.max(1) {
@@ -262,6 +272,7 @@ impl Engine {
         op: Op,
     ) -> Result<FutureId> {
         let entry = self.inner.registry.adapter(tenant, model)?;
+        entry.touch();
         let base = self.base_model().await?;
         let valid = match &op {
             Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base),
@@ -347,6 +358,7 @@ impl Engine {
             tenant: tenant.clone(),
             adapter: Some(c.model.clone()),
             weights: Some(Arc::new(c.state.weights.clone())),
+            owner: None,
         })
     }
 
@@ -393,6 +405,7 @@ impl Engine {
             tenant: tenant.clone(),
             adapter: None,
             weights: None,
+            owner: None,
         })
     }
 
@@ -532,6 +545,17 @@ impl Engine {
     /// `LORAPLEX_MAX_QUEUED_BYTES`).
     pub fn queued_bytes(&self) -> usize {
         self.inner.metrics.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// Totals of the tenants whose counters were folded away to keep the tenant count
+    /// under `max_metric_tenants` ([`metrics`]).
+    pub fn folded_tenant_metrics(&self) -> TenantMetrics {
+        self.inner.metrics.folded()
+    }
+
+    /// Long-poll wake-ups registered now (one per future somebody waits on).
+    pub fn waiting_futures(&self) -> usize {
+        self.inner.futures.waiters_len()
     }
 
     /// Jobs failed by a tenant's plugin since start.

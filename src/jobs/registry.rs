@@ -4,9 +4,15 @@
 //! (dashmap) and a lane holds only the locks of the adapters in its batch.
 //!
 //! The registry stores state; it never decides order (the scheduler does) and never runs
-//! model work. It does keep, beside each map, what every tenant holds in it, and refuses
-//! what would go over the tenant's quota ([`crate::quota`]): training runs, sampling
-//! sessions, checkpoint bytes. Restored state goes through the same inserts, so it counts.
+//! model work.
+//!
+//! Bounds: a model stays until deleted or unloaded (with its Tinker session, or by the
+//! session reaper after `LORAPLEX_SESSION_TIMEOUT_S`); a sampling session until whoever
+//! made it removes it (a request that made it for itself, or its Tinker session, see
+//! [`Session::owner`]); a checkpoint until deleted or past its time to live. It also keeps, beside
+//! each map, what every tenant holds in it, and refuses what would go over the tenant's
+//! quota ([`crate::quota`]): training runs, sampling sessions, checkpoint bytes. Restored
+//! state goes through the same inserts, so it counts.
 
 use super::ids::{AdapterId, SessionId, TenantId};
 use crate::error::{Error, Result};
@@ -58,6 +64,8 @@ pub struct AdapterEntry {
     /// The Tinker session it belongs to, if any.
     pub session: Option<String>,
     pub created: std::time::SystemTime,
+    /// When it last got work (ms since the epoch; 0: never), for training run listings.
+    last_request_ms: std::sync::atomic::AtomicU64,
     /// Held by the one lane that runs this adapter's work, and briefly by readers.
     pub(crate) state: Mutex<AdapterState>,
 }
@@ -91,6 +99,7 @@ impl AdapterEntry {
             first_seq,
             session,
             created: std::time::SystemTime::now(),
+            last_request_ms: Default::default(),
             state: Mutex::new(AdapterState {
                 train,
                 partial: None,
@@ -101,6 +110,22 @@ impl AdapterEntry {
     /// A copy of the current weights (cheap: tensors are shared, updates replace them).
     pub fn weights(&self) -> LoraWeights {
         self.state.lock().train.weights.clone()
+    }
+
+    /// Note that work arrived for it now.
+    pub fn touch(&self) {
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64);
+        self.last_request_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When it last got work, or when it was created if it got none.
+    pub fn last_request(&self) -> SystemTime {
+        match self.last_request_ms.load(Ordering::Relaxed) {
+            0 => self.created,
+            ms => SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+        }
     }
 
     /// Optimizer steps taken so far.
@@ -142,6 +167,9 @@ pub struct Session {
     pub tenant: TenantId,
     pub adapter: Option<AdapterId>,
     pub weights: Option<Arc<LoraWeights>>,
+    /// The Tinker session it is released with ([`Registry::remove_sessions_owned_by`]);
+    /// `None`: its creator removes it.
+    pub owner: Option<String>,
 }
 
 /// What one tenant holds in the registry, for its quotas. An entry goes once it is empty,
@@ -556,6 +584,26 @@ impl Registry {
         self.checkpoints
             .insert((tenant.clone(), name.to_owned()), c);
         Ok(())
+    }
+
+    /// Remove `tenant`'s sampling sessions owned by the Tinker session `owner`; returns
+    /// their ids.
+    pub fn remove_sessions_owned_by(&self, tenant: &TenantId, owner: &str) -> Vec<SessionId> {
+        let ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|s| &s.tenant == tenant && s.owner.as_deref() == Some(owner))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &ids {
+            self.sessions.remove(id);
+        }
+        ids
+    }
+
+    /// Sampling sessions held now.
+    pub fn num_sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     pub fn remove_session(&self, tenant: &TenantId, id: &SessionId) -> Result<()> {

@@ -77,6 +77,10 @@ pub struct SampleRequest {
     /// With `prompt_logprobs`: how many of the most likely tokens to return per prompt
     /// position after the first.
     pub prompt_top_logprobs: usize,
+    /// Tinker's `prompt_logprobs_last_n`: only the last n prompt logprobs are wanted. Not
+    /// applied here; carried into [`SampleOutput`] so the result renders the same whenever
+    /// it is read, a restart included.
+    pub prompt_logprobs_last_n: Option<usize>,
     pub sampler: Option<Arc<dyn TokenSampler>>,
 }
 
@@ -115,7 +119,7 @@ impl SampleRequest {
     pub fn validate(&self, model: &BaseModel) -> Result<()> {
         self.params.validate()?;
         model.check_tokens("prompt", &self.prompt, 0)?;
-        if self.prompt.len() + self.params.max_tokens > model.config.max_position_embeddings {
+        if self.seq_positions() > model.config.max_position_embeddings {
             return Err(Error::invalid(
                 "sampling_params.max_tokens",
                 format!(
@@ -195,6 +199,9 @@ pub struct SampleOutput {
     /// With `prompt_top_logprobs`: per prompt position after the first, the most likely
     /// (token, logprob), best first.
     pub prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+    /// The request's `prompt_logprobs_last_n`, for rendering (see [`SampleRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs_last_n: Option<usize>,
 }
 
 pub(crate) struct SampleJob {
@@ -537,6 +544,7 @@ impl Sampler {
             sequences: acc.seqs.into_iter().flatten().collect(),
             prompt_logprobs: acc.prompt_logprobs,
             prompt_top_logprobs: acc.prompt_top_logprobs,
+            prompt_logprobs_last_n: acc.job.req.prompt_logprobs_last_n,
         };
         self.ctx.metrics.finished(&acc.job.tenant, true, true);
         self.ctx

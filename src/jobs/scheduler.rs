@@ -12,6 +12,11 @@
 //! that model and fails its waiting work after `seq_timeout_ms`.
 //!
 //! The actor never runs model work: lanes do, on their own threads.
+//!
+//! Bounds: one queue per live model (removed when the model is deleted or unloaded); per
+//! queue, pending work is capped by `max_queued_per_model` and the seq_ids remembered for
+//! retries by `SEEN_WINDOW`; the per-tenant fairness counters only for tenants with a
+//! queue.
 
 use super::future::{Futures, JobKind};
 use super::ids::{AdapterId, FutureId, TenantId};
@@ -87,7 +92,8 @@ pub(crate) struct Scheduler {
     futures: Arc<Futures>,
     metrics: Arc<Metrics>,
     queues: HashMap<AdapterId, ModelQueue>,
-    /// Tokens served per tenant: who goes first when the budget is short.
+    /// Tokens served per tenant: who goes first when the budget is short. Only tenants
+    /// with a model queue keep theirs (see `expire_missing`).
     served: HashMap<TenantId, u64>,
     outstanding: usize,
     lanes: Vec<std::sync::mpsc::Sender<Batch>>,
@@ -340,6 +346,13 @@ impl Scheduler {
     fn expire_missing(&mut self) {
         let now = Instant::now();
         let limit = Duration::from_millis(self.cfg.seq_timeout_ms);
+        // Fairness counts only for tenants with a model queue: one per live model, so
+        // tenants that come and go (every API key in development mode) leave no trace.
+        if self.served.len() > self.queues.len() {
+            let live: std::collections::HashSet<&TenantId> =
+                self.queues.values().map(|q| &q.entry.tenant).collect();
+            self.served.retain(|t, _| live.contains(t));
+        }
         for q in self.queues.values_mut() {
             // Remember only the recent seq_ids for retries: bounded memory per model.
             if q.seen.len() > 2 * SEEN_WINDOW {

@@ -2,6 +2,8 @@
 //! hash, memory and disk cache), decides which world each implements, and
 //! runs calls, each in a fresh store with the limits. It knows nothing of
 //! tenants or ownership: a plugin is known only by the hash of its bytes.
+//! Compiled code stays loaded until [`PluginHost::unload`]; the API unloads a plugin once
+//! no tenant owns it, so what is held is bounded by the tenants' plugin quotas.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

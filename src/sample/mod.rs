@@ -200,7 +200,8 @@ pub fn generate(
     for (i, r) in reqs.iter().enumerate() {
         r.params.validate()?;
         model.check_tokens(&format!("requests[{i}].prompt"), r.prompt, 0)?;
-        if r.prompt.len() + r.params.max_tokens > model.config.max_position_embeddings {
+        if r.prompt.len().saturating_add(r.params.max_tokens) > model.config.max_position_embeddings
+        {
             return Err(Error::invalid(
                 format!("requests[{i}].max_tokens"),
                 format!(

@@ -304,6 +304,16 @@ impl Db {
             .collect()
     }
 
+    /// Forget an ended session (its models keep their rows and checkpoints).
+    pub async fn delete_session(&self, tenant: &TenantId, id: &ClientSessionId) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE id = ? AND tenant_id = ?")
+            .bind(&id.0)
+            .bind(tenant.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn heartbeat_session(
         &self,
         tenant: &TenantId,
@@ -961,6 +971,25 @@ pub(crate) mod futures {
         .execute(ex)
         .await?;
         Ok(())
+    }
+
+    /// Delete finished futures nobody fetched that finished at least `ttl` before `now`.
+    pub async fn expire_unread<'c, E: Executor<'c, Database = Sqlite>>(
+        ex: E,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Vec<FutureId>> {
+        let cutoff = to_ms(now).saturating_sub(ttl.as_millis().min(i64::MAX as u128) as i64);
+        let rows = sqlx::query(
+            "DELETE FROM futures WHERE fetched_ms IS NULL AND finished_ms IS NOT NULL \
+             AND finished_ms <= ? RETURNING id",
+        )
+        .bind(cutoff)
+        .fetch_all(ex)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(FutureId(r.try_get("id")?)))
+            .collect()
     }
 
     pub async fn expire<'c, E: Executor<'c, Database = Sqlite>>(

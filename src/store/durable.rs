@@ -173,6 +173,13 @@ impl Durable {
             .await
     }
 
+    /// The session ended (finished, or reaped): it does not come back after a restart.
+    pub async fn session_ended(&self, tenant: &TenantId, id: &str) -> Result<()> {
+        let (t, id) = (tenant.clone(), super::db::ClientSessionId(id.to_owned()));
+        self.call(move |db| async move { db.delete_session(&t, &id).await })
+            .await
+    }
+
     /// Keep a plugin's bytes (by content hash) and its owner.
     pub async fn plugin_uploaded(
         &self,

@@ -10,8 +10,12 @@
 //! - `get` reads the map; a future not in it (from before a restart, or evicted after it
 //!   finished) is read from the database through the writer, and cached.
 //! - Outcomes expire `result_ttl` after they were first fetched: the first `get` that
-//!   returns a finished record counts (so the engine's long-poll does it). The writer
-//!   sweeps periodically ([`SqliteFutureStore::expire`] runs a sweep now).
+//!   returns a finished record counts (so the engine's long-poll does it); outcomes nobody
+//!   fetched expire `unread_ttl` after they finished. The writer sweeps periodically
+//!   ([`SqliteFutureStore::expire`] runs a sweep now).
+//! - The map holds unfinished futures (bounded by the engine's queue limits) and finished
+//!   ones for `cache_finished_for`, at most `max_records` in all: past that, an insert
+//!   evicts finished ones (they stay in the database).
 //!
 //! At open, every future left pending or running by the previous process fails with
 //! [`RESTARTED_MESSAGE`](super::db::RESTARTED_MESSAGE). One process per database.
@@ -19,6 +23,7 @@
 use super::db::{futures as q, Db, StoredFuture};
 use super::error::{Result as StoreResult, StoreError};
 use crate::error::{Error, Result};
+use crate::jobs::future::older_than;
 use crate::jobs::{FutureId, FutureRecord, FutureStore, JobFailure, JobOutput, JobState, TenantId};
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -31,27 +36,7 @@ use std::time::{Duration, SystemTime};
 /// Most commands one transaction takes.
 const MAX_BATCH: usize = 512;
 
-/// Settings of the future store.
-#[derive(Debug, Clone)]
-pub struct FutureStoreConfig {
-    /// A finished future's outcome is deleted this long after it was first fetched.
-    pub result_ttl: Duration,
-    /// How often the writer runs the expiry sweep.
-    pub sweep_interval: Duration,
-    /// A finished future leaves the in-memory map this long after it finished (it stays in
-    /// the database and is read back on demand).
-    pub cache_finished_for: Duration,
-}
-
-impl Default for FutureStoreConfig {
-    fn default() -> Self {
-        FutureStoreConfig {
-            result_ttl: Duration::from_secs(3600),
-            sweep_interval: Duration::from_secs(60),
-            cache_finished_for: Duration::from_secs(600),
-        }
-    }
-}
+pub use crate::jobs::future::FutureStoreConfig;
 
 #[derive(Debug, Clone)]
 struct Cached {
@@ -92,6 +77,7 @@ type Cache = Arc<DashMap<FutureId, Cached>>;
 
 /// Futures in SQLite, with an in-memory map in front. See the module docs.
 pub struct SqliteFutureStore {
+    cfg: FutureStoreConfig,
     cache: Cache,
     tx: Mutex<Option<Sender<Cmd>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -120,6 +106,7 @@ impl SqliteFutureStore {
         let writer = {
             let cache = cache.clone();
             let p = path.to_owned();
+            let cfg = cfg.clone();
             std::thread::Builder::new()
                 .name("loraplex-futures-db".into())
                 .spawn(move || writer_main(p, cfg, cache, rx, ready_tx))
@@ -133,6 +120,7 @@ impl SqliteFutureStore {
             );
         }
         Ok(SqliteFutureStore {
+            cfg,
             cache,
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
@@ -188,6 +176,11 @@ impl SqliteFutureStore {
         Ok(())
     }
 
+    /// Futures held in the in-memory map now.
+    pub fn cached_len(&self) -> usize {
+        self.cache.len()
+    }
+
     /// Run the expiry sweep now; returns how many futures were deleted.
     pub fn expire(&self) -> Result<usize> {
         Ok(self.ask(Cmd::Expire)?)
@@ -217,6 +210,7 @@ impl Drop for SqliteFutureStore {
 impl FutureStore for SqliteFutureStore {
     fn insert(&self, record: FutureRecord) -> Result<()> {
         self.ask(|tx| Cmd::Insert(record.clone(), tx))?;
+        evict_finished(&self.cfg, &self.cache);
         let finished = record.state.is_terminal().then(SystemTime::now);
         self.cache.insert(
             record.id.clone(),
@@ -230,24 +224,35 @@ impl FutureStore for SqliteFutureStore {
     }
 
     fn get(&self, tenant: &TenantId, id: &FutureId) -> Result<FutureRecord> {
-        let cached = self.cache.get(id).map(|c| c.record.clone());
-        let rec = match cached {
-            Some(r) if &r.tenant == tenant => r,
+        let cached = self
+            .cache
+            .get(id)
+            .map(|c| (c.record.clone(), c.finished, c.fetched));
+        let (rec, finished, fetched) = match cached {
+            Some(c) if &c.0.tenant == tenant => c,
             Some(_) => return Err(not_found(id)),
             None => {
                 let stored = self.ask(|tx| Cmd::Get(tenant.clone(), id.clone(), tx))?;
-                let rec = stored.record.clone();
-                if rec.state.is_terminal() {
+                if stored.record.state.is_terminal() {
+                    evict_finished(&self.cfg, &self.cache);
                     self.cache.entry(id.clone()).or_insert(Cached {
-                        record: stored.record,
+                        record: stored.record.clone(),
                         finished: stored.finished,
                         fetched: stored.fetched,
                     });
                 }
-                rec
+                (stored.record, stored.finished, stored.fetched)
             }
         };
         if rec.state.is_terminal() {
+            // Past its time but not swept yet: already gone for callers.
+            let now = SystemTime::now();
+            if older_than(fetched, self.cfg.result_ttl, now)
+                || (fetched.is_none() && older_than(finished, self.cfg.unread_ttl, now))
+            {
+                self.cache.remove(id);
+                return Err(not_found(id));
+            }
             self.note_fetched(id)?;
         }
         Ok(rec)
@@ -436,13 +441,12 @@ async fn commit_writes(db: &Db, writes: Vec<Cmd>) {
 
 async fn sweep(db: &Db, cfg: &FutureStoreConfig, cache: &Cache) -> StoreResult<usize> {
     let now = SystemTime::now();
-    let gone = q::expire(db.pool(), now, cfg.result_ttl).await?;
+    let mut gone = q::expire(db.pool(), now, cfg.result_ttl).await?;
+    gone.extend(q::expire_unread(db.pool(), now, cfg.unread_ttl).await?);
     for id in &gone {
         cache.remove(id);
     }
-    let old = |t: Option<SystemTime>, d: Duration| {
-        t.is_some_and(|t| now.duration_since(t).is_ok_and(|age| age >= d))
-    };
+    let old = |t: Option<SystemTime>, d: Duration| older_than(t, d, now);
     // Fetched long enough ago (its Fetched write may still be queued: gone from the map
     // now, from the database on the next sweep), or finished long ago and not polled.
     cache.retain(|_, c| {
@@ -450,4 +454,27 @@ async fn sweep(db: &Db, cfg: &FutureStoreConfig, cache: &Cache) -> StoreResult<u
             || (c.record.state.is_terminal() && old(c.finished, cfg.cache_finished_for)))
     });
     Ok(gone.len())
+}
+
+/// Past `max_records`, drop finished futures from the map (fetched first, then the
+/// longest finished) down to 90% of it; the database keeps them.
+fn evict_finished(cfg: &FutureStoreConfig, cache: &Cache) {
+    let cap = cfg.max_records.max(1);
+    if cache.len() < cap {
+        return;
+    }
+    let target = cap - cap / 10;
+    let mut finished: Vec<(bool, SystemTime, FutureId)> = cache
+        .iter()
+        .filter(|c| c.record.state.is_terminal())
+        .map(|c| {
+            let at = c.finished.unwrap_or(c.record.created);
+            (c.fetched.is_none(), at, c.key().clone())
+        })
+        .collect();
+    finished.sort();
+    let excess = cache.len().saturating_sub(target);
+    for (_, _, id) in finished.into_iter().take(excess) {
+        cache.remove(&id);
+    }
 }

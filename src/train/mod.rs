@@ -84,6 +84,21 @@ pub struct WorkResult {
     pub logprobs: Vec<Vec<f32>>,
     pub k: Vec<usize>,
     pub elementwise: Option<Vec<Vec<f32>>>,
+    /// Sum of the data's `weights` input (0 where a datum has none): the tokens the loss
+    /// counted, for the built-in losses. Kept with the result so a mean per token renders
+    /// the same whenever the result is read (the REST `/fwdbwd` reports `loss / weight_sum`).
+    #[serde(default)]
+    pub weight_sum: f64,
+}
+
+/// Sum of every datum's f32 `weights` input, in data and token order.
+pub fn weight_sum(data: &[Datum]) -> f64 {
+    data.iter()
+        .filter_map(|d| match d.loss_fn_inputs.get("weights").map(|t| &t.data) {
+            Some(loss::TensorData::F32(w)) => Some(w.iter().map(|&x| x as f64).sum::<f64>()),
+            _ => None,
+        })
+        .sum()
 }
 
 /// Run every request's data through the model in one batch, compute each request's loss
@@ -171,6 +186,7 @@ pub fn forward_backward(
                 logprobs: lps[first..next].to_vec(),
                 k: data.iter().map(|d| d.k).collect(),
                 elementwise: o.elementwise,
+                weight_sum: weight_sum(w.data),
             }
         }));
     }

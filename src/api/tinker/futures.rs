@@ -38,7 +38,7 @@ pub async fn retrieve_future(
     let poll = Duration::from_millis(s.cfg.long_poll_ms);
     let rec = s.engine.wait(&tenant, &id, poll).await?;
     Ok(match (rec.state, rec.output, rec.failure) {
-        (JobState::Done, Some(out), _) => render(&s, &tenant, &id, &out),
+        (JobState::Done, Some(out), _) => render(&s, &tenant, &out),
         (JobState::Failed, _, Some(f)) => axum::Json(json!({
             "error": f.message,
             "category": match f.category {
@@ -64,16 +64,12 @@ fn proto_response(msg: impl Message) -> Response {
         .into_response()
 }
 
-fn render(s: &Shared, tenant: &TenantId, id: &FutureId, out: &JobOutput) -> Response {
+fn render(s: &Shared, tenant: &TenantId, out: &JobOutput) -> Response {
     match out {
         JobOutput::ForwardBackward(r) => proto_response(fb_output(r)),
-        JobOutput::Sample(o) => {
-            let shape = s.tinker.sample_shapes.get(id).map(|x| *x);
-            proto_response(sample_response(
-                o,
-                shape.and_then(|x| x.prompt_logprobs_last_n),
-            ))
-        }
+        // Everything rendering needs is in the stored output: a result read after a
+        // restart renders as it did before.
+        JobOutput::Sample(o) => proto_response(sample_response(o, o.prompt_logprobs_last_n)),
         JobOutput::OptimStep(r) => axum::Json(json!({
             "type": "optim_step",
             "metrics": {
@@ -108,7 +104,8 @@ fn render(s: &Shared, tenant: &TenantId, id: &FutureId, out: &JobOutput) -> Resp
                     .and_then(|x| x.adapter.clone())
                     .and_then(|m| session_of_model(&m.0).ok().map(str::to_owned));
                 if let Some(sess) = session {
-                    register_sampler(s, tenant, &sess, sid, None);
+                    // Released with its session either way (it is owned by it).
+                    let _ = register_sampler(s, tenant, &sess, sid, None);
                 }
             }
             axum::Json(json!({

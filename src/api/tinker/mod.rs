@@ -7,6 +7,8 @@
 //! Parts: [`session`] (client config, sessions, telemetry, capabilities), [`training`]
 //! (models, forward_backward, optim_step, checkpoints, training runs), [`sampling`]
 //! (sampling sessions, asample), [`futures`] (retrieve_future).
+//!
+//! What this layer keeps, and what bounds each part of it: [`TinkerState`].
 
 pub mod futures;
 pub mod sampling;
@@ -18,9 +20,54 @@ use super::Shared;
 use crate::jobs::{FutureId, TenantId};
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-/// A Tinker session: the unit the SDK heartbeats and closes.
+/// Most seq_ids remembered per window ([`SeqWindow`]) for idempotent retries. The SDK
+/// retries a request within seconds; a retry older than the window is treated as new.
+pub const SEQ_WINDOW: usize = 1024;
+
+/// Largest `user_metadata` a session keeps, serialized (bytes).
+pub const MAX_USER_METADATA_BYTES: usize = 16 << 10;
+
+/// The most recent [`SEQ_WINDOW`] seq_ids and what each was answered with; inserting one
+/// more forgets the lowest.
+#[derive(Debug)]
+pub struct SeqWindow<V> {
+    map: BTreeMap<u64, V>,
+}
+
+impl<V> Default for SeqWindow<V> {
+    fn default() -> Self {
+        SeqWindow {
+            map: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> SeqWindow<V> {
+    pub fn get(&self, seq: u64) -> Option<V> {
+        self.map.get(&seq).cloned()
+    }
+
+    pub fn insert(&mut self, seq: u64, v: V) {
+        self.map.insert(seq, v);
+        while self.map.len() > SEQ_WINDOW {
+            self.map.pop_first();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A Tinker session: the unit the SDK heartbeats and closes. Everything in it goes with
+/// it; the lists hold only what is live (an unloaded or failed model leaves them).
 pub struct SessionInfo {
     pub tenant: TenantId,
     pub created: SystemTime,
@@ -29,24 +76,49 @@ pub struct SessionInfo {
     /// Training models and sampling sessions created in it, released with it.
     pub models: Mutex<Vec<String>>,
     pub samplers: Mutex<Vec<String>>,
+    /// model_seq_id → the create future and the model, for idempotent retries.
+    pub model_creates: Mutex<SeqWindow<(FutureId, String)>>,
+    /// sampling_session_seq_id → the sampling session, for idempotent retries.
+    pub sampler_creates: Mutex<SeqWindow<String>>,
 }
 
-/// What this layer remembers besides the engine's state.
+impl SessionInfo {
+    pub fn new(
+        tenant: TenantId,
+        created: SystemTime,
+        user_metadata: serde_json::Value,
+        models: Vec<String>,
+    ) -> Self {
+        SessionInfo {
+            tenant,
+            created,
+            last_heartbeat: Mutex::new(Instant::now()),
+            user_metadata,
+            models: Mutex::new(models),
+            samplers: Mutex::new(Vec::new()),
+            model_creates: Mutex::default(),
+            sampler_creates: Mutex::default(),
+        }
+    }
+}
+
+/// What this layer remembers besides the engine's state, and what bounds it:
+/// - `sessions`: ended by `session/finish` or after `LORAPLEX_SESSION_TIMEOUT_S` without
+///   a heartbeat ([`reap_sessions`]); at most `LORAPLEX_MAX_SESSIONS_PER_TENANT` per
+///   tenant and `LORAPLEX_MAX_SESSIONS` in all. Each holds its idempotency windows
+///   ([`SEQ_WINDOW`] entries each), its live models and sampling sessions.
+/// - `samples` and `sampler_paths`, per sampling session: removed when the session that
+///   owns the sampling session is released; `samples` keeps a [`SEQ_WINDOW`] of seq_ids.
+///
+/// How a result renders is in the stored job output, never here; a training run's last
+/// request time is on the engine's model entry.
 #[derive(Default)]
 pub struct TinkerState {
     pub sessions: DashMap<String, SessionInfo>,
-    /// (session, model_seq_id) → the create future, for idempotent retries.
-    pub model_creates: DashMap<(String, u64), (FutureId, String)>,
-    /// (session, sampling_session_seq_id) → sampling session id.
-    pub sampler_creates: DashMap<(String, u64), String>,
-    /// (sampling session, seq_id) → the sample future and its sequence ids.
-    pub samples: DashMap<(String, u64), (FutureId, Vec<String>)>,
-    /// sampling session → the checkpoint path it was created from, if any.
+    /// Sampling session → its asample seq_ids' futures and sample counts, for retries.
+    pub samples: DashMap<String, Mutex<SeqWindow<(FutureId, usize)>>>,
+    /// Sampling session → the checkpoint path it was created from, if any.
     pub sampler_paths: DashMap<String, Option<String>>,
-    /// Sample future → how to render its result.
-    pub sample_shapes: DashMap<FutureId, sampling::SampleShape>,
-    /// Training model → when it last got a request (for TrainingRun).
-    pub last_request: DashMap<String, SystemTime>,
 }
 
 impl TinkerState {
@@ -62,9 +134,10 @@ impl TinkerState {
         }
     }
 
-    pub fn touch(&self, model: &str) {
-        self.last_request
-            .insert(model.to_owned(), SystemTime::now());
+    /// Forget a sampling session (released, or never to be used again).
+    pub fn forget_sampler(&self, id: &str) {
+        self.samples.remove(id);
+        self.sampler_paths.remove(id);
     }
 }
 
@@ -192,6 +265,24 @@ mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_seq_window_keeps_the_most_recent_seq_ids() {
+        let mut w = SeqWindow::default();
+        for q in (0..3 * SEQ_WINDOW as u64).rev() {
+            w.insert(q, q * 2);
+        }
+        assert_eq!(w.len(), SEQ_WINDOW);
+        // Inserted highest first: the window keeps the highest.
+        assert_eq!(
+            w.get(3 * SEQ_WINDOW as u64 - 1),
+            Some(6 * SEQ_WINDOW as u64 - 2)
+        );
+        assert_eq!(w.get(0), None);
+        w.insert(u64::MAX, 1);
+        assert_eq!(w.len(), SEQ_WINDOW);
+        assert_eq!(w.get(u64::MAX), Some(1));
     }
 
     #[test]

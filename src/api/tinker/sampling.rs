@@ -6,7 +6,7 @@ use super::TinkerPath;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
-use crate::jobs::{SampleRequest, SessionId, TenantId};
+use crate::jobs::{FutureId, SampleRequest, SessionId, TenantId};
 use crate::model::BaseModel;
 use crate::sample::SamplingParams;
 use axum::extract::State;
@@ -34,13 +34,17 @@ pub async fn create_sampling_session(
     Tenant(tenant): Tenant,
     Json(req): Json<CreateSamplingSession>,
 ) -> ApiResult<axum::Json<Value>> {
-    let key = (req.session_id.clone(), req.sampling_session_seq_id);
-    if let Some(id) = s.tinker.sampler_creates.get(&key) {
+    let known = s
+        .tinker
+        .session(&tenant, &req.session_id)?
+        .sampler_creates
+        .lock()
+        .get(req.sampling_session_seq_id);
+    if let Some(id) = known {
         return Ok(axum::Json(
-            json!({"sampling_session_id": *id, "type": "create_sampling_session"}),
+            json!({"sampling_session_id": id, "type": "create_sampling_session"}),
         ));
     }
-    s.tinker.session(&tenant, &req.session_id)?;
     let id = match (&req.model_path, &req.base_model) {
         (Some(p), _) => {
             let path = TinkerPath::parse(p)?;
@@ -57,25 +61,40 @@ pub async fn create_sampling_session(
             ))
         }
     };
-    register_sampler(&s, &tenant, &req.session_id, &id, req.model_path.clone());
-    s.tinker.sampler_creates.insert(key, id.0.clone());
+    if !register_sampler(&s, &tenant, &req.session_id, &id, req.model_path.clone()) {
+        // The session ended meanwhile: nothing would ever release the sampler.
+        let _ = s.engine.registry().remove_session(&tenant, &id);
+        return Err(ApiError::not_found("session", &req.session_id));
+    }
+    if let Ok(sess) = s.tinker.session(&tenant, &req.session_id) {
+        sess.sampler_creates
+            .lock()
+            .insert(req.sampling_session_seq_id, id.0.clone());
+    }
     Ok(axum::Json(
         json!({"sampling_session_id": id.0, "type": "create_sampling_session"}),
     ))
 }
 
 /// Remember a sampling session under its Tinker session, so it is released with it.
+/// False (and nothing remembered) when the session or the sampling session is gone.
 pub fn register_sampler(
     s: &Shared,
     tenant: &TenantId,
     session: &str,
     id: &SessionId,
     path: Option<String>,
-) {
-    if let Ok(sess) = s.tinker.session(tenant, session) {
-        sess.samplers.lock().push(id.0.clone());
+) -> bool {
+    let Ok(sess) = s.tinker.session(tenant, session) else {
+        return false;
+    };
+    // Checked under the session's entry: a release waits for it, so it cannot miss this.
+    if s.engine.registry().session(tenant, id).is_err() {
+        return false;
     }
+    sess.samplers.lock().push(id.0.clone());
     s.tinker.sampler_paths.insert(id.0.clone(), path);
+    true
 }
 
 pub async fn get_sampler(
@@ -258,34 +277,13 @@ pub struct Asample {
     model_path: Option<String>,
 }
 
-/// Removes a sampling session made for one request once that request is handled.
-struct TransientSession<'a> {
-    s: &'a Shared,
-    tenant: &'a TenantId,
-    id: Option<SessionId>,
-}
-
-impl Drop for TransientSession<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = &self.id {
-            let _ = self.s.engine.registry().remove_session(self.tenant, id);
-        }
-    }
-}
-
-/// How a sample future's result is rendered beyond the engine's output.
-#[derive(Debug, Clone, Copy)]
-pub struct SampleShape {
-    /// Only the last n prompt logprobs are kept (others NaN).
-    pub prompt_logprobs_last_n: Option<usize>,
-}
-
 pub async fn asample(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<Asample>,
 ) -> ApiResult<axum::Json<Value>> {
     let n = req.num_samples.unwrap_or(1);
+    let seq_id = req.seq_id;
     if req.prompt_alt_tokens_k.unwrap_or(0) > 0 {
         return Err(ApiError::Engine(crate::Error::Unsupported(
             "prompt_alt_tokens_k > 0".into(),
@@ -300,38 +298,80 @@ pub async fn asample(
             "target_prompt_logprobs".into(),
         )));
     }
-    let session = match (&req.sampling_session_id, &req.model_path, &req.base_model) {
-        (Some(id), _, _) => SessionId(id.clone()),
-        (None, Some(p), _) => {
-            let path = TinkerPath::parse(p)?;
-            s.engine.checkpoint_sampling_session(&tenant, &path.key())?
+    match req.sampling_session_id.clone() {
+        Some(id) => {
+            let session = SessionId(id.clone());
+            s.engine.registry().session(&tenant, &session)?;
+            let known = s
+                .tinker
+                .samples
+                .get(&id)
+                .and_then(|w| seq_id.and_then(|q| w.lock().get(q)));
+            if let Some((f, n)) = known {
+                return Ok(axum::Json(answer(&f, n)));
+            }
+            let f = submit_sample(&s, &tenant, &session, req).await?;
+            if let Some(q) = seq_id {
+                // Only for a sampling session still held: a released one is not recreated.
+                if s.engine.registry().session(&tenant, &session).is_ok() {
+                    s.tinker
+                        .samples
+                        .entry(id)
+                        .or_default()
+                        .lock()
+                        .insert(q, (f.clone(), n));
+                }
+            }
+            Ok(axum::Json(answer(&f, n)))
         }
-        (None, None, Some(_)) => s.engine.base_sampling_session(&tenant).await?,
-        _ => {
-            return Err(ApiError::invalid(
-                "sampling_session_id",
-                "give a sampling_session_id",
-            ))
-        }
-    };
-    // A session made for this one request (model_path or base_model) goes when it is
-    // submitted: the job holds what it needs, and the session would otherwise count
-    // against the tenant's sampling_sessions quota forever.
-    let _transient = TransientSession {
-        s: &s,
-        tenant: &tenant,
-        id: req.sampling_session_id.is_none().then(|| session.clone()),
-    };
-    s.engine.registry().session(&tenant, &session)?;
-    let key = req.seq_id.map(|q| (session.0.clone(), q));
-    if let Some(k) = &key {
-        if let Some(e) = s.tinker.samples.get(k) {
-            return Ok(axum::Json(json!({
-                "request_id": e.0 .0,
-                "sample_sequence_ids": e.1,
-            })));
+        None => {
+            // A sampling session for this request alone: gone once the job holds it (a
+            // retry makes a new one, so there is nothing to remember for it). Run on a task
+            // of its own so a client hanging up cannot leave the session behind.
+            let session = match (&req.model_path, &req.base_model) {
+                (Some(p), _) => {
+                    let path = TinkerPath::parse(p)?;
+                    s.engine.checkpoint_sampling_session(&tenant, &path.key())?
+                }
+                (None, Some(_)) => s.engine.base_sampling_session(&tenant).await?,
+                _ => {
+                    return Err(ApiError::invalid(
+                        "sampling_session_id",
+                        "give a sampling_session_id",
+                    ))
+                }
+            };
+            let (st, t, sid) = (s.clone(), tenant.clone(), session.clone());
+            let f = tokio::spawn(async move {
+                let f = submit_sample(&st, &t, &sid, req).await;
+                let _ = st.engine.registry().remove_session(&t, &sid);
+                f
+            })
+            .await
+            .map_err(|e| {
+                ApiError::Engine(crate::Error::Unavailable(format!("sample submission: {e}")))
+            })??;
+            Ok(axum::Json(answer(&f, n)))
         }
     }
+}
+
+/// The asample answer: the future and one id per sequence.
+fn answer(f: &FutureId, n: usize) -> Value {
+    let ids: Vec<String> = (0..n).map(|i| format!("{}-{i}", f.0)).collect();
+    json!({
+        "request_id": f.0,
+        "sample_sequence_ids": ids,
+    })
+}
+
+async fn submit_sample(
+    s: &Shared,
+    tenant: &TenantId,
+    session: &SessionId,
+    req: Asample,
+) -> ApiResult<FutureId> {
+    let n = req.num_samples.unwrap_or(1);
     let model = s.engine.base_model().await?;
     let prompt = model_input_tokens("prompt", &req.prompt)?;
     let (params, stop_strings) = req.sampling_params.resolve(&model)?;
@@ -346,22 +386,9 @@ pub async fn asample(
         prompt_logprobs: want_prompt_lp,
         top_logprobs: req.topk_sample_logprobs.unwrap_or(0),
         prompt_top_logprobs: req.topk_prompt_logprobs.unwrap_or(0),
+        prompt_logprobs_last_n: req.prompt_logprobs_last_n,
         sampler: None,
     };
     s.metrics.submitted(crate::jobs::JobKind::Sample);
-    let f = s.engine.sample(&tenant, &session, sr).await?;
-    s.tinker.sample_shapes.insert(
-        f.clone(),
-        SampleShape {
-            prompt_logprobs_last_n: req.prompt_logprobs_last_n,
-        },
-    );
-    let ids: Vec<String> = (0..n).map(|i| format!("{}-{i}", f.0)).collect();
-    if let Some(k) = key {
-        s.tinker.samples.insert(k, (f.clone(), ids.clone()));
-    }
-    Ok(axum::Json(json!({
-        "request_id": f.0,
-        "sample_sequence_ids": ids,
-    })))
+    Ok(s.engine.sample(tenant, session, sr).await?)
 }

@@ -1,7 +1,7 @@
 //! Client configuration, Tinker sessions (create, heartbeat, finish, release), telemetry
 //! and server capabilities: the calls every SDK client makes before any real work.
 
-use super::SessionInfo;
+use super::{SessionInfo, MAX_USER_METADATA_BYTES};
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
@@ -51,17 +51,19 @@ pub async fn create_session(
     Tenant(tenant): Tenant,
     Json(req): Json<CreateSession>,
 ) -> ApiResult<axum::Json<Value>> {
+    let metadata = req.user_metadata.unwrap_or(Value::Null);
+    let size = serde_json::to_vec(&metadata).map_or(usize::MAX, |v| v.len());
+    if size > MAX_USER_METADATA_BYTES {
+        return Err(ApiError::invalid(
+            "user_metadata",
+            format!("{size} bytes serialized; at most {MAX_USER_METADATA_BYTES}"),
+        ));
+    }
+    check_session_limits(&s, &tenant)?;
     let id = SessionId::generate().0.replacen("sampler", "session", 1);
     s.tinker.sessions.insert(
         id.clone(),
-        SessionInfo {
-            tenant: tenant.clone(),
-            created: SystemTime::now(),
-            last_heartbeat: Mutex::new(Instant::now()),
-            user_metadata: req.user_metadata.unwrap_or(Value::Null),
-            models: Mutex::new(Vec::new()),
-            samplers: Mutex::new(Vec::new()),
-        },
+        SessionInfo::new(tenant.clone(), SystemTime::now(), metadata, Vec::new()),
     );
     if let Some(d) = &s.durable {
         d.session_created(&tenant, &id).await?;
@@ -76,6 +78,35 @@ pub async fn create_session(
         "type": "create_session",
         "info_message": info,
     })))
+}
+
+/// Refuse a session past `LORAPLEX_MAX_SESSIONS_PER_TENANT` (400, the tenant's to fix) or
+/// `LORAPLEX_MAX_SESSIONS` (429: the server is full).
+fn check_session_limits(s: &Shared, tenant: &crate::jobs::TenantId) -> ApiResult<()> {
+    let total = s.tinker.sessions.len();
+    if total >= s.cfg.max_sessions {
+        return Err(ApiError::Engine(crate::Error::Busy {
+            what: "the server's open sessions (LORAPLEX_MAX_SESSIONS)",
+            retry_after_ms: s.engine.config().retry_after_ms,
+        }));
+    }
+    let mine = s
+        .tinker
+        .sessions
+        .iter()
+        .filter(|e| &e.tenant == tenant)
+        .count();
+    if mine >= s.cfg.max_sessions_per_tenant {
+        return Err(ApiError::invalid(
+            "session",
+            format!(
+                "this tenant has {mine} open sessions, the most allowed \
+                 (LORAPLEX_MAX_SESSIONS_PER_TENANT = {}); finish one first",
+                s.cfg.max_sessions_per_tenant
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -133,23 +164,22 @@ pub fn restore(s: &Shared, r: &crate::store::durable::Restored) {
             .collect();
         s.tinker.sessions.insert(
             rec.id.0.clone(),
-            SessionInfo {
-                tenant: rec.tenant.clone(),
-                created: rec.created,
-                last_heartbeat: Mutex::new(Instant::now()),
-                user_metadata: Value::Null,
-                models: Mutex::new(models),
-                samplers: Mutex::new(Vec::new()),
-            },
+            SessionInfo::new(rec.tenant.clone(), rec.created, Value::Null, models),
         );
     }
 }
 
-/// Drop a session with its training models and sampling sessions (checkpoints stay).
+/// Drop a session with its training models and sampling sessions (checkpoints stay),
+/// and everything this layer kept for them.
 pub async fn release(s: &Shared, id: &str) {
     let Some((_, sess)) = s.tinker.sessions.remove(id) else {
         return;
     };
+    if let Some(d) = &s.durable {
+        if let Err(e) = d.session_ended(&sess.tenant, id).await {
+            tracing::warn!(session = %id, error = %e, "cannot forget an ended session");
+        }
+    }
     let models: Vec<String> = sess.models.lock().drain(..).collect();
     let samplers: Vec<String> = sess.samplers.lock().drain(..).collect();
     for m in models {
@@ -157,19 +187,23 @@ pub async fn release(s: &Shared, id: &str) {
             .engine
             .unload_model(&sess.tenant, &AdapterId(m.clone()))
             .await;
-        s.tinker.last_request.remove(&m);
     }
-    let released = samplers.clone();
-    for sid in samplers {
+    for sid in &samplers {
         let _ = s
             .engine
             .registry()
             .remove_session(&sess.tenant, &SessionId(sid.clone()));
-        s.tinker.sampler_paths.remove(&sid);
+        s.tinker.forget_sampler(sid);
     }
-    s.tinker.samples.retain(|k, _| !released.contains(&k.0));
-    s.tinker.model_creates.retain(|k, _| k.0 != id);
-    s.tinker.sampler_creates.retain(|k, _| k.0 != id);
+    // Ephemeral samplers of its models (save_weights_for_sampler without a path), listed
+    // above only once their future was read.
+    for sid in s
+        .engine
+        .registry()
+        .remove_sessions_owned_by(&sess.tenant, id)
+    {
+        s.tinker.forget_sampler(&sid.0);
+    }
     tracing::info!(session = %id, "session released");
 }
 

@@ -3,6 +3,7 @@
 //! delete, TTL) and training runs. Each submit validates, hands the engine one op and
 //! answers with a future; the engine runs a model's ops in the SDK's `seq_id` order.
 
+use super::session::session_of_model;
 use super::{check_name, rfc3339, TinkerPath};
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Proto, Query, Tenant};
@@ -104,30 +105,43 @@ pub async fn create_model(
         l.train_unembed.unwrap_or(true),
     )?;
     let model_id = format!("{}:train:{}", req.session_id, req.model_seq_id);
-    let key = (req.session_id.clone(), req.model_seq_id);
-    let entry = s.tinker.model_creates.entry(key);
-    let (future, model_id) = match entry {
-        dashmap::Entry::Occupied(e) => e.get().clone(),
-        dashmap::Entry::Vacant(v) => {
+    let mut creates = sess.model_creates.lock();
+    let (future, model_id) = match creates.get(req.model_seq_id) {
+        Some(known) => known,
+        None => {
             // Refused at once (403) at the quota; the job claims its place exactly.
             s.engine.registry().check_run_quota(&tenant)?;
             let engine = s.engine.clone();
             let (t, id) = (tenant.clone(), AdapterId(model_id.clone()));
-            let session = Some(req.session_id.clone());
+            let session = req.session_id.clone();
+            let state = s.clone();
+            // Listed before the job can fail and unlist it.
+            sess.models.lock().push(model_id.clone());
             let f = s
                 .engine
                 .spawn_job(&tenant, JobKind::CreateModel, async move {
-                    engine
-                        .create_model_as(&t, id, config, Some(1), session)
-                        .await
-                        .map(JobOutput::ModelCreated)
-                })?;
-            sess.models.lock().push(model_id.clone());
-            v.insert((f.clone(), model_id.clone()));
+                    let r = engine
+                        .create_model_as(&t, id.clone(), config, Some(1), Some(session.clone()))
+                        .await;
+                    if r.is_err() {
+                        // Never made: not the session's to release.
+                        forget_model(&state, &session, &id.0);
+                    }
+                    r.map(JobOutput::ModelCreated)
+                });
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(creates);
+                    drop(sess);
+                    forget_model(&s, &req.session_id, &model_id);
+                    return Err(e.into());
+                }
+            };
+            creates.insert(req.model_seq_id, (f.clone(), model_id.clone()));
             (f, model_id)
         }
     };
-    s.tinker.touch(&model_id);
     Ok(future_json(&future, Some(&model_id)))
 }
 
@@ -438,7 +452,6 @@ async fn submit(
         .engine
         .submit(tenant, &AdapterId(model.to_owned()), Some(seq_id), op)
         .await?;
-    s.tinker.touch(model);
     Ok(f)
 }
 
@@ -614,18 +627,23 @@ pub async fn load_weights(
                 check_base_model(&s, b)?;
             }
             let model_id = format!("{session}:train:{n}");
-            if let Some(e) = s.tinker.model_creates.get(&(session.clone(), n)) {
-                return Ok(future_json(&e.0, Some(&e.1)));
-            }
             {
                 let sess = s.tinker.session(&tenant, &session)?;
+                let known = sess.model_creates.lock().get(n);
+                if let Some((f, m)) = known {
+                    return Ok(future_json(&f, Some(&m)));
+                }
                 sess.models.lock().push(model_id.clone());
             }
             let config = ckpt.state.weights.config.clone();
             // The load below is a job: a tenant at its queued-jobs quota is refused before
             // the model exists, so its retry does not find the id taken.
-            s.engine.admit_job(&tenant)?;
-            s.engine
+            if let Err(e) = s.engine.admit_job(&tenant) {
+                forget_model(&s, &session, &model_id);
+                return Err(e.into());
+            }
+            let created = s
+                .engine
                 .create_model_as(
                     &tenant,
                     AdapterId(model_id.clone()),
@@ -633,11 +651,17 @@ pub async fn load_weights(
                     Some(0),
                     Some(session.clone()),
                 )
-                .await?;
+                .await;
+            if let Err(e) = created {
+                forget_model(&s, &session, &model_id);
+                return Err(e.into());
+            }
             let f = submit(&s, &tenant, &model_id, 0, Ok(op(&path))).await?;
-            s.tinker
-                .model_creates
-                .insert((session, n), (f.clone(), model_id.clone()));
+            if let Ok(sess) = s.tinker.session(&tenant, &session) {
+                sess.model_creates
+                    .lock()
+                    .insert(n, (f.clone(), model_id.clone()));
+            }
             Ok(future_json(&f, Some(&model_id)))
         }
         (_, _, Some(model_id), Some(seq_id)) => {
@@ -661,13 +685,29 @@ pub async fn unload_model(
     s.engine.registry().adapter(&tenant, &id)?;
     let engine = s.engine.clone();
     let t = tenant.clone();
+    let state = s.clone();
     let f = s
         .engine
         .spawn_job(&tenant, JobKind::CreateModel, async move {
             engine.unload_model(&t, &id).await?;
+            if let Ok(session) = session_of_model(&id.0) {
+                forget_model(&state, session, &id.0);
+            }
             Ok(JobOutput::ModelUnloaded(id))
         })?;
     Ok(future_json(&f, Some(&req.model_id)))
+}
+
+/// Take a model off its session's list once it is not live (unloaded, or never created),
+/// so the list holds only live models. A model that exists stays (a failed create of an
+/// id already taken).
+fn forget_model(s: &Shared, session: &str, model: &str) {
+    if s.engine.registry().exists(&AdapterId(model.to_owned())) {
+        return;
+    }
+    if let Some(sess) = s.tinker.sessions.get(session) {
+        sess.models.lock().retain(|m| m != model);
+    }
 }
 
 // --- checkpoint listings and training runs ----------------------------------------------
@@ -819,12 +859,7 @@ fn training_run(s: &Shared, tenant: &TenantId, id: &str) -> ApiResult<Value> {
             .find(|c| c.name.split('/').nth(1) == Some(seg))
             .map(|c| checkpoint_json(c))
     };
-    let last_request = s
-        .tinker
-        .last_request
-        .get(id)
-        .map(|t| *t)
-        .unwrap_or(e.created);
+    let last_request = e.last_request();
     Ok(json!({
         "training_run_id": id,
         "base_model": s.model_name,
