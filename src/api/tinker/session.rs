@@ -9,7 +9,6 @@ use crate::jobs::{AdapterId, SessionId};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use parking_lot::Mutex;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
