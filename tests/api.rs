@@ -1075,6 +1075,11 @@ async fn ended_sessions_models_and_tenants_leave_nothing_behind() {
     assert_eq!(state.engine.registry().num_adapters(), 0, "models released");
     assert!(state.tinker.samples.is_empty() && state.tinker.sampler_paths.is_empty());
     assert!(state.tinker.sessions.is_empty());
+    let usage = get(&app, "/api/v1/usage", A).await.json();
+    assert_eq!(
+        usage["sampling_sessions"]["used"], 0,
+        "released samplers leave the tenant's quota: {usage}"
+    );
 
     // Sessions are capped per tenant, and so is what a session keeps.
     for _ in 0..3 {

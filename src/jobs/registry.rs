@@ -596,7 +596,11 @@ impl Registry {
             .map(|s| s.id.clone())
             .collect();
         for id in &ids {
-            self.sessions.remove(id);
+            if let Some((_, old)) = self.sessions.remove(id) {
+                adjust(&self.held, &old.tenant, |h| {
+                    h.sessions = h.sessions.saturating_sub(1)
+                });
+            }
         }
         ids
     }
