@@ -11,11 +11,9 @@ use common::http::*;
 use axum::http::{Method, StatusCode};
 use axum::Router;
 use loraplex::api::proto::{self, chunk};
-use loraplex::api::{AppState, Shared};
-use loraplex::auth::Auth;
-use loraplex::config::{EngineConfig, PluginLimits, ServeConfig};
+use loraplex::api::Shared;
+use loraplex::config::EngineConfig;
 use loraplex::jobs::{Engine, FutureStoreConfig, MemoryFutureStore};
-use loraplex::model::BaseModel;
 use prost::Message;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -845,16 +843,7 @@ async fn seed_rest_workflow_four_users_at_once() {
 /// An app whose futures expire fast (fetched: 300 ms; unfetched: 2 s; at most 64 held),
 /// whose metrics keep 4 tenants apart and which allows 3 sessions per tenant.
 fn bounded_app() -> (Router, Shared, Arc<MemoryFutureStore>) {
-    loraplex::config::init_compute_threads();
-    let model = Arc::new(
-        BaseModel::load(
-            &common::model_path(),
-            loraplex::config::DEFAULT_MODEL_NAME,
-            &candle_core::Device::Cpu,
-            candle_core::DType::F32,
-        )
-        .expect("load SmolLM2 (run scripts/fetch-model.sh)"),
-    );
+    let model = common::http::smollm2_arc();
     let store = Arc::new(MemoryFutureStore::new(FutureStoreConfig {
         result_ttl: Duration::from_millis(300),
         unread_ttl: Duration::from_secs(2),
@@ -872,24 +861,8 @@ fn bounded_app() -> (Router, Shared, Arc<MemoryFutureStore>) {
         store.clone(),
     )
     .expect("engine");
-    let dir = std::env::temp_dir().join(format!(
-        "loraplex-api-bounded-{}-{}",
-        std::process::id(),
-        loraplex::jobs::FutureId::generate()
-    ));
-    let mut cfg = ServeConfig::for_tests(dir);
-    cfg.long_poll_ms = 2_000;
-    cfg.max_sessions_per_tenant = 3;
-    let state = AppState::new(
-        engine,
-        cfg,
-        Auth::Development,
-        loraplex::config::DEFAULT_MODEL_NAME.into(),
-        PluginLimits::default(),
-        None,
-    )
-    .expect("state");
-    (loraplex::api::router(state.clone()), state, store)
+    let (app, state) = common::http::app_on(engine, |c| c.max_sessions_per_tenant = 3);
+    (app, state, store)
 }
 
 /// Poll a REST future until it is no longer pending; its final answer.

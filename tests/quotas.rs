@@ -7,42 +7,20 @@
 
 mod common;
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
-use loraplex::api::{AppState, Shared};
-use loraplex::auth::Auth;
-use loraplex::config::{EngineConfig, ModelArgs, PluginLimits, QuotaConfig, ServeConfig};
+use common::http::{call, get, post, Resp};
+use loraplex::api::Shared;
+use loraplex::config::{EngineConfig, ModelArgs, QuotaConfig, ServeConfig};
 use loraplex::jobs::{Engine, TenantId};
-use loraplex::model::BaseModel;
 use loraplex::quota::{Limits, Quota};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tower::ServiceExt;
 
 const A: &str = "tml-quota-alice";
 const B: &str = "tml-quota-bob";
 const MODEL: &str = loraplex::config::DEFAULT_MODEL_NAME;
-
-fn model() -> Arc<BaseModel> {
-    static M: OnceLock<Arc<BaseModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        loraplex::config::init_compute_threads();
-        Arc::new(
-            BaseModel::load(
-                &common::model_path(),
-                MODEL,
-                &candle_core::Device::Cpu,
-                candle_core::DType::F32,
-            )
-            .expect("load SmolLM2 (run scripts/fetch-model.sh)"),
-        )
-    })
-    .clone()
-}
 
 fn temp_dir(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -54,19 +32,8 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// An in-memory server whose engine runs with `cfg` (quotas included).
 fn app(cfg: EngineConfig) -> (Router, Shared) {
-    let engine = Engine::with_model(cfg, model()).expect("engine");
-    let mut serve = ServeConfig::for_tests(temp_dir("mem"));
-    serve.long_poll_ms = 2_000;
-    let state = AppState::new(
-        engine,
-        serve,
-        Auth::Development,
-        MODEL.into(),
-        PluginLimits::default(),
-        None,
-    )
-    .expect("state");
-    (loraplex::api::router(state.clone()), state)
+    let engine = Engine::with_model(cfg, common::http::smollm2_arc()).expect("engine");
+    common::http::app_on(engine, |_| {})
 }
 
 fn tenant(s: &Shared, key: &str) -> TenantId {
@@ -81,109 +48,6 @@ fn set_limits(s: &Shared, key: &str, f: impl FnOnce(&mut Limits)) {
     s.engine
         .quotas()
         .set_overrides([(t, l)].into_iter().collect());
-}
-
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {:?} {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn ok(&self) -> Value {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        self.json()
-    }
-
-    /// A refusal of `kind` with `status` whose message names `quota` and its `limit`.
-    fn assert_quota(&self, status: u16, kind: &str, quota: &str, limit: u64) {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let v = self.json();
-        assert_eq!(v["error"]["type"], kind, "{v}");
-        let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            msg.contains(quota) && msg.contains(&format!("limited to {limit} ")),
-            "message {msg:?} should name {quota} and its limit {limit}"
-        );
-        if status == 429 {
-            let secs: u64 = self
-                .headers
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .expect("a 429 carries Retry-After");
-            assert!(secs >= 1);
-            assert!(self.headers.contains_key("retry-after-ms"));
-        } else {
-            assert!(!self.headers.contains_key("retry-after"));
-        }
-    }
-}
-
-async fn call(
-    app: &Router,
-    method: Method,
-    path: &str,
-    key: &str,
-    ct: &str,
-    body: Vec<u8>,
-) -> Resp {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("x-api-key", key);
-    if !ct.is_empty() {
-        req = req.header("content-type", ct);
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from(body)).expect("request"))
-        .await
-        .expect("infallible");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn post(app: &Router, path: &str, key: &str, v: Value) -> Resp {
-    call(
-        app,
-        Method::POST,
-        path,
-        key,
-        "application/json",
-        v.to_string().into_bytes(),
-    )
-    .await
-}
-
-async fn get(app: &Router, path: &str, key: &str) -> Resp {
-    call(app, Method::GET, path, key, "", Vec::new()).await
 }
 
 async fn usage(app: &Router, key: &str) -> Value {
@@ -264,7 +128,7 @@ async fn upload(app: &Router, key: &str, bytes: Vec<u8>) -> Resp {
         app,
         Method::POST,
         "/api/v1/plugins",
-        key,
+        Some(key),
         "application/wasm",
         bytes,
     )

@@ -24,18 +24,33 @@ pub fn app_with(max_body: usize) -> (Router, Shared) {
     app_with_cfg(|c| c.max_body_bytes = max_body)
 }
 
+/// The shipped SmolLM2, loaded once per test binary and shared by its engines.
+pub fn smollm2_arc() -> Arc<BaseModel> {
+    static M: std::sync::OnceLock<Arc<BaseModel>> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        loraplex::config::init_compute_threads();
+        Arc::new(
+            BaseModel::load(
+                &super::model_path(),
+                loraplex::config::DEFAULT_MODEL_NAME,
+                &candle_core::Device::Cpu,
+                candle_core::DType::F32,
+            )
+            .expect("load SmolLM2 (run scripts/fetch-model.sh)"),
+        )
+    })
+    .clone()
+}
+
 /// The router on a fresh engine, with the test defaults changed by `f`.
 pub fn app_with_cfg(f: impl FnOnce(&mut ServeConfig)) -> (Router, Shared) {
-    loraplex::config::init_compute_threads();
-    let p = super::model_path();
-    let model = BaseModel::load(
-        &p,
-        loraplex::config::DEFAULT_MODEL_NAME,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .expect("load SmolLM2 (run scripts/fetch-model.sh)");
-    let engine = Engine::with_model(EngineConfig::default(), Arc::new(model)).expect("engine");
+    let engine = Engine::with_model(EngineConfig::default(), smollm2_arc()).expect("engine");
+    app_on(engine, f)
+}
+
+/// The router on `engine` (in memory, development keys), with the test defaults changed
+/// by `f`.
+pub fn app_on(engine: Engine, f: impl FnOnce(&mut ServeConfig)) -> (Router, Shared) {
     let dir = std::env::temp_dir().join(format!(
         "loraplex-api-{}-{}",
         std::process::id(),
@@ -75,6 +90,45 @@ impl Resp {
                 String::from_utf8_lossy(&self.body)
             )
         })
+    }
+
+    pub fn ok(&self) -> Value {
+        assert_eq!(
+            self.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()
+    }
+
+    /// A refusal of `kind` with `status` whose message names `quota` and its `limit`.
+    pub fn assert_quota(&self, status: u16, kind: &str, quota: &str, limit: u64) {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let v = self.json();
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(quota) && msg.contains(&format!("limited to {limit} ")),
+            "message {msg:?} should name {quota} and its limit {limit}"
+        );
+        if status == 429 {
+            let secs: u64 = self
+                .headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .expect("a 429 carries Retry-After");
+            assert!(secs >= 1);
+            assert!(self.headers.contains_key("retry-after-ms"));
+        } else {
+            assert!(!self.headers.contains_key("retry-after"));
+        }
     }
 
     /// A 4xx whose JSON body names the problem (and carries a Content-Length).
