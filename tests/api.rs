@@ -1072,3 +1072,39 @@ async fn ended_sessions_models_and_tenants_leave_nothing_behind() {
     .await
     .assert_error(400, "at most 16384");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unloaded_run_takes_its_ephemeral_samplers_with_it() {
+    let (app, _) = app();
+    let (_, model) = tinker_model(&app, A).await;
+    // Two ephemeral samplers of the run (save_weights_and_get_sampling_client).
+    let mut samplers = Vec::new();
+    for seq in 1..=2 {
+        let eph = post(
+            &app,
+            "/api/v1/save_weights_for_sampler",
+            A,
+            json!({"model_id": model, "seq_id": seq, "sampling_session_seq_id": seq}),
+        )
+        .await;
+        let out = retrieve(&app, A, &request_id(&eph)).await.json();
+        samplers.push(
+            out["sampling_session_id"]
+                .as_str()
+                .expect("sampler")
+                .to_owned(),
+        );
+    }
+    let used = |u: Value| u["sampling_sessions"]["used"].as_u64();
+    assert_eq!(used(get(&app, "/api/v1/usage", A).await.json()), Some(2));
+    let un = post(&app, "/api/v1/unload_model", A, json!({"model_id": model})).await;
+    assert_eq!(retrieve(&app, A, &request_id(&un)).await.status, 200);
+    assert_eq!(
+        used(get(&app, "/api/v1/usage", A).await.json()),
+        Some(0),
+        "the run's ephemeral samplers went with it"
+    );
+    get(&app, &format!("/api/v1/samplers/{}", samplers[0]), A)
+        .await
+        .assert_error(404, "not found");
+}

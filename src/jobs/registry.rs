@@ -386,12 +386,24 @@ impl Registry {
         }
     }
 
+    /// Remove a training run, and the ephemeral sampling sessions made from it (those a
+    /// Tinker session owns: `save_weights_for_sampler` without a path). They stand for the
+    /// run's in-memory weights and go with them; named sampler checkpoints stay loadable.
     pub(crate) fn remove_adapter(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
         self.adapter(tenant, id)?;
         if let Some((_, old)) = self.adapters.remove(id) {
             adjust(&self.held, &old.tenant, |h| {
                 h.runs = h.runs.saturating_sub(1)
             });
+        }
+        let ephemeral: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|s| &s.tenant == tenant && s.owner.is_some() && s.adapter.as_ref() == Some(id))
+            .map(|s| s.id.clone())
+            .collect();
+        for sid in &ephemeral {
+            let _ = self.remove_session(tenant, sid);
         }
         Ok(())
     }
