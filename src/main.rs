@@ -61,6 +61,7 @@ enum BenchCmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    loraplex::config::init_allocator();
     loraplex::config::init_compute_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
