@@ -284,15 +284,7 @@ pub async fn fb(
         forward_only: false,
         ..Default::default()
     };
-    call(
-        app,
-        Method::POST,
-        "/api/v1/forward_backward",
-        Some(key),
-        "application/x-protobuf",
-        req.encode_to_vec(),
-    )
-    .await
+    send_fb(app, key, &req).await
 }
 
 pub async fn send_fb(app: &Router, key: &str, req: &proto::ForwardBackwardRequest) -> Resp {

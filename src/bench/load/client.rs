@@ -321,7 +321,7 @@ async fn read_chunked(
                 }
             }
         }
-        if body.len() + size > MAX_BODY {
+        if body.len().saturating_add(size) > MAX_BODY {
             return Err(ExchangeError::Protocol("chunked body too large".into()));
         }
         let start = body.len();
