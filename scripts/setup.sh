@@ -12,3 +12,5 @@ fi
 ./scripts/setup-sdk.sh >/dev/null
 # schemathesis for the API fuzzing test (tests/fuzz_api.rs).
 ./scripts/setup-fuzz.sh >/dev/null
+# tinker-cookbook and its requirements (torch, transformers) for tests/cookbook.rs.
+./scripts/setup-cookbook.sh >/dev/null

@@ -25,6 +25,19 @@ enum Cmd {
         #[command(flatten)]
         engine: loraplex::config::EngineConfig,
     },
+    /// Write the base model as a Hugging Face directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template), or all but the
+    /// weights: for clients that tokenize locally without the Hub (tinker-cookbook).
+    ExportHf {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The directory to write (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Everything but model.safetensors.
+        #[arg(long)]
+        tokenizer_only: bool,
+    },
     /// Benchmarks that print tables.
     Bench {
         #[command(subcommand)]
@@ -108,6 +121,21 @@ fn main() -> anyhow::Result<()> {
             if !report.passed() {
                 anyhow::bail!("load benchmark failed: {}", report.failures.join("; "));
             }
+        }
+        Cmd::ExportHf {
+            model,
+            out,
+            tokenizer_only,
+        } => {
+            let (dev, dt) = loraplex::model::default_device();
+            let m =
+                loraplex::model::BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+            if tokenizer_only {
+                m.save_tokenizer_files(&out)?;
+            } else {
+                m.save_hf_dir(&out)?;
+            }
+            println!("wrote {}", out.display());
         }
         Cmd::Generate {
             model,

@@ -753,13 +753,22 @@ async fn openapi_lists_every_route_and_each_is_routed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_rest_workflow_four_users_at_once() {
     let (app, _) = app();
+    // "base" names the served model, as on the Flask server; another name is refused.
+    post(
+        &app,
+        "/add_lora",
+        A,
+        json!({"base_model": "gpt-5", "rank": 8}),
+    )
+    .await
+    .assert_error(400, "not served here");
     async fn user(app: Router, i: usize) -> (Vec<f64>, String) {
         let key = format!("tml-user-{i}");
         let add = post(
             &app,
             "/add_lora",
             &key,
-            json!({"base_model": loraplex::config::DEFAULT_MODEL_NAME, "rank": 8, "alpha": 16}),
+            json!({"base_model": "base", "rank": 8, "alpha": 16}),
         )
         .await;
         assert_eq!(add.status, 200, "{}", String::from_utf8_lossy(&add.body));

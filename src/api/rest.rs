@@ -31,8 +31,13 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// What the replaced Flask server's clients call the base model it loaded: on these
+/// routes it names the served base model (with several, the first `--model`).
+pub(crate) const BASE_ALIAS: &str = "base";
+
 #[derive(Deserialize, JsonSchema)]
 pub(crate) struct AddLora {
+    /// The served base model's name, or `"base"` for the default one.
     #[serde(default)]
     base_model: Option<String>,
     #[serde(default)]
@@ -53,7 +58,9 @@ pub(crate) async fn add_lora(
     Json(req): Json<AddLora>,
 ) -> ApiResult<axum::Json<Value>> {
     if let Some(b) = &req.base_model {
-        check_base_model(&s, b)?;
+        if b != BASE_ALIAS {
+            check_base_model(&s, b)?;
+        }
     }
     let rank = req.rank.unwrap_or(8);
     let config = LoraConfig {
@@ -317,7 +324,7 @@ fn render(s: &Shared, out: &JobOutput) -> ApiResult<Value> {
 
 #[derive(Deserialize, JsonSchema)]
 pub(crate) struct Sample {
-    /// A REST adapter, or the base model (absent or its name).
+    /// A REST adapter, or the base model (absent, its name, or `"base"`).
     #[serde(default)]
     model_id: Option<String>,
     #[schemars(length(min = 1), inner(length(min = 1)))]
@@ -373,7 +380,9 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
     }
     let session = match req.model_id.as_deref() {
         None => s.engine.base_sampling_session(tenant).await?,
-        Some(m) if m == s.model_name => s.engine.base_sampling_session(tenant).await?,
+        Some(m) if m == s.model_name || m == BASE_ALIAS => {
+            s.engine.base_sampling_session(tenant).await?
+        }
         Some(m) => {
             s.engine
                 .sampling_session(

@@ -150,10 +150,20 @@ impl BaseModel {
     /// tokenizer.json, tokenizer_config.json with the chat template).
     pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
         weights::save_hf_dir(&self.config, &self.weights, dir)?;
+        self.save_tokenizer_files(dir)
+    }
+
+    /// Write a Hugging Face directory without weights: config.json, tokenizer.json and
+    /// tokenizer_config.json with the chat template, which is what `AutoTokenizer` reads,
+    /// for clients that tokenize locally without the Hub.
+    pub fn save_tokenizer_files(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        weights::save_hf_config(&self.config, dir)?;
         if let Some(t) = &self.tokenizer {
             t.save(&dir.join("tokenizer.json"))?;
             let name = |id: Option<u32>| id.and_then(|i| t.id_to_token(i));
             let cfg = serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": name(t.bos_token_id),
                 "eos_token": name(t.eos_token_id),
                 "chat_template": self.chat_template.as_ref().map(|c| c.source()),

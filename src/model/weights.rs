@@ -314,6 +314,11 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
         out.insert("lm_head.weight".into(), f32c(&w.lm_head)?);
     }
     candle_core::safetensors::save(&out, dir.join("model.safetensors"))?;
+    save_hf_config(cfg, dir)
+}
+
+/// Write `config.json` for these shapes (what `AutoConfig` and `AutoTokenizer` read).
+pub fn save_hf_config(cfg: &LlamaConfig, dir: &Path) -> Result<()> {
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
