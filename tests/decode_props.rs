@@ -137,6 +137,7 @@ proptest! {
                 .enumerate()
                 .map(|(i, t)| (format!("t{i}"), t))
                 .collect(),
+            ..Default::default()
         }];
         let req = proto::ForwardBackwardRequest { data, ..Default::default() };
         let bytes = req.encode_to_vec();
