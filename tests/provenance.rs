@@ -179,7 +179,7 @@ async fn stable_reinforce_and_gspo_train_on_recorded_samples() {
 
     // stable_reinforce on the cookbook's datums: the sampler and the trainer hold the same
     // weights, so every importance ratio is 1 up to numerics, and so is the KL estimate 0.
-    let advs = [1.0f32, -1.0, 0.5, -0.5];
+    let advs = [1.0f32, -0.5, 0.25, 0.75];
     let data: Vec<_> = group
         .iter()
         .zip(advs)
@@ -189,6 +189,7 @@ async fn stable_reinforce_and_gspo_train_on_recorded_samples() {
         .await
         .expect("stable_reinforce trains");
     let m = &out.metrics;
+    eprintln!("stable_reinforce, sampler and trainer on the same weights: {m:?}");
     let sampled: usize = group.iter().map(|s| s.tokens.len()).sum();
     assert_eq!(m["sampled_tokens:sum"], sampled as f64);
     assert!(m["loss:sum"].is_finite());
@@ -250,6 +251,10 @@ async fn stable_reinforce_and_gspo_train_on_recorded_samples() {
     let out = train(&app, &model, 5, "stable_reinforce", data.clone())
         .await
         .expect("off-policy stable_reinforce");
+    eprintln!(
+        "stable_reinforce after one step (lr 0.01): {:?}",
+        out.metrics
+    );
     assert!(out.metrics["loss:sum"].is_finite());
     assert!(
         out.metrics["kl_sample_train:sum"] > 1e-4,

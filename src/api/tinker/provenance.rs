@@ -387,7 +387,11 @@ impl RecordStore {
                     ));
                 }
                 if list == "loss_fn_input_spans" && s.kind == SpanKind::Sampled {
-                    logprobs[pos..pos + len].copy_from_slice(&rec.logprobs[off..off + len]);
+                    // A record has a logprob per token (the recorder keeps no other).
+                    let Some(q) = rec.logprobs.get(off..off + len) else {
+                        return Err(Error::invalid(f, "the record has no sampler logprobs"));
+                    };
+                    logprobs[pos..pos + len].copy_from_slice(q);
                     sampled[pos..pos + len].fill(1.0);
                 }
                 pos += len;

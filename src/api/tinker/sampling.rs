@@ -389,6 +389,10 @@ impl SampleRecorder for Recorder {
     fn record(&self, future: &FutureId, prompt: &[u32], out: &SampleOutput) {
         let prompt: Arc<[u32]> = prompt.into();
         for (i, seq) in out.sequences.iter().enumerate() {
+            if seq.logprobs.len() != seq.tokens.len() {
+                tracing::warn!(future = %future, "a sampled sequence without a logprob per token; not recorded");
+                continue;
+            }
             let rec = SequenceRecord {
                 prompt: prompt.clone(),
                 tokens: seq.tokens.clone(),
