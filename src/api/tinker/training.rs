@@ -515,6 +515,8 @@ fn resolve_provenance(
     req: &proto::ForwardBackwardRequest,
     data: &mut [Datum],
 ) -> ApiResult<()> {
+    let _span =
+        tracing::info_span!("provenance", model = %req.model_id, data = data.len()).entered();
     let session = s
         .engine
         .registry()
