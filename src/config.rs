@@ -29,6 +29,9 @@
 //! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
 //! | open Tinker sessions in all | `LORAPLEX_MAX_SESSIONS` | 65536 |
 //! | tenants with their own metrics | `LORAPLEX_MAX_METRIC_TENANTS` | 1000 |
+//! | sequences recorded for `stable_reinforce`, per Tinker session | `LORAPLEX_MAX_RECORDED_SEQUENCES_PER_SESSION` | 16384 |
+//! | bytes of recorded sequences in all | `LORAPLEX_MAX_RECORDED_BYTES` | 1 GiB |
+//! | a recorded sequence is kept after its last use for | `LORAPLEX_RECORDED_TTL_S` | 86400 |
 //! | engine settings | see [`EngineConfig`] | |
 //! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
 //! | per-tenant sampling sessions | `LORAPLEX_QUOTA_SAMPLING_SESSIONS` | 512 |
@@ -384,6 +387,23 @@ pub struct ServeConfig {
     /// more is refused with a 429.
     #[arg(long, env = "LORAPLEX_MAX_SESSIONS", default_value_t = 65_536)]
     pub max_sessions: usize,
+    /// Sequences sampled with `record_stability_info` that one Tinker session keeps for
+    /// `stable_reinforce`; past it the least recently used record is dropped (a training
+    /// request naming it then fails, saying so). Records go with their session.
+    #[arg(
+        long,
+        env = "LORAPLEX_MAX_RECORDED_SEQUENCES_PER_SESSION",
+        default_value_t = 16_384
+    )]
+    pub max_recorded_sequences_per_session: usize,
+    /// Bytes all recorded sequences may hold together (prompt, tokens and sampler
+    /// logprobs); past it the least recently used records of any session go first.
+    #[arg(long, env = "LORAPLEX_MAX_RECORDED_BYTES", default_value_t = 1 << 30)]
+    pub max_recorded_bytes: usize,
+    /// A recorded sequence is dropped this long after its last use: its sampling, or a
+    /// training request that names it (s). Tinker keeps them a day.
+    #[arg(long, env = "LORAPLEX_RECORDED_TTL_S", default_value_t = 86_400)]
+    pub recorded_ttl_s: u64,
 }
 
 impl ServeConfig {
@@ -404,6 +424,9 @@ impl ServeConfig {
             max_futures: 100_000,
             max_sessions_per_tenant: 1024,
             max_sessions: 65_536,
+            max_recorded_sequences_per_session: 16_384,
+            max_recorded_bytes: 1 << 30,
+            recorded_ttl_s: 86_400,
         }
     }
 }

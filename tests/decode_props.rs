@@ -2,8 +2,11 @@
 //! decoding a forward_backward request and densifying its tensors never panics, every
 //! tensor it returns fits its bound, and no single allocation made while decoding is larger
 //! than the bound or a small multiple of the input (a counting global allocator watches).
+//! Also provenance spans: arbitrary offsets, lengths and ids against a record never panic,
+//! and what resolves tiles the datum and reads only what was recorded.
 
 use loraplex::api::proto::{self, tensor};
+use loraplex::api::tinker::provenance::{Provenance, RecordStore, SequenceRecord, Span, SpanKind};
 use loraplex::api::tinker::training::{decode_data, tensor_in};
 use proptest::prelude::*;
 use prost::Message;
@@ -137,6 +140,7 @@ proptest! {
                 .enumerate()
                 .map(|(i, t)| (format!("t{i}"), t))
                 .collect(),
+            ..Default::default()
         }];
         let req = proto::ForwardBackwardRequest { data, ..Default::default() };
         let bytes = req.encode_to_vec();
@@ -161,6 +165,93 @@ proptest! {
         let limit = (8 << 20usize).max(4 * bytes.len() + 1024);
         prop_assert!(biggest <= limit, "allocated {biggest} bytes; bound {limit}");
         drop(r);
+    }
+}
+
+fn arb_span() -> impl Strategy<Value = Span> {
+    (
+        any::<bool>(),
+        prop::sample::select(vec!["s-0", "s-0", "s-1", "s-1", "s-1", "nope"]),
+        prop_oneof![12 => 0u64..3, 1 => Just(u64::MAX), 1 => Just(u64::MAX - 3)],
+        prop_oneof![12 => 0u64..4, 1 => Just(u64::MAX)],
+    )
+        .prop_map(|(prompt, id, offset, length)| Span {
+            kind: if prompt {
+                SpanKind::Prompt
+            } else {
+                SpanKind::Sampled
+            },
+            sequence_id: id.into(),
+            offset,
+            length,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_spans_never_panic_and_resolve_only_what_was_recorded(
+        model_input in prop::collection::vec(arb_span(), 1..4),
+        target_spans in prop::collection::vec(arb_span(), 1..4),
+        filler in prop_oneof![3 => Just(Vec::new()), 1 => prop::collection::vec(0u32..8, 1..4)],
+        corrupt in prop::option::weighted(0.25, (any::<bool>(), 0usize..64)),
+    ) {
+        let records = [(vec![1u32, 2, 3, 4, 5, 6], vec![5u32, 6, 7, 1, 2]), (vec![1, 2, 3, 4], vec![0; 9])];
+        let store = RecordStore::default();
+        let scope = (loraplex::jobs::TenantId("t".into()), "s".to_owned());
+        for (i, (p, t)) in records.iter().enumerate() {
+            let rec = SequenceRecord {
+                prompt: p.as_slice().into(),
+                logprobs: t.iter().map(|&x| -1.0 - x as f32).collect(),
+                tokens: t.clone(),
+            };
+            store.record(&scope, format!("s-{i}"), std::sync::Arc::new(rec));
+        }
+        // The tokens the spans claim, where they claim something that exists (so many cases
+        // resolve), then arbitrary filler (so others do not tile).
+        let claimed = |spans: &[Span]| -> Vec<u32> {
+            let mut v = Vec::new();
+            for sp in spans {
+                let src = match sp.sequence_id.as_str() {
+                    "s-0" => &records[0],
+                    "s-1" => &records[1],
+                    _ => continue,
+                };
+                let src = if sp.kind == SpanKind::Prompt { &src.0 } else { &src.1 };
+                let (o, l) = (sp.offset as usize, sp.length as usize);
+                if let Some(t) = o.checked_add(l).and_then(|e| src.get(o..e)) {
+                    v.extend_from_slice(t);
+                }
+            }
+            v
+        };
+        let mut input = claimed(&model_input);
+        let mut targets = claimed(&target_spans);
+        input.extend(&filler);
+        if input.is_empty() || targets.is_empty() {
+            return Ok(());
+        }
+        if let Some((which, at)) = corrupt {
+            let v = if which { &mut input } else { &mut targets };
+            let at = at % v.len();
+            v[at] += 100;
+        }
+        let prov = Provenance { model_input, targets: target_spans };
+        if let Ok((lp, sampled)) = store.resolve(&scope, "data[0]", &input, &targets, &prov) {
+            prop_assert!(corrupt.is_none(), "a token that is not the recorded one resolved");
+            let tiled = |spans: &[Span], n: usize| spans.iter().map(|s| s.length).sum::<u64>() == n as u64;
+            prop_assert!(tiled(&prov.model_input, input.len()) && tiled(&prov.targets, targets.len()));
+            prop_assert_eq!(lp.len(), targets.len());
+            for (j, (&q, &m)) in lp.iter().zip(&sampled).enumerate() {
+                // A sampled target's logprob is the recorded one of its token; others are 0.
+                if m == 1.0 {
+                    prop_assert_eq!(q, -1.0 - targets[j] as f32);
+                } else {
+                    prop_assert!(m == 0.0 && q == 0.0);
+                }
+            }
+        }
     }
 }
 

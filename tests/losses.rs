@@ -1,5 +1,9 @@
-//! Built-in losses against hand-computed values and gradients, input validation, and AdamW
-//! against a hand-written step of torch's algorithm.
+//! Built-in losses against hand-computed values and gradients, the RL losses (gspo and
+//! stable_reinforce among them) against an independent numpy reference
+//! (tests/reference/losses_reference.py: values, finite-difference gradients, metrics),
+//! input validation, and AdamW against a hand-written step of torch's algorithm.
+
+mod common;
 
 use candle_core::{Device, Tensor};
 use loraplex::lora::optim::{AdamParams, AdamState};
@@ -7,6 +11,8 @@ use loraplex::lora::{LoraConfig, LoraGrads, LoraWeights, Site, Target};
 use loraplex::model::LlamaConfig;
 use loraplex::train::loss::*;
 use loraplex::Error;
+use serde_json::Value;
+use std::path::PathBuf;
 
 fn inputs(pairs: &[(&str, TensorIn)]) -> LossInputs {
     pairs
@@ -285,4 +291,330 @@ fn adamw_matches_torch_algorithm_by_hand() {
         )
         .unwrap();
     assert!(rep.clipped && (rep.grad_norm - 5.0).abs() < 1e-5);
+}
+
+// --- the numpy reference -------------------------------------------------------------------
+
+fn reference_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/losses_reference.json")
+}
+
+fn floats_of(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// Every case of a reference file against loraplex: loss, gradient, per-token loss and
+/// every metric. Returns how many cases it checked.
+fn check_reference(path: &std::path::Path) -> usize {
+    let doc: Value = serde_json::from_slice(&std::fs::read(path).expect("reference file"))
+        .expect("reference JSON");
+    let cases = doc["cases"].as_array().expect("cases");
+    let mut worst = 0f64;
+    for case in cases {
+        let name = case["name"].as_str().unwrap_or_default();
+        let loss = BuiltinLoss::parse(case["loss_fn"].as_str().expect("loss_fn")).unwrap();
+        let mut cfg = LossConfig::new();
+        for (k, v) in case["config"].as_object().expect("config") {
+            cfg.insert(k.clone(), ConfigValue::Number(v.as_f64().expect("number")));
+        }
+        let lps: Vec<Vec<f32>> = case["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                floats_of(&d["logprobs"])
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let ins: Vec<LossInputs> = case["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(&lps)
+            .map(|(d, lp)| {
+                let n = lp.len();
+                let mut m = inputs(&[("target_tokens", TensorIn::i64(vec![n], vec![1; n]))]);
+                for (k, v) in d["inputs"].as_object().unwrap() {
+                    let v: Vec<f32> = floats_of(v).iter().map(|&x| x as f32).collect();
+                    m.insert(k.clone(), TensorIn::f32(vec![n], v));
+                }
+                m
+            })
+            .collect();
+        let data: Vec<LossDatum> = lps
+            .iter()
+            .zip(&ins)
+            .map(|(lp, inp)| LossDatum {
+                logprobs: lp,
+                len: lp.len(),
+                k: 1,
+                inputs: inp,
+            })
+            .collect();
+        let out = loss
+            .compute(&data, &cfg)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        validate_output(&out, &data).unwrap();
+        let want = &case["expected"];
+        let near = |got: f64, want: f64, what: &str| {
+            let err = (got - want).abs();
+            assert!(
+                err <= 1e-5 + 1e-5 * want.abs(),
+                "{name}: {what}: loraplex {got} vs numpy {want}"
+            );
+            err
+        };
+        near(out.loss, want["loss"].as_f64().unwrap(), "loss");
+        for (i, (g, w)) in out
+            .grads
+            .iter()
+            .zip(want["grads"].as_array().unwrap())
+            .enumerate()
+        {
+            let w = floats_of(w);
+            assert_eq!(g.len(), w.len(), "{name}: gradient {i} length");
+            for (j, (&a, &b)) in g.iter().zip(&w).enumerate() {
+                worst = worst.max(near(a as f64, b, &format!("d loss / d lp[{i}][{j}]")));
+            }
+        }
+        let el = out.elementwise.as_ref().expect("per-token loss");
+        for (i, (e, w)) in el
+            .iter()
+            .zip(want["elementwise"].as_array().unwrap())
+            .enumerate()
+        {
+            for (j, (&a, &b)) in e.iter().zip(&floats_of(w)).enumerate() {
+                near(a as f64, b, &format!("elementwise[{i}][{j}]"));
+            }
+        }
+        let wm = want["metrics"].as_object().unwrap();
+        let mut keys: Vec<&String> = out.metrics.keys().collect();
+        keys.sort();
+        let mut wkeys: Vec<&String> = wm.keys().collect();
+        wkeys.sort();
+        assert_eq!(keys, wkeys, "{name}: metric keys");
+        for (k, v) in wm {
+            near(out.metrics[k], v.as_f64().unwrap(), k);
+        }
+    }
+    eprintln!(
+        "{} reference cases from {}, worst gradient error {worst:.2e}",
+        cases.len(),
+        path.display()
+    );
+    cases.len()
+}
+
+#[test]
+fn rl_losses_match_the_numpy_reference() {
+    assert!(check_reference(&reference_path()) >= 12);
+}
+
+/// The checked-in reference is what the script computes now (numpy from the SDK's
+/// virtualenv, as tests/sdk_e2e.rs uses it): regenerate it and check loraplex against the
+/// fresh values too.
+#[test]
+fn the_numpy_reference_is_current() {
+    let python = common::server::sdk_python();
+    assert!(
+        python.exists(),
+        "no Python with numpy at {}: run ./scripts/setup-sdk.sh or set LORAPLEX_SDK_PYTHON",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("losses_reference.json");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/losses_reference.py");
+    let st = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("--out")
+        .arg(&fresh)
+        .status()
+        .expect("run the reference script");
+    assert!(st.success(), "{script:?} failed");
+    check_reference(&fresh);
+    let a: Value = serde_json::from_slice(&std::fs::read(&fresh).unwrap()).unwrap();
+    let b: Value = serde_json::from_slice(&std::fs::read(reference_path()).unwrap()).unwrap();
+    assert_eq!(
+        a["cases"], b["cases"],
+        "tests/reference/losses_reference.json is stale: re-run the script"
+    );
+}
+
+#[test]
+fn clipped_tokens_count_only_tokens_that_carry_an_advantage() {
+    // A cookbook datum: 3 prompt positions (advantage 0, sampler logprob padded with 0, so
+    // their ratio exp(lp) is far below the clip range) and 3 sampled ones, one of them
+    // clipped for both losses (ratio 1.5, A > 0).
+    let lp = [-2.0f32, -3.0, -1.5, 1.5f32.ln() - 1.0, -1.0, -1.1];
+    let q = [0.0f32, 0.0, 0.0, -1.0, -1.0, -1.0];
+    let a = [0.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+    for loss in [BuiltinLoss::Ppo, BuiltinLoss::Cispo] {
+        let out = run(loss, &lp, &rl_inputs(&q, &a), &LossConfig::new());
+        assert_eq!(
+            out.metrics["clipped_tokens:sum"],
+            1.0,
+            "{}: prompt positions are not clipped tokens",
+            loss.name()
+        );
+    }
+}
+
+fn gspo_inputs(q: &[f32], a: &[f32], mask: &[f32]) -> LossInputs {
+    let mut m = rl_inputs(q, a);
+    m.insert(
+        "sequence_ratio_mask".into(),
+        TensorIn::f32(vec![q.len()], mask.to_vec()),
+    );
+    m
+}
+
+#[test]
+fn gspo_gives_every_token_the_sequence_ratio() {
+    // Masked log-ratios 0.05 and 0.15: s = exp(0.1) for every token, masked or not.
+    let lp = [-1.0f32, -0.95, -0.85];
+    let q = [-1.0f32, -1.0, -1.0];
+    let a = [0.0f32, 1.0, 2.0];
+    let s = ((0.05f32 + 0.15f32) as f64 / 2.0).exp();
+    let out = run(
+        BuiltinLoss::Gspo,
+        &lp,
+        &gspo_inputs(&q, &a, &[0.0, 1.0, 1.0]),
+        &LossConfig::new(),
+    );
+    assert!((out.loss + s * 3.0).abs() < 1e-6, "{}", out.loss);
+    assert_eq!(out.grads[0][0], 0.0);
+    assert!((out.grads[0][1] as f64 + s).abs() < 1e-6);
+    assert!((out.grads[0][2] as f64 + 2.0 * s).abs() < 1e-6);
+    assert!((out.metrics["sequence_ratio:max"] - s).abs() < 1e-6);
+    // With A > 0 and s above the clip, every such token is clipped (no gradient).
+    let mut cfg = LossConfig::new();
+    cfg.insert("clip_high_threshold".into(), ConfigValue::Number(1.1));
+    let out = run(
+        BuiltinLoss::Gspo,
+        &lp,
+        &gspo_inputs(&q, &a, &[0.0, 1.0, 1.0]),
+        &cfg,
+    );
+    assert_eq!(out.grads[0], vec![0.0; 3]);
+    assert_eq!(out.metrics["clipped_tokens:sum"], 2.0);
+    assert!(close(out.loss, -(1.1 * 3.0)));
+}
+
+#[test]
+fn gspo_needs_its_mask() {
+    let lp = [-1.0f32, -0.9];
+    let d = |inp: &LossInputs| {
+        let d = [LossDatum {
+            logprobs: &lp,
+            len: 2,
+            k: 1,
+            inputs: inp,
+        }];
+        BuiltinLoss::Gspo
+            .compute(&d, &LossConfig::new())
+            .map(|o| o.loss)
+    };
+    let e = d(&rl_inputs(&[-1.0, -1.0], &[1.0, 1.0]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sequence_ratio_mask") && e.contains("missing"),
+        "{e}"
+    );
+    let e = d(&gspo_inputs(&[-1.0, -1.0], &[1.0, 1.0], &[0.0, 0.0]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("marks no token"), "{e}");
+    // No mask and no advantage: nothing to train, loss 0.
+    assert_eq!(
+        d(&gspo_inputs(&[-1.0, -1.0], &[0.0, 0.0], &[0.0, 0.0])).unwrap(),
+        0.0
+    );
+}
+
+fn sr_inputs(q: &[f32], sampled: &[f32], a: &[f32]) -> LossInputs {
+    let n = q.len();
+    inputs(&[
+        ("target_tokens", TensorIn::i64(vec![n], vec![1; n])),
+        ("advantages", TensorIn::f32(vec![n], a.to_vec())),
+        (RECORDED_LOGPROBS, TensorIn::f32(vec![n], q.to_vec())),
+        (RECORDED_SAMPLED, TensorIn::f32(vec![n], sampled.to_vec())),
+    ])
+}
+
+#[test]
+fn stable_reinforce_truncates_the_ratio_and_adds_the_kl_estimate() {
+    // A prompt token (A = 0, not sampled), a token at ratio 1 and one at ratio e (> 2).
+    let lp = [-3.0f32, -1.0, -1.0];
+    let q = [0.0f32, -1.0, -2.0];
+    let a = [0.0f32, 1.0, -1.0];
+    let mut cfg = LossConfig::new();
+    cfg.insert("kl_coeff".into(), ConfigValue::Number(0.5));
+    let out = run(
+        BuiltinLoss::StableReinforce,
+        &lp,
+        &sr_inputs(&q, &[0.0, 1.0, 1.0], &a),
+        &cfg,
+    );
+    let e = std::f64::consts::E;
+    let kl = e - 1.0 - 1.0;
+    // Loss: −1·1 + 0 (ratio 1, no KL) and −2·(−1) + 0.5·kl (truncated at 2).
+    assert!(close(out.loss, -1.0 + 2.0 + 0.5 * kl), "{}", out.loss);
+    assert_eq!(out.grads[0][0], 0.0, "prompt tokens carry nothing");
+    assert!(close(out.grads[0][1] as f64, -1.0));
+    assert!(close(out.grads[0][2] as f64, 2.0 + 0.5 * (e - 1.0)));
+    assert_eq!(out.metrics["truncated_tokens:sum"], 1.0);
+    assert_eq!(out.metrics["sampled_tokens:sum"], 2.0);
+    assert!(close(out.metrics["kl_sample_train:sum"], kl));
+    assert!(close(out.metrics["importance_ratio:max"], e));
+}
+
+#[test]
+fn stable_reinforce_refuses_what_it_cannot_train() {
+    let lp = [-1.0f32, -1.0];
+    let run_err = |inp: LossInputs, cfg: LossConfig| {
+        let d = [LossDatum {
+            logprobs: &lp,
+            len: 2,
+            k: 1,
+            inputs: &inp,
+        }];
+        BuiltinLoss::StableReinforce
+            .compute(&d, &cfg)
+            .unwrap_err()
+            .to_string()
+    };
+    // No provenance (no recorded inputs): named, with what to do.
+    let e = run_err(rl_inputs(&[-1.0, -1.0], &[1.0, 1.0]), LossConfig::new());
+    assert!(
+        e.contains("loss_fn_input_spans") && e.contains("record_stability_info"),
+        "{e}"
+    );
+    // An advantage on a prompt token.
+    let e = run_err(
+        sr_inputs(&[0.0, -1.0], &[0.0, 1.0], &[0.5, 1.0]),
+        LossConfig::new(),
+    );
+    assert!(e.contains("advantages") && e.contains("position 0"), "{e}");
+    // Bad config.
+    let mut cfg = LossConfig::new();
+    cfg.insert("kl_coeff".into(), ConfigValue::Number(-1.0));
+    let e = run_err(sr_inputs(&[0.0, -1.0], &[0.0, 1.0], &[0.0, 1.0]), cfg);
+    assert!(e.contains("kl_coeff"), "{e}");
+    let mut cfg = LossConfig::new();
+    cfg.insert("max_ratio".into(), ConfigValue::Text("big".into()));
+    let e = run_err(sr_inputs(&[0.0, -1.0], &[0.0, 1.0], &[0.0, 1.0]), cfg);
+    assert!(e.contains("max_ratio"), "{e}");
+    assert_eq!(
+        BuiltinLoss::parse("stable_reinforce").unwrap(),
+        BuiltinLoss::StableReinforce
+    );
+    assert_eq!(BuiltinLoss::parse("gspo").unwrap(), BuiltinLoss::Gspo);
 }

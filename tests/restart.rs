@@ -88,6 +88,7 @@ fn datum(n_rows: usize) -> proto::Datum {
         ]
         .into_iter()
         .collect(),
+        ..Default::default()
     }
 }
 

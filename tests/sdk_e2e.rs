@@ -1,7 +1,9 @@
 //! The official `tinker` SDK, unchanged, against a real `loraplex serve` process on
 //! SmolLM2: tests/sdk/tinker_sdk_e2e.py drives training (cross_entropy with the loss
 //! falling, importance_sampling, ppo, cispo, dro, forward_backward_custom when torch is
-//! there), sampler checkpoints, sampling with stop tokens and prompt logprobs,
+//! there; stable_reinforce on samples recorded with `record_stability_info` and datums
+//! carrying the cookbook's provenance spans, and gspo with its `sequence_ratio_mask`),
+//! sampler checkpoints, sampling with stop tokens and prompt logprobs,
 //! compute_logprobs, save_state / list / restore with optimizer, and a refused request;
 //! and the replaced Flask server's own client (tests/flask/test_concurrent_users.py).
 //!

@@ -67,13 +67,18 @@ impl AppState {
     ) -> Result<Shared> {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let plugins = plugins::PluginStore::new(limits, Some(cfg.data_dir.join("plugin-cache")))?;
+        let records = tinker::provenance::RecordLimits {
+            per_scope: cfg.max_recorded_sequences_per_session,
+            max_bytes: cfg.max_recorded_bytes,
+            ttl: Duration::from_secs(cfg.recorded_ttl_s),
+        };
         Ok(Arc::new(AppState {
             engine,
             cfg,
             auth,
             model_name,
             plugins,
-            tinker: tinker::TinkerState::default(),
+            tinker: tinker::TinkerState::new(records),
             metrics: ops::HttpMetrics::default(),
             started: Instant::now(),
             durable,

@@ -164,6 +164,41 @@ pub struct Datum {
     pub model_input: Vec<Chunk>,
     #[prost(map = "string, message", tag = "2")]
     pub loss_fn_inputs: HashMap<String, Tensor>,
+    /// Provenance (`Datum.with_provenance`): runs tiling `model_input`...
+    #[prost(message, repeated, tag = "3")]
+    pub model_input_spans: Vec<ProvenanceSpan>,
+    /// ... and runs tiling `loss_fn_inputs["target_tokens"]`.
+    #[prost(message, repeated, tag = "4")]
+    pub loss_fn_input_spans: Vec<ProvenanceSpan>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProvenanceSpan {
+    #[prost(oneof = "provenance_span::Span", tags = "1, 2")]
+    pub span: Option<provenance_span::Span>,
+}
+
+pub mod provenance_span {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Span {
+        /// Positions of the prompt of the request that sampled the named sequence.
+        #[prost(message, tag = "1")]
+        PromptTokens(super::SpanRun),
+        /// Positions of the named sequence's sampled tokens.
+        #[prost(message, tag = "2")]
+        SampledTokens(super::SpanRun),
+    }
+}
+
+/// `PromptProvenanceSpan` and `SampledProvenanceSpan`: the same three fields.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SpanRun {
+    #[prost(string, tag = "1")]
+    pub sequence_id: String,
+    #[prost(int64, tag = "2")]
+    pub offset: i64,
+    #[prost(int64, tag = "3")]
+    pub length: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -272,7 +307,14 @@ mod tests {
                     tokens: write_i32([1, 2, 3]),
                 })),
             }],
-            loss_fn_inputs: HashMap::new(),
+            loss_fn_input_spans: vec![ProvenanceSpan {
+                span: Some(provenance_span::Span::SampledTokens(SpanRun {
+                    sequence_id: "future-1-0".into(),
+                    offset: 0,
+                    length: 3,
+                })),
+            }],
+            ..Default::default()
         });
         let back = ForwardBackwardRequest::decode(&*r.encode_to_vec()).unwrap();
         assert_eq!(back, r);

@@ -40,7 +40,9 @@ pub use ids::{AdapterId, FutureId, SessionId, TenantId};
 pub use job::{FbRequest, Op};
 pub use metrics::TenantMetrics;
 pub use registry::{ModelLoader, Registry};
-pub use sampling::{SampleOutput, SampleRequest, SampledSeq, SequenceSampler, TokenSampler};
+pub use sampling::{
+    SampleOutput, SampleRecorder, SampleRequest, SampledSeq, SequenceSampler, TokenSampler,
+};
 
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};

@@ -52,6 +52,13 @@ pub trait TokenSampler: Send + Sync {
     ) -> Result<Box<dyn SequenceSampler>>;
 }
 
+/// Told of a request's sequences when it succeeds, before its future completes, so what
+/// it keeps is there by the time anyone reads the result (the Tinker layer records
+/// sequences sampled with `record_stability_info`).
+pub trait SampleRecorder: Send + Sync {
+    fn record(&self, future: &FutureId, prompt: &[u32], out: &SampleOutput);
+}
+
 /// One sequence's sampler state.
 pub trait SequenceSampler: Send {
     /// The next token, or `None` to end the sequence (reported as a stop).
@@ -82,6 +89,7 @@ pub struct SampleRequest {
     /// it is read, a restart included.
     pub prompt_logprobs_last_n: Option<usize>,
     pub sampler: Option<Arc<dyn TokenSampler>>,
+    pub recorder: Option<Arc<dyn SampleRecorder>>,
 }
 
 impl std::fmt::Debug for SampleRequest {
@@ -92,6 +100,7 @@ impl std::fmt::Debug for SampleRequest {
             .field("num_samples", &self.num_samples)
             .field("stop_strings", &self.stop_strings)
             .field("plugin", &self.sampler.is_some())
+            .field("recorded", &self.recorder.is_some())
             .finish()
     }
 }
@@ -546,6 +555,9 @@ impl Sampler {
             prompt_top_logprobs: acc.prompt_top_logprobs,
             prompt_logprobs_last_n: acc.job.req.prompt_logprobs_last_n,
         };
+        if let Some(r) = &acc.job.req.recorder {
+            r.record(&acc.job.future, &acc.job.req.prompt, &out);
+        }
         self.ctx.metrics.finished(&acc.job.tenant, true, true);
         self.ctx
             .futures

@@ -231,6 +231,7 @@ pub fn text_datum(tokens: &[i32], inputs: &[(&str, proto::Tensor)]) -> proto::Da
             .iter()
             .map(|(k, t)| (k.to_string(), t.clone()))
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -51,6 +51,97 @@ def datum(tokens, **extra):
     return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 
+def with_sampled_provenance(d, prompt_length, num_sampled, sequence_id):
+    """tinker-cookbook 0.6.1's recipes/rl_loop.py: name the sampled sequence behind every
+    position of the datum (the prompt, then the sampled tokens)."""
+    return d.with_provenance(
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sequence_id, length=prompt_length),
+            types.SampledProvenanceSpan(sequence_id=sequence_id, length=num_sampled - 1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sequence_id, offset=1, length=prompt_length - 1),
+            types.SampledProvenanceSpan(sequence_id=sequence_id, length=num_sampled),
+        ],
+    )
+
+
+def rl_datums(prompt, response, advantages, loss_fn):
+    """The cookbook's RL datums (recipes/rl_loop.py) for one group of samples."""
+    out = []
+    ob_len = len(prompt) - 1
+    for seq, adv in zip(response.sequences, advantages):
+        toks, lps = seq.tokens, seq.logprobs
+        n = ob_len + len(toks)
+        inputs = {
+            "target_tokens": types.TensorData.from_numpy(np.array(prompt[1:] + toks, dtype=np.int64)),
+            "logprobs": types.TensorData.from_numpy(np.array([0.0] * ob_len + lps, dtype=np.float32)),
+            "advantages": types.TensorData.from_numpy(np.array([0.0] * ob_len + [adv] * len(toks), dtype=np.float32)),
+        }
+        if loss_fn == "gspo":
+            inputs["sequence_ratio_mask"] = types.TensorData.from_numpy(
+                np.array([0.0] * ob_len + [1.0] * len(toks), dtype=np.float32))
+        d = types.Datum(model_input=types.ModelInput.from_ints(prompt + toks[:-1]), loss_fn_inputs=inputs)
+        assert d.model_input.length == n
+        if loss_fn == "stable_reinforce":
+            d = with_sampled_provenance(d, len(prompt), len(toks), seq.sequence_id)
+        out.append(d)
+    return out
+
+
+def stable_reinforce_and_gspo(tc):
+    """The cookbook's RL step with its default loss: sample with record_stability_info,
+    attach provenance, train with stable_reinforce; and gspo with a sequence_ratio_mask."""
+    srl = resolve(tc.save_weights_and_get_sampling_client(record_stability_info=True))
+    prompt = SEQ[:6]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=7, stop=[])
+    res = srl.sample(prompt=types.ModelInput.from_ints(prompt), num_samples=4, sampling_params=params).result()
+    ids = [s.sequence_id for s in res.sequences]
+    check(len(set(ids)) == 4 and all(ids), f"each sampled sequence has its own sequence_id: {ids}")
+    advantages = [1.0, -0.5, 0.25, 0.75]
+    n_sampled = sum(len(s.tokens) for s in res.sequences)
+    want = -sum(a * len(s.tokens) for a, s in zip(advantages, res.sequences))
+
+    data = rl_datums(prompt, res, advantages, "stable_reinforce")
+    out = tc.forward_backward(data, "stable_reinforce").result()
+    m = out.metrics
+    log(f"stable_reinforce on-policy metrics: {m}")
+    check(math.isfinite(m["loss:sum"]) and m["sampled_tokens:sum"] == n_sampled,
+          f"stable_reinforce: loss:sum = {m['loss:sum']:.4f} over {n_sampled} sampled tokens")
+    check(abs(m["importance_ratio:max"] - 1.0) < 1e-2 and abs(m["loss:sum"] - want) < 5e-2,
+          f"stable_reinforce on the sampler's own weights: ratio ~1, loss ~ -sum(A) = {want}")
+    lp = out.loss_fn_outputs[0]["logprobs"].to_numpy()[len(prompt) - 1:]
+    diff = float(np.max(np.abs(lp - np.array(res.sequences[0].logprobs))))
+    check(diff < 5e-3, f"trainer logprobs of the sampled tokens match the sampler's (max diff {diff:.1e})")
+
+    g = rl_datums(prompt, res, advantages, "gspo")
+    out = tc.forward_backward(g, "gspo").result()
+    m = out.metrics
+    log(f"gspo metrics: {m}")
+    check(math.isfinite(m["loss:sum"]) and abs(m["sequence_ratio:max"] - 1.0) < 1e-2,
+          f"gspo: loss:sum = {m['loss:sum']:.4f}, sequence ratio ~1")
+    tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+
+    # The same samples again after a step (as async RL trains on stale samples): the
+    # record is used again, the ratios move off 1, the loss stays finite.
+    out = tc.forward_backward(data, "stable_reinforce", loss_fn_config={"kl_coeff": 0.1, "max_ratio": 1.5}).result()
+    m = out.metrics
+    log(f"stable_reinforce one step off-policy: {m}")
+    check(math.isfinite(m["loss:sum"]) and m["kl_sample_train:sum"] > 0,
+          f"stable_reinforce off-policy: loss:sum = {m['loss:sum']:.4f}, kl = {m['kl_sample_train:sum']:.2e}")
+    tc.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+
+    # A span naming a sequence this session never recorded fails as a user error.
+    plain = rl_datums(prompt, res, advantages, "importance_sampling")[0]
+    bad = with_sampled_provenance(plain, len(prompt), len(res.sequences[0].tokens), "no-such-sequence")
+    try:
+        tc.forward_backward([bad], "stable_reinforce").result()
+        check(False, "an unknown sequence_id must fail")
+    except tinker.RequestFailedError as e:
+        check("no-such-sequence" in str(e) and e.category == "user",
+              f"unknown sequence_id refused as a user error: {str(e)[:90]}...")
+
+
 def main():
     sc = tinker.ServiceClient(base_url=URL, api_key="tml-loraplex-sdk-test")
     tc = resolve(sc.create_lora_training_client(base_model=MODEL, rank=8, seed=0))
@@ -94,6 +185,8 @@ def main():
             # At q = p every ratio is 1: loss = -sum(advantages) = 0 for symmetric advantages.
             check(abs(loss) < 1e-3, f"{loss_fn} at ratio 1 gives -sum(A) = 0 (got {loss:.2e})")
     tc.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+
+    stable_reinforce_and_gspo(tc)
 
     # forward_backward_custom: the SDK runs the loss in torch on the client.
     try:

@@ -6,11 +6,13 @@
 //!
 //! Parts: [`session`] (client config, sessions, telemetry, capabilities), [`training`]
 //! (models, forward_backward, optim_step, checkpoints, training runs), [`sampling`]
-//! (sampling sessions, asample), [`futures`] (retrieve_future).
+//! (sampling sessions, asample), [`futures`] (retrieve_future), [`provenance`] (sequences
+//! recorded at sampling time for `stable_reinforce`, and the spans that name them).
 //!
 //! What this layer keeps, and what bounds each part of it: [`TinkerState`].
 
 pub mod futures;
+pub mod provenance;
 pub mod sampling;
 pub mod session;
 pub mod training;
@@ -21,6 +23,7 @@ use crate::jobs::{FutureId, TenantId};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Most seq_ids remembered per window ([`SeqWindow`]) for idempotent retries. The SDK
@@ -109,6 +112,9 @@ impl SessionInfo {
 ///   ([`SEQ_WINDOW`] entries each), its live models and sampling sessions.
 /// - `samples` and `sampler_paths`, per sampling session: removed when the session that
 ///   owns the sampling session is released; `samples` keeps a [`SEQ_WINDOW`] of seq_ids.
+/// - `records`, sequences sampled with `record_stability_info`, per session: bounded by
+///   [`provenance::RecordLimits`] (count per session, bytes in all, time since last use)
+///   and dropped with their session.
 ///
 /// How a result renders is in the stored job output, never here; a training run's last
 /// request time is on the engine's model entry.
@@ -119,9 +125,18 @@ pub struct TinkerState {
     pub samples: DashMap<String, Mutex<SeqWindow<(FutureId, usize)>>>,
     /// Sampling session → the checkpoint path it was created from, if any.
     pub sampler_paths: DashMap<String, Option<String>>,
+    /// What `stable_reinforce` needs of sampled sequences, per (tenant, session).
+    pub records: Arc<provenance::RecordStore>,
 }
 
 impl TinkerState {
+    pub fn new(records: provenance::RecordLimits) -> Self {
+        TinkerState {
+            records: Arc::new(provenance::RecordStore::new(records)),
+            ..Default::default()
+        }
+    }
+
     /// The session, if it exists and belongs to `tenant`.
     pub fn session(
         &self,
@@ -157,6 +172,13 @@ pub async fn reap_sessions(state: Shared) {
         for id in stale {
             tracing::info!(session = %id, "session stopped heartbeating; releasing it");
             session::release(&state, &id).await;
+        }
+        let n = state.tinker.records.expire();
+        if n > 0 {
+            tracing::info!(
+                records = n,
+                "recorded sequences unused for LORAPLEX_RECORDED_TTL_S dropped"
+            );
         }
         // Checkpoints past their time to live: out of the cache, then off the disk.
         for (tenant, c) in state.engine.registry().take_expired_checkpoints() {

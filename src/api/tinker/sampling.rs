@@ -1,18 +1,22 @@
 //! Sampling routes: sampling sessions (on the base model or a checkpoint's frozen weights),
 //! their description, and `asample`, whose future answers with a protobuf `SampleResponse`.
 //! Also the JSON forms of Tinker's sampling parameters, shared with the REST routes.
+//! Every sampled sequence gets a `sequence_id` ([`sequence_id`]); with
+//! `record_stability_info` its record goes to the session's [`super::provenance`] store.
 
+use super::provenance::{RecordStore, Scope, SequenceRecord};
 use super::TinkerPath;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
-use crate::jobs::{FutureId, SampleRequest, SessionId, TenantId};
+use crate::jobs::{FutureId, SampleOutput, SampleRecorder, SampleRequest, SessionId, TenantId};
 use crate::model::BaseModel;
 use crate::sample::SamplingParams;
 use axum::extract::State;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Tokens generated when a request names no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: usize = 128;
@@ -270,6 +274,10 @@ pub struct Asample {
     target_prompt_logprobs: Option<Value>,
     #[serde(default)]
     prompt_logprobs_last_n: Option<usize>,
+    /// Record each sampled sequence for `stable_reinforce` (its prompt, tokens and the
+    /// sampler's logprobs), named by its `sequence_id` within the Tinker session.
+    #[serde(default)]
+    record_stability_info: Option<bool>,
     #[serde(default)]
     base_model: Option<String>,
     #[serde(default)]
@@ -356,13 +364,58 @@ pub async fn asample(
     }
 }
 
+/// The `sequence_id` of a sample request's `i`-th sequence: unique, since future ids are.
+pub fn sequence_id(f: &FutureId, i: usize) -> String {
+    format!("{}-{i}", f.0)
+}
+
 /// The asample answer: the future and one id per sequence.
 fn answer(f: &FutureId, n: usize) -> Value {
-    let ids: Vec<String> = (0..n).map(|i| format!("{}-{i}", f.0)).collect();
+    let ids: Vec<String> = (0..n).map(|i| sequence_id(f, i)).collect();
     json!({
         "request_id": f.0,
         "sample_sequence_ids": ids,
     })
+}
+
+/// Puts a finished request's sequences into the record store, under the Tinker session
+/// that sampled them.
+struct Recorder {
+    store: Arc<RecordStore>,
+    scope: Scope,
+}
+
+impl SampleRecorder for Recorder {
+    fn record(&self, future: &FutureId, prompt: &[u32], out: &SampleOutput) {
+        let prompt: Arc<[u32]> = prompt.into();
+        for (i, seq) in out.sequences.iter().enumerate() {
+            if seq.logprobs.len() != seq.tokens.len() {
+                tracing::warn!(future = %future, "a sampled sequence without a logprob per token; not recorded");
+                continue;
+            }
+            let rec = SequenceRecord {
+                prompt: prompt.clone(),
+                tokens: seq.tokens.clone(),
+                logprobs: seq.logprobs.clone(),
+            };
+            self.store
+                .record(&self.scope, sequence_id(future, i), Arc::new(rec));
+        }
+    }
+}
+
+/// The Tinker session a sampling session belongs to: its owner (an ephemeral sampler of a
+/// training run), else the session it was created in.
+fn tinker_session_of(s: &Shared, tenant: &TenantId, id: &SessionId) -> Option<String> {
+    let sampler = s.engine.registry().session(tenant, id).ok()?;
+    if let Some(owner) = &sampler.owner {
+        return Some(owner.clone());
+    }
+    s.tinker
+        .sessions
+        .iter()
+        .find(|e| &e.tenant == tenant && e.samplers.lock().iter().any(|x| x == &id.0))
+        .map(|e| e.key().clone())
 }
 
 async fn submit_sample(
@@ -372,6 +425,21 @@ async fn submit_sample(
     req: Asample,
 ) -> ApiResult<FutureId> {
     let n = req.num_samples.unwrap_or(1);
+    let recorder: Option<Arc<dyn SampleRecorder>> = if req.record_stability_info == Some(true) {
+        let owner = tinker_session_of(s, tenant, session).ok_or_else(|| {
+            ApiError::invalid(
+                "record_stability_info",
+                "records belong to a Tinker session: sample through a sampling session \
+                 created in one (create_sampling_session or save_weights_for_sampler)",
+            )
+        })?;
+        Some(Arc::new(Recorder {
+            store: s.tinker.records.clone(),
+            scope: (tenant.clone(), owner),
+        }))
+    } else {
+        None
+    };
     let model = s.engine.base_model().await?;
     let prompt = model_input_tokens("prompt", &req.prompt)?;
     let (params, stop_strings) = req.sampling_params.resolve(&model)?;
@@ -388,6 +456,7 @@ async fn submit_sample(
         prompt_top_logprobs: req.topk_prompt_logprobs.unwrap_or(0),
         prompt_logprobs_last_n: req.prompt_logprobs_last_n,
         sampler: None,
+        recorder,
     };
     s.metrics.submitted(crate::jobs::JobKind::Sample);
     Ok(s.engine.sample(tenant, session, sr).await?)

@@ -181,6 +181,9 @@ pub async fn release(s: &Shared, id: &str) {
     }
     let models: Vec<String> = sess.models.lock().drain(..).collect();
     let samplers: Vec<String> = sess.samplers.lock().drain(..).collect();
+    s.tinker
+        .records
+        .drop_scope(&(sess.tenant.clone(), id.to_owned()));
     for m in models {
         let _ = s
             .engine
@@ -243,13 +246,19 @@ pub async fn capabilities(State(s): State<Shared>) -> ApiResult<axum::Json<Value
         .registry()
         .base_now()
         .map(|m| m.config.max_position_embeddings);
+    let losses: Vec<&str> = crate::train::loss::BuiltinLoss::ALL
+        .iter()
+        .map(|l| l.name())
+        .collect();
     Ok(axum::Json(json!({
         "supported_models": [{
             "model_name": s.model_name,
             "max_context_length": ctx,
             "trainable": true,
             "sampleable": true,
-        }]
+        }],
+        // A loraplex addition (the SDK ignores unknown fields): the built-in losses.
+        "loss_functions": losses,
     })))
 }
 

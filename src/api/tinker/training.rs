@@ -2,18 +2,24 @@
 //! forward / forward_backward (protobuf in), optim_step, checkpoints (save, load, list,
 //! delete, TTL) and training runs. Each submit validates, hands the engine one op and
 //! answers with a future; the engine runs a model's ops in the SDK's `seq_id` order.
+//! A loss that reads what was recorded at sampling time (`stable_reinforce`) has its
+//! datums' provenance spans resolved here, against the model's Tinker session's records.
 
+use super::provenance::{Provenance, Span, SpanKind, MAX_SEQUENCE_ID_BYTES};
 use super::session::session_of_model;
 use super::{check_name, rfc3339, TinkerPath};
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Proto, Query, Tenant};
-use crate::api::proto::{self, chunk, loss_config_value, tensor};
+use crate::api::proto::{self, chunk, loss_config_value, provenance_span, tensor};
 use crate::api::Shared;
 use crate::jobs::registry::Checkpoint;
 use crate::jobs::{AdapterId, FbRequest, FutureId, JobKind, JobOutput, Op, TenantId};
 use crate::lora::optim::AdamParams;
 use crate::lora::LoraConfig;
-use crate::train::loss::{ConfigValue, LossConfig, LossInputs, TensorIn};
+use crate::train::loss::{
+    self, BuiltinLoss, ConfigValue, LossConfig, LossInputs, TensorIn, RECORDED_LOGPROBS,
+    RECORDED_PREFIX, RECORDED_SAMPLED,
+};
 use crate::train::Datum;
 use axum::extract::State;
 use schemars::JsonSchema;
@@ -382,6 +388,15 @@ pub fn decode_data(
         let mut inputs = LossInputs::new();
         for (name, t) in &d.loss_fn_inputs {
             let f = format!("{field}.loss_fn_inputs.{name}");
+            if name.starts_with(RECORDED_PREFIX) {
+                return Err(ApiError::invalid(
+                    f,
+                    format!(
+                        "names starting with {RECORDED_PREFIX:?} are filled in by the server \
+                         from what it recorded at sampling time"
+                    ),
+                ));
+            }
             let legal = tokens.len().max(1).saturating_mul(max_cols);
             let tensor = if legal <= budget {
                 let why = format!(
@@ -408,13 +423,16 @@ pub fn decode_data(
 }
 
 fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> ApiResult<Op> {
-    let data = decode_data(
+    let mut data = decode_data(
         req,
         s.cfg.max_loss_input_columns,
         s.cfg.max_loss_input_values,
     )?;
     let config = loss_config(req);
     let loss = s.plugins.resolve_loss(tenant, &req.loss_fn, &config)?;
+    if BuiltinLoss::parse(&req.loss_fn).is_ok_and(BuiltinLoss::needs_provenance) {
+        resolve_provenance(s, tenant, req, &mut data)?;
+    }
     let fb = FbRequest {
         data,
         loss,
@@ -425,6 +443,114 @@ fn fb_op(s: &Shared, tenant: &TenantId, req: &proto::ForwardBackwardRequest) -> 
     } else {
         Op::ForwardBackward(fb)
     })
+}
+
+/// Datum `i`'s provenance spans, checked for shape (both lists or neither, at most two per
+/// position, ids of bounded length, no negative offset or length) before anything is
+/// made of them. `None` when it has none.
+fn provenance(field: &str, d: &proto::Datum, n: usize) -> ApiResult<Option<Provenance>> {
+    if d.model_input_spans.is_empty() && d.loss_fn_input_spans.is_empty() {
+        return Ok(None);
+    }
+    let list = |name: &str, spans: &[proto::ProvenanceSpan]| -> ApiResult<Vec<Span>> {
+        let f = format!("{field}.{name}");
+        if spans.is_empty() {
+            return Err(ApiError::invalid(
+                f,
+                "missing: provenance comes as a pair (model_input_spans and loss_fn_input_spans)",
+            ));
+        }
+        let max = n.saturating_mul(2).saturating_add(2);
+        if spans.len() > max {
+            return Err(ApiError::invalid(
+                f,
+                format!("{} spans for {n} positions; at most {max}", spans.len()),
+            ));
+        }
+        spans
+            .iter()
+            .enumerate()
+            .map(|(j, sp)| {
+                let f = format!("{f}[{j}]");
+                let (kind, run) = match &sp.span {
+                    Some(provenance_span::Span::PromptTokens(r)) => (SpanKind::Prompt, r),
+                    Some(provenance_span::Span::SampledTokens(r)) => (SpanKind::Sampled, r),
+                    None => return Err(ApiError::invalid(f, "empty span")),
+                };
+                if run.sequence_id.is_empty() || run.sequence_id.len() > MAX_SEQUENCE_ID_BYTES {
+                    return Err(ApiError::invalid(
+                        format!("{f}.sequence_id"),
+                        format!(
+                            "must have 1 to {MAX_SEQUENCE_ID_BYTES} bytes, has {}",
+                            run.sequence_id.len()
+                        ),
+                    ));
+                }
+                let non_negative = |name: &str, v: i64| {
+                    u64::try_from(v).map_err(|_| {
+                        ApiError::invalid(format!("{f}.{name}"), format!("{v} is negative"))
+                    })
+                };
+                Ok(Span {
+                    kind,
+                    sequence_id: run.sequence_id.clone(),
+                    offset: non_negative("offset", run.offset)?,
+                    length: non_negative("length", run.length)?,
+                })
+            })
+            .collect()
+    };
+    Ok(Some(Provenance {
+        model_input: list("model_input_spans", &d.model_input_spans)?,
+        targets: list("loss_fn_input_spans", &d.loss_fn_input_spans)?,
+    }))
+}
+
+/// Resolve every datum's provenance against the records of the model's Tinker session,
+/// adding the `recorded:` inputs the loss reads. A datum without provenance is left as it
+/// is (the loss says what it misses).
+fn resolve_provenance(
+    s: &Shared,
+    tenant: &TenantId,
+    req: &proto::ForwardBackwardRequest,
+    data: &mut [Datum],
+) -> ApiResult<()> {
+    let _span =
+        tracing::info_span!("provenance", model = %req.model_id, data = data.len()).entered();
+    let session = s
+        .engine
+        .registry()
+        .adapter(tenant, &AdapterId(req.model_id.clone()))?
+        .session
+        .clone();
+    let session = match session {
+        Some(id) => id,
+        None => session_of_model(&req.model_id)?.to_owned(),
+    };
+    let scope = (tenant.clone(), session);
+    for (i, (d, wire)) in data.iter_mut().zip(&req.data).enumerate() {
+        let field = format!("data[{i}]");
+        let n = d.model_input.len();
+        let Some(prov) = provenance(&field, wire, n)? else {
+            continue;
+        };
+        let (targets, k) = loss::targets_of(&d.loss_fn_inputs, n, &field)?;
+        if k != 1 {
+            return Err(ApiError::invalid(
+                format!("{field}.loss_fn_inputs.target_tokens"),
+                "provenance spans tile [N] targets, not [N, K]",
+            ));
+        }
+        let (lp, sampled) =
+            s.tinker
+                .records
+                .resolve(&scope, &field, &d.model_input, &targets, &prov)?;
+        d.loss_fn_inputs
+            .insert(RECORDED_LOGPROBS.into(), TensorIn::f32(vec![n], lp));
+        d.loss_fn_inputs
+            .insert(RECORDED_SAMPLED.into(), TensorIn::f32(vec![n], sampled));
+    }
+    Ok(())
 }
 
 /// Queue an op at its seq_id. A request refused for its content still takes its place

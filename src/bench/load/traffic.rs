@@ -156,6 +156,7 @@ fn encode_datum(tokens: &[i32], inputs: Vec<(&str, proto::Tensor)>) -> proto::Da
             })),
         }],
         loss_fn_inputs: inputs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        ..Default::default()
     }
 }
 
