@@ -28,6 +28,10 @@
 //! | futures held in memory | `LORAPLEX_MAX_FUTURES` | 100000 |
 //! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
 //! | open Tinker sessions in all | `LORAPLEX_MAX_SESSIONS` | 65536 |
+//! | expired checkpoints deleted every | `LORAPLEX_EXPIRY_SWEEP_MS` | 30000 |
+//! | signed download URLs work for | `LORAPLEX_DOWNLOAD_URL_TTL_S` | 3600 |
+//! | the server's URL as clients see it (download links) | `LORAPLEX_PUBLIC_URL` | `http://` + Host |
+//! | download-link signing key | `<data dir>/url-signing.key` | 32 random bytes, made once |
 //! | tenants with their own metrics | `LORAPLEX_MAX_METRIC_TENANTS` | 1000 |
 //! | engine settings | see [`EngineConfig`] | |
 //! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
@@ -384,6 +388,17 @@ pub struct ServeConfig {
     /// more is refused with a 429.
     #[arg(long, env = "LORAPLEX_MAX_SESSIONS", default_value_t = 65_536)]
     pub max_sessions: usize,
+    /// How often checkpoints past their time to live (`ttl_seconds`, `tinker checkpoint
+    /// set-ttl`) are deleted, files included (ms). Expired ones are hidden at once.
+    #[arg(long, env = "LORAPLEX_EXPIRY_SWEEP_MS", default_value_t = 30_000)]
+    pub expiry_sweep_ms: u64,
+    /// How long a signed checkpoint download URL (`get_external_weights_urls`) works (s).
+    #[arg(long, env = "LORAPLEX_DOWNLOAD_URL_TTL_S", default_value_t = 3600)]
+    pub download_url_ttl_s: u64,
+    /// The server's address as clients reach it, for download URLs (e.g.
+    /// `https://loraplex.example.com`). Unset: `http://` and the request's Host header.
+    #[arg(long, env = "LORAPLEX_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 impl ServeConfig {
@@ -404,6 +419,9 @@ impl ServeConfig {
             max_futures: 100_000,
             max_sessions_per_tenant: 1024,
             max_sessions: 65_536,
+            expiry_sweep_ms: 30_000,
+            download_url_ttl_s: 3600,
+            public_url: None,
         }
     }
 }
