@@ -28,6 +28,10 @@
 //! | futures held in memory | `LORAPLEX_MAX_FUTURES` | 100000 |
 //! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
 //! | open Tinker sessions in all | `LORAPLEX_MAX_SESSIONS` | 65536 |
+//! | expired checkpoints deleted every | `LORAPLEX_EXPIRY_SWEEP_MS` | 30000 |
+//! | signed download URLs work for | `LORAPLEX_DOWNLOAD_URL_TTL_S` | 3600 |
+//! | the server's URL as clients see it (download links) | `LORAPLEX_PUBLIC_URL` | `http://` + Host |
+//! | download-link signing key | `<data dir>/url-signing.key` | 32 random bytes, made once |
 //! | tenants with their own metrics | `LORAPLEX_MAX_METRIC_TENANTS` | 1000 |
 //! | sequences recorded for `stable_reinforce`, per Tinker session | `LORAPLEX_MAX_RECORDED_SEQUENCES_PER_SESSION` | 16384 |
 //! | bytes of recorded sequences in all | `LORAPLEX_MAX_RECORDED_BYTES` | 1 GiB |
@@ -404,6 +408,17 @@ pub struct ServeConfig {
     /// training request that names it (s). Tinker keeps them a day.
     #[arg(long, env = "LORAPLEX_RECORDED_TTL_S", default_value_t = 86_400)]
     pub recorded_ttl_s: u64,
+    /// How often checkpoints past their time to live (`ttl_seconds`, `tinker checkpoint
+    /// set-ttl`) are deleted, files included (ms). Expired ones are hidden at once.
+    #[arg(long, env = "LORAPLEX_EXPIRY_SWEEP_MS", default_value_t = 30_000)]
+    pub expiry_sweep_ms: u64,
+    /// How long a signed checkpoint download URL (`get_external_weights_urls`) works (s).
+    #[arg(long, env = "LORAPLEX_DOWNLOAD_URL_TTL_S", default_value_t = 3600)]
+    pub download_url_ttl_s: u64,
+    /// The server's address as clients reach it, for download URLs (e.g.
+    /// `https://loraplex.example.com`). Unset: `http://` and the request's Host header.
+    #[arg(long, env = "LORAPLEX_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 impl ServeConfig {
@@ -427,6 +442,9 @@ impl ServeConfig {
             max_recorded_sequences_per_session: 16_384,
             max_recorded_bytes: 1 << 30,
             recorded_ttl_s: 86_400,
+            expiry_sweep_ms: 30_000,
+            download_url_ttl_s: 3600,
+            public_url: None,
         }
     }
 }

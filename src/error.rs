@@ -59,6 +59,9 @@ pub enum Error {
         limit: u64,
         retry_after_ms: u64,
     },
+    /// A credential other than the API key (a signed download link) is invalid or expired.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// A job failed; what it failed with, as stored in its future.
     #[error("{message}")]
     JobFailed { message: String, category: Category },
@@ -105,6 +108,7 @@ impl Error {
             Error::NotFound { .. } => (User, 404, "not_found"),
             Error::Busy { .. } => (User, 429, "busy"),
             Error::QuotaExceeded { .. } => (User, 403, "quota_exceeded"),
+            Error::Forbidden(_) => (User, 403, "forbidden"),
             Error::RateLimited { .. } => (User, 429, "rate_limited"),
             Error::Unavailable(_) => (Server, 503, "unavailable"),
             Error::ModelLoad { .. } => (Server, 503, "model_load"),

@@ -411,6 +411,7 @@ async fn a_failing_job_fails_alone() {
             Op::SaveState {
                 name: "s".into(),
                 ttl: None,
+                user_metadata: None,
             },
         )
         .await

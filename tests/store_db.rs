@@ -54,6 +54,11 @@ async fn everything_written_is_there_after_close_and_reopen() {
         newest_checkpoint: None,
         deleted: false,
         created: at(1_000),
+        user_metadata: Some(UserMetadata(
+            [("renderer_name".to_string(), "llama3".to_string())].into(),
+        )),
+        loaded: true,
+        last_request: None,
     };
     let ckpt = CheckpointRecord {
         path: "tinker://model-1/weights/step-3".into(),
@@ -65,6 +70,8 @@ async fn everything_written_is_there_after_close_and_reopen() {
         step: 3,
         created: at(4_000),
         expires: Some(at(90_000)),
+        public: false,
+        user_metadata: None,
     };
     let sampling = SamplingSessionRecord {
         id: SessionId::from("sampler-1"),
@@ -85,6 +92,9 @@ async fn everything_written_is_there_after_close_and_reopen() {
         tenant: t.clone(),
         created: at(500),
         last_heartbeat: at(500),
+        user_metadata: None,
+        display_name: Some("nightly".into()),
+        ended: None,
     };
     {
         let db = Db::open(&path).await.unwrap();
@@ -126,6 +136,8 @@ async fn everything_written_is_there_after_close_and_reopen() {
     assert_eq!(m.newest_checkpoint.as_deref(), Some(ckpt.path.as_str()));
     assert_eq!(m.lora_config, lora());
     assert_eq!(m.session, model.session);
+    assert_eq!(m.user_metadata, model.user_metadata);
+    assert!(m.loaded);
     assert_eq!(db.get_checkpoint(&t, &ckpt.path).await.unwrap(), ckpt);
     assert_eq!(
         db.list_checkpoints(&t, Some(&model.id)).await.unwrap(),
@@ -184,6 +196,128 @@ async fn everything_written_is_there_after_close_and_reopen() {
     assert_eq!(db.delete_checkpoint(&t, &ckpt.path).await.unwrap(), ckpt);
     assert!(db.list_checkpoints(&t, None).await.unwrap().is_empty());
     db.delete_sampling_session(&t, &sampling.id).await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test]
+async fn runs_and_sessions_stay_listed_after_they_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("loraplex.db");
+    let t = TenantId::from("tenant-a");
+    let meta = |k: &str, v: &str| Some(UserMetadata([(k.to_string(), v.to_string())].into()));
+    let db = Db::open(&path).await.unwrap();
+    for i in 0..3u64 {
+        db.insert_session(&SessionRecord {
+            id: ClientSessionId(format!("session-{i}")),
+            tenant: t.clone(),
+            created: at(100 * (i + 1)),
+            last_heartbeat: at(100 * (i + 1)),
+            user_metadata: meta("i", &i.to_string()),
+            display_name: None,
+            ended: None,
+        })
+        .await
+        .unwrap();
+        db.insert_model(&ModelRecord {
+            id: AdapterId(format!("session-{i}:train:0")),
+            tenant: t.clone(),
+            session: Some(ClientSessionId(format!("session-{i}"))),
+            base_model: "base".into(),
+            lora_config: lora(),
+            step: 0,
+            newest_checkpoint: None,
+            deleted: false,
+            created: at(100 * (i + 1) + 1),
+            user_metadata: meta("renderer_name", "role_colon"),
+            loaded: true,
+            last_request: None,
+        })
+        .await
+        .unwrap();
+    }
+    // Session 0 ends and its run is unloaded at step 5: both stay listed.
+    let s0 = ClientSessionId("session-0".into());
+    db.end_session(&t, &s0, at(5_000)).await.unwrap();
+    db.mark_model_unloaded(&t, &AdapterId::from("session-0:train:0"), 5, at(4_000))
+        .await
+        .unwrap();
+    db.close().await;
+
+    let db = Db::open(&path).await.unwrap();
+    let open: Vec<String> = db
+        .list_sessions(&t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id.0)
+        .collect();
+    assert_eq!(
+        open,
+        ["session-1", "session-2"],
+        "an ended session is not reopened"
+    );
+    let (page, total) = db.list_sessions_page(&t, 2, 1).await.unwrap();
+    assert_eq!(total, 3);
+    let ids: Vec<&str> = page.iter().map(|s| s.id.0.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["session-1", "session-0"],
+        "newest first, from the offset"
+    );
+    assert_eq!(page[1].ended, Some(at(5_000)));
+    assert_eq!(page[1].user_metadata, meta("i", "0"));
+
+    let (runs, total) = db.list_models_page(&t, 10, 0).await.unwrap();
+    assert_eq!(total, 3);
+    assert_eq!(runs[2].id.0, "session-0:train:0");
+    assert!(!runs[2].loaded && runs[0].loaded);
+    assert_eq!((runs[2].step, runs[2].last_request), (5, Some(at(4_000))));
+    assert_eq!(runs[2].user_metadata, meta("renderer_name", "role_colon"));
+    let of_s0 = db.list_session_models(&t, &s0).await.unwrap();
+    assert_eq!(of_s0.len(), 1);
+    // A deleted run leaves every listing.
+    db.mark_model_deleted(&t, &AdapterId::from("session-1:train:0"))
+        .await
+        .unwrap();
+    assert_eq!(db.list_models_page(&t, 10, 0).await.unwrap().1, 2);
+    let eve = TenantId::from("tenant-eve");
+    assert_eq!(db.list_models_page(&eve, 10, 0).await.unwrap().1, 0);
+    assert_eq!(db.list_sessions_page(&eve, 10, 0).await.unwrap().1, 0);
+    assert!(db
+        .mark_model_unloaded(&eve, &AdapterId::from("session-2:train:0"), 1, at(1))
+        .await
+        .is_err());
+
+    // Checkpoints: the external kind, publishing, user_metadata.
+    let ckpt = CheckpointRecord {
+        path: "tinker://session-2:train:0/external_weights/final".into(),
+        model: AdapterId::from("session-2:train:0"),
+        tenant: t.clone(),
+        kind: CheckpointKind::External,
+        dir: PathBuf::from("/x"),
+        size_bytes: 10,
+        step: 0,
+        created: at(9_000),
+        expires: None,
+        public: false,
+        user_metadata: meta("note", "x"),
+    };
+    db.insert_checkpoint(&ckpt).await.unwrap();
+    db.set_checkpoint_public(&t, &ckpt.path, true)
+        .await
+        .unwrap();
+    assert!(db
+        .set_checkpoint_public(&eve, &ckpt.path, false)
+        .await
+        .is_err());
+    let back = db.get_checkpoint(&t, &ckpt.path).await.unwrap();
+    assert_eq!(
+        back,
+        CheckpointRecord {
+            public: true,
+            ..ckpt
+        }
+    );
     db.close().await;
 }
 

@@ -50,8 +50,11 @@ pub struct AppState {
     pub metrics: ops::HttpMetrics,
     pub started: Instant,
     /// The database, checkpoint files and plugin bytes (`None`: in memory only, as in
-    /// tests of the API alone).
+    /// tests of the API alone: then nothing outlives the process, and an unloaded
+    /// training run is forgotten).
     pub durable: Option<Arc<Durable>>,
+    /// Signs checkpoint download links (its key lives in the data directory).
+    pub url_signer: tinker::download::UrlSigner,
 }
 
 pub type Shared = Arc<AppState>;
@@ -72,6 +75,7 @@ impl AppState {
             max_bytes: cfg.max_recorded_bytes,
             ttl: Duration::from_secs(cfg.recorded_ttl_s),
         };
+        let url_signer = tinker::download::UrlSigner::load_or_create(&cfg.data_dir)?;
         Ok(Arc::new(AppState {
             engine,
             cfg,
@@ -82,6 +86,7 @@ impl AppState {
             metrics: ops::HttpMetrics::default(),
             started: Instant::now(),
             durable,
+            url_signer,
         }))
     }
 }
@@ -250,6 +255,7 @@ pub async fn build(
         "state restored"
     );
     tokio::spawn(tinker::reap_sessions(state.clone()));
+    tokio::spawn(tinker::sweep_expired_checkpoints(state.clone()));
     Ok((state.clone(), router(state)))
 }
 

@@ -54,13 +54,31 @@ pub mod schema {
     /// What `check_name` accepts (src/store/checkpoint.rs).
     pub(crate) const CHECKPOINT_NAME: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
     const TINKER_PATH: &str =
-        "^tinker://[^/]+/(weights|sampler_weights)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
+        "^tinker://[^/]+/(weights|sampler_weights|external_weights)/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
 
     pub fn checkpoint_name_or_null(_: &mut SchemaGenerator) -> Schema {
         json_schema!({"type": ["string", "null"], "pattern": CHECKPOINT_NAME})
     }
 
-    /// `tinker://<model>/<weights|sampler_weights>/<name>`.
+    pub fn checkpoint_name(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "pattern": CHECKPOINT_NAME})
+    }
+
+    /// A client's `user_metadata`: strings only, at most 16 KiB serialized.
+    pub fn user_metadata(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": ["object", "null"],
+            "additionalProperties": {"type": "string", "maxLength": 1024},
+            "maxProperties": 8,
+        })
+    }
+
+    /// `owned` (the default) or `accessible`.
+    pub fn access_scope(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": ["string", "null"], "enum": ["owned", "accessible", null]})
+    }
+
+    /// `tinker://<model>/<weights|sampler_weights|external_weights>/<name>`.
     pub fn tinker_path(_: &mut SchemaGenerator) -> Schema {
         json_schema!({"type": "string", "pattern": TINKER_PATH})
     }
@@ -179,11 +197,19 @@ fn path_param(route: &Route, name: &str) -> Value {
     let (description, schema) = match name {
         "kind" => (
             "The checkpoint's kind",
-            json!({"type": "string", "enum": ["weights", "sampler_weights"]}),
+            json!({"type": "string", "enum": ["weights", "sampler_weights", "external_weights"]}),
         ),
         "name" => (
             "The checkpoint's name",
             json!({"type": "string", "pattern": schema::CHECKPOINT_NAME}),
+        ),
+        "token" => (
+            "A signed download token (get_external_weights_urls)",
+            json!({"type": "string"}),
+        ),
+        "file" => (
+            "A file of the PEFT adapter",
+            json!({"type": "string", "enum": crate::api::tinker::download::FILES}),
         ),
         _ if route.path.starts_with("/api/v1/sessions/") => (
             "A Tinker session id (create_session)",
@@ -265,6 +291,7 @@ fn responses(route: &Route) -> Value {
                 "content": {"application/json": {}, "application/x-protobuf": {}},
             }),
             Reply::Tar => json!({"description": "a PEFT adapter", "content": {"application/x-tar": {}}}),
+            Reply::File => json!({"description": "the file", "content": {"application/octet-stream": {}, "application/json": {}}}),
             Reply::Text => json!({"description": "Prometheus text format", "content": {"text/plain": {}}}),
         },
     );

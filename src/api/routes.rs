@@ -3,7 +3,7 @@
 //! document, so the two cannot drift apart; `/metrics` labels requests by its paths. A
 //! route that is not in [`ROUTES`] does not exist.
 
-use super::tinker::{futures, sampling, session, training};
+use super::tinker::{download, futures, runs, sampling, session, training};
 use super::{ops, plugins, rest, usage, Shared};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{on, MethodFilter, MethodRouter};
@@ -73,6 +73,8 @@ pub enum Reply {
     /// 200, or 410 for a closed session.
     JsonOrGone,
     Tar,
+    /// A file's bytes (a downloaded adapter file).
+    File,
     Text,
 }
 
@@ -147,8 +149,8 @@ pub static ROUTES: &[Route] = &[
         Reply::JsonOrGone,
     ),
     r(Post, "/api/v1/sessions/{id}/finish", h!(session::finish), Ignored, "Close a session and release its models"),
-    r(Get, "/api/v1/sessions", h!(session::list_sessions), NoBody, "The tenant's open sessions"),
-    r(Get, "/api/v1/sessions/{id}", h!(session::get_session), NoBody, "A session's models and samplers"),
+    query(r(Get, "/api/v1/sessions", h!(session::list_sessions), NoBody, "The tenant's sessions, newest first (paginated)"), json::<session::Page>),
+    r(Get, "/api/v1/sessions/{id}", h!(session::get_session), NoBody, "A session's training runs, samplers and user_metadata"),
     public(r(Post, "/api/v1/telemetry", h!(session::telemetry), Ignored, "Accepted and dropped")),
     public(r(Get, "/api/v1/get_server_capabilities", h!(session::capabilities), NoBody, "Served base models")),
     public(r(Get, "/api/v1/healthz", h!(ops::healthz), NoBody, "Liveness")),
@@ -160,18 +162,25 @@ pub static ROUTES: &[Route] = &[
     r(Post, "/api/v1/save_weights", h!(training::save_weights), Json(json::<training::SaveWeights>), "Save weights and optimizer state (future)"),
     r(Post, "/api/v1/save_weights_for_sampler", h!(training::save_weights_for_sampler), Json(json::<training::SaveWeights>), "Save weights for sampling, or open an ephemeral sampler (future)"),
     r(Post, "/api/v1/load_weights", h!(training::load_weights), Json(json::<training::LoadWeights>), "Load a checkpoint, or create a model from one (future)"),
-    r(Post, "/api/v1/unload_model", h!(training::unload_model), Json(json::<training::ModelRef>), "Free a training model (future)"),
-    query(r(Get, "/api/v1/training_runs", h!(training::list_training_runs), NoBody, "The tenant's training runs"), json::<training::Page>),
-    r(Get, "/api/v1/training_runs/{id}", h!(training::get_training_run), NoBody, "One training run"),
-    r(Get, "/api/v1/training_runs/{id}/checkpoints", h!(training::list_checkpoints), NoBody, "A run's checkpoints"),
-    r(Delete, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}", h!(training::delete_checkpoint), NoBody, "Delete a checkpoint"),
-    r(Put, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", h!(training::set_checkpoint_ttl), Json(json::<training::Ttl>), "Set a checkpoint's time to live"),
+    r(Post, "/api/v1/unload_model", h!(training::unload_model), Json(json::<training::ModelRef>), "Free a training model's memory; its run stays listed (future)"),
+    r(Post, "/api/v1/save_weights_external", h!(training::save_weights_external), Json(json::<training::SaveWeightsExternal>), "Save weights for download as a PEFT adapter (future)"),
+    // Tinker: training runs and checkpoints (RestClient, the tinker CLI).
+    query(r(Get, "/api/v1/training_runs", h!(runs::list_training_runs), NoBody, "The tenant's training runs, loaded or not, newest first"), json::<session::Page>),
+    query(r(Get, "/api/v1/training_runs/{id}", h!(runs::get_training_run), NoBody, "One training run, loaded or not"), json::<runs::Scope>),
+    r(Get, "/api/v1/training_runs/{id}/checkpoints", h!(runs::list_checkpoints), NoBody, "A run's checkpoints, newest first"),
+    r(Delete, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}", h!(runs::delete_checkpoint), NoBody, "Delete a checkpoint"),
+    r(Put, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", h!(runs::set_checkpoint_ttl), Json(json::<runs::Ttl>), "Set a checkpoint's time to live (expired: deleted)"),
+    r(Post, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish", h!(runs::publish), Ignored, "Let every tenant read a checkpoint"),
+    r(Delete, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish", h!(runs::unpublish), NoBody, "Make a published checkpoint private again"),
     reply(
-        r(Get, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/peft", h!(training::download_peft), NoBody, "Download a checkpoint's adapter as a PEFT .tar"),
+        r(Get, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/peft", h!(runs::download_peft), NoBody, "Download a checkpoint's adapter as a PEFT .tar"),
         Reply::Tar,
     ),
-    query(r(Get, "/api/v1/checkpoints", h!(training::list_user_checkpoints), NoBody, "All the tenant's checkpoints"), json::<training::Page>),
-    r(Post, "/api/v1/weights_info", h!(training::weights_info), Json(json::<training::WeightsInfo>), "What a checkpoint holds"),
+    r(Get, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls", h!(download::external_weights_urls), NoBody, "Signed, expiring URLs of a checkpoint's PEFT files"),
+    public(reply(r(Get, "/api/v1/download/{token}/{file}", h!(download::download), NoBody, "One PEFT file of a checkpoint, by a signed URL (no API key)"), Reply::File)),
+    query(r(Get, "/api/v1/checkpoints", h!(runs::list_user_checkpoints), NoBody, "All the tenant's checkpoints, newest first"), json::<session::Page>),
+    r(Post, "/api/v1/weights_info", h!(runs::weights_info), Json(json::<runs::WeightsInfo>), "What a checkpoint holds"),
+    r(Post, "/api/v1/copy_weights", h!(runs::copy_weights), Json(json::<runs::CopyWeights>), "Copy a readable checkpoint into a new run of the caller's"),
     // Tinker: sampling and futures.
     r(Post, "/api/v1/create_sampling_session", h!(sampling::create_sampling_session), Json(json::<sampling::CreateSamplingSession>), "Sampling session on the base model or a checkpoint"),
     r(Get, "/api/v1/samplers/{id}", h!(sampling::get_sampler), NoBody, "A sampling session's description"),

@@ -58,9 +58,12 @@ pub enum Op {
         name: String,
         /// Forget the copy after this long; `None` keeps it until deleted.
         ttl: Option<std::time::Duration>,
+        /// What the client attached to the checkpoint.
+        user_metadata: Option<super::metadata::UserMetadata>,
     },
-    /// Replace the weights with a saved copy, and the optimizer state too when `optimizer`
-    /// is set (otherwise the optimizer starts afresh).
+    /// Replace the weights with a saved copy (the tenant's own or a published one), and
+    /// the optimizer state too when `optimizer` is set (otherwise the optimizer starts
+    /// afresh).
     LoadState {
         name: String,
         optimizer: bool,

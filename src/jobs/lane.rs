@@ -344,12 +344,23 @@ fn barrier(
             }
             Ok(JobOutput::OptimStep(report))
         }
-        Op::SaveState { name, ttl } => {
-            registry.save_checkpoint(&j.tenant, name, &entry.id, st.train.clone(), *ttl)?;
+        Op::SaveState {
+            name,
+            ttl,
+            user_metadata,
+        } => {
+            registry.save_checkpoint(
+                &j.tenant,
+                name,
+                &entry.id,
+                Arc::new(st.train.clone()),
+                *ttl,
+                user_metadata.clone(),
+            )?;
             Ok(JobOutput::Saved { name: name.clone() })
         }
         Op::LoadState { name, optimizer } => {
-            let c = registry.checkpoint(&j.tenant, name)?;
+            let c = registry.readable_checkpoint(&j.tenant, name)?.state.clone();
             if c.weights.config != st.train.weights.config {
                 return Err(Error::invalid(
                     "name",

@@ -13,7 +13,8 @@
 //!
 //! Parts: [`ids`] (newtypes), [`future`] (store interface and in-memory store, long-poll),
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
-//! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`].
+//! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`],
+//! [`metadata`] (clients' `user_metadata`).
 //! Model work never runs on tokio's workers: lanes are dedicated threads.
 //!
 //! Nothing here grows with the number of requests served: futures expire and are capped
@@ -27,6 +28,7 @@ pub mod future;
 pub mod ids;
 pub mod job;
 pub(crate) mod lane;
+pub mod metadata;
 pub mod metrics;
 pub mod registry;
 pub mod sampling;
@@ -38,8 +40,9 @@ pub use future::{
 };
 pub use ids::{AdapterId, FutureId, SessionId, TenantId};
 pub use job::{FbRequest, Op};
+pub use metadata::UserMetadata;
 pub use metrics::TenantMetrics;
-pub use registry::{ModelLoader, Registry};
+pub use registry::{ModelLoader, Registry, RunMeta};
 pub use sampling::{
     SampleOutput, SampleRecorder, SampleRequest, SampledSeq, SequenceSampler, TokenSampler,
 };
@@ -181,8 +184,14 @@ impl Engine {
     /// A new training model owned by `tenant`, with a generated id; its requests' seq_ids
     /// start at 0.
     pub async fn create_model(&self, tenant: &TenantId, config: LoraConfig) -> Result<AdapterId> {
-        self.create_model_as(tenant, AdapterId::generate(), config, Some(0), None)
-            .await
+        self.create_model_as(
+            tenant,
+            AdapterId::generate(),
+            config,
+            Some(0),
+            RunMeta::default(),
+        )
+        .await
     }
 
     /// A new training model under a caller-chosen id (the API's `{session}:train:{n}`),
@@ -193,7 +202,7 @@ impl Engine {
         id: AdapterId,
         config: LoraConfig,
         first_seq: Option<u64>,
-        session: Option<String>,
+        meta: RunMeta,
     ) -> Result<AdapterId> {
         if self.inner.registry.exists(&id) {
             return Err(Error::invalid("model_id", format!("{id} exists already")));
@@ -212,17 +221,12 @@ impl Engine {
             tenant.clone(),
             config,
             first_seq,
-            session,
+            meta.clone(),
             TrainableAdapter::new(weights),
         );
         if let Some(p) = self.inner.registry.persist().cloned() {
-            let (t, i, c, s) = (
-                tenant.clone(),
-                entry.id.clone(),
-                entry.config.clone(),
-                entry.session.clone(),
-            );
-            tokio::task::spawn_blocking(move || p.model_created(&t, &i, &c, s.as_deref()))
+            let (t, i, c) = (tenant.clone(), entry.id.clone(), entry.config.clone());
+            tokio::task::spawn_blocking(move || p.model_created(&t, &i, &c, &meta, true))
                 .await
                 .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
         }
@@ -237,19 +241,30 @@ impl Engine {
         self.remove_model(tenant, id, true).await
     }
 
-    /// Free a model but keep its checkpoints (a Tinker session ended; its saved states can
-    /// still start new models).
+    /// Free a model's memory but keep its record and checkpoints (a Tinker session ended;
+    /// the run stays listable and its saved states can still start new models).
     pub async fn unload_model(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
         self.remove_model(tenant, id, false).await
     }
 
     async fn remove_model(&self, tenant: &TenantId, id: &AdapterId, purge: bool) -> Result<()> {
+        let entry = self.inner.registry.adapter(tenant, id)?;
         self.inner.registry.remove_adapter(tenant, id)?;
         if let Some(p) = self.inner.registry.persist().cloned() {
             let (t, i) = (tenant.clone(), id.clone());
-            tokio::task::spawn_blocking(move || p.model_deleted(&t, &i, purge))
-                .await
-                .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
+            let (step, last) = (entry.step(), entry.last_request());
+            tokio::task::spawn_blocking(move || {
+                if purge {
+                    p.model_deleted(&t, &i)
+                } else {
+                    p.model_unloaded(&t, &i, step, last)
+                }
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
+        }
+        if purge {
+            self.inner.registry.remove_checkpoints_of(tenant, id);
         }
         let (reply, rx) = oneshot::channel();
         self.inner
@@ -352,9 +367,52 @@ impl Engine {
         Ok(id)
     }
 
-    /// A sampling session on a checkpoint's weights (frozen at save time).
+    /// Copy a checkpoint `tenant` may read into a new training run `dest` of its own, as
+    /// `name`: the run is recorded but never loaded (it cannot be trained on); the copy
+    /// shares the source's tensors in memory, is written to the store like any save and
+    /// counts against `tenant`'s checkpoint quota.
+    pub async fn copy_checkpoint(
+        &self,
+        tenant: &TenantId,
+        source: Arc<registry::Checkpoint>,
+        dest: &AdapterId,
+        name: &str,
+        session: Option<String>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        if self.inner.registry.exists(dest) {
+            return Err(Error::invalid(
+                "model_seq_id",
+                format!("{dest} exists already"),
+            ));
+        }
+        let registry = self.inner.registry.clone();
+        let (t, d, n) = (tenant.clone(), dest.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            if let Some(p) = registry.persist() {
+                let meta = RunMeta {
+                    session,
+                    user_metadata: None,
+                };
+                p.model_created(&t, &d, &source.state.weights.config, &meta, false)?;
+            }
+            registry.save_checkpoint(
+                &t,
+                &n,
+                &d,
+                source.state.clone(),
+                ttl,
+                source.user_metadata.clone(),
+            )
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("copy panicked: {e}")))?
+    }
+
+    /// A sampling session on a checkpoint's weights (frozen at save time): the tenant's
+    /// own checkpoint or a published one.
     pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
-        let c = self.inner.registry.checkpoint_entry(tenant, name)?;
+        let c = self.inner.registry.readable_checkpoint(tenant, name)?;
         self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),

@@ -13,8 +13,14 @@
 //! each map, what every tenant holds in it, and refuses what would go over the tenant's
 //! quota ([`crate::quota`]): training runs, sampling sessions, checkpoint bytes. Restored
 //! state goes through the same inserts, so it counts.
+//!
+//! A checkpoint belongs to one tenant; a published one ([`Registry::set_checkpoint_public`])
+//! is also readable by the others ([`Registry::readable_checkpoint`]), never changed or
+//! deleted by them. Only loaded training runs are here: the record of an unloaded one
+//! (its session ended) stays in the store ([`Persist::model_unloaded`]).
 
 use super::ids::{AdapterId, SessionId, TenantId};
+use super::metadata::UserMetadata;
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraGrads, LoraWeights};
 use crate::model::BaseModel;
@@ -34,19 +40,39 @@ pub trait Persist: Send + Sync {
     fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     fn set_checkpoint_expiry(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    /// Record whether other tenants may read the checkpoint.
+    fn set_checkpoint_public(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     /// After an optimizer step: record the step; write the automatic checkpoint when due.
     fn stepped(&self, tenant: &TenantId, model: &AdapterId, state: &TrainableAdapter)
         -> Result<()>;
+    /// A new training run's record; `loaded: false` for one that never trains (a copy).
     fn model_created(
         &self,
         tenant: &TenantId,
         model: &AdapterId,
         config: &LoraConfig,
-        session: Option<&str>,
+        meta: &RunMeta,
+        loaded: bool,
     ) -> Result<()>;
-    /// The model is gone and will not come back after a restart; with `purge`, its
-    /// checkpoints and their files go too (otherwise they stay loadable).
-    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId, purge: bool) -> Result<()>;
+    /// The run left memory (its session ended, or it was unloaded): its record and its
+    /// checkpoints stay, listable and loadable, but it is not brought back after a restart.
+    fn model_unloaded(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        step: u64,
+        last_request: SystemTime,
+    ) -> Result<()>;
+    /// The run is deleted: its record, its checkpoints and their files go.
+    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId) -> Result<()>;
+}
+
+/// What describes a training run besides its weights: the Tinker session it was made in
+/// and the client's `user_metadata`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunMeta {
+    pub session: Option<String>,
+    pub user_metadata: Option<UserMetadata>,
 }
 
 /// Builds (or hands over) the base model; called on a blocking thread, at most once per
@@ -63,6 +89,8 @@ pub struct AdapterEntry {
     pub first_seq: Option<u64>,
     /// The Tinker session it belongs to, if any.
     pub session: Option<String>,
+    /// What the client attached to it (`create_model`, `load_weights`).
+    pub user_metadata: Option<UserMetadata>,
     pub created: std::time::SystemTime,
     /// When it last got work (ms since the epoch; 0: never), for training run listings.
     last_request_ms: std::sync::atomic::AtomicU64,
@@ -89,7 +117,7 @@ impl AdapterEntry {
         tenant: TenantId,
         config: LoraConfig,
         first_seq: Option<u64>,
-        session: Option<String>,
+        meta: RunMeta,
         train: TrainableAdapter,
     ) -> Self {
         AdapterEntry {
@@ -97,7 +125,8 @@ impl AdapterEntry {
             tenant,
             config,
             first_seq,
-            session,
+            session: meta.session,
+            user_metadata: meta.user_metadata,
             created: std::time::SystemTime::now(),
             last_request_ms: Default::default(),
             state: Mutex::new(AdapterState {
@@ -141,9 +170,25 @@ pub struct Checkpoint {
     pub state: Arc<TrainableAdapter>,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
+    /// Readable (load, sample) by every tenant; only its owner changes or deletes it.
+    pub public: bool,
+    pub user_metadata: Option<UserMetadata>,
 }
 
 impl Checkpoint {
+    /// The same checkpoint with other attributes (the state is shared, not copied).
+    fn with(&self, expires: Option<SystemTime>, public: bool) -> Checkpoint {
+        Checkpoint {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            state: self.state.clone(),
+            created: self.created,
+            expires,
+            public,
+            user_metadata: self.user_metadata.clone(),
+        }
+    }
+
     /// Bytes of weights plus optimizer moments, as f32.
     pub fn size_bytes(&self) -> u64 {
         let n: usize = self
@@ -228,6 +273,9 @@ pub struct Registry {
     adapters: DashMap<AdapterId, Arc<AdapterEntry>>,
     sessions: DashMap<SessionId, Arc<Session>>,
     checkpoints: DashMap<(TenantId, String), Arc<Checkpoint>>,
+    /// Published checkpoints: name → owner. Names are unique across tenants (they start
+    /// with the run's id), so another tenant finds one by its path alone.
+    published: DashMap<String, TenantId>,
     persist: Option<Arc<dyn Persist>>,
     quotas: Arc<Quotas>,
     held: Arc<HeldMap>,
@@ -262,6 +310,7 @@ impl Registry {
             adapters: DashMap::new(),
             sessions: DashMap::new(),
             checkpoints: DashMap::new(),
+            published: DashMap::new(),
             persist: None,
             quotas: Arc::new(Quotas::default()),
             held: Arc::new(DashMap::new()),
@@ -463,21 +512,28 @@ impl Registry {
         }
     }
 
+    /// Keep `state` under `name` (replacing a checkpoint of that name, which becomes
+    /// private), written through to the store before it is visible. Refused at the tenant's
+    /// `checkpoint_bytes` quota, writing nothing.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn save_checkpoint(
         &self,
         tenant: &TenantId,
         name: &str,
         model: &AdapterId,
-        t: TrainableAdapter,
+        state: Arc<TrainableAdapter>,
         ttl: Option<Duration>,
+        user_metadata: Option<UserMetadata>,
     ) -> Result<()> {
         let created = SystemTime::now();
         let c = Arc::new(Checkpoint {
             name: name.to_owned(),
             model: model.clone(),
-            state: Arc::new(t),
+            state,
             created,
             expires: ttl.map(|d| created + d),
+            public: false,
+            user_metadata,
         });
         // Claim the bytes before writing, counting saves in flight, so two saves cannot
         // both take the last space; a refused save writes nothing. (A checkpoint it
@@ -506,6 +562,7 @@ impl Registry {
             None => Ok(()),
         };
         if written.is_ok() {
+            self.published.remove_if(name, |_, owner| owner == tenant);
             self.checkpoints
                 .insert((tenant.clone(), name.to_owned()), c);
         }
@@ -517,6 +574,9 @@ impl Registry {
 
     /// A checkpoint read back from the store at start-up.
     pub fn restore_checkpoint(&self, tenant: &TenantId, c: Checkpoint) {
+        if c.public {
+            self.published.insert(c.name.clone(), tenant.clone());
+        }
         self.checkpoints
             .insert((tenant.clone(), c.name.clone()), Arc::new(c));
     }
@@ -526,6 +586,7 @@ impl Registry {
         Ok(self.checkpoint_entry(tenant, name)?.state.clone())
     }
 
+    /// A checkpoint of `tenant`'s, unless it expired: what its owner may change or delete.
     pub fn checkpoint_entry(&self, tenant: &TenantId, name: &str) -> Result<Arc<Checkpoint>> {
         match self.checkpoints.get(&(tenant.clone(), name.to_owned())) {
             Some(c) if !c.expired(SystemTime::now()) => Ok(c.clone()),
@@ -534,6 +595,31 @@ impl Registry {
                 id: name.to_owned(),
             }),
         }
+    }
+
+    /// A checkpoint `tenant` may read (load into its own run, sample from, describe): its
+    /// own, or another tenant's published one. Anything else is NotFound.
+    pub fn readable_checkpoint(&self, tenant: &TenantId, name: &str) -> Result<Arc<Checkpoint>> {
+        if let Ok(c) = self.checkpoint_entry(tenant, name) {
+            return Ok(c);
+        }
+        let owner = self.published.get(name).map(|o| o.clone());
+        match owner.map(|o| self.checkpoint_entry(&o, name)) {
+            Some(Ok(c)) if c.public => Ok(c),
+            _ => Err(Error::NotFound {
+                kind: "checkpoint",
+                id: name.to_owned(),
+            }),
+        }
+    }
+
+    /// The owner of a run with a published checkpoint, if any.
+    pub fn publisher_of_run(&self, run: &AdapterId) -> Option<TenantId> {
+        let prefix = format!("{run}/");
+        self.published
+            .iter()
+            .find(|e| e.key().starts_with(&prefix))
+            .map(|e| e.value().clone())
     }
 
     /// `tenant`'s live checkpoints whose names start with `prefix`, oldest first. Expired
@@ -547,7 +633,7 @@ impl Registry {
             .filter(|e| !e.value().expired(now))
             .map(|e| e.value().clone())
             .collect();
-        v.sort_by_key(|c| c.created);
+        v.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
         v
     }
 
@@ -556,8 +642,18 @@ impl Registry {
         if let Some(p) = &self.persist {
             p.delete_checkpoint(tenant, &c)?;
         }
+        self.published.remove_if(name, |_, owner| owner == tenant);
         self.checkpoints.remove(&(tenant.clone(), name.to_owned()));
         Ok(())
+    }
+
+    /// Forget every checkpoint of a deleted run (the store removes their files).
+    pub(crate) fn remove_checkpoints_of(&self, tenant: &TenantId, model: &AdapterId) {
+        let prefix = format!("{model}/");
+        self.checkpoints
+            .retain(|(t, name), _| !(t == tenant && name.starts_with(&prefix)));
+        self.published
+            .retain(|name, owner| !(owner == tenant && name.starts_with(&prefix)));
     }
 
     /// Checkpoints whose time to live ran out, removed from the cache (and handed back so
@@ -572,6 +668,9 @@ impl Registry {
             .collect();
         keys.into_iter()
             .filter_map(|k| self.checkpoints.remove(&k).map(|(k, c)| (k.0, c)))
+            .inspect(|(t, c)| {
+                self.published.remove_if(&c.name, |_, owner| owner == t);
+            })
             .collect()
     }
 
@@ -583,18 +682,32 @@ impl Registry {
         ttl: Option<Duration>,
     ) -> Result<()> {
         let c = self.checkpoint_entry(tenant, name)?;
-        let c = Arc::new(Checkpoint {
-            name: c.name.clone(),
-            model: c.model.clone(),
-            state: c.state.clone(),
-            created: c.created,
-            expires: ttl.map(|d| SystemTime::now() + d),
-        });
+        let c = Arc::new(c.with(ttl.map(|d| SystemTime::now() + d), c.public));
         if let Some(p) = &self.persist {
             p.set_checkpoint_expiry(tenant, &c)?;
         }
         self.checkpoints
             .insert((tenant.clone(), name.to_owned()), c);
+        Ok(())
+    }
+
+    /// Publish (readable by every tenant) or unpublish one of `tenant`'s checkpoints.
+    /// Doing it twice is not an error.
+    pub fn set_checkpoint_public(&self, tenant: &TenantId, name: &str, public: bool) -> Result<()> {
+        let c = self.checkpoint_entry(tenant, name)?;
+        if c.public != public {
+            let c = Arc::new(c.with(c.expires, public));
+            if let Some(p) = &self.persist {
+                p.set_checkpoint_public(tenant, &c)?;
+            }
+            self.checkpoints
+                .insert((tenant.clone(), name.to_owned()), c);
+        }
+        if public {
+            self.published.insert(name.to_owned(), tenant.clone());
+        } else {
+            self.published.remove_if(name, |_, owner| owner == tenant);
+        }
         Ok(())
     }
 

@@ -42,6 +42,9 @@ pub enum CheckpointKind {
     Training,
     /// Weights only (Tinker's `save_weights_for_sampler`).
     Sampler,
+    /// Weights only, to be downloaded in Hugging Face PEFT layout (Tinker's
+    /// `save_weights_external`; [`super::peft`] renders the files).
+    External,
 }
 
 impl CheckpointKind {
@@ -49,6 +52,7 @@ impl CheckpointKind {
         match self {
             CheckpointKind::Training => "training",
             CheckpointKind::Sampler => "sampler",
+            CheckpointKind::External => "external",
         }
     }
 
@@ -56,10 +60,21 @@ impl CheckpointKind {
         match s {
             "training" => Ok(CheckpointKind::Training),
             "sampler" => Ok(CheckpointKind::Sampler),
+            "external" => Ok(CheckpointKind::External),
             _ => Err(StoreError::invalid(
                 "checkpoint kind",
-                format!("{s:?} is neither training nor sampler"),
+                format!("{s:?} is not training, sampler or external"),
             )),
+        }
+    }
+
+    /// The kind a `tinker://` path segment names.
+    pub fn from_segment(seg: &str) -> Option<Self> {
+        match seg {
+            "weights" => Some(CheckpointKind::Training),
+            "sampler_weights" => Some(CheckpointKind::Sampler),
+            "external_weights" => Some(CheckpointKind::External),
+            _ => None,
         }
     }
 
@@ -68,6 +83,7 @@ impl CheckpointKind {
         match self {
             CheckpointKind::Training => "weights",
             CheckpointKind::Sampler => "sampler_weights",
+            CheckpointKind::External => "external_weights",
         }
     }
 }
@@ -242,7 +258,7 @@ pub fn write_checkpoint(
             ))
         }
         (CheckpointKind::Training, Some(o)) => Some(o),
-        (CheckpointKind::Sampler, _) => None,
+        (CheckpointKind::Sampler | CheckpointKind::External, _) => None,
     };
     let name = dir
         .file_name()
@@ -463,7 +479,7 @@ pub fn read_checkpoint(dir: &Path, device: &Device) -> Result<Checkpoint> {
         pairs,
     };
     let optim = match meta.kind {
-        CheckpointKind::Sampler => None,
+        CheckpointKind::Sampler | CheckpointKind::External => None,
         CheckpointKind::Training => {
             let opath = dir.join(OPTIM_FILE);
             let mut moments = BTreeMap::new();
@@ -518,7 +534,7 @@ pub fn is_checkpoint_dir(dir: &Path) -> bool {
     !is_hidden(dir) && dir.join(META_FILE).is_file()
 }
 
-/// `tinker://{model}/weights/{name}` or `tinker://{model}/sampler_weights/{name}`.
+/// `tinker://{model}/{weights|sampler_weights|external_weights}/{name}`.
 pub fn tinker_path(model: &AdapterId, kind: CheckpointKind, name: &str) -> String {
     format!("tinker://{model}/{}/{name}", kind.segment())
 }
@@ -528,7 +544,9 @@ pub fn parse_tinker_path(path: &str) -> Result<(AdapterId, CheckpointKind, Strin
     let bad = || {
         StoreError::invalid(
             "path",
-            format!("{path:?} is not tinker://<model_id>/(weights|sampler_weights)/<name>"),
+            format!(
+                "{path:?} is not tinker://<model_id>/(weights|sampler_weights|external_weights)/<name>"
+            ),
         )
     };
     let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
@@ -536,11 +554,7 @@ pub fn parse_tinker_path(path: &str) -> Result<(AdapterId, CheckpointKind, Strin
     let (Some(model), Some(seg), Some(name)) = (it.next(), it.next(), it.next()) else {
         return Err(bad());
     };
-    let kind = match seg {
-        "weights" => CheckpointKind::Training,
-        "sampler_weights" => CheckpointKind::Sampler,
-        _ => return Err(bad()),
-    };
+    let kind = CheckpointKind::from_segment(seg).ok_or_else(bad)?;
     check_name("path", model)?;
     check_name("path", name)?;
     Ok((AdapterId(model.into()), kind, name.into()))

@@ -13,7 +13,7 @@ use crate::error::Category;
 use crate::jobs::future::Progress;
 use crate::jobs::{
     AdapterId, FutureId, FutureRecord, JobFailure, JobKind, JobOutput, JobState, SessionId,
-    TenantId,
+    TenantId, UserMetadata,
 };
 use crate::lora::LoraConfig;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -55,6 +55,10 @@ pub struct SessionRecord {
     pub tenant: TenantId,
     pub created: SystemTime,
     pub last_heartbeat: SystemTime,
+    pub user_metadata: Option<UserMetadata>,
+    pub display_name: Option<String>,
+    /// When it was finished or reaped; `None` while open.
+    pub ended: Option<SystemTime>,
 }
 
 /// A training run: one adapter.
@@ -70,6 +74,11 @@ pub struct ModelRecord {
     pub newest_checkpoint: Option<String>,
     pub deleted: bool,
     pub created: SystemTime,
+    pub user_metadata: Option<UserMetadata>,
+    /// In memory (brought back after a restart); an unloaded run is only listed.
+    pub loaded: bool,
+    /// When it last got work, as of when it was unloaded or stepped.
+    pub last_request: Option<SystemTime>,
 }
 
 /// A future as stored, with when it finished and when its outcome was first fetched.
@@ -92,6 +101,9 @@ pub struct CheckpointRecord {
     pub step: u64,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
+    /// Readable by every tenant.
+    pub public: bool,
+    pub user_metadata: Option<UserMetadata>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +199,24 @@ fn opt_ms(row: &SqliteRow, col: &str) -> Result<Option<SystemTime>> {
     Ok(row.try_get::<Option<i64>, _>(col)?.map(from_ms))
 }
 
+fn metadata_column(m: Option<&UserMetadata>) -> Result<Option<String>> {
+    m.map(|m| json_string("user_metadata", m)).transpose()
+}
+
+fn metadata_row(row: &SqliteRow) -> Result<Option<UserMetadata>> {
+    row.try_get::<Option<String>, _>("user_metadata")?
+        .map(|s| json_parse("user_metadata", &s))
+        .transpose()
+}
+
+/// A page's `LIMIT` and `OFFSET` as SQLite integers.
+fn page(limit: u64, offset: u64) -> (i64, i64) {
+    (
+        limit.min(i64::MAX as u64) as i64,
+        offset.min(i64::MAX as u64) as i64,
+    )
+}
+
 /// The metadata database. Cheap to clone (a connection pool).
 #[derive(Clone)]
 pub struct Db {
@@ -268,12 +298,16 @@ impl Db {
 
     pub async fn insert_session(&self, s: &SessionRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO sessions (id, tenant_id, created_ms, last_heartbeat_ms) VALUES (?, ?, ?, ?)",
+            "INSERT INTO sessions (id, tenant_id, created_ms, last_heartbeat_ms, user_metadata, \
+             display_name, ended_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.id.0)
         .bind(s.tenant.as_str())
         .bind(to_ms(s.created))
         .bind(to_ms(s.last_heartbeat))
+        .bind(metadata_column(s.user_metadata.as_ref())?)
+        .bind(s.display_name.as_deref())
+        .bind(s.ended.map(to_ms))
         .execute(&self.pool)
         .await
         .map_err(on_insert("session", &s.id))?;
@@ -294,17 +328,66 @@ impl Db {
             .unwrap_or_else(|| Err(not_found("session", id)))
     }
 
+    /// A tenant's open sessions (not ended), oldest first.
     pub async fn list_sessions(&self, tenant: &TenantId) -> Result<Vec<SessionRecord>> {
-        sqlx::query("SELECT * FROM sessions WHERE tenant_id = ? ORDER BY created_ms, id")
-            .bind(tenant.as_str())
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(session_row)
-            .collect()
+        sqlx::query(
+            "SELECT * FROM sessions WHERE tenant_id = ? AND ended_ms IS NULL ORDER BY created_ms, id",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(session_row)
+        .collect()
     }
 
-    /// Forget an ended session (its models keep their rows and checkpoints).
+    /// One page of a tenant's sessions, open or ended, newest first, and how many there are.
+    pub async fn list_sessions_page(
+        &self,
+        tenant: &TenantId,
+        limit: u64,
+        offset: u64,
+    ) -> Result<(Vec<SessionRecord>, u64)> {
+        let (limit, offset) = page(limit, offset);
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE tenant_id = ? ORDER BY created_ms DESC, id DESC \
+             LIMIT ? OFFSET ?",
+        )
+        .bind(tenant.as_str())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(session_row)
+        .collect::<Result<Vec<_>>>()?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions WHERE tenant_id = ?")
+            .bind(tenant.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((rows, total.max(0) as u64))
+    }
+
+    /// Mark a session ended (finished or reaped): it is not reopened after a restart, and
+    /// stays listable with its training runs.
+    pub async fn end_session(
+        &self,
+        tenant: &TenantId,
+        id: &ClientSessionId,
+        at: SystemTime,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET ended_ms = COALESCE(ended_ms, ?) WHERE id = ? AND tenant_id = ?",
+        )
+        .bind(to_ms(at))
+        .bind(&id.0)
+        .bind(tenant.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forget a session altogether (its models keep their rows and checkpoints).
     pub async fn delete_session(&self, tenant: &TenantId, id: &ClientSessionId) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE id = ? AND tenant_id = ?")
             .bind(&id.0)
@@ -339,7 +422,8 @@ impl Db {
     pub async fn insert_model(&self, m: &ModelRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO models (id, tenant_id, session_id, base_model, lora_config, step, \
-             newest_checkpoint, deleted, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             newest_checkpoint, deleted, created_ms, user_metadata, loaded, last_request_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(m.id.as_str())
         .bind(m.tenant.as_str())
@@ -350,6 +434,9 @@ impl Db {
         .bind(m.newest_checkpoint.as_deref())
         .bind(m.deleted)
         .bind(to_ms(m.created))
+        .bind(metadata_column(m.user_metadata.as_ref())?)
+        .bind(m.loaded)
+        .bind(m.last_request.map(to_ms))
         .execute(&self.pool)
         .await
         .map_err(on_insert("model", &m.id))?;
@@ -385,6 +472,78 @@ impl Db {
         .collect()
     }
 
+    /// One page of a tenant's training runs that are not deleted (loaded or not), newest
+    /// first, and how many there are.
+    pub async fn list_models_page(
+        &self,
+        tenant: &TenantId,
+        limit: u64,
+        offset: u64,
+    ) -> Result<(Vec<ModelRecord>, u64)> {
+        let (limit, offset) = page(limit, offset);
+        let rows = sqlx::query(
+            "SELECT * FROM models WHERE tenant_id = ? AND deleted = 0 \
+             ORDER BY created_ms DESC, id DESC LIMIT ? OFFSET ?",
+        )
+        .bind(tenant.as_str())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(model_row)
+        .collect::<Result<Vec<_>>>()?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM models WHERE tenant_id = ? AND deleted = 0")
+                .bind(tenant.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((rows, total.max(0) as u64))
+    }
+
+    /// The training runs made in a session that are not deleted, oldest first.
+    pub async fn list_session_models(
+        &self,
+        tenant: &TenantId,
+        session: &ClientSessionId,
+    ) -> Result<Vec<ModelRecord>> {
+        sqlx::query(
+            "SELECT * FROM models WHERE tenant_id = ? AND session_id = ? AND deleted = 0 \
+             ORDER BY created_ms, id",
+        )
+        .bind(tenant.as_str())
+        .bind(&session.0)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(model_row)
+        .collect()
+    }
+
+    /// The run left memory: its record stays (listable), it is not restored at start-up.
+    pub async fn mark_model_unloaded(
+        &self,
+        tenant: &TenantId,
+        id: &AdapterId,
+        step: u64,
+        last_request: SystemTime,
+    ) -> Result<()> {
+        let r = sqlx::query(
+            "UPDATE models SET loaded = 0, step = ?, last_request_ms = ? \
+             WHERE id = ? AND tenant_id = ?",
+        )
+        .bind(step as i64)
+        .bind(to_ms(last_request))
+        .bind(id.as_str())
+        .bind(tenant.as_str())
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(not_found("model", id));
+        }
+        Ok(())
+    }
+
     /// Record a model's step count and, if given, its newest checkpoint.
     pub async fn update_model_progress(
         &self,
@@ -394,11 +553,12 @@ impl Db {
         newest_checkpoint: Option<&str>,
     ) -> Result<()> {
         let r = sqlx::query(
-            "UPDATE models SET step = ?, newest_checkpoint = COALESCE(?, newest_checkpoint) \
-             WHERE id = ? AND tenant_id = ? AND deleted = 0",
+            "UPDATE models SET step = ?, newest_checkpoint = COALESCE(?, newest_checkpoint), \
+             last_request_ms = ? WHERE id = ? AND tenant_id = ? AND deleted = 0",
         )
         .bind(step as i64)
         .bind(newest_checkpoint)
+        .bind(to_ms(SystemTime::now()))
         .bind(id.as_str())
         .bind(tenant.as_str())
         .execute(&self.pool)
@@ -508,7 +668,7 @@ impl Db {
             .ok_or_else(|| StoreError::invalid("checkpoint dir", "is not UTF-8"))?;
         sqlx::query(
             "INSERT INTO checkpoints (path, model_id, tenant_id, kind, dir, size_bytes, step, \
-             created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             created_ms, expires_ms, public, user_metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.path)
         .bind(c.model.as_str())
@@ -519,6 +679,8 @@ impl Db {
         .bind(c.step as i64)
         .bind(to_ms(c.created))
         .bind(c.expires.map(to_ms))
+        .bind(c.public)
+        .bind(metadata_column(c.user_metadata.as_ref())?)
         .execute(&self.pool)
         .await
         .map_err(on_insert("checkpoint", &c.path))?;
@@ -568,6 +730,24 @@ impl Db {
                 .bind(tenant.as_str())
                 .execute(&self.pool)
                 .await?;
+        if r.rows_affected() == 0 {
+            return Err(not_found("checkpoint", path));
+        }
+        Ok(())
+    }
+
+    pub async fn set_checkpoint_public(
+        &self,
+        tenant: &TenantId,
+        path: &str,
+        public: bool,
+    ) -> Result<()> {
+        let r = sqlx::query("UPDATE checkpoints SET public = ? WHERE path = ? AND tenant_id = ?")
+            .bind(public)
+            .bind(path)
+            .bind(tenant.as_str())
+            .execute(&self.pool)
+            .await?;
         if r.rows_affected() == 0 {
             return Err(not_found("checkpoint", path));
         }
@@ -725,6 +905,9 @@ fn session_row(r: &SqliteRow) -> Result<SessionRecord> {
         tenant: TenantId(r.try_get("tenant_id")?),
         created: from_ms(r.try_get("created_ms")?),
         last_heartbeat: from_ms(r.try_get("last_heartbeat_ms")?),
+        user_metadata: metadata_row(r)?,
+        display_name: r.try_get("display_name")?,
+        ended: opt_ms(r, "ended_ms")?,
     })
 }
 
@@ -742,6 +925,9 @@ fn model_row(r: &SqliteRow) -> Result<ModelRecord> {
         newest_checkpoint: r.try_get("newest_checkpoint")?,
         deleted: r.try_get("deleted")?,
         created: from_ms(r.try_get("created_ms")?),
+        user_metadata: metadata_row(r)?,
+        loaded: r.try_get("loaded")?,
+        last_request: opt_ms(r, "last_request_ms")?,
     })
 }
 
@@ -757,6 +943,8 @@ fn checkpoint_row(r: &SqliteRow) -> Result<CheckpointRecord> {
         step: r.try_get::<i64, _>("step")?.max(0) as u64,
         created: from_ms(r.try_get("created_ms")?),
         expires: opt_ms(r, "expires_ms")?,
+        public: r.try_get("public")?,
+        user_metadata: metadata_row(r)?,
     })
 }
 

@@ -12,8 +12,8 @@ use super::checkpoint::{model_dir_name, CheckpointKind, CheckpointStore};
 use super::db::{CheckpointRecord, Db, ModelRecord, PluginRecord, SessionRecord, TenantRecord};
 use super::error::StoreError;
 use crate::error::{Error, Result};
-use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist};
-use crate::jobs::{AdapterId, Engine, TenantId};
+use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist, RunMeta};
+use crate::jobs::{AdapterId, Engine, TenantId, UserMetadata};
 use crate::lora::{LoraConfig, LoraWeights};
 use crate::model::BaseModel;
 use crate::train::TrainableAdapter;
@@ -150,14 +150,24 @@ impl Durable {
 
     // ---- sessions and plugins (called by the API) ----
 
-    pub async fn session_created(&self, tenant: &TenantId, id: &str) -> Result<()> {
+    pub async fn session_created(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        created: SystemTime,
+        user_metadata: Option<UserMetadata>,
+        display_name: Option<String>,
+    ) -> Result<()> {
         let (t, rec) = (
             tenant.clone(),
             SessionRecord {
                 id: super::db::ClientSessionId(id.to_owned()),
                 tenant: tenant.clone(),
-                created: SystemTime::now(),
-                last_heartbeat: SystemTime::now(),
+                created,
+                last_heartbeat: created,
+                user_metadata,
+                display_name,
+                ended: None,
             },
         );
         self.call(move |db| async move {
@@ -173,10 +183,11 @@ impl Durable {
             .await
     }
 
-    /// The session ended (finished, or reaped): it does not come back after a restart.
+    /// The session ended (finished, or reaped): it does not come back after a restart,
+    /// but stays listable with its training runs.
     pub async fn session_ended(&self, tenant: &TenantId, id: &str) -> Result<()> {
         let (t, id) = (tenant.clone(), super::db::ClientSessionId(id.to_owned()));
-        self.call(move |db| async move { db.delete_session(&t, &id).await })
+        self.call(move |db| async move { db.end_session(&t, &id, SystemTime::now()).await })
             .await
     }
 
@@ -273,9 +284,10 @@ impl Durable {
         Ok(out)
     }
 
-    /// Rebuild the registry after a restart: every live model at its newest checkpoint
+    /// Rebuild the registry after a restart: every loaded model at its newest checkpoint
     /// (automatic or explicit; a model never stepped is re-initialised from its seed, which
-    /// gives the same weights), every checkpoint, and the open sessions. Blocking.
+    /// gives the same weights), every checkpoint, and the open sessions. Unloaded runs stay
+    /// records in the database (listed, never loaded). Blocking.
     pub fn restore(&self, engine: &Engine, model: &BaseModel) -> Result<Restored> {
         let db = self.db.clone();
         let (tenants, per_tenant) = self
@@ -294,7 +306,7 @@ impl Durable {
         let mut out = Restored::default();
         let reg = engine.registry();
         for (t, (models, cks, sessions)) in tenants.iter().zip(per_tenant) {
-            for m in models {
+            for m in models.into_iter().filter(|m| m.loaded) {
                 let state = self.model_state(&t.id, &m, model)?;
                 if let Some(s) = &m.session {
                     out.model_sessions.push((m.id.clone(), s.0.clone()));
@@ -304,7 +316,10 @@ impl Durable {
                     t.id.clone(),
                     m.lora_config.clone(),
                     None,
-                    m.session.as_ref().map(|s| s.0.clone()),
+                    RunMeta {
+                        session: m.session.as_ref().map(|s| s.0.clone()),
+                        user_metadata: m.user_metadata.clone(),
+                    },
                     state,
                 ));
                 out.models += 1;
@@ -324,6 +339,8 @@ impl Durable {
                                 state: Arc::new(ck.into_trainable()),
                                 created: c.created,
                                 expires: c.expires,
+                                public: c.public,
+                                user_metadata: c.user_metadata.clone(),
                             },
                         );
                         out.checkpoints += 1;
@@ -413,13 +430,8 @@ impl Durable {
 /// `{model}/{segment}/{name}` → its parts.
 fn split_name(name: &str) -> Result<(AdapterId, CheckpointKind, String)> {
     let parts: Vec<&str> = name.split('/').collect();
-    let kind = |seg: &str| match seg {
-        "weights" => Some(CheckpointKind::Training),
-        "sampler_weights" => Some(CheckpointKind::Sampler),
-        _ => None,
-    };
     match parts.as_slice() {
-        [m, seg, n] if !m.is_empty() => match kind(seg) {
+        [m, seg, n] if !m.is_empty() => match CheckpointKind::from_segment(seg) {
             Some(k) => Ok((AdapterId((*m).to_owned()), k, (*n).to_owned())),
             None => Err(Error::invalid(
                 "path",
@@ -462,6 +474,8 @@ impl Persist for Durable {
             step: c.state.optim.step,
             created: c.created,
             expires: c.expires,
+            public: c.public,
+            user_metadata: c.user_metadata.clone(),
         };
         let (db, t) = (self.db.clone(), tenant.clone());
         self.block(async move {
@@ -517,6 +531,17 @@ impl Persist for Durable {
             .map_err(store_err)
     }
 
+    fn set_checkpoint_public(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+        let (db, t, path, public) = (
+            self.db.clone(),
+            tenant.clone(),
+            format!("tinker://{}", c.name),
+            c.public,
+        );
+        self.block(async move { db.set_checkpoint_public(&t, &path, public).await })
+            .map_err(store_err)
+    }
+
     fn stepped(
         &self,
         tenant: &TenantId,
@@ -557,18 +582,25 @@ impl Persist for Durable {
         tenant: &TenantId,
         model: &AdapterId,
         config: &LoraConfig,
-        session: Option<&str>,
+        meta: &RunMeta,
+        loaded: bool,
     ) -> Result<()> {
         let rec = ModelRecord {
             id: model.clone(),
             tenant: tenant.clone(),
-            session: session.map(|s| super::db::ClientSessionId(s.to_owned())),
+            session: meta
+                .session
+                .as_ref()
+                .map(|s| super::db::ClientSessionId(s.clone())),
             base_model: self.base_model.clone(),
             lora_config: config.clone(),
             step: 0,
             newest_checkpoint: None,
             deleted: false,
             created: SystemTime::now(),
+            user_metadata: meta.user_metadata.clone(),
+            loaded,
+            last_request: None,
         };
         let (db, t) = (self.db.clone(), tenant.clone());
         self.block(async move {
@@ -578,23 +610,49 @@ impl Persist for Durable {
         .map_err(store_err)
     }
 
-    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId, purge: bool) -> Result<()> {
+    fn model_unloaded(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        step: u64,
+        last_request: SystemTime,
+    ) -> Result<()> {
+        let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
+        self.block(async move { db.mark_model_unloaded(&t, &m, step, last_request).await })
+            .map_err(store_err)?;
+        self.delete_auto_checkpoints(tenant, model)
+    }
+
+    fn model_deleted(&self, tenant: &TenantId, model: &AdapterId) -> Result<()> {
         let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
         let cks = self
             .block(async move {
                 db.mark_model_deleted(&t, &m).await?;
-                let cks = if purge {
-                    db.list_checkpoints(&t, Some(&m)).await?
-                } else {
-                    Vec::new()
-                };
+                let cks = db.list_checkpoints(&t, Some(&m)).await?;
                 for c in &cks {
                     db.delete_checkpoint(&t, &c.path).await?;
                 }
                 Ok::<_, StoreError>(cks)
             })
             .map_err(store_err)?;
-        // Automatic checkpoints go either way: the model will not come back.
+        drop(cks);
+        self.delete_auto_checkpoints(tenant, model)?;
+        let dir = self
+            .checkpoints
+            .root()
+            .join(tenant.as_str())
+            .join(model_dir_name(model).map_err(store_err)?);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Durable {
+    /// A model's automatic checkpoints: they only bring a loaded model back after a
+    /// restart, so they go when it is unloaded or deleted.
+    fn delete_auto_checkpoints(&self, tenant: &TenantId, model: &AdapterId) -> Result<()> {
         for (old, _) in self
             .checkpoints
             .list(tenant, model, CheckpointKind::Training)
@@ -604,17 +662,6 @@ impl Persist for Durable {
                 let _ = self
                     .checkpoints
                     .delete(tenant, model, CheckpointKind::Training, &old);
-            }
-        }
-        if purge {
-            drop(cks);
-            let dir = self
-                .checkpoints
-                .root()
-                .join(tenant.as_str())
-                .join(model_dir_name(model).map_err(store_err)?);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)?;
             }
         }
         Ok(())

@@ -80,10 +80,10 @@ fn render(s: &Shared, tenant: &TenantId, out: &JobOutput) -> Response {
         }))
         .into_response(),
         JobOutput::Saved { name } => {
-            let kind = if name.split('/').nth(1) == Some("sampler_weights") {
-                "save_weights_for_sampler"
-            } else {
-                "save_weights"
+            let kind = match name.split('/').nth(1) {
+                Some("sampler_weights") => "save_weights_for_sampler",
+                Some("external_weights") => "save_weights_external",
+                _ => "save_weights",
             };
             axum::Json(json!({"path": TinkerPath::from_key(name), "type": kind})).into_response()
         }

@@ -5,14 +5,19 @@
 //! forward_backward and sample; JSON otherwise). Model work goes to the engine.
 //!
 //! Parts: [`session`] (client config, sessions, telemetry, capabilities), [`training`]
-//! (models, forward_backward, optim_step, checkpoints, training runs), [`sampling`]
-//! (sampling sessions, asample), [`futures`] (retrieve_future), [`provenance`] (sequences
-//! recorded at sampling time for `stable_reinforce`, and the spans that name them).
+//! (models, forward_backward, optim_step, saving and loading checkpoints), [`runs`]
+//! (training runs and checkpoints as the RestClient and the `tinker` CLI see them: list,
+//! describe, delete, expire, publish, copy), [`download`] (signed checkpoint download
+//! links), [`sampling`] (sampling sessions, asample), [`futures`] (retrieve_future),
+//! [`provenance`] (sequences recorded at sampling time for `stable_reinforce`, and the
+//! spans that name them).
 //!
 //! What this layer keeps, and what bounds each part of it: [`TinkerState`].
 
+pub mod download;
 pub mod futures;
 pub mod provenance;
+pub mod runs;
 pub mod sampling;
 pub mod session;
 pub mod training;
@@ -30,8 +35,10 @@ use std::time::{Duration, Instant, SystemTime};
 /// retries a request within seconds; a retry older than the window is treated as new.
 pub const SEQ_WINDOW: usize = 1024;
 
-/// Largest `user_metadata` a session keeps, serialized (bytes).
-pub const MAX_USER_METADATA_BYTES: usize = 16 << 10;
+pub use crate::jobs::metadata::MAX_USER_METADATA_BYTES;
+
+/// Longest `display_name` a session keeps (bytes).
+pub const MAX_DISPLAY_NAME_BYTES: usize = 256;
 
 /// The most recent [`SEQ_WINDOW`] seq_ids and what each was answered with; inserting one
 /// more forgets the lowest.
@@ -75,7 +82,8 @@ pub struct SessionInfo {
     pub tenant: TenantId,
     pub created: SystemTime,
     pub last_heartbeat: Mutex<Instant>,
-    pub user_metadata: serde_json::Value,
+    pub user_metadata: Option<crate::jobs::UserMetadata>,
+    pub display_name: Option<String>,
     /// Training models and sampling sessions created in it, released with it.
     pub models: Mutex<Vec<String>>,
     pub samplers: Mutex<Vec<String>>,
@@ -89,7 +97,8 @@ impl SessionInfo {
     pub fn new(
         tenant: TenantId,
         created: SystemTime,
-        user_metadata: serde_json::Value,
+        user_metadata: Option<crate::jobs::UserMetadata>,
+        display_name: Option<String>,
         models: Vec<String>,
     ) -> Self {
         SessionInfo {
@@ -97,6 +106,7 @@ impl SessionInfo {
             created,
             last_heartbeat: Mutex::new(Instant::now()),
             user_metadata,
+            display_name,
             models: Mutex::new(models),
             samplers: Mutex::new(Vec::new()),
             model_creates: Mutex::default(),
@@ -116,6 +126,9 @@ impl SessionInfo {
 ///   [`provenance::RecordLimits`] (count per session, bytes in all, time since last use)
 ///   and dropped with their session.
 ///
+/// - `copies`: the answers of the last [`MAX_COPY_KEYS`] `copy_weights` calls by their
+///   `X-Idempotency-Key`, so a retried copy makes no second copy.
+///
 /// How a result renders is in the stored job output, never here; a training run's last
 /// request time is on the engine's model entry.
 #[derive(Default)]
@@ -127,6 +140,51 @@ pub struct TinkerState {
     pub sampler_paths: DashMap<String, Option<String>>,
     /// What `stable_reinforce` needs of sampled sequences, per (tenant, session).
     pub records: Arc<provenance::RecordStore>,
+    /// (tenant, idempotency key) → the tinker path a copy_weights call made.
+    pub copies: Mutex<Recent<(TenantId, String), String>>,
+}
+
+/// Idempotency keys of copy_weights calls remembered (the SDK retries within minutes).
+pub const MAX_COPY_KEYS: usize = 4096;
+
+/// The last [`MAX_COPY_KEYS`] entries inserted; one more forgets the oldest.
+pub struct Recent<K, V> {
+    map: std::collections::HashMap<K, V>,
+    order: std::collections::VecDeque<K>,
+}
+
+impl<K, V> Default for Recent<K, V> {
+    fn default() -> Self {
+        Recent {
+            map: Default::default(),
+            order: Default::default(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Recent<K, V> {
+    pub fn get(&self, k: &K) -> Option<V> {
+        self.map.get(k).cloned()
+    }
+
+    pub fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > MAX_COPY_KEYS {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 impl TinkerState {
@@ -180,8 +238,18 @@ pub async fn reap_sessions(state: Shared) {
                 "recorded sequences unused for LORAPLEX_RECORDED_TTL_S dropped"
             );
         }
-        // Checkpoints past their time to live: out of the cache, then off the disk.
+    }
+}
+
+/// Every `LORAPLEX_EXPIRY_SWEEP_MS`, delete checkpoints past their time to live: out of
+/// the cache, then off the disk. (Lookups already hide them once expired.)
+pub async fn sweep_expired_checkpoints(state: Shared) {
+    let every = Duration::from_millis(state.cfg.expiry_sweep_ms.max(10));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
         for (tenant, c) in state.engine.registry().take_expired_checkpoints() {
+            tracing::info!(tenant = %tenant, checkpoint = %c.name, "checkpoint expired; deleting it");
             if let Some(p) = state.engine.registry().persist().cloned() {
                 let r = tokio::task::spawn_blocking(move || p.delete_checkpoint(&tenant, &c)).await;
                 if let Ok(Err(e)) = r {
@@ -204,7 +272,9 @@ impl TinkerPath {
         let bad = || {
             ApiError::invalid(
                 "path",
-                format!("{path:?} is not a tinker://<model>/<weights|sampler_weights>/<name> path"),
+                format!(
+                    "{path:?} is not a tinker://<model>/<weights|sampler_weights|external_weights>/<name> path"
+                ),
             )
         };
         let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
@@ -213,7 +283,7 @@ impl TinkerPath {
             [m, seg, n]
                 if !m.is_empty()
                     && !n.is_empty()
-                    && (*seg == "weights" || *seg == "sampler_weights") =>
+                    && crate::store::checkpoint::CheckpointKind::from_segment(seg).is_some() =>
             {
                 Ok(TinkerPath {
                     model: (*m).to_owned(),
@@ -235,7 +305,6 @@ impl TinkerPath {
     }
 }
 
-/// A checkpoint name chosen by a user: no `/`, bounded length.
 /// A checkpoint name chosen by a user: what the checkpoint store accepts as a directory
 /// name, and not the name reserved for automatic checkpoints.
 pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
@@ -308,6 +377,19 @@ mod tests {
     }
 
     #[test]
+    fn recent_keeps_the_newest_keys() {
+        let mut r = Recent::default();
+        for i in 0..MAX_COPY_KEYS + 10 {
+            r.insert(i, i * 2);
+        }
+        r.insert(MAX_COPY_KEYS + 9, 0);
+        assert_eq!(r.len(), MAX_COPY_KEYS);
+        assert_eq!(r.get(&0), None);
+        assert_eq!(r.get(&(MAX_COPY_KEYS + 9)), Some(0));
+        assert_eq!(r.get(&10), Some(20));
+    }
+
+    #[test]
     fn tinker_paths_parse_and_refuse() {
         let p = TinkerPath::parse("tinker://s1:train:0/weights/step-3").unwrap();
         assert_eq!(
@@ -318,6 +400,7 @@ mod tests {
             TinkerPath::from_key(&p.key()),
             "tinker://s1:train:0/weights/step-3"
         );
+        assert!(TinkerPath::parse("tinker://s1/external_weights/x").is_ok());
         for bad in [
             "s1/weights/x",
             "tinker://s1/other/x",

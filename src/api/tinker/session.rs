@@ -1,11 +1,13 @@
 //! Client configuration, Tinker sessions (create, heartbeat, finish, release), telemetry
 //! and server capabilities: the calls every SDK client makes before any real work.
 
-use super::{SessionInfo, MAX_USER_METADATA_BYTES};
+use super::{rfc3339, SessionInfo, MAX_DISPLAY_NAME_BYTES};
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{Json, Path, Tenant};
+use crate::api::extract::{Json, Path, Query, Tenant};
 use crate::api::Shared;
-use crate::jobs::{AdapterId, SessionId};
+use crate::jobs::metadata::metadata_json;
+use crate::jobs::{AdapterId, SessionId, UserMetadata};
+use crate::store::db::ClientSessionId;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -41,8 +43,13 @@ pub async fn dynamic_config() -> axum::Json<Value> {
 
 #[derive(Deserialize, JsonSchema)]
 pub struct CreateSession {
+    /// Strings only, at most 16 KiB serialized; returned by `GET /api/v1/sessions/{id}`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::user_metadata")]
     user_metadata: Option<Value>,
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    display_name: Option<String>,
 }
 
 pub async fn create_session(
@@ -50,23 +57,38 @@ pub async fn create_session(
     Tenant(tenant): Tenant,
     Json(req): Json<CreateSession>,
 ) -> ApiResult<axum::Json<Value>> {
-    let metadata = req.user_metadata.unwrap_or(Value::Null);
-    let size = serde_json::to_vec(&metadata).map_or(usize::MAX, |v| v.len());
-    if size > MAX_USER_METADATA_BYTES {
-        return Err(ApiError::invalid(
-            "user_metadata",
-            format!("{size} bytes serialized; at most {MAX_USER_METADATA_BYTES}"),
-        ));
+    let metadata = UserMetadata::from_json("user_metadata", req.user_metadata)?;
+    if let Some(n) = &req.display_name {
+        if n.len() > MAX_DISPLAY_NAME_BYTES {
+            return Err(ApiError::invalid(
+                "display_name",
+                format!("{} bytes; at most {MAX_DISPLAY_NAME_BYTES}", n.len()),
+            ));
+        }
     }
     check_session_limits(&s, &tenant)?;
     let id = SessionId::generate().0.replacen("sampler", "session", 1);
+    let created = SystemTime::now();
+    if let Some(d) = &s.durable {
+        d.session_created(
+            &tenant,
+            &id,
+            created,
+            metadata.clone(),
+            req.display_name.clone(),
+        )
+        .await?;
+    }
     s.tinker.sessions.insert(
         id.clone(),
-        SessionInfo::new(tenant.clone(), SystemTime::now(), metadata, Vec::new()),
+        SessionInfo::new(
+            tenant.clone(),
+            created,
+            metadata,
+            req.display_name,
+            Vec::new(),
+        ),
     );
-    if let Some(d) = &s.durable {
-        d.session_created(&tenant, &id).await?;
-    }
     tracing::info!(session = %id, tenant = %tenant, "session created");
     let info = s
         .auth
@@ -163,7 +185,13 @@ pub fn restore(s: &Shared, r: &crate::store::durable::Restored) {
             .collect();
         s.tinker.sessions.insert(
             rec.id.0.clone(),
-            SessionInfo::new(rec.tenant.clone(), rec.created, Value::Null, models),
+            SessionInfo::new(
+                rec.tenant.clone(),
+                rec.created,
+                rec.user_metadata.clone(),
+                rec.display_name.clone(),
+                models,
+            ),
         );
     }
 }
@@ -209,30 +237,154 @@ pub async fn release(s: &Shared, id: &str) {
     tracing::info!(session = %id, "session released");
 }
 
-pub async fn list_sessions(State(s): State<Shared>, Tenant(tenant): Tenant) -> axum::Json<Value> {
-    let ids: Vec<String> = s
-        .tinker
-        .sessions
-        .iter()
-        .filter(|e| e.tenant == tenant)
-        .map(|e| e.key().clone())
-        .collect();
-    axum::Json(json!({ "sessions": ids }))
+/// Most items one page of a listing may hold (`limit`).
+pub const MAX_PAGE: usize = 1000;
+
+/// A page of a listing: `limit` items from `offset`. `access_scope` is accepted for the
+/// SDK's sake; every listing shows the caller's own things.
+#[derive(Deserialize, JsonSchema)]
+pub struct Page {
+    #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_PAGE))]
+    limit: Option<usize>,
+    #[serde(default)]
+    offset: Option<usize>,
+    #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::access_scope")]
+    access_scope: Option<String>,
 }
 
+impl Page {
+    /// (limit, offset), `limit` defaulting to `default` and at most [`MAX_PAGE`].
+    pub fn bounds(&self, default: usize) -> ApiResult<(usize, usize)> {
+        let limit = self.limit.unwrap_or(default);
+        if limit > MAX_PAGE {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("{limit} is more than the most one page holds, {MAX_PAGE}"),
+            ));
+        }
+        Ok((limit, self.offset.unwrap_or(0)))
+    }
+
+    /// Whether the caller asked for what it may read, not only what it owns.
+    pub fn accessible(&self) -> bool {
+        self.access_scope.as_deref() == Some("accessible")
+    }
+}
+
+/// `GET /api/v1/sessions?limit&offset`: the tenant's session ids, newest first: open and
+/// ended ones with a store, open ones without.
+pub async fn list_sessions(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Query(p): Query<Page>,
+) -> ApiResult<axum::Json<Value>> {
+    let (limit, offset) = p.bounds(20)?;
+    let (ids, total) = match &s.durable {
+        Some(d) => {
+            let t = tenant.clone();
+            let (rows, total) = d
+                .call(move |db| async move {
+                    db.list_sessions_page(&t, limit as u64, offset as u64).await
+                })
+                .await?;
+            (rows.into_iter().map(|r| r.id.0).collect::<Vec<_>>(), total)
+        }
+        None => {
+            let mut open: Vec<(SystemTime, String)> = s
+                .tinker
+                .sessions
+                .iter()
+                .filter(|e| e.tenant == tenant)
+                .map(|e| (e.created, e.key().clone()))
+                .collect();
+            open.sort_by(|a, b| b.cmp(a));
+            let total = open.len() as u64;
+            let ids = open
+                .into_iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(_, id)| id)
+                .collect();
+            (ids, total)
+        }
+    };
+    Ok(axum::Json(json!({
+        "sessions": ids,
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    })))
+}
+
+/// `GET /api/v1/sessions/{id}`: a session's training runs (not deleted; unloaded ones
+/// too with a store), its live sampling sessions and what the client attached to it. An
+/// ended session still answers with a store.
 pub async fn get_session(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let sess = s.tinker.session(&tenant, &id)?;
-    let models = sess.models.lock().clone();
-    let samplers = sess.samplers.lock().clone();
-    Ok(axum::Json(json!({
-        "training_run_ids": models,
+    let live = s.tinker.session(&tenant, &id).ok().map(|sess| {
+        (
+            sess.models.lock().clone(),
+            sess.samplers.lock().clone(),
+            sess.user_metadata.clone(),
+            sess.display_name.clone(),
+            sess.created,
+        )
+    });
+    let Some(d) = &s.durable else {
+        let (models, samplers, meta, name, created) =
+            live.ok_or_else(|| ApiError::not_found("session", id.clone()))?;
+        return Ok(session_json(
+            &id,
+            models,
+            samplers,
+            meta.as_ref(),
+            name,
+            created,
+            true,
+        ));
+    };
+    let (t, sid) = (tenant.clone(), ClientSessionId(id.clone()));
+    let (rec, runs) = d
+        .call(move |db| async move {
+            let rec = db.get_session(&t, &sid).await?;
+            let runs = db.list_session_models(&t, &sid).await?;
+            Ok((rec, runs))
+        })
+        .await?;
+    let runs: Vec<String> = runs.into_iter().map(|m| m.id.0).collect();
+    let samplers = live.map(|l| l.1).unwrap_or_default();
+    Ok(session_json(
+        &id,
+        runs,
+        samplers,
+        rec.user_metadata.as_ref(),
+        rec.display_name,
+        rec.created,
+        rec.ended.is_none(),
+    ))
+}
+
+fn session_json(
+    id: &str,
+    runs: Vec<String>,
+    samplers: Vec<String>,
+    meta: Option<&UserMetadata>,
+    display_name: Option<String>,
+    created: SystemTime,
+    open: bool,
+) -> axum::Json<Value> {
+    axum::Json(json!({
+        "session_id": id,
+        "training_run_ids": runs,
         "sampler_ids": samplers,
-        "user_metadata": sess.user_metadata,
-    })))
+        "user_metadata": metadata_json(meta),
+        "display_name": display_name,
+        "created_at": rfc3339(created),
+        "status": if open { json!({"type": "active"}) } else { Value::Null },
+    }))
 }
 
 /// Telemetry batches are accepted and dropped.

@@ -1,19 +1,22 @@
 //! Training routes: create a LoRA model (fresh or from a checkpoint), its info,
-//! forward / forward_backward (protobuf in), optim_step, checkpoints (save, load, list,
-//! delete, TTL) and training runs. Each submit validates, hands the engine one op and
+//! forward / forward_backward (protobuf in), optim_step, saving checkpoints (training,
+//! sampler, external) and loading them. Each submit validates, hands the engine one op and
 //! answers with a future; the engine runs a model's ops in the SDK's `seq_id` order.
 //! A loss that reads what was recorded at sampling time (`stable_reinforce`) has its
 //! datums' provenance spans resolved here, against the model's Tinker session's records.
+//! Listing and managing runs and checkpoints: [`super::runs`].
 
 use super::provenance::{Provenance, Span, SpanKind, MAX_SEQUENCE_ID_BYTES};
+use super::runs::ttl;
 use super::session::session_of_model;
-use super::{check_name, rfc3339, TinkerPath};
+use super::{check_name, TinkerPath};
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::extract::{Json, Path, Proto, Query, Tenant};
+use crate::api::extract::{Json, Proto, Tenant};
 use crate::api::proto::{self, chunk, loss_config_value, provenance_span, tensor};
 use crate::api::Shared;
-use crate::jobs::registry::Checkpoint;
-use crate::jobs::{AdapterId, FbRequest, FutureId, JobKind, JobOutput, Op, TenantId};
+use crate::jobs::{
+    AdapterId, FbRequest, FutureId, JobKind, JobOutput, Op, RunMeta, TenantId, UserMetadata,
+};
 use crate::lora::optim::AdamParams;
 use crate::lora::LoraConfig;
 use crate::train::loss::{
@@ -25,8 +28,6 @@ use axum::extract::State;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::Arc;
-use std::time::Duration;
 
 fn future_json(id: &FutureId, model: Option<&str>) -> axum::Json<Value> {
     axum::Json(json!({"request_id": id.0, "model_id": model}))
@@ -58,6 +59,10 @@ pub struct CreateModel {
     #[serde(default)]
     #[schemars(schema_with = "crate::api::openapi::schema::optimizer_config")]
     optimizer_config: Option<Value>,
+    /// Strings only, at most 16 KiB serialized; returned with the training run.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::user_metadata")]
+    user_metadata: Option<Value>,
 }
 
 /// The base model a request names must be the one served.
@@ -96,6 +101,7 @@ pub async fn create_model(
     let sess = s.tinker.session(&tenant, &req.session_id)?;
     check_base_model(&s, &req.base_model)?;
     check_optimizer(&req.optimizer_config)?;
+    let user_metadata = UserMetadata::from_json("user_metadata", req.user_metadata)?;
     let l = req.lora_config.unwrap_or(LoraConfigJson {
         rank: None,
         seed: None,
@@ -126,8 +132,12 @@ pub async fn create_model(
             let f = s
                 .engine
                 .spawn_job(&tenant, JobKind::CreateModel, async move {
+                    let meta = RunMeta {
+                        session: Some(session.clone()),
+                        user_metadata,
+                    };
                     let r = engine
-                        .create_model_as(&t, id.clone(), config, Some(1), Some(session.clone()))
+                        .create_model_as(&t, id.clone(), config, Some(1), meta)
                         .await;
                     if r.is_err() {
                         // Never made: not the session's to release.
@@ -644,7 +654,7 @@ pub struct SaveWeights {
     #[schemars(range(min = 0))]
     seq_id: i64,
     #[serde(default)]
-    #[schemars(range(max = MAX_TTL_S))]
+    #[schemars(range(min = 1, max = super::runs::MAX_TTL_S))]
     ttl_seconds: Option<u64>,
     #[serde(default)]
     sampling_session_seq_id: Option<u64>,
@@ -652,6 +662,10 @@ pub struct SaveWeights {
     /// sends no flag for those).
     #[serde(default)]
     overwrite: Option<bool>,
+    /// Strings only, at most 16 KiB serialized; listed with the checkpoint.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::user_metadata")]
+    user_metadata: Option<Value>,
 }
 
 pub async fn save_weights(
@@ -683,6 +697,56 @@ pub async fn save_weights_for_sampler(
     save(s, tenant, req, "sampler_weights").await
 }
 
+#[derive(Deserialize, JsonSchema)]
+pub struct SaveWeightsExternal {
+    model_id: String,
+    /// The checkpoint's name; an earlier one of that name is replaced.
+    #[schemars(schema_with = "crate::api::openapi::schema::checkpoint_name")]
+    path: String,
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    seq_id: Option<i64>,
+    #[serde(default)]
+    #[schemars(range(min = 1, max = super::runs::MAX_TTL_S))]
+    ttl_seconds: Option<u64>,
+    /// Encrypting the export to age recipients is not supported: absent or empty.
+    #[serde(default)]
+    #[schemars(length(max = 0))]
+    age_encryption_recipients: Option<Vec<String>>,
+}
+
+/// `POST /api/v1/save_weights_external`: the current weights as a checkpoint of kind
+/// `external` (`tinker://<model>/external_weights/<name>`), to be downloaded in Hugging
+/// Face PEFT layout through signed links (`get_external_weights_urls`).
+pub async fn save_weights_external(
+    State(s): State<Shared>,
+    Tenant(tenant): Tenant,
+    Json(req): Json<SaveWeightsExternal>,
+) -> ApiResult<axum::Json<Value>> {
+    if req
+        .age_encryption_recipients
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        return Err(ApiError::Engine(crate::Error::Unsupported(
+            "age_encryption_recipients: exports are not encrypted here; omit the field".into(),
+        )));
+    }
+    let Some(seq_id) = req.seq_id else {
+        return Err(ApiError::invalid("seq_id", "missing"));
+    };
+    let save_req = SaveWeights {
+        model_id: req.model_id,
+        path: Some(req.path),
+        seq_id,
+        ttl_seconds: req.ttl_seconds,
+        sampling_session_seq_id: None,
+        overwrite: Some(true),
+        user_metadata: None,
+    };
+    save(s, tenant, save_req, "external_weights").await
+}
+
 async fn save(
     s: Shared,
     tenant: TenantId,
@@ -694,7 +758,7 @@ async fn save(
         let name = req.path.clone().unwrap_or_default();
         check_name("path", &name)?;
         let key = format!("{}/{segment}/{name}", req.model_id);
-        let overwrite = req.overwrite.unwrap_or(segment == "sampler_weights");
+        let overwrite = req.overwrite.unwrap_or(segment != "weights");
         if !overwrite && s.engine.registry().checkpoint_entry(&tenant, &key).is_ok() {
             return Err(ApiError::invalid(
                 "path",
@@ -706,6 +770,7 @@ async fn save(
         Ok(Op::SaveState {
             name: key,
             ttl: ttl(req.ttl_seconds)?,
+            user_metadata: UserMetadata::from_json("user_metadata", req.user_metadata.clone())?,
         })
     })();
     let f = submit(&s, &tenant, &req.model_id, seq_id, op).await?;
@@ -729,17 +794,29 @@ pub struct LoadWeights {
     optimizer: bool,
     #[serde(default)]
     base_model: Option<String>,
+    /// For a new run (`session_id` + `model_seq_id`): strings only, at most 16 KiB
+    /// serialized; returned with the training run.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::user_metadata")]
+    user_metadata: Option<Value>,
+    #[serde(default)]
+    #[schemars(schema_with = "crate::api::openapi::schema::optimizer_config")]
+    optimizer_config: Option<Value>,
 }
 
 /// Either create a model from a checkpoint (`session_id` + `model_seq_id`; the load is
-/// its seq 0) or load into an existing model (`model_id` + `seq_id`).
+/// its seq 0) or load into an existing model (`model_id` + `seq_id`). The checkpoint is
+/// the tenant's own or a published one.
 pub async fn load_weights(
     State(s): State<Shared>,
     Tenant(tenant): Tenant,
     Json(req): Json<LoadWeights>,
 ) -> ApiResult<axum::Json<Value>> {
     let found = TinkerPath::parse(&req.path).and_then(|path| {
-        let ckpt = s.engine.registry().checkpoint_entry(&tenant, &path.key())?;
+        let ckpt = s
+            .engine
+            .registry()
+            .readable_checkpoint(&tenant, &path.key())?;
         Ok((path, ckpt))
     });
     let op = |path: &TinkerPath| Op::LoadState {
@@ -752,6 +829,8 @@ pub async fn load_weights(
             if let Some(b) = &req.base_model {
                 check_base_model(&s, b)?;
             }
+            check_optimizer(&req.optimizer_config)?;
+            let user_metadata = UserMetadata::from_json("user_metadata", req.user_metadata)?;
             let model_id = format!("{session}:train:{n}");
             {
                 let sess = s.tinker.session(&tenant, &session)?;
@@ -775,7 +854,10 @@ pub async fn load_weights(
                     AdapterId(model_id.clone()),
                     config,
                     Some(0),
-                    Some(session.clone()),
+                    RunMeta {
+                        session: Some(session.clone()),
+                        user_metadata,
+                    },
                 )
                 .await;
             if let Err(e) = created {
@@ -834,266 +916,4 @@ fn forget_model(s: &Shared, session: &str, model: &str) {
     if let Some(sess) = s.tinker.sessions.get(session) {
         sess.models.lock().retain(|m| m != model);
     }
-}
-
-// --- checkpoint listings and training runs ----------------------------------------------
-
-pub fn checkpoint_json(c: &Checkpoint) -> Value {
-    let (kind, id) = match c.name.splitn(3, '/').collect::<Vec<_>>()[..] {
-        [_, "sampler_weights", n] => ("sampler", format!("sampler_weights/{n}")),
-        [_, seg, n] => ("training", format!("{seg}/{n}")),
-        _ => ("training", c.name.clone()),
-    };
-    json!({
-        "checkpoint_id": id,
-        "checkpoint_type": kind,
-        "time": rfc3339(c.created),
-        "tinker_path": TinkerPath::from_key(&c.name),
-        "size_bytes": c.size_bytes(),
-        "public": false,
-        "expires_at": c.expires.map(rfc3339),
-    })
-}
-
-pub async fn list_checkpoints(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
-    let list = s
-        .engine
-        .registry()
-        .checkpoints_of(&tenant, &format!("{id}/"));
-    if list.is_empty()
-        && s.engine
-            .registry()
-            .adapter(&tenant, &AdapterId(id.clone()))
-            .is_err()
-    {
-        return Err(ApiError::not_found("training run", id));
-    }
-    let items: Vec<Value> = list.iter().map(|c| checkpoint_json(c)).collect();
-    let n = items.len();
-    Ok(axum::Json(json!({
-        "checkpoints": items,
-        "cursor": {"offset": 0, "limit": n, "total_count": n},
-    })))
-}
-
-#[derive(Deserialize, JsonSchema)]
-pub struct Page {
-    #[serde(default)]
-    limit: Option<usize>,
-    #[serde(default)]
-    offset: Option<usize>,
-}
-
-pub async fn list_user_checkpoints(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Query(p): Query<Page>,
-) -> axum::Json<Value> {
-    let all = s.engine.registry().checkpoints_of(&tenant, "");
-    let (off, lim) = (p.offset.unwrap_or(0), p.limit.unwrap_or(100));
-    let items: Vec<Value> = all
-        .iter()
-        .skip(off)
-        .take(lim)
-        .map(|c| checkpoint_json(c))
-        .collect();
-    axum::Json(json!({
-        "checkpoints": items,
-        "cursor": {"offset": off, "limit": lim, "total_count": all.len()},
-    }))
-}
-
-/// Registry work that writes through to the database, which blocks: off tokio's workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
-) -> ApiResult<T> {
-    Ok(tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| crate::Error::Unavailable(format!("checkpoint update failed: {e}")))??)
-}
-
-pub async fn delete_checkpoint(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
-) -> ApiResult<axum::Json<Value>> {
-    let engine = s.engine.clone();
-    blocking(move || {
-        engine
-            .registry()
-            .delete_checkpoint(&tenant, &format!("{id}/{kind}/{name}"))
-    })
-    .await?;
-    Ok(axum::Json(json!({})))
-}
-
-#[derive(Deserialize, JsonSchema)]
-pub struct Ttl {
-    /// Absent or null: the checkpoint never expires.
-    #[schemars(range(max = MAX_TTL_S))]
-    ttl_seconds: Option<u64>,
-}
-
-/// The longest time to live a checkpoint can get (100 years): later instants overflow
-/// the clock's arithmetic.
-pub const MAX_TTL_S: u64 = 100 * 365 * 86_400;
-
-/// A requested time to live, bounded by [`MAX_TTL_S`].
-fn ttl(secs: Option<u64>) -> ApiResult<Option<Duration>> {
-    match secs {
-        Some(t) if t > MAX_TTL_S => Err(ApiError::invalid(
-            "ttl_seconds",
-            format!("{t} is more than the limit of {MAX_TTL_S} seconds"),
-        )),
-        t => Ok(t.map(Duration::from_secs)),
-    }
-}
-
-pub async fn set_checkpoint_ttl(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
-    Json(req): Json<Ttl>,
-) -> ApiResult<axum::Json<Value>> {
-    let ttl = ttl(req.ttl_seconds)?;
-    let engine = s.engine.clone();
-    blocking(move || {
-        engine
-            .registry()
-            .set_checkpoint_ttl(&tenant, &format!("{id}/{kind}/{name}"), ttl)
-    })
-    .await?;
-    Ok(axum::Json(json!({})))
-}
-
-fn training_run(s: &Shared, tenant: &TenantId, id: &str) -> ApiResult<Value> {
-    let e = s
-        .engine
-        .registry()
-        .adapter(tenant, &AdapterId(id.to_owned()))?;
-    let cks = s
-        .engine
-        .registry()
-        .checkpoints_of(tenant, &format!("{id}/"));
-    let last = |seg: &str| {
-        cks.iter()
-            .rev()
-            .find(|c| c.name.split('/').nth(1) == Some(seg))
-            .map(|c| checkpoint_json(c))
-    };
-    let last_request = e.last_request();
-    Ok(json!({
-        "training_run_id": id,
-        "base_model": s.model_name,
-        "model_owner": tenant.0,
-        "is_lora": true,
-        "corrupted": false,
-        "lora_rank": e.config.rank,
-        "step": e.step(),
-        "last_request_time": rfc3339(last_request),
-        "last_checkpoint": last("weights"),
-        "last_sampler_checkpoint": last("sampler_weights"),
-    }))
-}
-
-pub async fn get_training_run(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path(id): Path<String>,
-) -> ApiResult<axum::Json<Value>> {
-    training_run(&s, &tenant, &id).map(axum::Json)
-}
-
-pub async fn list_training_runs(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Query(p): Query<Page>,
-) -> axum::Json<Value> {
-    let mut ids: Vec<String> = s
-        .engine
-        .registry()
-        .adapters_of(&tenant)
-        .into_iter()
-        .map(|a| a.0)
-        .collect();
-    ids.sort();
-    let (off, lim) = (p.offset.unwrap_or(0), p.limit.unwrap_or(20));
-    let runs: Vec<Value> = ids
-        .iter()
-        .skip(off)
-        .take(lim)
-        .filter_map(|id| training_run(&s, &tenant, id).ok())
-        .collect();
-    axum::Json(json!({
-        "training_runs": runs,
-        "cursor": {"offset": off, "limit": lim, "total_count": ids.len()},
-    }))
-}
-
-#[derive(Deserialize, JsonSchema)]
-pub struct WeightsInfo {
-    #[schemars(schema_with = "crate::api::openapi::schema::tinker_path")]
-    tinker_path: String,
-}
-
-pub async fn weights_info(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Json(req): Json<WeightsInfo>,
-) -> ApiResult<axum::Json<Value>> {
-    let p = TinkerPath::parse(&req.tinker_path)?;
-    let c: Arc<Checkpoint> = s.engine.registry().checkpoint_entry(&tenant, &p.key())?;
-    let cfg = &c.state.weights.config;
-    let has = |t: crate::lora::Target| cfg.targets.contains(&t);
-    use crate::lora::Target;
-    Ok(axum::Json(json!({
-        "base_model": s.model_name,
-        "is_lora": true,
-        "lora_rank": cfg.rank,
-        "train_unembed": cfg.train_unembed,
-        "train_mlp": has(Target::Gate) || has(Target::Up) || has(Target::Down),
-        "train_attn": has(Target::Q) || has(Target::K) || has(Target::V) || has(Target::O),
-        "optimizer_config": {"type": "adamw"},
-    })))
-}
-
-/// A checkpoint's adapter as a `.tar` in Hugging Face PEFT layout (`adapter_config.json`,
-/// `adapter_model.safetensors`), ready for `PeftModel.from_pretrained`.
-pub async fn download_peft(
-    State(s): State<Shared>,
-    Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
-) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
-    let c = s
-        .engine
-        .registry()
-        .checkpoint_entry(&tenant, &format!("{id}/{kind}/{name}"))?;
-    let base = s.model_name.clone();
-    let bytes = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        crate::store::peft::export_peft_tar(&c.state.weights, &base, &mut out).map(|_| out)
-    })
-    .await
-    .map_err(|e| crate::Error::Unavailable(format!("export panicked: {e}")))?
-    .map_err(crate::Error::from)?;
-    let file = format!(
-        "attachment; filename=\"{}-{name}-peft.tar\"",
-        id.replace(':', ".")
-    );
-    Ok((
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "application/x-tar".to_owned(),
-            ),
-            (axum::http::header::CONTENT_DISPOSITION, file),
-        ],
-        bytes,
-    )
-        .into_response())
 }
