@@ -7,9 +7,10 @@ is used offline), and the renderer for SmolLM2 passed explicitly (its chat templ
 ChatML, which the cookbook's `qwen3_instruct` renderer writes token for token). Phases:
 
 - `sl`: supervised.train for 6 steps with an evaluator and checkpoints every 3 steps; the
-  loss must fall. Then the same log directory again to 8 steps: the cookbook resumes from
-  its last checkpoint (reading the renderer back from the run's user_metadata), and the
-  final sampler checkpoint samples through the cookbook's message completer.
+  loss must fall. Then a resume as after a crash at step 3: the cookbook reads the
+  renderer back from the run's user_metadata, reloads weights and optimizer state, and its
+  resumed step-3 loss equals that batch's loss under the checkpoint's weights. The final
+  sampler checkpoint samples through the cookbook's message completer.
 - `rl-sync`: rl.train in its synchronous configuration (default loss, importance_sampling)
   on the cookbook's arithmetic environment.
 - `rl-async`: rl.train with AsyncConfig (its default loss, stable_reinforce, which needs
@@ -124,6 +125,7 @@ def sl_config(log_path, data, max_steps):
 def phase_sl(service):
     from tinker_cookbook import checkpoint_utils, completers, renderers
     from tinker_cookbook.supervised import train
+    from tinker_cookbook.supervised.common import compute_mean_nll
     from tinker_cookbook.tokenizer_utils import get_tokenizer
 
     data = os.path.join(WORK, "conversations.jsonl")
@@ -144,12 +146,31 @@ def phase_sl(service):
         checkpoint_utils.get_renderer_name_from_checkpoint(service, state) == RENDERER
     ), "the renderer did not round-trip through user_metadata"
 
-    # Resume: the same log directory, a higher step cap.
-    asyncio.run(train.main(sl_config(log_path, data, 8)))
+    # Resume as after a crash: the run's log ends at its periodic checkpoint "000003" and
+    # the same command runs again. The cookbook reads the renderer back, reloads weights and
+    # optimizer state and goes on from that record's loop state (epoch 1, batch 0). The
+    # checkpoint was saved after the steps submitted before it (the cookbook pipelines), so
+    # the resumed step-3 loss is not the first run's; it must be the loss of that batch
+    # under the checkpoint's weights, computed here through a client of our own.
+    ckpt_file = os.path.join(log_path, "checkpoints.jsonl")
+    assert rows[0]["name"] == "000003" and rows[0]["epoch"] == 1 and rows[0]["batch"] == 0, rows[0]
+    with open(ckpt_file, "w") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    asyncio.run(train.main(sl_config(log_path, data, 6)))
     metrics = read_jsonl(os.path.join(log_path, "metrics.jsonl"))
-    steps = [r["step"] for r in metrics if "train_mean_nll" in r]
-    log("sl steps after resume", steps)
-    assert steps[-1] == 7 and 6 in steps, steps
+    again = {r["step"]: r["train_mean_nll"] for r in metrics if "train_mean_nll" in r}
+    log("sl after resume", {k: round(v, 5) for k, v in again.items()})
+    assert sorted(again) == list(range(6)), again
+    dataset, _ = sl_config(log_path, data, 6).dataset_builder()
+    dataset.set_epoch(seed=1)
+    batch = dataset.get_batch(0)
+    tc = service.create_training_client_from_state(rows[0]["state_path"])
+    out = tc.forward(batch, "cross_entropy").result()
+    expected = compute_mean_nll(
+        [x["logprobs"] for x in out.loss_fn_outputs], [d.loss_fn_inputs["weights"] for d in batch]
+    )
+    log("sl step 3 resumed", again[3], "under checkpoint 000003", expected)
+    assert abs(again[3] - expected) <= 1e-4 * max(1.0, abs(expected)), (again[3], expected)
     rows = check_checkpoints(log_path, service)
 
     # The final sampler checkpoint answers through the cookbook's message completer.
