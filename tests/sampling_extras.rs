@@ -494,3 +494,56 @@ async fn bad_prompt_requests_are_refused_naming_the_field() {
     }));
     refused(r, "target_prompt_logprobs").await;
 }
+
+/// The same on candle's general ops (the path a GPU takes): KV kept as device tensors is
+/// cut and copied for forks and cache hits, and the prompt's logits reach the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candle_kv_forks_and_cache_hits_match_the_host_kernels() {
+    let m = model();
+    let host = engine(&m, unshared());
+    let candle = engine(&Arc::new(m.without_host_kernels()), EngineConfig::default());
+    let t = TenantId::from("t");
+    let (sh, sc) = (
+        host.base_sampling_session(&t).await.unwrap(),
+        candle.base_sampling_session(&t).await.unwrap(),
+    );
+    let p = prompt(40, 8);
+    let mut r = SampleRequest::new(p.clone(), params(10, 1.0, 21));
+    r.num_samples = 3;
+    r.prompt_logprobs = true;
+    r.prompt_logprobs_last_n = Some(3);
+    r.target_prompt_logprobs = Some(Arc::new(PromptTargets {
+        layout: CellLayout {
+            rows: 39,
+            cols: 1,
+            sparse: Some(Csr {
+                crow: (0..=39).map(|i| usize::from(i == 39)).collect(),
+                col: vec![0],
+            }),
+        },
+        ids: vec![Some(5)],
+    }));
+    let want = sample(&host, &t, &sh, r.clone()).await;
+    for round in 0..2 {
+        let got = sample(&candle, &t, &sc, r.clone()).await;
+        assert_eq!(got.prompt_cache_hit_tokens, if round == 0 { 0 } else { 36 });
+        for (a, b) in got.sequences.iter().zip(&want.sequences) {
+            assert_eq!(a.tokens, b.tokens, "round {round}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!(close(*x, *y, 1e-4), "round {round}: {x} vs {y}");
+            }
+        }
+        let (a, b) = (
+            got.prompt_logprobs.as_ref().unwrap(),
+            want.prompt_logprobs.as_ref().unwrap(),
+        );
+        for q in 36..39 {
+            assert!(close(a[q], b[q], 1e-4), "round {round} position {q}");
+        }
+        let (a, b) = (
+            &got.target_prompt_logprobs.as_ref().unwrap().logprobs,
+            &want.target_prompt_logprobs.as_ref().unwrap().logprobs,
+        );
+        assert!(close(a[0], b[0], 1e-4) && a[0] < 0.0);
+    }
+}
