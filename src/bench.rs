@@ -1,8 +1,12 @@
 //! Benchmarks that print tables (`loraplex bench ...`). Timings are medians over several
 //! steps after a warm-up; peak RSS is reset per case where the OS allows. The load and
-//! soak benchmark against a real server lives in [`load`].
+//! soak benchmark against a real server lives in [`load`]; prompt sharing and the prefix
+//! cache in [`sampling`].
 
 pub mod load;
+pub mod sampling;
+
+pub use sampling::{sampling, SamplingBenchArgs};
 
 use crate::error::Result;
 use crate::lora::optim::AdamParams;

@@ -24,6 +24,8 @@
 //! | sampled tokens of one request (`num_samples × (prompt + max_tokens)`) | `LORAPLEX_MAX_SAMPLE_TOKENS` | 262144 |
 //! | request data held by queued training jobs | `LORAPLEX_MAX_QUEUED_BYTES` | 2 GiB |
 //! | KV-cache positions reserved by live sequences | `LORAPLEX_MAX_KV_TOKENS` | 262144 |
+//! | prompt KV kept between sampling requests (bytes) | `LORAPLEX_PREFIX_CACHE_BYTES` | 512 MiB |
+//! | a request's samples share one prefill of its prompt | `LORAPLEX_SHARE_PROMPT_KV` | true |
 //! | unfetched results kept for | `LORAPLEX_UNREAD_RESULT_TTL_S` | 86400 |
 //! | futures held in memory | `LORAPLEX_MAX_FUTURES` | 100000 |
 //! | open Tinker sessions per tenant | `LORAPLEX_MAX_SESSIONS_PER_TENANT` | 1024 |
@@ -159,6 +161,17 @@ pub struct EngineConfig {
     /// bounded whatever tenants ask for (SmolLM2: 46 KB per position in f32).
     #[arg(long, env = "LORAPLEX_MAX_KV_TOKENS", default_value_t = 262_144)]
     pub max_kv_tokens: usize,
+    /// Bytes of prompt KV kept between sampling requests, alongside the live sequences'
+    /// `LORAPLEX_MAX_KV_TOKENS`: a request whose prompt starts like an earlier one of the
+    /// same sampling session prefills only the rest. Least recently used entries go first;
+    /// 0 keeps nothing. (SmolLM2: 46 KB per position, so 512 MiB is about 11 000 positions.)
+    #[arg(long, env = "LORAPLEX_PREFIX_CACHE_BYTES", default_value_t = 512 << 20)]
+    pub prefix_cache_bytes: usize,
+    /// The `num_samples` sequences of a request prefill their prompt once and start from
+    /// copies of its KV. Off: every sequence prefills the prompt itself (only useful to
+    /// measure what sharing saves).
+    #[arg(long, env = "LORAPLEX_SHARE_PROMPT_KV", default_value_t = true, action = clap::ArgAction::Set)]
+    pub share_prompt_kv: bool,
     /// How long work waits for a missing earlier `seq_id` before it fails (ms).
     #[arg(long, env = "LORAPLEX_SEQ_TIMEOUT_MS", default_value_t = 30_000)]
     pub seq_timeout_ms: u64,
@@ -188,6 +201,8 @@ impl Default for EngineConfig {
             max_decode_batch: 64,
             max_sample_tokens: 262_144,
             max_kv_tokens: 262_144,
+            prefix_cache_bytes: 512 << 20,
+            share_prompt_kv: true,
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
             quotas: QuotaConfig::default(),
@@ -217,6 +232,8 @@ impl EngineConfig {
             max_decode_batch: var("LORAPLEX_MAX_DECODE_BATCH", d.max_decode_batch).max(1),
             max_sample_tokens: var("LORAPLEX_MAX_SAMPLE_TOKENS", d.max_sample_tokens).max(1),
             max_kv_tokens: var("LORAPLEX_MAX_KV_TOKENS", d.max_kv_tokens).max(1),
+            prefix_cache_bytes: var("LORAPLEX_PREFIX_CACHE_BYTES", d.prefix_cache_bytes),
+            share_prompt_kv: var("LORAPLEX_SHARE_PROMPT_KV", d.share_prompt_kv),
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
             max_metric_tenants: var("LORAPLEX_MAX_METRIC_TENANTS", d.max_metric_tenants).max(1),

@@ -6,7 +6,8 @@
 //! - [`lora`]: adapter parameters, their sites and initialisation, gradients, AdamW.
 //! - [`train`]: built-in losses on per-token logprobs and the forward_backward / optim_step
 //!   operations that tie model, losses and adapters together.
-//! - [`sample`]: the decoding loop and sampling parameters.
+//! - [`sample`]: the decoding loop and sampling parameters, what a request asks of its
+//!   prompt's logits, and the prefix cache of prompt KV.
 //! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
 //! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
 //!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.

@@ -67,6 +67,9 @@ enum BenchCmd {
     Tenants(loraplex::bench::TenantsBenchArgs),
     /// The host inference kernels against candle's GEMM, and decode steps by batch size.
     Kernels(loraplex::config::ModelArgs),
+    /// A group of samples of one long prompt: every sequence prefilling it, one prefill
+    /// forked, the prompt in the prefix cache; as one request and as many at once.
+    Sampling(loraplex::bench::SamplingBenchArgs),
     /// Many tenants' mixed traffic, good and bad, against a real `loraplex serve` on
     /// loopback for a bounded time: throughput, latency, answers, RSS; fails on any
     /// failed good request, 5xx or accepted bad request.
@@ -111,6 +114,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Kernels(model),
         } => {
             print!("{}", loraplex::bench::kernels(&model)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Sampling(args),
+        } => {
+            print!("{}", loraplex::bench::sampling(&args)?);
         }
         Cmd::Bench {
             which: BenchCmd::Load(args),

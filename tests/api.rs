@@ -1117,3 +1117,127 @@ async fn an_unloaded_run_takes_its_ephemeral_samplers_with_it() {
         .await
         .assert_error(404, "not found");
 }
+
+/// asample's prompt extras over raw HTTP on SmolLM2: sparse target ids come back sparse,
+/// alternative draws as `[len(prompt) - 1, k]` tensors, top-k prompt rows before
+/// `prompt_logprobs_last_n` (and at position 0) are the SDK's empty slots (token 0,
+/// -99999), a repeated prompt reports its cache hits; and every bad size or shape is a 400
+/// naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asample_prompt_extras_and_their_refusals() {
+    let (app, _) = app();
+    let s = post(&app, "/api/v1/create_session", A, json!({}))
+        .await
+        .json();
+    let session = s["session_id"].as_str().unwrap().to_owned();
+    let sc = post(
+        &app,
+        "/api/v1/create_sampling_session",
+        A,
+        json!({"session_id": session, "sampling_session_seq_id": 0,
+               "base_model": loraplex::config::DEFAULT_MODEL_NAME}),
+    )
+    .await
+    .json();
+    let sid = sc["sampling_session_id"].as_str().unwrap().to_owned();
+    let prompt = &SEQ[..8];
+    let body = |extra: Value| {
+        let mut b = json!({"sampling_session_id": sid, "num_samples": 2,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
+            "sampling_params": {"max_tokens": 2, "temperature": 0.0, "stop": []}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let target = json!({"data": [7, 8], "dtype": "int64", "shape": [7, 2],
+        "sparse_crow_indices": [0, 0, 0, 0, 0, 0, 1, 2], "sparse_col_indices": [1, 0]});
+    let ok = body(json!({"prompt_logprobs": true, "topk_prompt_logprobs": 2,
+        "prompt_logprobs_last_n": 2, "target_prompt_logprobs": target, "prompt_alt_tokens_k": 3}));
+    let decode = |r: Resp| proto::SampleResponse::decode(r.body).expect("SampleResponse");
+    let a = post(&app, "/api/v1/asample", A, ok.clone()).await.json();
+    let sr = decode(retrieve(&app, A, a["request_id"].as_str().unwrap()).await);
+    let t = sr.target_prompt_logprobs.expect("target_prompt_logprobs");
+    assert_eq!(t.shape, vec![7, 2]);
+    let Some(proto::tensor::Encoding::SparseCsr(c)) = t.encoding else {
+        panic!("sparse in, sparse out")
+    };
+    assert_eq!(
+        proto::read_i64("c", &c.crow_indices).unwrap(),
+        vec![0, 0, 0, 0, 0, 0, 1, 2]
+    );
+    assert_eq!(proto::read_i64("c", &c.col_indices).unwrap(), vec![1, 0]);
+    let vals = proto::read_f32("v", &c.values).unwrap();
+    assert!(vals.len() == 2 && vals.iter().all(|v| v.is_finite() && *v < 0.0));
+    let alt = sr.prompt_alt_tokens.expect("prompt_alt_tokens");
+    let (toks, lps) = (alt.tokens.unwrap(), alt.logprobs.unwrap());
+    assert_eq!((toks.shape, lps.shape), (vec![7, 3], vec![7, 3]));
+    assert_eq!(toks.dtype, proto::DType::Int64 as i32);
+    let top = sr.topk_prompt_logprobs.expect("topk_prompt_logprobs");
+    assert_eq!((top.k, top.length), (2, 8));
+    let ids = proto::read_i32("t", &top.token_ids).unwrap();
+    let tl = proto::read_f32("t", &top.logprobs).unwrap();
+    for row in 0..8 {
+        let empty = (0..2).all(|j| ids[row * 2 + j] == 0 && tl[row * 2 + j] == -99999.0);
+        assert_eq!(empty, row < 6, "row {row}: {:?}", &tl[row * 2..row * 2 + 2]);
+    }
+    // The same request again: its prompt up to the scored suffix comes from the cache.
+    let b = post(
+        &app,
+        "/api/v1/asample",
+        A,
+        body(json!({"prompt_logprobs": true,
+        "prompt_logprobs_last_n": 2})),
+    )
+    .await
+    .json();
+    let again = decode(retrieve(&app, A, b["request_id"].as_str().unwrap()).await);
+    assert_eq!(again.prompt_cache_hit_tokens, 5);
+    // Refusals, each naming its field.
+    let refused = [
+        (
+            json!({"target_prompt_logprobs": {"data": [1.5], "dtype": "float32", "shape": [7, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": vec![1; 6], "dtype": "int64", "shape": [6, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": [1], "dtype": "int64", "shape": [7, 1u64 << 40],
+            "sparse_crow_indices": [0, 0, 0, 0, 0, 0, 0, 1], "sparse_col_indices": [0]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": [-5, 1, 1, 1, 1, 1, 1], "dtype": "int64", "shape": [7, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": [1, 2], "dtype": "int64", "shape": [7, 2],
+            "sparse_crow_indices": [0, 2, 1, 1, 1, 1, 1, 2], "sparse_col_indices": [0, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": vec![-1; 7], "dtype": "int64", "shape": [7, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (
+            json!({"target_prompt_logprobs": {"data": vec![49152; 7], "dtype": "int64", "shape": [7, 1]}}),
+            "target_prompt_logprobs",
+        ),
+        (json!({"prompt_alt_tokens_k": 65}), "prompt_alt_tokens_k"),
+        (
+            json!({"prompt_logprobs": true, "prompt_logprobs_last_n": 8}),
+            "prompt_logprobs_last_n",
+        ),
+        (
+            json!({"prompt_logprobs": true, "prompt_logprobs_last_n": 0}),
+            "prompt_logprobs_last_n",
+        ),
+    ];
+    for (extra, field) in refused {
+        post(&app, "/api/v1/asample", A, body(extra.clone()))
+            .await
+            .assert_error(400, field);
+    }
+}

@@ -13,6 +13,7 @@ use loraplex::jobs::future::Progress;
 use loraplex::jobs::*;
 use loraplex::lora::optim::{AdamParams, StepReport};
 use loraplex::lora::{LoraConfig, Target};
+use loraplex::sample::prompt::{AltTokens, CellLayout, Csr, TargetLogprobs};
 use loraplex::sample::StopReason;
 use loraplex::store::checkpoint::CheckpointKind;
 use loraplex::store::db::*;
@@ -375,12 +376,32 @@ fn every_output() -> Vec<JobOutput> {
             prompt_logprobs: Some(vec![-1.0, -0.5]),
             prompt_top_logprobs: Some(vec![vec![(3, -0.2)], vec![(4, -0.3), (8, -1.3)]]),
             prompt_logprobs_last_n: Some(1),
+            target_prompt_logprobs: Some(TargetLogprobs {
+                layout: CellLayout {
+                    rows: 2,
+                    cols: 3,
+                    sparse: Some(Csr {
+                        crow: vec![0, 1, 1],
+                        col: vec![2],
+                    }),
+                },
+                logprobs: vec![-0.75],
+            }),
+            prompt_alt_tokens: Some(AltTokens {
+                k: 1,
+                tokens: vec![7, 9],
+                logprobs: vec![-1.5, -0.25],
+            }),
+            prompt_cache_hit_tokens: 1,
         }),
         JobOutput::Sample(SampleOutput {
             sequences: vec![],
             prompt_logprobs: None,
             prompt_top_logprobs: None,
             prompt_logprobs_last_n: None,
+            target_prompt_logprobs: None,
+            prompt_alt_tokens: None,
+            prompt_cache_hit_tokens: 0,
         }),
     ]
 }

@@ -111,6 +111,22 @@ pub mod schema {
         })
     }
 
+    /// The SDK's JSON `TensorData` of token ids (`target_prompt_logprobs`), or null.
+    pub fn token_table_or_null(_: &mut SchemaGenerator) -> Schema {
+        let ints = json!({"type": "array", "items": {"type": "integer", "minimum": 0}});
+        json_schema!({
+            "type": ["object", "null"],
+            "required": ["data", "dtype", "shape"],
+            "properties": {
+                "data": {"type": "array", "items": {"type": "integer", "minimum": -1, "maximum": u32::MAX}},
+                "dtype": {"type": "string", "enum": ["int64"]},
+                "shape": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 0}},
+                "sparse_crow_indices": ints,
+                "sparse_col_indices": ints,
+            },
+        })
+    }
+
     /// Chat conversations: at least one, each a list of messages.
     pub fn conversations(_: &mut SchemaGenerator) -> Schema {
         json_schema!({

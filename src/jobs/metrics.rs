@@ -49,7 +49,8 @@ pub struct TenantMetrics {
     pub failed: u64,
     /// Tokens through forward / forward_backward.
     pub train_tokens: u64,
-    /// Prompt and generated tokens through the sampler.
+    /// Tokens through the sampler's forward passes: prompt tokens prefilled (not those
+    /// served by a shared prefill or the prefix cache) and generated tokens.
     pub sampled_tokens: u64,
 }
 

@@ -19,7 +19,8 @@
 //!
 //! Nothing here grows with the number of requests served: futures expire and are capped
 //! ([`future::FutureStoreConfig`]), long-poll wake-ups exist only while someone waits,
-//! the scheduler keeps one queue per live model, the sampler only what is decoding,
+//! the scheduler keeps one queue per live model, the sampler only what is decoding
+//! and a prefix cache of at most `prefix_cache_bytes`,
 //! per-tenant counters are capped (`max_metric_tenants`), and the registry holds live
 //! models, sampling sessions (removed by whoever made them, or with their Tinker session)
 //! and checkpoints (deleted, or expired by their time to live).
@@ -569,6 +570,8 @@ impl Engine {
                         outstanding: self.inner.sampling_outstanding.clone(),
                         max_decode_batch: self.inner.cfg.max_decode_batch,
                         max_kv_tokens: self.inner.cfg.max_kv_tokens,
+                        prefix_cache_bytes: self.inner.cfg.prefix_cache_bytes,
+                        share_prompt_kv: self.inner.cfg.share_prompt_kv,
                     },
                     rx,
                 )?;

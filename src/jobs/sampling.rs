@@ -11,8 +11,18 @@
 //! Per request: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, stop
 //! token ids and stop strings (a matched stop token is the last token returned; a stop
 //! string ends the sequence at the token that completes it), seed (same seed, same output),
-//! num_samples, max_tokens, prompt logprobs, top-k logprobs of each sampled token, and an
-//! optional [`TokenSampler`] (a tenant's plugin) in place of the built-in choice.
+//! num_samples, max_tokens, top-k logprobs of each sampled token, an optional
+//! [`TokenSampler`] (a tenant's plugin) in place of the built-in choice, and what it asks
+//! of its prompt ([`crate::sample::prompt`]: prompt logprobs, their top-k, target ids'
+//! logprobs, alternative draws).
+//!
+//! Prompt KV is computed once where it can be: a request's first sequence prefills the
+//! prompt and the other `num_samples - 1` start from copies of its KV and its last logits
+//! (each with its own random stream), and a prompt that starts like an earlier one of the
+//! same sampling session takes the shared prefix's KV from the [`PrefixCache`] and prefills
+//! the rest. A prefix is never taken where the request needs the prefix's logits (prompt
+//! logprobs before `prompt_logprobs_last_n`, target rows, alternative draws), and never
+//! across sampling sessions, so never across tenants or weights.
 
 use super::future::{Futures, JobFailure, JobOutput};
 use super::ids::{FutureId, TenantId};
@@ -21,10 +31,15 @@ use super::registry::Session;
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::{BaseModel, InferRow, KvCache};
+use crate::sample::prefix_cache::{common_prefix, Owner, PrefixCache};
+use crate::sample::prompt::{
+    AltTokens, PromptAsk, PromptScores, PromptTargets, TargetLogprobs, MAX_PROMPT_ALT_TOKENS,
+    MAX_PROMPT_CELLS,
+};
 use crate::sample::{choose_with_lse, SamplingParams, StopReason};
 use crate::util::SplitMix64;
 use rayon::prelude::*;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -84,10 +99,15 @@ pub struct SampleRequest {
     /// With `prompt_logprobs`: how many of the most likely tokens to return per prompt
     /// position after the first.
     pub prompt_top_logprobs: usize,
-    /// Tinker's `prompt_logprobs_last_n`: only the last n prompt logprobs are wanted. Not
-    /// applied here; carried into [`SampleOutput`] so the result renders the same whenever
-    /// it is read, a restart included.
+    /// Tinker's `prompt_logprobs_last_n`: only the last n prompt tokens are scored (plain
+    /// and top-k), and the prefix before them may come from the prefix cache. Carried into
+    /// [`SampleOutput`] so the result renders the same whenever it is read.
     pub prompt_logprobs_last_n: Option<usize>,
+    /// Tinker's `target_prompt_logprobs`: token ids to score at prompt positions.
+    pub target_prompt_logprobs: Option<Arc<PromptTargets>>,
+    /// Tinker's `prompt_alt_tokens_k`: draws from the model's distribution (at the
+    /// request's temperature) at every prompt position after the first.
+    pub prompt_alt_tokens_k: usize,
     pub sampler: Option<Arc<dyn TokenSampler>>,
     pub recorder: Option<Arc<dyn SampleRecorder>>,
 }
@@ -147,6 +167,27 @@ impl SampleRequest {
             return Err(Error::invalid(
                 "top_logprobs",
                 format!("at most {MAX_TOP_LOGPROBS}"),
+            ));
+        }
+        let rows = self.prompt.len().saturating_sub(1);
+        if let Some(n) = self.prompt_logprobs_last_n {
+            if n == 0 || n > rows {
+                return Err(Error::invalid(
+                    "prompt_logprobs_last_n",
+                    format!("{n}: must be between 1 and len(prompt) - 1 = {rows}"),
+                ));
+            }
+        }
+        if let Some(t) = &self.target_prompt_logprobs {
+            t.validate(self.prompt.len(), model.config.vocab_size)?;
+        }
+        let k = self.prompt_alt_tokens_k;
+        if k > MAX_PROMPT_ALT_TOKENS || rows.saturating_mul(k) > MAX_PROMPT_CELLS {
+            return Err(Error::invalid(
+                "prompt_alt_tokens_k",
+                format!(
+                    "{k} draws at {rows} positions; at most {MAX_PROMPT_ALT_TOKENS} per position and {MAX_PROMPT_CELLS} in all"
+                ),
             ));
         }
         if self.stop_strings.iter().any(|s| s.is_empty()) {
@@ -211,6 +252,16 @@ pub struct SampleOutput {
     /// The request's `prompt_logprobs_last_n`, for rendering (see [`SampleRequest`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_logprobs_last_n: Option<usize>,
+    /// With `target_prompt_logprobs`: the logprob of each id it named, in its layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_prompt_logprobs: Option<TargetLogprobs>,
+    /// With `prompt_alt_tokens_k`: the draws and their logprobs, `[len(prompt) - 1, k]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_alt_tokens: Option<AltTokens>,
+    /// Prompt tokens whose KV came from the prefix cache: counted once for the request, as
+    /// its samples share one prompt.
+    #[serde(default)]
+    pub prompt_cache_hit_tokens: usize,
 }
 
 pub(crate) struct SampleJob {
@@ -230,15 +281,58 @@ pub(crate) struct SamplerCtx {
     pub max_decode_batch: usize,
     /// KV positions the live sequences may reserve together (see [`SampleRequest::positions`]).
     pub max_kv_tokens: usize,
+    /// Bytes of prompt KV kept between requests ([`PrefixCache`]).
+    pub prefix_cache_bytes: usize,
+    /// A request's sequences start from one prefill of its prompt.
+    pub share_prompt_kv: bool,
+}
+
+/// A request whose prompt another being prefilled shares at least this many more tokens
+/// than the cache holds now waits one step for it: a step costs about as much as
+/// prefilling this many tokens.
+const MIN_DEFER_TOKENS: usize = 32;
+
+/// Mixed into a request's seed for its prompt's alternative draws, so they do not
+/// consume its sequences' random streams.
+const ALT_SEED: u64 = 0xA17_70C3_5EED;
+
+/// A request's prefilled prompt, from which its other sequences start.
+struct Fork {
+    cache: KvCache,
+    /// The last prompt position's logits: each sequence draws its first token from them.
+    logits: Arc<Vec<f32>>,
 }
 
 struct JobAcc {
     job: SampleJob,
     seqs: Vec<Option<SampledSeq>>,
     left: usize,
-    prompt_logprobs: Option<Vec<f32>>,
-    prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
+    /// The request's seed (or the time's), for the prompt's draws.
+    seed: u64,
+    /// What the prompt's logits gave so far: made at the first logits, so requests still
+    /// queued hold no room for answers.
+    scores: Option<PromptScores>,
+    /// Prompt tokens of the first sequence served by the prefix cache.
+    cache_hit: usize,
+    /// Set once the first sequence has prefilled; dropped when the last one has forked.
+    fork: Option<Fork>,
+    /// Sequences still to start from `fork`.
+    forks_left: usize,
     failed: bool,
+}
+
+/// What a request asks of its prompt.
+fn ask_of(req: &SampleRequest, seed: u64) -> PromptAsk<'_> {
+    PromptAsk {
+        prompt: &req.prompt,
+        logprobs: req.prompt_logprobs,
+        top_k: req.prompt_top_logprobs,
+        last_n: req.prompt_logprobs_last_n,
+        targets: req.target_prompt_logprobs.as_deref(),
+        alt_k: req.prompt_alt_tokens_k,
+        temperature: req.params.temperature,
+        seed: seed ^ ALT_SEED,
+    }
 }
 
 struct Live {
@@ -247,11 +341,15 @@ struct Live {
     index: usize,
     req: Arc<SampleRequest>,
     weights: Option<Arc<LoraWeights>>,
+    /// Its sampling session, whose prefix-cache entries it may use.
+    owner: Owner,
     cache: KvCache,
     rng: SplitMix64,
     out: SampledSeq,
     /// The request's sampler plugin state for this sequence, once started.
     plugin: Option<Box<dyn SequenceSampler>>,
+    /// It waited a step once for a shared prompt to reach the prefix cache.
+    deferred: bool,
 }
 
 pub(crate) fn spawn_sampler(
@@ -268,11 +366,18 @@ struct Sampler {
     jobs: HashMap<FutureId, JobAcc>,
     waiting: VecDeque<Live>,
     live: Vec<Live>,
+    cache: PrefixCache,
+    /// KV bytes of one position (all layers, keys and values).
+    kv_bytes_per_token: usize,
 }
 
 impl Sampler {
     fn new(ctx: SamplerCtx) -> Self {
+        let c = &ctx.model.config;
+        let kv_bytes_per_token = 2 * c.num_layers * c.kv_dim() * ctx.model.dtype.size_in_bytes();
         Sampler {
+            cache: PrefixCache::new(ctx.prefix_cache_bytes),
+            kv_bytes_per_token,
             ctx,
             jobs: HashMap::new(),
             waiting: VecDeque::new(),
@@ -291,20 +396,7 @@ impl Sampler {
             while let Ok(j) = rx.try_recv() {
                 self.admit(j);
             }
-            // Admit waiting sequences while the batch has room and their KV reservations fit
-            // (at least one always runs, so no request waits forever).
-            let mut reserved: usize = self.live.iter().map(|l| l.req.seq_positions()).sum();
-            while self.live.len() < self.ctx.max_decode_batch {
-                let Some(i) = self.next_waiting() else { break };
-                let need = self.waiting[i].req.seq_positions();
-                if !self.live.is_empty() && reserved + need > self.ctx.max_kv_tokens {
-                    break;
-                }
-                if let Some(l) = self.waiting.remove(i) {
-                    reserved += need;
-                    self.live.push(l);
-                }
-            }
+            self.join_waiting();
             if self.live.is_empty() {
                 continue;
             }
@@ -327,19 +419,160 @@ impl Sampler {
         }
     }
 
-    /// The next sequence to join the batch: the oldest waiting one of the tenant with the
-    /// fewest live sequences, so one tenant's 100-sample request cannot hold a full batch
-    /// while another tenant's single sample waits behind it.
-    /// Which waiting sequence joins next: the oldest of the tenant with the fewest live.
-    fn next_waiting(&self) -> Option<usize> {
+    /// Admit waiting sequences while the batch has room and their KV reservations fit (at
+    /// least one always runs, so no request waits forever). A request's later sequences
+    /// join once its first has prefilled, starting from copies of that KV.
+    fn join_waiting(&mut self) {
+        let forks: usize = self
+            .jobs
+            .values()
+            .filter(|a| a.fork.is_some())
+            .map(|a| a.job.req.prompt.len())
+            .sum();
+        let mut reserved: usize = self
+            .live
+            .iter()
+            .map(|l| l.req.seq_positions())
+            .sum::<usize>()
+            + forks;
+        let mut skip: HashSet<(FutureId, usize)> = HashSet::new();
+        let mut prefilling: Vec<(Owner, Arc<SampleRequest>)> = Vec::new();
+        while self.live.len() < self.ctx.max_decode_batch {
+            let Some(i) = self.next_waiting(&skip) else {
+                break;
+            };
+            let need = self.waiting[i].req.seq_positions();
+            if !self.live.is_empty() && reserved + need > self.ctx.max_kv_tokens {
+                break;
+            }
+            if self.forks(&self.waiting[i]) {
+                let Some(mut l) = self.waiting.remove(i) else {
+                    break;
+                };
+                match self.fork(&mut l) {
+                    Ok(true) => {
+                        reserved += need;
+                        self.live.push(l);
+                    }
+                    Ok(false) => self.seq_done(l),
+                    Err(e) => {
+                        let f = l.future.clone();
+                        self.fail_job(&f, &e);
+                    }
+                }
+                continue;
+            }
+            if self.should_wait(&self.waiting[i], &prefilling) {
+                let w = &mut self.waiting[i];
+                w.deferred = true;
+                skip.insert((w.future.clone(), w.index));
+                continue;
+            }
+            let Some(mut l) = self.waiting.remove(i) else {
+                break;
+            };
+            if let Err(e) = self.take_cached_prefix(&mut l) {
+                tracing::warn!(error = %e, "prefix cache lookup failed; prefilling the whole prompt");
+                l.cache = KvCache::default();
+            }
+            prefilling.push((l.owner.clone(), l.req.clone()));
+            reserved += need;
+            self.live.push(l);
+        }
+    }
+
+    /// Whether this sequence starts from its request's first sequence's prefill.
+    fn forks(&self, l: &Live) -> bool {
+        self.ctx.share_prompt_kv && l.index > 0
+    }
+
+    /// Prompt tokens this sequence may take from the prefix cache: never the last (its
+    /// logits pick the first token), nor any whose logits the request reads.
+    fn max_cached(&self, l: &Live) -> usize {
+        let n = l.req.prompt.len().saturating_sub(1);
+        let first = (l.index == 0)
+            .then(|| self.jobs.get(&l.future))
+            .flatten()
+            .and_then(|a| ask_of(&a.job.req, a.seed).first_position());
+        first.map_or(n, |p| p.min(n))
+    }
+
+    /// Wait a step when a prompt being prefilled now shares more with this one than the
+    /// cache does: the next step finds it in the cache. Once per sequence.
+    fn should_wait(&self, w: &Live, prefilling: &[(Owner, Arc<SampleRequest>)]) -> bool {
+        if !self.cache.enabled() || w.deferred {
+            return false;
+        }
+        let max = self.max_cached(w);
+        let have = self.cache.peek(&w.owner, &w.req.prompt, max);
+        prefilling.iter().any(|(o, r)| {
+            let bytes = r.prompt.len() * (self.kv_bytes_per_token + 4);
+            o.same(&w.owner)
+                && self.cache.fits(bytes)
+                && common_prefix(&r.prompt, &w.req.prompt).min(max) >= have + MIN_DEFER_TOKENS
+        })
+    }
+
+    /// Start a sequence's prefill from the longest prefix of its prompt the cache holds.
+    fn take_cached_prefix(&mut self, l: &mut Live) -> Result<()> {
+        let max = self.max_cached(l);
+        if !self.cache.enabled() || max == 0 {
+            return Ok(());
+        }
+        if let Some(kv) = self.cache.lookup(&l.owner, &l.req.prompt, max)? {
+            if l.index == 0 {
+                if let Some(acc) = self.jobs.get_mut(&l.future) {
+                    acc.cache_hit = kv.len;
+                }
+            }
+            l.cache = kv;
+        }
+        Ok(())
+    }
+
+    /// Start a sequence from its request's prefilled prompt: a copy of the prompt's KV and
+    /// its first token drawn from the prompt's last logits. False: it is already done.
+    fn fork(&mut self, l: &mut Live) -> Result<bool> {
+        let model = self.ctx.model.clone();
+        let gone = || Error::Unavailable("a sequence's prefilled prompt is missing".into());
+        let acc = self.jobs.get_mut(&l.future).ok_or_else(gone)?;
+        acc.forks_left = acc.forks_left.saturating_sub(1);
+        let (cache, logits) = if acc.forks_left == 0 {
+            let f = acc.fork.take().ok_or_else(gone)?;
+            (f.cache, f.logits)
+        } else {
+            let f = acc.fork.as_ref().ok_or_else(gone)?;
+            (f.cache.clone(), f.logits.clone())
+        };
+        l.cache = cache;
+        if l.req.params.max_tokens == 0 {
+            return Ok(false);
+        }
+        next_token(&model, l, &logits)?;
+        if !l.out.tokens.is_empty() {
+            self.ctx.metrics.sampled_tokens(&l.tenant, 1);
+        }
+        Ok(l.out.stop_reason != StopReason::Stop && l.out.tokens.len() < l.req.params.max_tokens)
+    }
+
+    /// Which waiting sequence joins next: the oldest of the tenant with the fewest live, so
+    /// one tenant's 100-sample request cannot hold a full batch while another tenant's
+    /// single sample waits behind it. Sequences waiting for their request's prefill, or
+    /// in `skip`, are passed over.
+    fn next_waiting(&self, skip: &HashSet<(FutureId, usize)>) -> Option<usize> {
         let mut live: HashMap<&TenantId, usize> = HashMap::new();
         for l in &self.live {
             *live.entry(&l.tenant).or_default() += 1;
         }
         let mut best: Option<(usize, usize)> = None;
-        let mut seen: HashMap<&TenantId, ()> = HashMap::new();
+        let mut seen: HashSet<&TenantId> = HashSet::new();
         for (i, w) in self.waiting.iter().enumerate() {
-            if seen.insert(&w.tenant, ()).is_some() {
+            let ready = if self.forks(w) {
+                self.jobs.get(&w.future).is_some_and(|a| a.fork.is_some())
+            } else {
+                skip.is_empty() || !skip.contains(&(w.future.clone(), w.index))
+            };
+            if !ready || !seen.insert(&w.tenant) {
                 continue;
             }
             let n = live.get(&w.tenant).copied().unwrap_or(0);
@@ -362,6 +595,7 @@ impl Sampler {
         });
         self.ctx.futures.set_running(&job.future);
         self.ctx.metrics.started(&job.tenant);
+        let owner = Owner::of(&job.session);
         for index in 0..n {
             self.waiting.push_back(Live {
                 future: job.future.clone(),
@@ -369,6 +603,7 @@ impl Sampler {
                 index,
                 req: job.req.clone(),
                 weights: job.session.weights.clone(),
+                owner: owner.clone(),
                 cache: KvCache::default(),
                 rng: SplitMix64::new(base_seed.wrapping_add(index as u64)),
                 plugin: None,
@@ -378,6 +613,7 @@ impl Sampler {
                     top_logprobs: Vec::new(),
                     stop_reason: StopReason::Length,
                 },
+                deferred: false,
             });
         }
         self.jobs.insert(
@@ -385,8 +621,15 @@ impl Sampler {
             JobAcc {
                 seqs: vec![None; n],
                 left: n,
-                prompt_logprobs: None,
-                prompt_top_logprobs: None,
+                seed: base_seed,
+                scores: None,
+                cache_hit: 0,
+                fork: None,
+                forks_left: if self.ctx.share_prompt_kv {
+                    n.saturating_sub(1)
+                } else {
+                    0
+                },
                 failed: false,
                 job,
             },
@@ -428,25 +671,38 @@ impl Sampler {
                     })
             })
             .collect();
+        // A prefilling sequence feeds the prompt after its cached prefix; the others their
+        // last token.
+        let prefilled: Vec<bool> = self.live.iter().map(|l| l.out.tokens.is_empty()).collect();
         let inputs: Vec<Vec<u32>> = self
             .live
             .iter()
             .map(|l| match l.out.tokens.last() {
-                Some(&t) if l.cache.len > 0 => vec![t],
-                _ => l.req.prompt.clone(),
+                Some(&t) => vec![t],
+                None => l.req.prompt[l.cache.len.min(l.req.prompt.len())..].to_vec(),
             })
             .collect();
-        let want_plp = self
+        let pos0: Vec<usize> = self.live.iter().map(|l| l.cache.len).collect();
+        // Which rows' prompt logits the request reads, from where (counted from the row's
+        // first new token).
+        let from: Vec<Option<usize>> = self
             .live
             .iter()
-            .any(|l| l.cache.len == 0 && l.index == 0 && l.req.prompt_logprobs);
-        let top_k = self
+            .map(|l| {
+                if !(l.out.tokens.is_empty() && l.index == 0) {
+                    return None;
+                }
+                let a = self.jobs.get(&l.future)?;
+                let p = ask_of(&a.job.req, a.seed).first_position()?;
+                Some(p.saturating_sub(l.cache.len))
+            })
+            .collect();
+        let row_job: Vec<Option<FutureId>> = self
             .live
             .iter()
-            .filter(|l| l.cache.len == 0 && l.index == 0 && l.req.prompt_logprobs)
-            .map(|l| l.req.prompt_top_logprobs)
-            .max()
-            .unwrap_or(0);
+            .zip(&from)
+            .map(|(l, f)| f.map(|_| l.future.clone()))
+            .collect();
         let logits = {
             let refs: Vec<&LoraWeights> = snaps.iter().map(|s| &**s).collect();
             let rows: Vec<InferRow> = inputs
@@ -457,51 +713,64 @@ impl Sampler {
                     adapter: *a,
                 })
                 .collect();
+            let vocab = model.config.vocab_size;
+            let jobs = &mut self.jobs;
+            let mut visit = |row: usize, first: usize, logits: &[f32]| -> Result<()> {
+                let Some(f) = row_job.get(row).and_then(Option::as_ref) else {
+                    return Ok(());
+                };
+                let Some(acc) = jobs.get_mut(f) else {
+                    return Ok(());
+                };
+                let req = acc.job.req.clone();
+                let ask = ask_of(&req, acc.seed);
+                acc.scores
+                    .get_or_insert_with(|| PromptScores::new(&ask))
+                    .visit(&ask, pos0[row] + first, logits, vocab)
+            };
             let mut caches: Vec<&mut KvCache> =
                 self.live.iter_mut().map(|l| &mut l.cache).collect();
-            let (logits, plp, ptop) =
-                model.forward_infer_top(&rows, &mut caches, &refs, want_plp, top_k)?;
-            if let Some(plp) = plp {
-                let mut ptop = ptop.map(|v| v.into_iter());
-                for (l, lp) in self.live.iter().zip(plp) {
-                    let top = ptop.as_mut().and_then(|t| t.next());
-                    if l.index == 0 && l.req.prompt_logprobs && l.out.tokens.is_empty() {
-                        if let Some(acc) = self.jobs.get_mut(&l.future) {
-                            if acc.prompt_logprobs.is_none() {
-                                acc.prompt_logprobs = Some(lp);
-                                if l.req.prompt_top_logprobs > 0 {
-                                    acc.prompt_top_logprobs = top.map(|t| {
-                                        t.into_iter()
-                                            .map(|mut p| {
-                                                p.truncate(l.req.prompt_top_logprobs);
-                                                p
-                                            })
-                                            .collect()
-                                    });
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            let logits =
+                model.forward_infer_scored(&rows, &mut caches, &refs, &from, &mut visit)?;
             logits.to_vec2::<f32>()?
         };
         // Every sequence's choice at once: each reads only its own logits row and state.
-        let prefilled: Vec<bool> = self.live.iter().map(|l| l.out.tokens.is_empty()).collect();
         let chosen: Vec<Option<Result<()>>> = self
             .live
             .par_iter_mut()
             .zip(logits.par_iter())
             .map(|(l, row)| (l.req.params.max_tokens > 0).then(|| next_token(&model, l, row)))
             .collect();
+        // A prefilled prompt: the request's other sequences start from it, and later
+        // requests of its sampling session may start from its prefix.
+        for (i, l) in self.live.iter().enumerate() {
+            if !prefilled[i] || l.cache.len != l.req.prompt.len() {
+                continue;
+            }
+            if self.ctx.share_prompt_kv && l.index == 0 && l.req.num_samples > 1 {
+                if let Some(acc) = self.jobs.get_mut(&l.future) {
+                    acc.fork = Some(Fork {
+                        cache: l.cache.clone(),
+                        logits: Arc::new(logits[i].clone()),
+                    });
+                }
+            }
+            if self.cache.enabled() {
+                let kv = &l.cache;
+                if let Err(e) = self
+                    .cache
+                    .insert_with(&l.owner, &l.req.prompt, kv.bytes(), || Ok(kv.clone()))
+                {
+                    tracing::warn!(error = %e, "prompt KV not cached");
+                }
+            }
+        }
         let mut failed: Vec<(FutureId, Error)> = Vec::new();
         let mut done: Vec<usize> = Vec::new();
         for (i, (l, chosen)) in self.live.iter().zip(chosen).enumerate() {
             let tenant = self.jobs.get(&l.future).map(|a| &a.job.tenant);
             if let (true, Some(t)) = (prefilled[i], tenant) {
-                self.ctx
-                    .metrics
-                    .sampled_tokens(t, l.req.prompt.len() as u64);
+                self.ctx.metrics.sampled_tokens(t, inputs[i].len() as u64);
             }
             match chosen {
                 None => {
@@ -514,7 +783,7 @@ impl Sampler {
                 }
                 Some(Ok(())) => {}
             }
-            if let Some(t) = tenant {
+            if let (Some(t), false) = (tenant, l.out.tokens.is_empty()) {
                 self.ctx.metrics.sampled_tokens(t, 1);
             }
             if l.out.stop_reason == StopReason::Stop
@@ -534,7 +803,21 @@ impl Sampler {
         Ok(())
     }
 
-    fn seq_done(&mut self, l: Live) {
+    fn seq_done(&mut self, mut l: Live) {
+        // A single sequence's whole KV (prompt and what it generated) may start the next
+        // turn of its conversation.
+        if self.cache.enabled() && l.req.num_samples == 1 && self.jobs.contains_key(&l.future) {
+            let mut kv = std::mem::take(&mut l.cache);
+            kv.shrink_to_fit();
+            let mut tokens = Vec::with_capacity(kv.len);
+            tokens.extend(l.req.prompt.iter().chain(&l.out.tokens).take(kv.len));
+            if let Err(e) = self
+                .cache
+                .insert_with(&l.owner, &tokens, kv.bytes(), || Ok(kv))
+            {
+                tracing::warn!(error = %e, "sequence KV not cached");
+            }
+        }
         let Some(acc) = self.jobs.get_mut(&l.future) else {
             return;
         };
@@ -548,12 +831,24 @@ impl Sampler {
         let Some(acc) = self.jobs.remove(&l.future) else {
             return;
         };
-        tracing::info!(parent: &acc.job.span, "sample done");
+        tracing::info!(parent: &acc.job.span, cache_hit = acc.cache_hit, "sample done");
+        let PromptScores {
+            logprobs,
+            top,
+            targets,
+            alt,
+        } = match acc.scores {
+            Some(s) => s,
+            None => PromptScores::new(&ask_of(&acc.job.req, acc.seed)),
+        };
         let out = SampleOutput {
             sequences: acc.seqs.into_iter().flatten().collect(),
-            prompt_logprobs: acc.prompt_logprobs,
-            prompt_top_logprobs: acc.prompt_top_logprobs,
+            prompt_logprobs: logprobs,
+            prompt_top_logprobs: top,
             prompt_logprobs_last_n: acc.job.req.prompt_logprobs_last_n,
+            target_prompt_logprobs: targets,
+            prompt_alt_tokens: alt,
+            prompt_cache_hit_tokens: acc.cache_hit,
         };
         if let Some(r) = &acc.job.req.recorder {
             r.record(&acc.job.future, &acc.job.req.prompt, &out);

@@ -34,6 +34,65 @@ pub struct KvCache {
     pub len: usize,
 }
 
+impl KvCache {
+    /// Bytes its keys and values hold (host buffers: their capacity).
+    pub fn bytes(&self) -> usize {
+        let host: usize = self
+            .hk
+            .iter()
+            .chain(&self.hv)
+            .map(Vec::capacity)
+            .sum::<usize>()
+            * 4;
+        let dev: usize = self
+            .k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        host + dev
+    }
+
+    /// Give back the room its host buffers grew beyond their length.
+    pub fn shrink_to_fit(&mut self) {
+        self.hk
+            .iter_mut()
+            .chain(&mut self.hv)
+            .for_each(Vec::shrink_to_fit);
+    }
+
+    /// A copy of its first `len` positions: the KV of a prefix of the same tokens, which
+    /// the same model and adapter would compute identically.
+    pub fn prefix(&self, len: usize) -> Result<KvCache> {
+        if len > self.len {
+            return Err(Error::invalid(
+                "len",
+                format!(
+                    "a prefix of {len} positions of a cache holding {}",
+                    self.len
+                ),
+            ));
+        }
+        let cut = |v: &Vec<f32>| -> Vec<f32> {
+            let per = v.len() / self.len.max(1);
+            v[..len * per].to_vec()
+        };
+        let narrow = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, 0, len)?.contiguous()?) };
+        Ok(KvCache {
+            k: self.k.iter().map(narrow).collect::<Result<_>>()?,
+            v: self.v.iter().map(narrow).collect::<Result<_>>()?,
+            hk: self.hk.iter().map(cut).collect(),
+            hv: self.hv.iter().map(cut).collect(),
+            len,
+        })
+    }
+}
+
+/// Hands an inference step's logits over, chunk by chunk: `(row, first, logits)` where
+/// `row` is the input row, `first` the index among its new tokens of the chunk's first
+/// position and `logits` the chunk's rows, `[n, vocab]` row-major (f32).
+pub type LogitsVisitor<'a> = &'a mut (dyn FnMut(usize, usize, &[f32]) -> Result<()> + Send);
+
 /// A training row: `targets` holds `k` candidate ids per position (`k = 1` for ordinary
 /// next-token targets), row-major `[len, k]`.
 #[derive(Debug, Clone, Copy)]
@@ -1036,10 +1095,36 @@ impl BaseModel {
             // worker whose sibling is still spinning, instead of waking the pool and
             // parking the caller a hundred times a step.
             return rayon::scope(|_| {
-                self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k)
+                self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k, None)
             });
         }
-        self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k)
+        self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k, None)
+    }
+
+    /// Prefill or decode like [`Self::forward_infer`], handing `visit` the logits of row
+    /// `i`'s new tokens from index `from[i]` up to (not including) its last one, whose
+    /// logits are the step's output. Only those positions go through the LM head, so a
+    /// request scoring a suffix of a long prompt pays for the suffix alone. Returns the last
+    /// position's logits per row `[rows, vocab]` (f32, input order).
+    pub fn forward_infer_scored(
+        &self,
+        rows: &[InferRow],
+        caches: &mut [&mut KvCache],
+        adapters: &Adapters,
+        from: &[Option<usize>],
+        visit: LogitsVisitor,
+    ) -> Result<Tensor> {
+        if from.len() != rows.len() {
+            return Err(Error::invalid("from", "one entry per row"));
+        }
+        let score = Some((from, visit));
+        if self.host_kernels() {
+            // On a pool thread, as in `forward_infer_top`.
+            return rayon::scope(|_| {
+                Ok(self.infer_step(rows, caches, adapters, false, 0, score)?.0)
+            });
+        }
+        Ok(self.infer_step(rows, caches, adapters, false, 0, score)?.0)
     }
 
     fn infer_step(
@@ -1049,6 +1134,7 @@ impl BaseModel {
         adapters: &Adapters,
         prompt_logprobs: bool,
         prompt_top_k: usize,
+        mut score: Option<(&[Option<usize>], LogitsVisitor)>,
     ) -> Result<InferOut> {
         if rows.len() != caches.len() || rows.is_empty() {
             return Err(Error::invalid(
@@ -1139,6 +1225,19 @@ impl BaseModel {
                     off += len;
                 }
                 plp[i] = out;
+            }
+            if let Some((from, visit)) = score.as_mut() {
+                let mut off = from[i].unwrap_or(pr.len);
+                while off + 1 < pr.len {
+                    let len = LM_CHUNK.min(pr.len - 1 - off);
+                    let (logits, _) = self.lm_logits(&xf.narrow(0, pr.start + off, len)?, lora)?;
+                    let v = logits
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    visit(i, off, &v)?;
+                    off += len;
+                }
             }
         }
         let last: Vec<Tensor> = last.into_iter().flatten().collect();

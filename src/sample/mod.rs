@@ -1,6 +1,11 @@
 //! Decoding: sampling parameters, choosing a token from a logits row, and a batched
 //! generation loop over many sequences and adapters (prefill together, then one decode
-//! step for every live sequence at a time, sharing the base-weight matmuls).
+//! step for every live sequence at a time, sharing the base-weight matmuls). What a request
+//! asks of its prompt's logits lives in [`prompt`]; prompt KV kept between requests in
+//! [`prefix_cache`].
+
+pub mod prefix_cache;
+pub mod prompt;
 
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;

@@ -142,6 +142,86 @@ def stable_reinforce_and_gspo(tc):
               f"unknown sequence_id refused as a user error: {str(e)[:90]}...")
 
 
+def prompt_extras(scl):
+    """Top-k prompt logprobs, prompt_logprobs_last_n, target_prompt_logprobs (dense and
+    sparse), prompt_alt_tokens_k and prefix-cache hits, read through the SDK's own types."""
+    P = SEQ[:12]
+    rows = len(P) - 1
+    pin = types.ModelInput.from_ints(P)
+    one = types.SamplingParams(max_tokens=1, temperature=0.0, stop=[])
+    full = scl.sample(prompt=pin, num_samples=1, sampling_params=one,
+                      include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    plp, tk = full.prompt_logprobs, full.topk_prompt_logprobs
+    check(tk is not None and tk[0] is None and all(r is not None and len(r) == 3 for r in tk[1:]),
+          "topk_prompt_logprobs[0] is None (the SDK's -99999 sentinel), other rows hold 3")
+    check(all(tk[i][0][1] >= plp[i] - 1e-5 for i in range(1, len(P)))
+          and all(abs(dict(tk[i]).get(P[i], plp[i]) - plp[i]) < 1e-4 for i in range(1, len(P))),
+          "top-k prompt logprobs agree with the prompt logprobs")
+
+    last = scl.sample(prompt=pin, num_samples=1, sampling_params=one, include_prompt_logprobs=True,
+                      topk_prompt_logprobs=3, prompt_logprobs_last_n=4).result()
+    check(all(x is None for x in last.prompt_logprobs[:-4])
+          and max(abs(a - b) for a, b in zip(last.prompt_logprobs[-4:], plp[-4:])) < 1e-3,
+          "prompt_logprobs_last_n=4: only the last 4 are scored, as in the full request")
+    check(all(r is None for r in last.topk_prompt_logprobs[:-4])
+          and all(r is not None and len(r) == 3 for r in last.topk_prompt_logprobs[-4:]),
+          "prompt_logprobs_last_n masks the top-k rows too")
+    lps = scl.compute_logprobs(pin, prompt_logprobs_last_n=2).result()
+    check(all(x is None for x in lps[:-2]) and max(abs(a - b) for a, b in zip(lps[-2:], plp[-2:])) < 1e-3,
+          "compute_logprobs(prompt_logprobs_last_n=2)")
+
+    # Dense targets: the actual next token in column 0, and one more id on the last row.
+    ids = np.full((rows, 2), -1, dtype=np.int64)
+    ids[:, 0] = P[1:]
+    ids[-1, 1] = 7
+    r = scl.sample(prompt=pin, num_samples=1, sampling_params=one,
+                   target_prompt_logprobs=types.TensorData.from_numpy(ids)).result()
+    tl = np.asarray(r.target_prompt_logprobs.to_numpy()).reshape(rows, 2)
+    check(max(abs(tl[i, 0] - plp[i + 1]) for i in range(rows)) < 1e-3,
+          "target_prompt_logprobs of the actual tokens equal the prompt logprobs")
+    check(all(tl[:-1, 1] == 0.0) and tl[-1, 1] < 0.0, "cells of -1 come back 0.0")
+
+    # Sparse, as the cookbook's decisions send it: K labels on the last row only.
+    labels = [7, 8, 9, P[-1]]
+    K = len(labels)
+    crow = [0] * rows + [K]
+    sparse = types.TensorData(data=labels, dtype="int64", shape=[rows, K],
+                              sparse_crow_indices=crow, sparse_col_indices=list(range(K)))
+    r = scl.sample(prompt=pin, num_samples=1, sampling_params=one, target_prompt_logprobs=sparse).result()
+    t = r.target_prompt_logprobs
+    vals = np.asarray(t.data, dtype=np.float64)
+    check(list(t.shape) == [rows, K] and list(t.sparse_crow_indices) == crow
+          and list(t.sparse_col_indices) == list(range(K)) and len(vals) == K,
+          "sparse target_prompt_logprobs come back in the same layout")
+    check(abs(vals[3] - plp[-1]) < 1e-3 and all(v < 0 for v in vals),
+          f"sparse target logprobs: {np.round(vals, 3).tolist()}")
+
+    # Alternative draws at temperature 0 are the most likely token, with its logprob.
+    r = scl.sample(prompt=pin, num_samples=1, sampling_params=one, include_prompt_logprobs=True,
+                   topk_prompt_logprobs=1, prompt_alt_tokens_k=4).result()
+    at = np.asarray(r.prompt_alt_tokens.tokens.to_numpy()).reshape(rows, 4)
+    al = np.asarray(r.prompt_alt_tokens.logprobs.to_numpy()).reshape(rows, 4)
+    check(all(at[i, j] == r.topk_prompt_logprobs[i + 1][0][0] and abs(al[i, j] - r.topk_prompt_logprobs[i + 1][0][1]) < 1e-5
+              for i in range(rows) for j in range(4)),
+          "prompt_alt_tokens_k=4 at temperature 0: the most likely token and its logprob")
+    hot = types.SamplingParams(max_tokens=1, temperature=1.0, seed=3, stop=[])
+    r = scl.sample(prompt=pin, num_samples=1, sampling_params=hot, prompt_alt_tokens_k=8).result()
+    al = np.asarray(r.prompt_alt_tokens.logprobs.to_numpy())
+    check(al.shape[-1] == 8 or al.size == rows * 8, "prompt_alt_tokens_k=8 at temperature 1")
+    check(bool(np.all(al <= 0.0)) and bool(np.all(np.isfinite(al))), "draws carry finite logprobs")
+
+    # A group of 4 on a 60-token prompt, twice: the second takes all but its last token
+    # from the prefix cache and samples the same.
+    long = types.ModelInput.from_ints((SEQ * 4)[:60])
+    g = types.SamplingParams(max_tokens=5, temperature=0.0, stop=[])
+    a = scl.sample(prompt=long, num_samples=4, sampling_params=g).result()
+    b = scl.sample(prompt=long, num_samples=4, sampling_params=g).result()
+    check(b.prompt_cache_hit_tokens == 59, f"prompt_cache_hit_tokens {a.prompt_cache_hit_tokens} then {b.prompt_cache_hit_tokens}")
+    check([s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+          and max(abs(x - y) for s, q in zip(a.sequences, b.sequences) for x, y in zip(s.logprobs, q.logprobs)) < 1e-4,
+          "cached and uncached samples agree")
+
+
 def main():
     sc = tinker.ServiceClient(base_url=URL, api_key="tml-loraplex-sdk-test")
     tc = resolve(sc.create_lora_training_client(base_model=MODEL, rank=8, seed=0))
@@ -234,6 +314,8 @@ def main():
     diff = max(abs(x - y) for x, y in zip(lps[1:], fwd_now))
     check(lps[0] is None and len(lps) == len(SEQ) and diff < 1e-3,
           f"compute_logprobs matches forward logprobs (max diff {diff:.2e})")
+
+    prompt_extras(scl)
 
     # Ephemeral sampler straight from the training client.
     scl2 = resolve(tc.save_weights_and_get_sampling_client())

@@ -12,6 +12,7 @@ use crate::api::proto;
 use crate::api::Shared;
 use crate::error::Category;
 use crate::jobs::{FutureId, JobOutput, JobState, SampleOutput, TenantId};
+use crate::sample::prompt::{AltTokens, CellLayout};
 use crate::sample::StopReason;
 use crate::train::WorkResult;
 use axum::extract::State;
@@ -169,6 +170,12 @@ pub fn fb_output(r: &WorkResult) -> proto::ForwardBackwardOutput {
     }
 }
 
+/// What the SDK reads as an empty top-k slot (`tinker.types.topk_logprobs.MASK_LOGPROB`):
+/// token 0 with this logprob. A row of nothing but empty slots reads as `None`.
+pub const TOPK_MASK_LOGPROB: f32 = -99999.0;
+
+/// Rows of (token, logprob), `k` wide: short rows (a position not scored, or a vocabulary
+/// narrower than `k`) are padded with the SDK's empty slot.
 fn topk(rows: &[Vec<(u32, f32)>]) -> Option<proto::TopkLogprobs> {
     let k = rows.iter().map(Vec::len).max()?;
     if k == 0 {
@@ -178,7 +185,7 @@ fn topk(rows: &[Vec<(u32, f32)>]) -> Option<proto::TopkLogprobs> {
     let mut lps = Vec::with_capacity(rows.len() * k);
     for r in rows {
         for j in 0..k {
-            let (t, lp) = r.get(j).copied().unwrap_or((0, f32::NEG_INFINITY));
+            let (t, lp) = r.get(j).copied().unwrap_or((0, TOPK_MASK_LOGPROB));
             ids.push(t as i32);
             lps.push(lp);
         }
@@ -191,8 +198,48 @@ fn topk(rows: &[Vec<(u32, f32)>]) -> Option<proto::TopkLogprobs> {
     })
 }
 
-/// The SDK's `SampleResponse`. Prompt logprobs get a NaN for position 0 (nothing predicts
-/// it) and for positions before the last `last_n`.
+/// A float32 table in a request's cell layout: dense, or sparse with its CSR indices.
+fn layout_tensor(layout: &CellLayout, values: &[f32]) -> proto::Tensor {
+    let shape = vec![layout.rows as i64, layout.cols as i64];
+    let encoding = match &layout.sparse {
+        None => proto::tensor::Encoding::Dense(proto::write_f32(values.iter().copied())),
+        Some(c) => proto::tensor::Encoding::SparseCsr(proto::SparseCsr {
+            values: proto::write_f32(values.iter().copied()),
+            crow_indices: proto::write_i64(c.crow.iter().map(|&x| x as i64)),
+            col_indices: proto::write_i64(c.col.iter().map(|&x| x as i64)),
+        }),
+    };
+    proto::Tensor {
+        encoding: Some(encoding),
+        dtype: proto::DType::Float32 as i32,
+        shape,
+    }
+}
+
+fn alt_tokens(a: &AltTokens) -> proto::PromptAltTokens {
+    let rows = if a.k == 0 { 0 } else { a.tokens.len() / a.k };
+    let shape = vec![rows as i64, a.k as i64];
+    proto::PromptAltTokens {
+        tokens: Some(proto::Tensor {
+            encoding: Some(proto::tensor::Encoding::Dense(proto::write_i64(
+                a.tokens.iter().map(|&t| t as i64),
+            ))),
+            dtype: proto::DType::Int64 as i32,
+            shape: shape.clone(),
+        }),
+        logprobs: Some(proto::Tensor {
+            encoding: Some(proto::tensor::Encoding::Dense(proto::write_f32(
+                a.logprobs.iter().copied(),
+            ))),
+            dtype: proto::DType::Float32 as i32,
+            shape,
+        }),
+    }
+}
+
+/// The SDK's `SampleResponse`. Prompt logprobs get a NaN (the SDK's `None`) for position 0
+/// (nothing predicts it) and for positions before the last `last_n`; top-k prompt rows are
+/// empty slots there.
 pub fn sample_response(o: &SampleOutput, last_n: Option<usize>) -> proto::SampleResponse {
     let sequences = o
         .sequences
@@ -207,26 +254,131 @@ pub fn sample_response(o: &SampleOutput, last_n: Option<usize>) -> proto::Sample
             topk_sampled_logprobs: topk(&q.top_logprobs),
         })
         .collect();
+    // Entries of the prompt (position 0 included) before this one are not scored.
+    let keep_from = |len: usize| last_n.map_or(1, |n| len.saturating_sub(n).max(1));
     let prompt_logprobs = o.prompt_logprobs.as_ref().map(|lp| {
         let mut v = Vec::with_capacity(lp.len() + 1);
         v.push(f32::NAN);
         v.extend_from_slice(lp);
-        if let Some(n) = last_n {
-            let keep_from = v.len().saturating_sub(n);
-            v[..keep_from].iter_mut().for_each(|x| *x = f32::NAN);
-        }
+        let from = keep_from(v.len());
+        v[..from].iter_mut().for_each(|x| *x = f32::NAN);
         proto::write_f32(v)
     });
     let topk_prompt = o.prompt_top_logprobs.as_ref().and_then(|rows| {
         let mut all = Vec::with_capacity(rows.len() + 1);
         all.push(Vec::new());
         all.extend(rows.iter().cloned());
+        let from = keep_from(all.len());
+        all[..from].iter_mut().for_each(Vec::clear);
         topk(&all)
     });
     proto::SampleResponse {
         sequences,
         prompt_logprobs,
         topk_prompt_logprobs: topk_prompt,
-        prompt_cache_hit_tokens: 0,
+        prompt_cache_hit_tokens: i32::try_from(o.prompt_cache_hit_tokens).unwrap_or(i32::MAX),
+        target_prompt_logprobs: o
+            .target_prompt_logprobs
+            .as_ref()
+            .map(|t| layout_tensor(&t.layout, &t.logprobs)),
+        prompt_alt_tokens: o.prompt_alt_tokens.as_ref().map(alt_tokens),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::SampledSeq;
+
+    fn out(top: Vec<Vec<(u32, f32)>>, last_n: Option<usize>) -> SampleOutput {
+        SampleOutput {
+            sequences: vec![SampledSeq {
+                tokens: vec![5],
+                logprobs: vec![-0.5],
+                top_logprobs: vec![vec![(5, -0.5), (6, -1.5)]],
+                stop_reason: StopReason::Length,
+            }],
+            prompt_logprobs: Some(vec![-1.0; top.len()]),
+            prompt_top_logprobs: Some(top),
+            prompt_logprobs_last_n: last_n,
+            target_prompt_logprobs: None,
+            prompt_alt_tokens: None,
+            prompt_cache_hit_tokens: 0,
+        }
+    }
+
+    fn rows(t: &proto::TopkLogprobs) -> Vec<Vec<(i32, f32)>> {
+        let ids = proto::read_i32("t", &t.token_ids).unwrap();
+        let lps = proto::read_f32("t", &t.logprobs).unwrap();
+        let k = t.k as usize;
+        (0..t.length as usize)
+            .map(|r| (0..k).map(|j| (ids[r * k + j], lps[r * k + j])).collect())
+            .collect()
+    }
+
+    #[test]
+    fn empty_top_k_slots_carry_the_sdks_mask_and_last_n_masks_rows() {
+        let top = vec![vec![(1, -0.1), (2, -2.0)]; 4];
+        let r = sample_response(&out(top.clone(), None), None);
+        let t = rows(r.topk_prompt_logprobs.as_ref().unwrap());
+        assert_eq!(t.len(), 5);
+        assert_eq!(
+            t[0],
+            vec![(0, TOPK_MASK_LOGPROB); 2],
+            "position 0 is all mask"
+        );
+        assert_eq!(t[1], vec![(1, -0.1), (2, -2.0)]);
+        let r = sample_response(&out(top, Some(2)), Some(2));
+        let t = rows(r.topk_prompt_logprobs.as_ref().unwrap());
+        for (i, row) in t.iter().enumerate() {
+            let masked = row.iter().all(|&s| s == (0, TOPK_MASK_LOGPROB));
+            assert_eq!(masked, i < 3, "row {i}: {row:?}");
+        }
+        let plp = proto::read_f32("p", r.prompt_logprobs.as_ref().unwrap()).unwrap();
+        assert!(plp[..3].iter().all(|x| x.is_nan()) && plp[3..].iter().all(|x| *x == -1.0));
+    }
+
+    #[test]
+    fn targets_keep_their_layout_and_alt_tokens_their_shape() {
+        use crate::sample::prompt::{Csr, TargetLogprobs};
+        let mut o = out(vec![], None);
+        o.target_prompt_logprobs = Some(TargetLogprobs {
+            layout: CellLayout {
+                rows: 3,
+                cols: 2,
+                sparse: Some(Csr {
+                    crow: vec![0, 0, 1, 1],
+                    col: vec![1],
+                }),
+            },
+            logprobs: vec![-0.25],
+        });
+        o.prompt_alt_tokens = Some(AltTokens {
+            k: 2,
+            tokens: vec![1, 2, 3, 4, 5, 6],
+            logprobs: vec![-1.0; 6],
+        });
+        o.prompt_cache_hit_tokens = 7;
+        let r = sample_response(&o, None);
+        assert_eq!(r.prompt_cache_hit_tokens, 7);
+        let t = r.target_prompt_logprobs.unwrap();
+        assert_eq!(
+            (t.shape, t.dtype),
+            (vec![3, 2], proto::DType::Float32 as i32)
+        );
+        let Some(proto::tensor::Encoding::SparseCsr(c)) = t.encoding else {
+            panic!("sparse in, sparse out")
+        };
+        assert_eq!(
+            proto::read_i64("c", &c.crow_indices).unwrap(),
+            vec![0, 0, 1, 1]
+        );
+        assert_eq!(proto::read_f32("v", &c.values).unwrap(), vec![-0.25]);
+        let a = r.prompt_alt_tokens.unwrap();
+        let toks = a.tokens.unwrap();
+        assert_eq!(
+            (toks.shape, toks.dtype),
+            (vec![3, 2], proto::DType::Int64 as i32)
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::api::extract::{Json, Path, Tenant};
 use crate::api::Shared;
 use crate::jobs::{FutureId, SampleOutput, SampleRecorder, SampleRequest, SessionId, TenantId};
 use crate::model::BaseModel;
+use crate::sample::prompt::{CellLayout, Csr, PromptTargets};
 use crate::sample::SamplingParams;
 use axum::extract::State;
 use schemars::JsonSchema;
@@ -264,13 +265,15 @@ pub struct Asample {
     topk_prompt_logprobs: Option<usize>,
     #[serde(default)]
     topk_sample_logprobs: Option<usize>,
-    /// Not supported: only 0 is accepted.
+    /// Draws from the model's distribution (at the request's temperature) at every prompt
+    /// position after the first; at most 64, and at most 2^20 cells in all.
     #[serde(default)]
-    #[schemars(range(max = 0))]
+    #[schemars(range(max = 64))]
     prompt_alt_tokens_k: Option<usize>,
-    /// Not supported: only null is accepted.
+    /// Token ids whose logprobs to return, int64 `[len(prompt) - 1, K]` (`-1`: none),
+    /// dense or sparse CSR; the answer has the same shape and layout.
     #[serde(default)]
-    #[schemars(with = "Option<()>")]
+    #[schemars(schema_with = "crate::api::openapi::schema::token_table_or_null")]
     target_prompt_logprobs: Option<Value>,
     #[serde(default)]
     prompt_logprobs_last_n: Option<usize>,
@@ -292,20 +295,6 @@ pub async fn asample(
 ) -> ApiResult<axum::Json<Value>> {
     let n = req.num_samples.unwrap_or(1);
     let seq_id = req.seq_id;
-    if req.prompt_alt_tokens_k.unwrap_or(0) > 0 {
-        return Err(ApiError::Engine(crate::Error::Unsupported(
-            "prompt_alt_tokens_k > 0".into(),
-        )));
-    }
-    if req
-        .target_prompt_logprobs
-        .as_ref()
-        .is_some_and(|v| !v.is_null())
-    {
-        return Err(ApiError::Engine(crate::Error::Unsupported(
-            "target_prompt_logprobs".into(),
-        )));
-    }
     match req.sampling_session_id.clone() {
         Some(id) => {
             let session = SessionId(id.clone());
@@ -455,9 +444,87 @@ async fn submit_sample(
         top_logprobs: req.topk_sample_logprobs.unwrap_or(0),
         prompt_top_logprobs: req.topk_prompt_logprobs.unwrap_or(0),
         prompt_logprobs_last_n: req.prompt_logprobs_last_n,
+        target_prompt_logprobs: match &req.target_prompt_logprobs {
+            Some(v) if !v.is_null() => Some(Arc::new(prompt_targets(v)?)),
+            _ => None,
+        },
+        prompt_alt_tokens_k: req.prompt_alt_tokens_k.unwrap_or(0),
         sampler: None,
         recorder,
     };
     s.metrics.submitted(crate::jobs::JobKind::Sample);
     Ok(s.engine.sample(tenant, session, sr).await?)
+}
+
+/// `target_prompt_logprobs` as the SDK sends it (JSON `TensorData`): int64 token ids
+/// `[rows, cols]`, dense or sparse CSR, `-1` naming nothing. The shape is bounded before
+/// anything is built from it; the engine checks it against the prompt and vocabulary.
+fn prompt_targets(v: &Value) -> ApiResult<PromptTargets> {
+    const F: &str = "target_prompt_logprobs";
+    let bad = |m: String| ApiError::invalid(F, m);
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("expected a TensorData object".into()))?;
+    match obj.get("dtype").and_then(Value::as_str) {
+        Some("int64") => {}
+        other => return Err(bad(format!("dtype {other:?}: token ids are int64"))),
+    }
+    let shape: Option<Vec<usize>> = obj.get("shape").and_then(Value::as_array).and_then(|a| {
+        a.iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect()
+    });
+    let (rows, cols) = match shape.as_deref() {
+        Some(&[r, c]) => (r, c),
+        _ => return Err(bad("needs a 2-D shape [len(prompt) - 1, K]".into())),
+    };
+    let indices = |key: &str| -> ApiResult<Option<Vec<usize>>> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()))
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| bad(format!("{key} holds a value that is not an index"))),
+            Some(_) => Err(bad(format!("{key} must be a list"))),
+        }
+    };
+    let sparse = match (
+        indices("sparse_crow_indices")?,
+        indices("sparse_col_indices")?,
+    ) {
+        (None, None) => None,
+        (Some(crow), Some(col)) => Some(Csr { crow, col }),
+        _ => {
+            return Err(bad(
+                "sparse_crow_indices and sparse_col_indices go together".into(),
+            ))
+        }
+    };
+    let layout = CellLayout { rows, cols, sparse };
+    layout.validate(F)?;
+    let data = obj
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("needs a data list".into()))?;
+    if data.len() != layout.cells() {
+        return Err(bad(format!(
+            "{} values for {} cells",
+            data.len(),
+            layout.cells()
+        )));
+    }
+    let ids = data
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match x.as_i64() {
+            Some(-1) => Ok(None),
+            Some(t) => u32::try_from(t)
+                .map(Some)
+                .map_err(|_| bad(format!("value {t} at {i} is neither a token id nor -1"))),
+            None => Err(bad(format!("value {x} at {i} is not an integer"))),
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(PromptTargets { layout, ids })
 }
