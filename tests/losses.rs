@@ -618,3 +618,34 @@ fn stable_reinforce_refuses_what_it_cannot_train() {
     );
     assert_eq!(BuiltinLoss::parse("gspo").unwrap(), BuiltinLoss::Gspo);
 }
+
+#[test]
+fn an_inverted_per_token_clip_range_is_refused_not_a_panic() {
+    let lp = [-1.0f32, -1.0];
+    for loss in [BuiltinLoss::Ppo, BuiltinLoss::Cispo, BuiltinLoss::Gspo] {
+        let mut inp = gspo_inputs(&[-1.0, -1.0], &[1.0, 1.0], &[1.0, 1.0]);
+        inp.insert(
+            "clip_low_threshold".into(),
+            TensorIn::f32(vec![2], vec![0.9, 1.5]),
+        );
+        inp.insert(
+            "clip_high_threshold".into(),
+            TensorIn::f32(vec![2], vec![1.1, 1.2]),
+        );
+        let d = [LossDatum {
+            logprobs: &lp,
+            len: 2,
+            k: 1,
+            inputs: &inp,
+        }];
+        let e = loss
+            .compute(&d, &LossConfig::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("clip_low_threshold") && e.contains("position 1"),
+            "{}: {e}",
+            loss.name()
+        );
+    }
+}

@@ -417,6 +417,26 @@ fn cross_entropy(d: &LossDatum, i: usize, g: &mut [f32], el: &mut [f32]) -> Resu
     Ok(t)
 }
 
+/// Position `j`'s clip range: the per-token inputs where given, else the config's. An
+/// inverted range is the client's error (and would make `clamp` panic).
+fn bounds(
+    p: &Params,
+    lo_t: Option<&[f32]>,
+    hi_t: Option<&[f32]>,
+    i: usize,
+    j: usize,
+) -> Result<(f64, f64)> {
+    let lo = lo_t.map_or(p.lo, |v| v[j] as f64);
+    let hi = hi_t.map_or(p.hi, |v| v[j] as f64);
+    if lo > hi {
+        return Err(Error::invalid(
+            format!("data[{i}].loss_fn_inputs.clip_low_threshold"),
+            format!("position {j}: clip_low_threshold {lo} > clip_high_threshold {hi}"),
+        ));
+    }
+    Ok((lo, hi))
+}
+
 /// The per-token RL losses: each token's loss depends on that token alone.
 fn per_token(
     loss: BuiltinLoss,
@@ -433,10 +453,7 @@ fn per_token(
     let mut t = Tally::default();
     for j in 0..d.logprobs.len() {
         let (lp, q, a) = (d.logprobs[j] as f64, q[j] as f64, a[j] as f64);
-        let (lo, hi) = (
-            lo_t.map_or(p.lo, |v| v[j] as f64),
-            hi_t.map_or(p.hi, |v| v[j] as f64),
-        );
+        let (lo, hi) = bounds(p, lo_t, hi_t, i, j)?;
         let r = (lp - q).exp();
         let (l, dl) = match loss {
             BuiltinLoss::ImportanceSampling => (-r * a, -r * a),
@@ -516,10 +533,7 @@ fn gspo(d: &LossDatum, i: usize, p: &Params, g: &mut [f32], el: &mut [f32]) -> R
     };
     for j in 0..d.logprobs.len() {
         let a = a[j] as f64;
-        let (lo, hi) = (
-            lo_t.map_or(p.lo, |v| v[j] as f64),
-            hi_t.map_or(p.hi, |v| v[j] as f64),
-        );
+        let (lo, hi) = bounds(p, lo_t, hi_t, i, j)?;
         let un = s * a;
         let cl = s.clamp(lo, hi) * a;
         let (l, dl) = if un <= cl {
