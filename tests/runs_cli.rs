@@ -123,16 +123,21 @@ fn assert_peft_matches(downloaded: &Path, stored: &Path) {
     .expect("adapter_config.json is JSON");
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 2);
-    assert_eq!(cfg["base_model_name_or_path"], loraplex::config::DEFAULT_MODEL_NAME);
+    assert_eq!(
+        cfg["base_model_name_or_path"],
+        loraplex::config::DEFAULT_MODEL_NAME
+    );
     let targets: Vec<&str> = cfg["target_modules"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(targets.contains(&"q_proj") && targets.contains(&"down_proj"), "{targets:?}");
-    let bytes =
-        std::fs::read(downloaded.join("adapter_model.safetensors")).expect("adapter_model");
+    assert!(
+        targets.contains(&"q_proj") && targets.contains(&"down_proj"),
+        "{targets:?}"
+    );
+    let bytes = std::fs::read(downloaded.join("adapter_model.safetensors")).expect("adapter_model");
     let cpu = candle_core::Device::Cpu;
     let got = candle_core::safetensors::load_buffer(&bytes, &cpu).expect("safetensors");
     let want = loraplex::store::checkpoint::read_checkpoint(stored, &cpu).expect("checkpoint");
@@ -187,7 +192,11 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
 
     // run list / info.
     let table = cli.run(ALICE, &["run", "list"]);
-    assert!(table.ok && table.stdout.contains("training runs"), "{}", table.stdout);
+    assert!(
+        table.ok && table.stdout.contains("training runs"),
+        "{}",
+        table.stdout
+    );
     assert!(table.stdout.contains(&run) && table.stdout.contains("Rank 2"));
     let runs = cli.json(ALICE, &["run", "list", "--limit", "0"]);
     let ours: Vec<&Value> = runs["runs"]
@@ -208,7 +217,10 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
 
     // checkpoint list / info, newest first.
     let listed = cli.json(ALICE, &["checkpoint", "list", "--run-id", &run]);
-    assert_eq!(paths(&listed, "checkpoints"), [sampler.clone(), weights.clone()]);
+    assert_eq!(
+        paths(&listed, "checkpoints"),
+        [sampler.clone(), weights.clone()]
+    );
     let all = cli.json(ALICE, &["checkpoint", "list", "--limit", "0"]);
     let all = paths(&all, "checkpoints");
     assert!(all.contains(&weights) && all.contains(&sampler), "{all:?}");
@@ -221,14 +233,20 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
 
     // publish / unpublish.
     assert!(cli.run(ALICE, &["checkpoint", "publish", &weights]).ok);
-    assert_eq!(cli.json(ALICE, &["checkpoint", "info", &weights])["public"], true);
+    assert_eq!(
+        cli.json(ALICE, &["checkpoint", "info", &weights])["public"],
+        true
+    );
     assert!(cli.json(BOB, &["run", "list"])["runs"]
         .as_array()
         .unwrap()
         .iter()
         .all(|r| r["training_run_id"] != run.as_str()));
     assert!(cli.run(ALICE, &["checkpoint", "unpublish", &weights]).ok);
-    assert_eq!(cli.json(ALICE, &["checkpoint", "info", &weights])["public"], false);
+    assert_eq!(
+        cli.json(ALICE, &["checkpoint", "info", &weights])["public"],
+        false
+    );
 
     // download: a training checkpoint, through a temporary external export.
     let out = cli.json(ALICE, &["checkpoint", "download", &weights, "-o", "dl"]);
@@ -257,17 +275,26 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
     assert_peft_matches(&ext_dest, &checkpoint_dir(&data, ALICE, &external));
 
     // set-ttl: set, clear, then expire: gone from the listings and from the disk.
-    assert!(cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--ttl", "3600"]).ok);
+    assert!(
+        cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--ttl", "3600"])
+            .ok
+    );
     let exp = cli.json(ALICE, &["checkpoint", "info", &sampler])["expires_at"].clone();
     assert!(exp.is_string(), "{exp}");
-    assert!(cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--remove"]).ok);
+    assert!(
+        cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--remove"])
+            .ok
+    );
     assert_eq!(
         cli.json(ALICE, &["checkpoint", "info", &sampler])["expires_at"],
         Value::Null
     );
     let files = checkpoint_dir(&data, ALICE, &sampler);
     assert!(files.is_dir());
-    assert!(cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--ttl", "1"]).ok);
+    assert!(
+        cli.run(ALICE, &["checkpoint", "set-ttl", &sampler, "--ttl", "1"])
+            .ok
+    );
     let t = Instant::now();
     while files.exists() {
         assert!(t.elapsed() < Duration::from_secs(30), "expired files stay");
@@ -276,11 +303,19 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
     let listed = cli.json(ALICE, &["checkpoint", "list", "--run-id", &run]);
     assert_eq!(paths(&listed, "checkpoints"), [weights.clone()]);
     let gone = cli.run(ALICE, &["checkpoint", "info", &sampler]);
-    assert!(!gone.ok && gone.stderr.contains("not found"), "{}", gone.stderr);
+    assert!(
+        !gone.ok && gone.stderr.contains("not found"),
+        "{}",
+        gone.stderr
+    );
 
     // delete: another tenant cannot, the owner can.
     let refused = cli.run(ALICE, &["checkpoint", "delete", &copy, "-y"]);
-    assert!(refused.stdout.contains("Failed to delete 1"), "{}", refused.stdout);
+    assert!(
+        refused.stdout.contains("Failed to delete 1"),
+        "{}",
+        refused.stdout
+    );
     let deleted = cli.json(BOB, &["checkpoint", "delete", &copy, "-y"]);
     assert_eq!(deleted["deleted_count"], 1, "{deleted}");
     assert_eq!(
