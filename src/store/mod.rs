@@ -1,7 +1,9 @@
 //! Durable state: what must survive a restart, and nothing that runs.
 //!
 //! - [`db`]: the metadata database (SQLite, WAL, migrations in `migrations/`): tenants,
-//!   client sessions, models, futures, checkpoints, sampling sessions, plugins.
+//!   client sessions (open and ended), training runs (loaded, unloaded or deleted, with
+//!   their `user_metadata`), futures, checkpoints (training, sampler, external; public or
+//!   not), sampling sessions, plugins.
 //! - [`future_store`]: the engine's `FutureStore` on that database, with a memory map in
 //!   front and a writer thread; unfinished futures fail after a restart.
 //! - [`checkpoint`]: adapter checkpoints on disk (safetensors + JSON), written atomically.

@@ -432,6 +432,14 @@ def substitute(case, fx):
         "/api/v1/remove_lora", "/api/v1/sample", "/api/v1/sample_async",
     )
     if pp is not None:
+        if "token" in pp and RNG.random() < 0.7:
+            # A real signed link of a fixture checkpoint (the fuzzer cannot forge one).
+            try:
+                urls = api("GET", f"/api/v1/training_runs/{fx.model}/checkpoints/weights/fuzz-w/external_weights_urls")
+                url = RNG.choice(list(urls["urls"].values()))
+                pp["token"], pp["file"] = url.split("/api/v1/download/", 1)[1].split("/", 1)
+            except (RuntimeError, requests.RequestException, KeyError, IndexError, ValueError):
+                pass
         if "id" in pp:
             if path.startswith("/api/v1/sessions/"):
                 pp["id"] = throwaway_session() if path.endswith("/finish") else fx.session
@@ -510,6 +518,16 @@ def substitute(case, fx):
             body["model_id"] = fx.new_model() if path == "/api/v1/unload_model" else api("POST", "/add_lora", {"rank": 1})["model_id"]
         return
     if path == "/api/v1/sessions/{id}/finish":
+        return
+    if path == "/api/v1/copy_weights":
+        body["source_path"] = RNG.choice([f"tinker://{fx.model}/weights/fuzz-w", f"tinker://{fx.model}/sampler_weights/fuzz-s"])
+        body["ttl_seconds"] = None
+        if not fx.spend("copy"):
+            body["source_path"] = f"tinker://model-gone-{RNG.randrange(1 << 30)}/weights/x"
+        elif RNG.random() < 0.7:
+            body.pop("session_id", None)
+            body.pop("model_seq_id", None)
+            body["destination_project_id"] = "fuzz"
         return
     if "model_id" in body or path in ("/fwdbwd", "/optim_step", "/api/v1/get_info", "/api/v1/optim_step",
                                       "/api/v1/save_weights", "/api/v1/save_weights_for_sampler",

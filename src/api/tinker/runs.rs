@@ -15,7 +15,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{Json, Path, Query, Tenant};
 use crate::api::Shared;
 use crate::jobs::metadata::metadata_json;
-use crate::jobs::registry::Checkpoint;
+use crate::jobs::registry::{AdapterEntry, Checkpoint};
 use crate::jobs::{AdapterId, TenantId, UserMetadata};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -62,6 +62,17 @@ struct RunView {
     user_metadata: Option<UserMetadata>,
 }
 
+fn live_view(e: &AdapterEntry) -> RunView {
+    RunView {
+        id: e.id.0.clone(),
+        owner: e.tenant.clone(),
+        rank: e.config.rank,
+        step: e.step(),
+        last_request: e.last_request(),
+        user_metadata: e.user_metadata.clone(),
+    }
+}
+
 /// `owner`'s run `id`: the loaded entry, else the stored record (not deleted).
 async fn find_run(s: &Shared, owner: &TenantId, id: &str) -> ApiResult<RunView> {
     if let Ok(e) = s
@@ -69,14 +80,7 @@ async fn find_run(s: &Shared, owner: &TenantId, id: &str) -> ApiResult<RunView> 
         .registry()
         .adapter(owner, &AdapterId(id.to_owned()))
     {
-        return Ok(RunView {
-            id: id.to_owned(),
-            owner: owner.clone(),
-            rank: e.config.rank,
-            step: e.step(),
-            last_request: e.last_request(),
-            user_metadata: e.user_metadata.clone(),
-        });
+        return Ok(live_view(&e));
     }
     let not_found = || ApiError::not_found("training run", id);
     let Some(d) = &s.durable else {
@@ -178,15 +182,22 @@ pub async fn list_training_runs(
                     db.list_models_page(&t, limit as u64, offset as u64).await
                 })
                 .await?;
-            let mut views = Vec::with_capacity(recs.len());
-            for r in recs {
-                // The live entry's step and time where it is loaded.
-                match find_run(&s, &tenant, &r.id.0).await {
-                    Ok(v) => views.push(v),
-                    Err(ApiError::Engine(crate::Error::NotFound { .. })) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let reg = s.engine.registry();
+            let views: Vec<RunView> = recs
+                .into_iter()
+                .map(|r| match reg.adapter(&tenant, &r.id) {
+                    // Loaded: the live step and time.
+                    Ok(e) => live_view(&e),
+                    Err(_) => RunView {
+                        id: r.id.0,
+                        owner: r.tenant,
+                        rank: r.lora_config.rank,
+                        step: r.step,
+                        last_request: r.last_request.unwrap_or(r.created),
+                        user_metadata: r.user_metadata,
+                    },
+                })
+                .collect();
             (views, total)
         }
         None => {
@@ -202,14 +213,7 @@ pub async fn list_training_runs(
                 .into_iter()
                 .skip(offset)
                 .take(limit)
-                .map(|e| RunView {
-                    id: e.id.0.clone(),
-                    owner: tenant.clone(),
-                    rank: e.config.rank,
-                    step: e.step(),
-                    last_request: e.last_request(),
-                    user_metadata: e.user_metadata.clone(),
-                })
+                .map(|e| live_view(&e))
                 .collect();
             (views, total)
         }
@@ -303,7 +307,7 @@ pub fn ttl(secs: Option<u64>) -> ApiResult<Option<Duration>> {
     match secs {
         Some(t) if t == 0 || t > MAX_TTL_S => Err(ApiError::invalid(
             "ttl_seconds",
-            format!("{t} is not between 1 and {MAX_TTL_S} seconds"),
+            format!("{t} is outside the limit of 1 to {MAX_TTL_S} seconds"),
         )),
         t => Ok(t.map(Duration::from_secs)),
     }
