@@ -296,7 +296,7 @@ impl PromptScores {
 fn score_row(ask: &PromptAsk, q: usize, lp_here: bool, row: &[f32]) -> RowScores {
     let lse = log_sum_exp_f64(row);
     let lp = |t: u32| row.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
-    let logprob = (lp_here).then(|| lp(ask.prompt[q + 1]));
+    let logprob = lp_here.then(|| lp(ask.prompt[q + 1]));
     let top = if lp_here && ask.top_k > 0 {
         crate::model::llama::top_k_of(row, ask.top_k, lse)
     } else {
