@@ -562,7 +562,7 @@ async fn checkpoints_publish_copy_and_download_by_signed_links() {
         .to_owned();
     assert!(copy.ends_with("/weights/w") && copy != w, "{copy}");
     let mine = get(&app, "/api/v1/checkpoints", B).await.ok();
-    assert_eq!(ids(&mine, "checkpoints", "tinker_path"), [copy.clone()]);
+    assert_eq!(ids(&mine, "checkpoints", "tinker_path"), [copy.as_str()]);
     call(
         &app,
         Method::DELETE,

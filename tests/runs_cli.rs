@@ -219,7 +219,7 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
     let listed = cli.json(ALICE, &["checkpoint", "list", "--run-id", &run]);
     assert_eq!(
         paths(&listed, "checkpoints"),
-        [sampler.clone(), weights.clone()]
+        [sampler.as_str(), weights.as_str()]
     );
     let all = cli.json(ALICE, &["checkpoint", "list", "--limit", "0"]);
     let all = paths(&all, "checkpoints");
@@ -301,7 +301,7 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let listed = cli.json(ALICE, &["checkpoint", "list", "--run-id", &run]);
-    assert_eq!(paths(&listed, "checkpoints"), [weights.clone()]);
+    assert_eq!(paths(&listed, "checkpoints"), [weights.as_str()]);
     let gone = cli.run(ALICE, &["checkpoint", "info", &sampler]);
     assert!(
         !gone.ok && gone.stderr.contains("not found"),
@@ -327,7 +327,7 @@ fn runs_outlive_sessions_and_restarts_through_the_sdk_and_the_cli() {
             &cli.json(ALICE, &["checkpoint", "list", "--run-id", &run]),
             "checkpoints"
         ),
-        [weights.clone()]
+        [weights.as_str()]
     );
 
     // model list.

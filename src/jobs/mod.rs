@@ -397,14 +397,23 @@ impl Engine {
                 };
                 p.model_created(&t, &d, &source.state.weights.config, &meta, false)?;
             }
-            registry.save_checkpoint(
+            let saved = registry.save_checkpoint(
                 &t,
                 &n,
                 &d,
                 source.state.clone(),
                 ttl,
                 source.user_metadata.clone(),
-            )
+            );
+            if saved.is_err() {
+                // No copy (over quota, say): no run for it either.
+                if let Some(p) = registry.persist() {
+                    if let Err(e) = p.model_deleted(&t, &d) {
+                        tracing::warn!(model = %d, error = %e, "cannot drop a failed copy's run");
+                    }
+                }
+            }
+            saved
         })
         .await
         .map_err(|e| Error::Unavailable(format!("copy panicked: {e}")))?

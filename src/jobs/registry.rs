@@ -515,7 +515,6 @@ impl Registry {
     /// Keep `state` under `name` (replacing a checkpoint of that name, which becomes
     /// private), written through to the store before it is visible. Refused at the tenant's
     /// `checkpoint_bytes` quota, writing nothing.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn save_checkpoint(
         &self,
         tenant: &TenantId,

@@ -31,9 +31,9 @@ pub const FILES: [&str; 2] = [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE];
 /// The signing key's file in the data directory.
 pub const KEY_FILE: &str = "url-signing.key";
 
-/// Longest token accepted: hex of a 128-byte tenant and a 400-byte checkpoint name plus the
-/// rest; anything longer is not ours.
-const MAX_TOKEN_LEN: usize = 1200;
+/// Longest token accepted (hex doubles the tenant and the checkpoint name, each well under
+/// 1 KiB); anything longer is not ours.
+const MAX_TOKEN_LEN: usize = 4096;
 
 const KEY_LEN: usize = 32;
 
