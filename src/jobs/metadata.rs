@@ -2,8 +2,10 @@
 //! a checkpoint (the cookbook keeps its `renderer_name` there). Stored with its object and
 //! returned by every route that describes it; never interpreted.
 //!
-//! Bounded: at most [`MAX_USER_METADATA_BYTES`] serialized. Values are strings, as every
-//! SDK response type (`dict[str, str]`) reads them back.
+//! Bounded: at most [`MAX_USER_METADATA_BYTES`] serialized. Values are kept as strings, as
+//! every SDK response type (`dict[str, str]`) reads them back; the request types take any
+//! JSON value, so a number, a boolean, null or a nested value is kept as its JSON text
+//! (`3` → `"3"`).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -19,8 +21,9 @@ pub const MAX_USER_METADATA_BYTES: usize = 16 << 10;
 pub struct UserMetadata(pub BTreeMap<String, String>);
 
 impl UserMetadata {
-    /// From a request field: absent or `null` is `None`; anything but an object of strings
-    /// at most [`MAX_USER_METADATA_BYTES`] long is refused, naming `field` (and the key).
+    /// From a request field: absent or `null` is `None`; an object is kept with its values
+    /// as strings (see the module); anything else, or more than
+    /// [`MAX_USER_METADATA_BYTES`], is refused, naming `field`.
     pub fn from_json(field: &str, v: Option<Value>) -> Result<Option<UserMetadata>> {
         let map = match v {
             None | Some(Value::Null) => return Ok(None),
@@ -28,18 +31,16 @@ impl UserMetadata {
             Some(other) => {
                 return Err(Error::invalid(
                     field,
-                    format!("must be an object of strings, not {}", kind(&other)),
+                    format!("must be an object, not {}", kind(&other)),
                 ))
             }
         };
         let mut out = BTreeMap::new();
         let mut size = 2usize;
         for (k, v) in map {
-            let Value::String(s) = v else {
-                return Err(Error::invalid(
-                    format!("{field}.{k}"),
-                    format!("must be a string, not {}", kind(&v)),
-                ));
+            let s = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
             };
             // Key and value quoted, a colon and a comma; escapes make it longer, which
             // the exact check below catches.
@@ -100,10 +101,21 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(m.to_json(), json!({"renderer_name": "llama3"}));
-        let e = UserMetadata::from_json("user_metadata", Some(json!({"step": 3}))).unwrap_err();
-        assert!(e.to_string().contains("user_metadata.step"), "{e}");
+        let m = UserMetadata::from_json(
+            "m",
+            Some(json!({"step": 3, "ok": true, "none": null, "deep": {"a": [1]}})),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            m.to_json(),
+            json!({"step": "3", "ok": "true", "none": "null", "deep": "{\"a\":[1]}"})
+        );
         let e = UserMetadata::from_json("user_metadata", Some(json!([1]))).unwrap_err();
-        assert!(e.to_string().contains("an array"), "{e}");
+        assert!(
+            e.to_string().contains("user_metadata") && e.to_string().contains("an array"),
+            "{e}"
+        );
         let big = "x".repeat(MAX_USER_METADATA_BYTES);
         let e = UserMetadata::from_json("user_metadata", Some(json!({"a": big}))).unwrap_err();
         assert!(e.to_string().contains("at most 16384"), "{e}");
