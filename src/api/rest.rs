@@ -159,14 +159,7 @@ pub(crate) async fn fwdbwd(
         loss,
         loss_config: config,
     });
-    s.metrics.submitted(op.kind());
-    let f = s
-        .engine
-        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
-        .await?;
-    Ok(axum::Json(
-        json!({"request_id": f.0, "model_id": req.model_id}),
-    ))
+    submit_op(&s, &tenant, req.model_id, op).await
 }
 
 /// Conversations as datums (weight 1 on the assistant's tokens).
@@ -225,14 +218,7 @@ pub(crate) async fn optim_step(
         .map(|a| a.params())
         .unwrap_or_else(|| AdamJson::default().params());
     let op = Op::OptimStep(params);
-    s.metrics.submitted(op.kind());
-    let f = s
-        .engine
-        .submit(&tenant, &AdapterId(req.model_id.clone()), None, op)
-        .await?;
-    Ok(axum::Json(
-        json!({"request_id": f.0, "model_id": req.model_id}),
-    ))
+    submit_op(&s, &tenant, req.model_id, op).await
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -507,4 +493,19 @@ pub(crate) async fn list_loss_functions(
         "loss_functions": builtin,
         "plugins": plugins.iter().map(|p| format!("plugin:{p}")).collect::<Vec<_>>(),
     }))
+}
+
+/// Submit a REST route's operation on its adapter: `{"request_id", "model_id"}`.
+async fn submit_op(
+    s: &Shared,
+    tenant: &TenantId,
+    model_id: String,
+    op: Op,
+) -> ApiResult<axum::Json<Value>> {
+    s.metrics.submitted(op.kind());
+    let f = s
+        .engine
+        .submit(tenant, &AdapterId(model_id.clone()), None, op)
+        .await?;
+    Ok(axum::Json(json!({"request_id": f.0, "model_id": model_id})))
 }
