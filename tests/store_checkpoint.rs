@@ -303,7 +303,7 @@ fn kill_model() -> LlamaConfig {
         rms_norm_eps: 1e-5,
         max_position_embeddings: 64,
         tie_word_embeddings: false,
-        rope_llama3: None,
+        ..LlamaConfig::tiny()
     }
 }
 

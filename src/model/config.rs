@@ -19,6 +19,35 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// Llama 3.x frequency scaling of RoPE (`rope_scaling.rope_type = "llama3"`).
     pub rope_llama3: Option<Llama3Rope>,
+    /// Per-frequency divisors of RoPE's inverse frequencies, `head_dim / 2` of them: GGUF's
+    /// `rope_freqs` tensor (how llama.cpp stores Llama 3.1 scaling).
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// The family: which optional pieces of math a layer has.
+    pub arch: Arch,
+    /// Biases on the q, k and v projections (Qwen2).
+    pub attention_bias: bool,
+    /// RMSNorm over each query and key head before RoPE, weights `[head_dim]` (Qwen3).
+    pub qk_norm: bool,
+}
+
+/// Model families this server implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arch {
+    #[default]
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    /// The name used by GGUF `general.architecture` and Hugging Face `model_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -71,6 +100,10 @@ impl LlamaConfig {
             max_position_embeddings: 64,
             tie_word_embeddings: false,
             rope_llama3: None,
+            rope_freq_factors: None,
+            arch: Arch::Llama,
+            attention_bias: false,
+            qk_norm: false,
         }
     }
 }
@@ -127,6 +160,10 @@ impl HfConfig {
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             rope_llama3,
+            rope_freq_factors: None,
+            arch: Arch::Llama,
+            attention_bias: false,
+            qk_norm: false,
         };
         cfg.validate()?;
         Ok(cfg)

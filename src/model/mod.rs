@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
-pub use config::LlamaConfig;
+pub use config::{Arch, LlamaConfig};
 pub use llama::{InferRow, KvCache, Tape, TrainRow};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
@@ -230,6 +230,11 @@ fn rope_tables(c: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor
                     / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
                 *f = (1.0 - smooth) * *f / s.factor as f64 + smooth * *f;
             }
+        }
+    }
+    if let Some(f) = &c.rope_freq_factors {
+        for (x, d) in inv.iter_mut().zip(f) {
+            *x /= *d as f64;
         }
     }
     let n = c.max_position_embeddings;

@@ -20,6 +20,11 @@ pub struct LayerWeights {
     /// gate and up stacked: `[2 intermediate, hidden]`.
     pub wgate_up: Tensor,
     pub wdown: Tensor,
+    /// Biases of q, k and v stacked like `wqkv`: `[q_dim + 2 kv_dim]` (Qwen2).
+    pub bqkv: Option<Tensor>,
+    /// Per-head RMSNorm weights of queries and keys, `[head_dim]` each (Qwen3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +124,10 @@ pub fn load_gguf(
         max_position_embeddings: m("context_length").unwrap_or(2048),
         tie_word_embeddings: !has_output,
         rope_llama3: None,
+        rope_freq_factors: None,
+        arch: super::config::Arch::Llama,
+        attention_bias: false,
+        qk_norm: false,
     };
     cfg.validate()?;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -150,6 +159,9 @@ pub fn load_gguf(
             mlp_norm: get(&p("ffn_norm.weight"))?,
             wgate_up: Tensor::cat(&[&gate, &up], 0)?,
             wdown: get(&p("ffn_down.weight"))?,
+            bqkv: None,
+            q_norm: None,
+            k_norm: None,
         });
     }
     let final_norm = get("output_norm.weight")?;
@@ -234,6 +246,9 @@ pub fn load_hf_dir(
             mlp_norm: get(&p("post_attention_layernorm.weight"))?,
             wgate_up: Tensor::cat(&[&gate, &up], 0)?,
             wdown: get(&p("mlp.down_proj.weight"))?,
+            bqkv: None,
+            q_norm: None,
+            k_norm: None,
         });
     }
     let final_norm = get("model.norm.weight")?;
@@ -366,6 +381,23 @@ pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Re
                 cfg.intermediate_size,
                 1.0 / (cfg.intermediate_size as f32).sqrt(),
             )?,
+            bqkv: cfg
+                .attention_bias
+                .then(|| {
+                    Ok::<_, Error>(
+                        mat(1, cfg.q_dim() + 2 * cfg.kv_dim(), 0.1)?
+                            .reshape(cfg.q_dim() + 2 * cfg.kv_dim())?,
+                    )
+                })
+                .transpose()?,
+            q_norm: cfg
+                .qk_norm
+                .then(|| Ok::<_, Error>((mat(1, cfg.head_dim, 0.1)? + 1.0)?.reshape(cfg.head_dim)?))
+                .transpose()?,
+            k_norm: cfg
+                .qk_norm
+                .then(|| Ok::<_, Error>((mat(1, cfg.head_dim, 0.1)? + 1.0)?.reshape(cfg.head_dim)?))
+                .transpose()?,
         });
     }
     let final_norm = (mat(1, h, 0.1)? + 1.0)?.reshape(h)?;
