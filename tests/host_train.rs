@@ -96,10 +96,16 @@ fn compare(
 
 #[test]
 fn host_pass_equals_candle_pass_on_a_tiny_model() {
-    let model = tiny(DType::F32);
+    for (family, model) in tiny_families(DType::F32) {
+        eprintln!("{family}:");
+        host_equals_candle(&model);
+    }
+}
+
+fn host_equals_candle(model: &BaseModel) {
     let v = model.config.vocab_size;
     let ads: Vec<LoraWeights> = (0..3)
-        .map(|i| random_adapter(&model, 20 + i, 2 + i as usize, i == 1))
+        .map(|i| random_adapter(model, 20 + i, 2 + i as usize, i == 1))
         .collect();
     let refs: Vec<&LoraWeights> = ads.iter().collect();
     // Interleaved adapters, a base-model row, top-2 targets, a one-token row.

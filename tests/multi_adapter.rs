@@ -147,11 +147,20 @@ fn optimizer_step_on_one_adapter_leaves_others_untouched() {
 
 #[test]
 fn kv_cache_decode_equals_full_forward_batched_or_not() {
-    let model = tiny(DType::F32);
-    let (ads, seqs) = decode_fixture(&model, 4, [9, 6, 8]);
+    // Every family, on the host kernels and on the candle backend.
+    for (family, m) in tiny_families(DType::F32) {
+        for model in [m.clone(), m.without_host_kernels()] {
+            eprintln!("{family}");
+            kv_cache_decode_equals_full_forward_batched_or_not_on(&model);
+        }
+    }
+}
+
+fn kv_cache_decode_equals_full_forward_batched_or_not_on(model: &loraplex::model::BaseModel) {
+    let (ads, seqs) = decode_fixture(model, 4, [9, 6, 8]);
     let refs: Vec<&LoraWeights> = ads.iter().collect();
     // Reference: full forward over each whole sequence; logprob of token t+1 at position t.
-    let full = full_forward_logprobs(&model, &refs, &seqs);
+    let full = full_forward_logprobs(model, &refs, &seqs);
     // Batched: prefill 3 tokens of each, then decode the rest one token per step, all together.
     let mut caches = vec![KvCache::default(); seqs.len()];
     let mut got: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
@@ -267,10 +276,21 @@ fn loraplex_lse(row: &[f32]) -> f32 {
 /// same steps as one-token rows: every position's prediction equals the full forward pass.
 #[test]
 fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
-    let model = tiny(DType::F32);
-    let (ads, seqs) = decode_fixture(&model, 6, [10, 8, 9]);
+    // Every family, on the host kernels and on the candle backend.
+    for (family, m) in tiny_families(DType::F32) {
+        for model in [m.clone(), m.without_host_kernels()] {
+            eprintln!("{family}");
+            chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward_on(&model);
+        }
+    }
+}
+
+fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward_on(
+    model: &loraplex::model::BaseModel,
+) {
+    let (ads, seqs) = decode_fixture(model, 6, [10, 8, 9]);
     let refs: Vec<&LoraWeights> = ads.iter().collect();
-    let full = full_forward_logprobs(&model, &refs, &seqs);
+    let full = full_forward_logprobs(model, &refs, &seqs);
     // Chunk lengths per step and sequence (cut short at each sequence's end).
     let schedule = [[3, 1, 2], [2, 1, 3], [1, 4, 1], [3, 1, 2], [9, 9, 9]];
     let mut caches = vec![KvCache::default(); seqs.len()];

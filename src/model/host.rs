@@ -8,11 +8,8 @@
 //! f32. The training pass on the host lives in [`super::host_train`]. Numerics are checked
 //! against the candle path in this module's tests.
 
-use super::batch::{PackedBatch, Row, Segment};
-use super::llama::{pair, Adapters, KvCache};
 use super::BaseModel;
 use crate::error::{Error, Result};
-use crate::lora::{Site, Target};
 use candle_core::{DType, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
@@ -23,7 +20,7 @@ pub const SMALL_M: usize = 64;
 
 /// Work (multiply-adds) below which a kernel runs on the calling thread: waking the pool
 /// costs more than it saves.
-const PAR_MIN_WORK: usize = 1 << 17;
+pub(crate) const PAR_MIN_WORK: usize = 1 << 17;
 
 fn host_only() -> Error {
     Error::Tensor(candle_core::Error::Msg(
@@ -400,46 +397,6 @@ pub fn attend_one(s: AttnShape, q: &[f32], keys: &[f32], values: &[f32], o: &mut
     }
 }
 
-/// Root-mean-square norm of each `dim`-wide row, times `w`.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let dim = w.len();
-    let mut out = vec![0f32; x.len()];
-    for (o, r) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-        let ms = r.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(r).zip(w) {
-            *o = v * inv * w;
-        }
-    }
-    out
-}
-
-/// `silu(gate) · up` per row of `[gate | up]`, each `di` wide.
-/// Rows in parallel once there are enough exponentials to pay for the split.
-fn silu_mul(gu: &[f32], di: usize) -> Vec<f32> {
-    let mut out = vec![0f32; gu.len() / 2];
-    let row = |(o, r): (&mut [f32], &[f32])| {
-        let (g, u) = r.split_at(di);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    };
-    if out.len() >= 4 * di {
-        out.par_chunks_mut(di)
-            .zip(gu.par_chunks(2 * di))
-            .for_each(row);
-    } else {
-        out.chunks_mut(di).zip(gu.chunks(2 * di)).for_each(row);
-    }
-    out
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
 impl BaseModel {
     /// Whether inference runs on the host kernels: a CPU model in f32.
     pub(crate) fn host_kernels(&self) -> bool {
@@ -462,233 +419,6 @@ impl BaseModel {
             n,
         );
         Ok(Tensor::from_vec(out, (m, n), &self.device)?)
-    }
-
-    /// `x Wᵀ` for `x: [m, k]` plus, per segment, the LoRA update of each of `parts`, whose
-    /// outputs lie side by side in `W`'s rows (e.g. q, k, v of the fused `wqkv`).
-    #[allow(clippy::too_many_arguments)]
-    fn project(
-        &self,
-        x: &[f32],
-        m: usize,
-        w: &Tensor,
-        parts: &[Target],
-        layer: usize,
-        segs: &[Segment],
-        adapters: &Adapters,
-    ) -> Result<Vec<f32>> {
-        let (n, k) = w.dims2()?;
-        let mut out = if m <= SMALL_M {
-            matmul_nt(x, m, k, HostView::new(w)?.slice(), n)
-        } else {
-            Tensor::from_slice(x, (m, k), &self.device)?
-                .matmul(&w.t()?)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-        };
-        // Segments own disjoint, consecutive row ranges of `out`: their LoRA updates run in
-        // parallel when there are several (each reads its own adapter's weights, so a step
-        // of many adapters is bound by how fast those reads go).
-        let mut slices = Vec::with_capacity(segs.len());
-        let mut rest = out.as_mut_slice();
-        for s in segs {
-            let (mine, tail) = rest.split_at_mut(s.len * n);
-            slices.push((s, mine));
-            rest = tail;
-        }
-        let carrying: Vec<(&Segment, &mut [f32])> = slices
-            .into_iter()
-            .filter(|(s, _)| {
-                parts
-                    .iter()
-                    .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
-            })
-            .collect();
-        // Multiply-adds: rank · (in + out) per token and part.
-        let work: usize = carrying
-            .iter()
-            .flat_map(|(s, _)| {
-                parts.iter().filter_map(move |&t| {
-                    let (p, _) = pair(adapters, s, Site::Layer(layer, t))?;
-                    Some(s.len * p.a.dims().first()? * (k + t.dims(&self.config).1))
-                })
-            })
-            .sum();
-        let one = |(s, rows): (&Segment, &mut [f32])| -> Result<()> {
-            let xs = &x[s.start * k..(s.start + s.len) * k];
-            let mut col0 = 0;
-            for &t in parts {
-                let (_, width) = t.dims(&self.config);
-                if let Some((p, scale)) = pair(adapters, s, Site::Layer(layer, t)) {
-                    let r = p.a.dim(0)?;
-                    let xa = matmul_nt(xs, s.len, k, HostView::new(&p.a)?.slice(), r);
-                    let b = HostView::new(&p.b)?;
-                    matmul_nt_acc(&xa, s.len, r, b.slice(), width, scale as f32, rows, n, col0);
-                }
-                col0 += width;
-            }
-            Ok(())
-        };
-        if carrying.len() > 1 && work >= PAR_MIN_WORK / 4 {
-            carrying.into_par_iter().try_for_each(one)?;
-        } else {
-            carrying.into_iter().try_for_each(one)?;
-        }
-        Ok(out)
-    }
-
-    /// The transformer body of an inference step on the host: like `body` without a tape,
-    /// over plain buffers. Rows of one new token attend on the host kernel (in parallel);
-    /// longer rows (prefill) use candle's batched matmuls over the cache.
-    pub(crate) fn body_host(
-        &self,
-        b: &PackedBatch,
-        adapters: &Adapters,
-        caches: &mut [&mut KvCache],
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let n = b.num_tokens();
-        let (hid, dq, dkv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let width = dq + 2 * dkv;
-        let half = hd / 2;
-        let eps = c.rms_norm_eps as f32;
-        let shape = AttnShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        let segs = &b.segments;
-        let mut x = {
-            let embed = HostView::new(&self.weights.embed)?;
-            let e = embed.slice();
-            let mut x = Vec::with_capacity(n * hid);
-            for &t in &b.tokens {
-                x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
-            }
-            x
-        };
-        let (cos_t, sin_t) = (HostView::new(&self.cos)?, HostView::new(&self.sin)?);
-        let (cos, sin) = (cos_t.slice(), sin_t.slice());
-        for cache in caches.iter_mut() {
-            cache.hk.resize_with(self.weights.layers.len(), Vec::new);
-            cache.hv.resize_with(self.weights.layers.len(), Vec::new);
-        }
-        for (l, lw) in self.weights.layers.iter().enumerate() {
-            let h = rms_norm(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
-            let mut qkv = self.project(&h, n, &lw.wqkv, &Target::ATTN[..3], l, segs, adapters)?;
-            // RoPE on q and k in place; keys and values join their row's cache.
-            for (r, cache) in b.rows.iter().zip(caches.iter_mut()) {
-                for t in 0..r.len {
-                    let pos = r.pos0 + t;
-                    let (cs, sn) = (
-                        &cos[pos * half..(pos + 1) * half],
-                        &sin[pos * half..(pos + 1) * half],
-                    );
-                    let row = &mut qkv[(r.start + t) * width..(r.start + t + 1) * width];
-                    for head in row[..dq + dkv].chunks_exact_mut(hd) {
-                        rope_in_place(head, cs, sn);
-                    }
-                    cache.hk[l].extend_from_slice(&row[dq..dq + dkv]);
-                    cache.hv[l].extend_from_slice(&row[dq + dkv..]);
-                }
-            }
-            let mut o = vec![0f32; n * dq];
-            // Which row each token belongs to, for the single-token rows.
-            let mut single: Vec<Option<&KvCache>> = vec![None; n];
-            for (r, cache) in b.rows.iter().zip(caches.iter()) {
-                if r.len == 1 {
-                    single[r.start] = Some(&**cache);
-                }
-            }
-            let one = |(i, oi): (usize, &mut [f32])| {
-                if let Some(cache) = single[i] {
-                    let q = &qkv[i * width..i * width + dq];
-                    attend_one(shape, q, &cache.hk[l], &cache.hv[l], oi);
-                }
-            };
-            // Multiply-adds of the single-token rows (scores and weighted values).
-            let work: usize = b
-                .rows
-                .iter()
-                .filter(|r| r.len == 1)
-                .map(|r| 2 * (r.pos0 + 1) * dq)
-                .sum();
-            if work < PAR_MIN_WORK {
-                o.chunks_mut(dq).enumerate().for_each(one);
-            } else {
-                o.par_chunks_mut(dq).enumerate().for_each(one);
-            }
-            for (r, cache) in b.rows.iter().zip(caches.iter()) {
-                if r.len > 1 {
-                    let out = self.attend_prefill(&qkv, width, r, cache, l)?;
-                    o[r.start * dq..(r.start + r.len) * dq].copy_from_slice(&out);
-                }
-            }
-            let ao = self.project(&o, n, &lw.wo, &[Target::O], l, segs, adapters)?;
-            add_in_place(&mut x, &ao);
-            let h2 = rms_norm(&x, HostView::new(&lw.mlp_norm)?.slice(), eps);
-            let gu = self.project(
-                &h2,
-                n,
-                &lw.wgate_up,
-                &[Target::Gate, Target::Up],
-                l,
-                segs,
-                adapters,
-            )?;
-            let a = silu_mul(&gu, c.intermediate_size);
-            let down = self.project(&a, n, &lw.wdown, &[Target::Down], l, segs, adapters)?;
-            add_in_place(&mut x, &down);
-        }
-        for (cache, r) in caches.iter_mut().zip(&b.rows) {
-            cache.len = r.pos0 + r.len;
-        }
-        Ok(Tensor::from_vec(x, (n, hid), &self.device)?)
-    }
-
-    /// Causal attention of a row of several new tokens (after RoPE, already in `cache`)
-    /// over its whole cache, with candle's matmuls. Returns `[len, q_dim]`.
-    fn attend_prefill(
-        &self,
-        qkv: &[f32],
-        width: usize,
-        r: &Row,
-        cache: &KvCache,
-        l: usize,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (dq, hd, h, kvh) = (c.q_dim(), c.head_dim, c.num_heads, c.num_kv_heads);
-        let (t, total) = (r.len, r.pos0 + r.len);
-        let mut q = Vec::with_capacity(t * dq);
-        for i in r.start..r.start + t {
-            q.extend_from_slice(&qkv[i * width..i * width + dq]);
-        }
-        let q = Tensor::from_vec(q, (t, h, hd), &self.device)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .affine(1.0 / (hd as f64).sqrt(), 0.0)?
-            .reshape((kvh, c.group_size() * t, hd))?;
-        let kv = |buf: &[f32]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(buf, (total, kvh, hd), &self.device)?
-                .transpose(0, 1)?
-                .contiguous()?)
-        };
-        let (k, v) = (kv(&cache.hk[l])?, kv(&cache.hv[l])?);
-        let s = q.matmul(&k.t()?)?;
-        let s = match self.causal_mask(t, r.pos0, total)? {
-            Some(m) => s.broadcast_add(&m)?,
-            None => s,
-        };
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
-        let o = p
-            .matmul(&v)?
-            .reshape((h, t, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(o)
     }
 }
 

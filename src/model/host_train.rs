@@ -15,8 +15,10 @@
 //! tested against (`tests/host_train.rs`).
 
 use super::batch::{PackedBatch, Segment};
-use super::host::{rope_in_place, HostView};
-use super::llama::{pair, Adapters};
+use super::host::{
+    attend_one, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, HostView, PAR_MIN_WORK, SMALL_M,
+};
+use super::llama::{pair, Adapters, KvCache};
 use super::BaseModel;
 use crate::error::Result;
 use crate::lora::{LoraGrads, Site, Target};
@@ -150,13 +152,15 @@ where
     }
 }
 
+/// `1 / rms(v)` of one row.
+fn rms_inv(v: &[f32], eps: f32) -> f32 {
+    1.0 / (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32 + eps).sqrt()
+}
+
 /// RMS norm of each row of `x` times `w`: the normed rows and each row's `1 / rms`.
 fn rms_fwd(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
-    let rinv: Vec<f32> = x
-        .chunks(d)
-        .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt())
-        .collect();
+    let rinv: Vec<f32> = x.chunks(d).map(|r| rms_inv(r, eps)).collect();
     let mut h = vec![0f32; x.len()];
     for_rows(&mut h, d, |i, hr| {
         for ((o, v), w) in hr.iter_mut().zip(&x[i * d..(i + 1) * d]).zip(w) {
@@ -197,6 +201,8 @@ struct LayerTape {
     h: Vec<f32>,
     /// `[q · scale | k | v]` per token, RoPE applied to q and k.
     qkv: Vec<f32>,
+    /// With per-head q/k norms: `[q | k | v]` per token before them.
+    qk_pre: Option<Vec<f32>>,
     /// Attention probabilities per (row, query head), `[t, t]` each.
     p: Vec<Vec<f32>>,
     o: Vec<f32>,
@@ -260,24 +266,13 @@ impl BaseModel {
     ) -> Result<(Vec<f32>, Option<HostTape>)> {
         let c = &self.config;
         let n = b.num_tokens();
-        let hid = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
-        let mut x = {
-            let embed = HostView::new(&self.weights.embed)?;
-            let e = embed.slice();
-            let mut x = Vec::with_capacity(n * hid);
-            for &t in &b.tokens {
-                x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
-            }
-            x
-        };
+        let mut x = self.embed_rows(b)?;
         let mut layers = Vec::new();
         for l in 0..self.weights.layers.len() {
-            let (x_out, tape) = self.layer_fwd(b, adapters, l, x)?;
+            let (x_out, tape) = self.layer_fwd(b, adapters, l, x, None, keep)?;
             x = x_out;
-            if keep {
-                layers.push(tape);
-            }
+            layers.extend(tape);
         }
         let (xf, rinv_f) = rms_fwd(&x, HostView::new(&self.weights.final_norm)?.slice(), eps);
         let mut lp = vec![0f32; n * kmax];
@@ -392,42 +387,73 @@ impl BaseModel {
         Ok((logits, loras))
     }
 
-    /// Base projection `x Wᵀ` of `x: [N, in]` into a new `[N, W rows]` buffer, plus the
-    /// LoRA update of each of `parts` (their outputs side by side in `W`'s rows). Returns
-    /// the output and the LoRA `x Aᵀ` per part and segment.
+    /// Base projection `x Wᵀ` (plus `bias`) of `x: [N, in]` into a new `[N, W rows]`
+    /// buffer, plus the LoRA update of each of `parts` (their outputs side by side in `W`'s
+    /// rows). Returns the output and, with `save`, the LoRA `x Aᵀ` per part and segment.
+    /// Few rows (a decode step) use the streaming [`matmul_nt`] kernel, which reads each
+    /// weight row once; more use the `gemm` crate.
     #[allow(clippy::too_many_arguments)]
-    fn project_train(
+    fn project(
         &self,
         x: &[f32],
         n: usize,
         w: &Tensor,
+        bias: Option<&Tensor>,
         parts: &[Target],
         layer: usize,
         segs: &[Segment],
         adapters: &Adapters,
+        save: bool,
     ) -> Result<(Vec<f32>, SavedXa)> {
         let (width, k) = w.dims2()?;
         let wv = HostView::new(w)?;
-        let mut out = vec![0f32; n * width];
-        gemm(
-            (n, width, k),
-            &mut out,
-            0,
-            width,
-            false,
-            Mat::rows(x, 0, k),
-            Mat::t(wv.slice(), 0, k),
-            1.0,
-            true,
-        );
-        let carrying = segs
+        let small = n <= SMALL_M;
+        let mut out = if small {
+            matmul_nt(x, n, k, wv.slice(), width)
+        } else {
+            let mut out = vec![0f32; n * width];
+            gemm(
+                (n, width, k),
+                &mut out,
+                0,
+                width,
+                false,
+                Mat::rows(x, 0, k),
+                Mat::t(wv.slice(), 0, k),
+                1.0,
+                true,
+            );
+            out
+        };
+        if let Some(bias) = bias {
+            let bv = HostView::new(bias)?;
+            let bs = bv.slice();
+            for_rows(&mut out, width, |_, r| {
+                r.iter_mut().zip(bs).for_each(|(o, b)| *o += b);
+            });
+        }
+        let carrying: Vec<&Segment> = segs
             .iter()
             .filter(|s| {
                 parts
                     .iter()
                     .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
             })
-            .count();
+            .collect();
+        if carrying.is_empty() {
+            return Ok((out, Vec::new()));
+        }
+        // Multiply-adds of the LoRA updates: rank · (in + out) per token and part.
+        let work: usize = carrying
+            .iter()
+            .flat_map(|s| {
+                parts.iter().filter_map(move |&t| {
+                    let (p, _) = pair(adapters, s, Site::Layer(layer, t))?;
+                    Some(s.len * p.a.dims().first()? * (k + t.dims(&self.config).1))
+                })
+            })
+            .sum();
+        let par = carrying.len() > 1 && (!small || work >= PAR_MIN_WORK / 4);
         let one = |(s, rows): (&Segment, &mut [f32])| -> Result<Vec<Option<Vec<f32>>>> {
             let mut col0 = 0;
             let mut xas = Vec::with_capacity(parts.len());
@@ -437,30 +463,39 @@ impl BaseModel {
                     Some((p, scale)) => {
                         let r = p.a.dim(0)?;
                         let (a, bm) = (HostView::new(&p.a)?, HostView::new(&p.b)?);
-                        let mut xa = vec![0f32; s.len * r];
-                        gemm(
-                            (s.len, r, k),
-                            &mut xa,
-                            0,
-                            r,
-                            false,
-                            Mat::rows(x, s.start * k, k),
-                            Mat::t(a.slice(), 0, k),
-                            1.0,
-                            carrying == 1,
-                        );
-                        gemm(
-                            (s.len, dim, r),
-                            rows,
-                            col0,
-                            width,
-                            true,
-                            Mat::rows(&xa, 0, r),
-                            Mat::t(bm.slice(), 0, r),
-                            scale as f32,
-                            carrying == 1,
-                        );
-                        Some(xa)
+                        let xs = &x[s.start * k..(s.start + s.len) * k];
+                        let xa = if small {
+                            let xa = matmul_nt(xs, s.len, k, a.slice(), r);
+                            let sc = scale as f32;
+                            matmul_nt_acc(&xa, s.len, r, bm.slice(), dim, sc, rows, width, col0);
+                            xa
+                        } else {
+                            let mut xa = vec![0f32; s.len * r];
+                            gemm(
+                                (s.len, r, k),
+                                &mut xa,
+                                0,
+                                r,
+                                false,
+                                Mat::rows(xs, 0, k),
+                                Mat::t(a.slice(), 0, k),
+                                1.0,
+                                !par,
+                            );
+                            gemm(
+                                (s.len, dim, r),
+                                rows,
+                                col0,
+                                width,
+                                true,
+                                Mat::rows(&xa, 0, r),
+                                Mat::t(bm.slice(), 0, r),
+                                scale as f32,
+                                !par,
+                            );
+                            xa
+                        };
+                        save.then_some(xa)
                     }
                     None => None,
                 };
@@ -469,13 +504,27 @@ impl BaseModel {
             }
             Ok(xas)
         };
-        let split = segment_rows(&mut out, width, segs);
-        let per_seg: Vec<Vec<Option<Vec<f32>>>> = if carrying > 1 {
+        // Segments own disjoint, consecutive row ranges of `out`.
+        let split: Vec<(&Segment, &mut [f32])> = segment_rows(&mut out, width, segs)
+            .into_iter()
+            .filter(|(s, _)| carrying.iter().any(|c| std::ptr::eq(*c, *s)))
+            .collect();
+        let idx: Vec<usize> = split
+            .iter()
+            .map(|(s, _)| segs.iter().position(|x| std::ptr::eq(x, *s)).unwrap_or(0))
+            .collect();
+        let got: Vec<Vec<Option<Vec<f32>>>> = if par {
             split.into_par_iter().map(one).collect::<Result<_>>()?
         } else {
             split.into_iter().map(one).collect::<Result<_>>()?
         };
-        let mut per_seg = per_seg;
+        if !save {
+            return Ok((out, Vec::new()));
+        }
+        let mut per_seg: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; parts.len()]; segs.len()];
+        for (i, xas) in idx.into_iter().zip(got) {
+            per_seg[i] = xas;
+        }
         let saved = parts
             .iter()
             .enumerate()
@@ -491,14 +540,62 @@ impl BaseModel {
         Ok((out, saved))
     }
 
-    /// One decoder layer forward; returns its output and its tape.
+    /// The embeddings of a batch's tokens, `[N, hidden]`.
+    fn embed_rows(&self, b: &PackedBatch) -> Result<Vec<f32>> {
+        let hid = self.config.hidden_size;
+        let embed = HostView::new(&self.weights.embed)?;
+        let e = embed.slice();
+        let mut x = Vec::with_capacity(b.num_tokens() * hid);
+        for &t in &b.tokens {
+            x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
+        }
+        Ok(x)
+    }
+
+    /// The transformer body of an inference step (prefill or decode): every layer of
+    /// [`Self::layer_fwd`] without a tape, each row's keys and values appended to its
+    /// cache. Returns the last hidden state `[N, hidden]`.
+    pub(crate) fn body_host(
+        &self,
+        b: &PackedBatch,
+        adapters: &Adapters,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let layers = self.weights.layers.len();
+        for cache in caches.iter_mut() {
+            cache.hk.resize_with(layers, Vec::new);
+            cache.hv.resize_with(layers, Vec::new);
+        }
+        let mut x = self.embed_rows(b)?;
+        for l in 0..layers {
+            x = self
+                .layer_fwd(b, adapters, l, x, Some(&mut *caches), false)?
+                .0;
+        }
+        for (cache, r) in caches.iter_mut().zip(&b.rows) {
+            cache.len = r.pos0 + r.len;
+        }
+        Ok(Tensor::from_vec(
+            x,
+            (b.num_tokens(), self.config.hidden_size),
+            &self.device,
+        )?)
+    }
+
+    /// One decoder layer forward, the one implementation the host runs for training and
+    /// for inference. With `caches` (inference: one per row, in packed order) each row's
+    /// new keys and values join its cache and its queries attend over all of it; without,
+    /// rows start at position 0 and attend over themselves. With `keep`, returns the
+    /// activations its backward pass needs (training only: no caches).
     fn layer_fwd(
         &self,
         b: &PackedBatch,
         adapters: &Adapters,
         l: usize,
         x: Vec<f32>,
-    ) -> Result<(Vec<f32>, LayerTape)> {
+        mut caches: Option<&mut [&mut KvCache]>,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Option<LayerTape>)> {
         let c = &self.config;
         let lw = &self.weights.layers[l];
         let n = b.num_tokens();
@@ -509,8 +606,34 @@ impl BaseModel {
         let eps = c.rms_norm_eps as f32;
         let segs = &b.segments;
         let (h, rinv1) = rms_fwd(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
-        let (mut qkv, mut xa) =
-            self.project_train(&h, n, &lw.wqkv, &Target::ATTN[..3], l, segs, adapters)?;
+        let (mut qkv, mut xa) = self.project(
+            &h,
+            n,
+            &lw.wqkv,
+            lw.bqkv.as_ref(),
+            &Target::ATTN[..3],
+            l,
+            segs,
+            adapters,
+            keep,
+        )?;
+        // Qwen3: RMSNorm over each query and key head (before RoPE).
+        let qk_pre = match (&lw.q_norm, &lw.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let pre = keep.then(|| qkv.clone());
+                let (qn, kn) = (HostView::new(qn)?, HostView::new(kn)?);
+                let (qn, kn) = (qn.slice(), kn.slice());
+                for_rows(&mut qkv, w3, |_, row| {
+                    for (hi, head) in row[..dq + dkv].chunks_exact_mut(hd).enumerate() {
+                        let w = if hi < h_n { qn } else { kn };
+                        let r = rms_inv(head, eps);
+                        head.iter_mut().zip(w).for_each(|(v, w)| *v *= r * w);
+                    }
+                });
+                pre
+            }
+            _ => None,
+        };
         // RoPE on q (then the attention scale) and k, per token at its position.
         let pos = token_positions(b);
         let half = hd / 2;
@@ -532,8 +655,69 @@ impl BaseModel {
                 }
             });
         }
-        // Attention: a task per (row, kv head), each owning its group's query heads.
+        // Keys and values join their row's cache; attention reads them from there.
+        if let Some(cs) = caches.as_deref_mut() {
+            for (r, cache) in b.rows.iter().zip(cs.iter_mut()) {
+                for t in r.start..r.start + r.len {
+                    let row = &qkv[t * w3..(t + 1) * w3];
+                    cache.hk[l].extend_from_slice(&row[dq..dq + dkv]);
+                    cache.hv[l].extend_from_slice(&row[dq + dkv..]);
+                }
+            }
+        }
+        let cached: Option<Vec<&KvCache>> = caches.map(|cs| cs.iter().map(|c| &**c).collect());
+        // Where row `ri`'s keys and values lie: (keys, values, row stride, column offset
+        // of kv head 0).
+        let kv_of = |ri: usize| -> (&[f32], &[f32], usize, usize, usize) {
+            match &cached {
+                Some(cs) => (&cs[ri].hk[l], &cs[ri].hv[l], dkv, 0, 0),
+                None => {
+                    let r0 = b.rows[ri].start * w3;
+                    (&qkv, &qkv, w3, r0 + dq, r0 + dq + dkv)
+                }
+            }
+        };
+        let mut o = vec![0f32; n * dq];
+        // One new token with a cache (a decode step): the streaming kernel, tokens in
+        // parallel.
+        let single: Vec<Option<usize>> = {
+            let mut s = vec![None; n];
+            if cached.is_some() && !keep {
+                for (ri, r) in b.rows.iter().enumerate() {
+                    if r.len == 1 {
+                        s[r.start] = Some(ri);
+                    }
+                }
+            }
+            s
+        };
+        let shape = AttnShape {
+            heads: h_n,
+            kv_heads: kvh,
+            head_dim: hd,
+            scale: 1.0,
+        };
+        let one = |(i, oi): (usize, &mut [f32])| {
+            if let Some(ri) = single[i] {
+                let (keys, values, _, _, _) = kv_of(ri);
+                attend_one(shape, &qkv[i * w3..i * w3 + dq], keys, values, oi);
+            }
+        };
+        let work: usize = b
+            .rows
+            .iter()
+            .filter(|r| single[r.start].is_some())
+            .map(|r| 2 * (r.pos0 + 1) * dq)
+            .sum();
+        if work < PAR_MIN_WORK {
+            o.chunks_mut(dq).enumerate().for_each(one);
+        } else {
+            o.par_chunks_mut(dq).enumerate().for_each(one);
+        }
+        // Other rows: a task per (row, kv head), each owning its group's query heads.
+        // Query block i0..i1 (positions pos0+i0..) meets keys 0..pos0+i1 only.
         let tasks: Vec<(usize, usize)> = (0..b.rows.len())
+            .filter(|&ri| single[b.rows[ri].start].is_none())
             .flat_map(|ri| (0..kvh).map(move |kh| (ri, kh)))
             .collect();
         let qkv_ref = &qkv;
@@ -541,54 +725,49 @@ impl BaseModel {
             .par_iter()
             .map(|&(ri, kh)| {
                 let r = &b.rows[ri];
-                let t = r.len;
+                let (t, total) = (r.len, r.pos0 + r.len);
+                let (keys, values, ld, k0, v0) = kv_of(ri);
+                let (k0, v0) = (k0 + kh * hd, v0 + kh * hd);
                 (0..g)
                     .map(|gi| {
-                        let hq = kh * g + gi;
-                        let (q0, k0, v0) = (
-                            r.start * w3 + hq * hd,
-                            r.start * w3 + dq + kh * hd,
-                            r.start * w3 + dq + dkv + kh * hd,
-                        );
-                        // Query block i0..i1 meets keys 0..i1 only: later keys are masked.
-                        let mut p = vec![0f32; t * t];
+                        let q0 = r.start * w3 + (kh * g + gi) * hd;
+                        let mut p = vec![0f32; t * total];
                         for (i0, i1) in causal_blocks(t) {
                             gemm(
-                                (i1 - i0, i1, hd),
+                                (i1 - i0, r.pos0 + i1, hd),
                                 &mut p,
-                                i0 * t,
-                                t,
+                                i0 * total,
+                                total,
                                 false,
                                 Mat::rows(qkv_ref, q0 + i0 * w3, w3),
-                                Mat::t(qkv_ref, k0, w3),
+                                Mat::t(keys, k0, ld),
                                 1.0,
                                 false,
                             );
                         }
-                        for (i, row) in p.chunks_mut(t).enumerate() {
-                            softmax_causal(row, i + 1);
+                        for (i, row) in p.chunks_mut(total).enumerate() {
+                            softmax_causal(row, r.pos0 + i + 1);
                         }
                         let mut oh = vec![0f32; t * hd];
                         for (i0, i1) in causal_blocks(t) {
                             gemm(
-                                (i1 - i0, hd, i1),
+                                (i1 - i0, hd, r.pos0 + i1),
                                 &mut oh,
                                 i0 * hd,
                                 hd,
                                 false,
-                                Mat::rows(&p, i0 * t, t),
-                                Mat::rows(qkv_ref, v0, w3),
+                                Mat::rows(&p, i0 * total, total),
+                                Mat::rows(values, v0, ld),
                                 1.0,
                                 false,
                             );
                         }
-                        (p, oh)
+                        (if keep { p } else { Vec::new() }, oh)
                     })
                     .collect()
             })
             .collect();
-        let mut o = vec![0f32; n * dq];
-        let mut p_all: Vec<Vec<f32>> = vec![Vec::new(); b.rows.len() * h_n];
+        let mut p_all: Vec<Vec<f32>> = vec![Vec::new(); if keep { b.rows.len() * h_n } else { 0 }];
         for (&(ri, kh), heads) in tasks.iter().zip(results) {
             let r = &b.rows[ri];
             for (gi, (p, oh)) in heads.into_iter().enumerate() {
@@ -597,10 +776,14 @@ impl BaseModel {
                     let dst = (r.start + i) * dq + hq * hd;
                     o[dst..dst + hd].copy_from_slice(src);
                 }
-                p_all[ri * h_n + hq] = p;
+                if keep {
+                    p_all[ri * h_n + hq] = p;
+                }
             }
         }
-        let (ao, xa_o) = self.project_train(&o, n, &lw.wo, &[Target::O], l, segs, adapters)?;
+        drop(cached);
+        let (ao, xa_o) =
+            self.project(&o, n, &lw.wo, None, &[Target::O], l, segs, adapters, keep)?;
         xa.extend(xa_o);
         let mut x_mid = ao;
         for_rows(&mut x_mid, hid, |i, r| {
@@ -609,14 +792,16 @@ impl BaseModel {
             }
         });
         let (h2, rinv2) = rms_fwd(&x_mid, HostView::new(&lw.mlp_norm)?.slice(), eps);
-        let (gu, xa_gu) = self.project_train(
+        let (gu, xa_gu) = self.project(
             &h2,
             n,
             &lw.wgate_up,
+            None,
             &[Target::Gate, Target::Up],
             l,
             segs,
             adapters,
+            keep,
         )?;
         xa.extend(xa_gu);
         let mut a = vec![0f32; n * di];
@@ -626,7 +811,17 @@ impl BaseModel {
                 *o = g / (1.0 + (-g).exp()) * u;
             }
         });
-        let (m, xa_d) = self.project_train(&a, n, &lw.wdown, &[Target::Down], l, segs, adapters)?;
+        let (m, xa_d) = self.project(
+            &a,
+            n,
+            &lw.wdown,
+            None,
+            &[Target::Down],
+            l,
+            segs,
+            adapters,
+            keep,
+        )?;
         xa.extend(xa_d);
         let mut x_out = m;
         for_rows(&mut x_out, hid, |i, r| {
@@ -634,13 +829,17 @@ impl BaseModel {
                 *a += b;
             }
         });
+        if !keep {
+            return Ok((x_out, None));
+        }
         Ok((
             x_out,
-            LayerTape {
+            Some(LayerTape {
                 x_in: x,
                 rinv1,
                 h,
                 qkv,
+                qk_pre,
                 p: p_all,
                 o,
                 x_mid,
@@ -649,7 +848,7 @@ impl BaseModel {
                 gu,
                 a,
                 xa,
-            },
+            }),
         ))
     }
 
@@ -954,6 +1153,30 @@ impl BaseModel {
                 let col = row + dq + dkv + kh * hd;
                 dqkv[col..col + hd].copy_from_slice(&dv[i * hd..(i + 1) * hd]);
             }
+        }
+        // Per-head q/k norms: through each head's RMSNorm, back to the projection.
+        if let (Some(pre), Some(qn), Some(kn)) = (&t.qk_pre, &lw.q_norm, &lw.k_norm) {
+            let eps = c.rms_norm_eps as f32;
+            let (qn, kn) = (HostView::new(qn)?, HostView::new(kn)?);
+            let (qn, kn) = (qn.slice(), kn.slice());
+            for_rows(&mut dqkv, w3, |i, row| {
+                let pre_row = &pre[i * w3..(i + 1) * w3];
+                let heads = row[..dq + dkv].chunks_exact_mut(hd);
+                for (hi, (dh, xh)) in heads.zip(pre_row.chunks_exact(hd)).enumerate() {
+                    let w = if hi < h_n { qn } else { kn };
+                    let r = rms_inv(xh, eps);
+                    let dot: f32 = xh
+                        .iter()
+                        .zip(&*dh)
+                        .zip(w)
+                        .map(|((x, g), w)| g * w * x)
+                        .sum();
+                    let coef = r * r * r * dot / hd as f32;
+                    for ((g, x), w) in dh.iter_mut().zip(xh).zip(w) {
+                        *g = *g * w * r - x * coef;
+                    }
+                }
+            });
         }
         let dh = self.project_back(
             &dqkv,

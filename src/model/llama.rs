@@ -13,6 +13,7 @@
 
 use super::batch::{PackedBatch, Segment};
 use super::host_train::HostTape;
+use super::weights::LayerWeights;
 use super::BaseModel;
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPair, LoraWeights, Site, Target};
@@ -154,6 +155,8 @@ struct RowTape {
     k: Tensor,
     v: Tensor,
     p: Tensor,
+    /// With per-head q/k norms: q `[t·h, hd]` and k `[t·kvh, hd]` before them.
+    qk_pre: Option<(Tensor, Tensor)>,
 }
 
 struct LayerTape {
@@ -354,6 +357,7 @@ impl BaseModel {
     #[allow(clippy::too_many_arguments)]
     fn attn_row(
         &self,
+        lw: &LayerWeights,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -372,7 +376,17 @@ impl BaseModel {
         } = self.heads(q)?;
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin = self.sin.narrow(0, pos0, t)?;
-        let q = heads_first(q, t, h, hd)?.unsqueeze(0)?;
+        let (q, k, qk_pre) = match (&lw.q_norm, &lw.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let qp = q.reshape((t * h, hd))?;
+                let kp = k.reshape((t * kvh, hd))?;
+                let qo = self.rms(&qp, qn)?.reshape((t, h * hd))?;
+                let ko = self.rms(&kp, kn)?.reshape((t, kvh * hd))?;
+                (qo, ko, keep.then_some((qp, kp)))
+            }
+            _ => (q.clone(), k.clone(), None),
+        };
+        let q = heads_first(&q, t, h, hd)?.unsqueeze(0)?;
         let q = rope(&q, &cos, &sin)?
             .affine(scale, 0.0)?
             .reshape((kvh, g * t, hd))?;
@@ -416,7 +430,7 @@ impl BaseModel {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t, h * hd))?;
-        let tape = keep.then_some(RowTape { q, k, v, p });
+        let tape = keep.then_some(RowTape { q, k, v, p, qk_pre });
         Ok((o, tape))
     }
 
@@ -480,6 +494,10 @@ impl BaseModel {
             let mut save = keep.then_some(&mut xa);
             let h = self.rms(&x, &lw.attn_norm)?;
             let qkv = h.matmul(&lw.wqkv.t()?)?;
+            let qkv = match &lw.bqkv {
+                Some(bias) => qkv.broadcast_add(bias)?,
+                None => qkv,
+            };
             let mut parts = [
                 qkv.narrow(1, 0, dq)?,
                 qkv.narrow(1, dq, dkv)?,
@@ -505,7 +523,7 @@ impl BaseModel {
                 let vr = v.narrow(0, r.start, r.len)?.contiguous()?;
                 let cache = caches.as_deref_mut().map(|cs| (&mut *cs[ri], l));
                 let (o, rt) =
-                    self.attn_row(&qr, &kr, &vr, past[ri], masks[ri].as_ref(), cache, keep)?;
+                    self.attn_row(lw, &qr, &kr, &vr, past[ri], masks[ri].as_ref(), cache, keep)?;
                 outs.push(o);
                 row_tapes.extend(rt);
             }
@@ -1044,6 +1062,16 @@ impl BaseModel {
             for (r, rt) in batch.rows.iter().zip(&t.rows) {
                 let [dq, dk, dv] =
                     self.attn_row_backward(&d_o.narrow(0, r.start, r.len)?, rt, r.pos0)?;
+                let (dq, dk) = match (&rt.qk_pre, &lw.q_norm, &lw.k_norm) {
+                    (Some((qp, kp)), Some(qn), Some(kn)) => {
+                        let (t, hd) = (r.len, c.head_dim);
+                        let dq = self.rms_backward(qp, qn, &dq.reshape((t * c.num_heads, hd))?)?;
+                        let dk =
+                            self.rms_backward(kp, kn, &dk.reshape((t * c.num_kv_heads, hd))?)?;
+                        (dq.reshape((t, c.q_dim()))?, dk.reshape((t, c.kv_dim()))?)
+                    }
+                    _ => (dq, dk),
+                };
                 dqs.push(dq);
                 dks.push(dk);
                 dvs.push(dv);
@@ -1058,7 +1086,6 @@ impl BaseModel {
                 }
             }
             dx = (dx_mid + self.rms_backward(&t.x_in, &lw.attn_norm, &dh)?)?;
-            let _ = c;
         }
         Ok(grads)
     }

@@ -19,6 +19,28 @@ pub fn tiny(dtype: DType) -> BaseModel {
     BaseModel::random(LlamaConfig::tiny(), 7, dtype).expect("tiny model")
 }
 
+/// The tiny shape in each family: Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k
+/// norms, a head width that is not hidden / heads).
+pub fn tiny_families(dtype: DType) -> Vec<(&'static str, BaseModel)> {
+    use loraplex::model::Arch;
+    let llama = LlamaConfig::tiny();
+    let qwen2 = LlamaConfig {
+        arch: Arch::Qwen2,
+        attention_bias: true,
+        ..LlamaConfig::tiny()
+    };
+    let qwen3 = LlamaConfig {
+        arch: Arch::Qwen3,
+        qk_norm: true,
+        head_dim: 6,
+        ..LlamaConfig::tiny()
+    };
+    [("llama", llama), ("qwen2", qwen2), ("qwen3", qwen3)]
+        .into_iter()
+        .map(|(n, c)| (n, BaseModel::random(c, 7, dtype).expect("tiny model")))
+        .collect()
+}
+
 /// An adapter on every site with random (non-zero) A and B, so every gradient is non-trivial.
 pub fn random_adapter(model: &BaseModel, seed: u64, rank: usize, unembed: bool) -> LoraWeights {
     let cfg = LoraConfig {
