@@ -11,10 +11,8 @@
 //! [`Futures`]' wake-ups exist only while somebody waits on a future.
 
 use super::ids::{FutureId, TenantId};
-use super::sampling::SampleOutput;
-use crate::error::{Category, Error, Result};
-use crate::lora::optim::StepReport;
-use crate::train::WorkResult;
+pub use super::output::{JobFailure, JobOutput};
+use crate::error::{Error, Result};
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,40 +46,6 @@ pub enum JobKind {
     Sample,
     /// A new training model (from scratch or from a checkpoint).
     CreateModel,
-}
-
-/// The result of a finished job.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub enum JobOutput {
-    ForwardBackward(WorkResult),
-    OptimStep(StepReport),
-    Saved {
-        name: String,
-    },
-    Loaded {
-        name: String,
-        model: super::ids::AdapterId,
-    },
-    ModelCreated(super::ids::AdapterId),
-    ModelUnloaded(super::ids::AdapterId),
-    SamplingSession(super::ids::SessionId),
-    Sample(SampleOutput),
-}
-
-/// Why a job failed: a message for the caller and whose fault it was.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct JobFailure {
-    pub message: String,
-    pub category: Category,
-}
-
-impl From<&Error> for JobFailure {
-    fn from(e: &Error) -> Self {
-        JobFailure {
-            message: e.to_string(),
-            category: e.category(),
-        }
-    }
 }
 
 /// Progress of a long job, in tokens.

@@ -31,6 +31,7 @@ pub mod job;
 pub(crate) mod lane;
 pub mod metadata;
 pub mod metrics;
+pub mod output;
 pub mod registry;
 pub mod sampling;
 pub(crate) mod scheduler;

@@ -24,17 +24,18 @@
 //! logprobs before `prompt_logprobs_last_n`, target rows, alternative draws), and never
 //! across sampling sessions, so never across tenants or weights.
 
-use super::future::{Futures, JobFailure, JobOutput};
+use super::future::Futures;
 use super::ids::{FutureId, TenantId};
 use super::metrics::Metrics;
+use super::output::{JobFailure, JobOutput};
+pub use super::output::{SampleOutput, SampledSeq};
 use super::registry::Session;
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::{BaseModel, InferRow, KvCache};
 use crate::sample::prefix_cache::{common_prefix, Owner, PrefixCache};
 use crate::sample::prompt::{
-    AltTokens, PromptAsk, PromptScores, PromptTargets, TargetLogprobs, MAX_PROMPT_ALT_TOKENS,
-    MAX_PROMPT_CELLS,
+    PromptAsk, PromptScores, PromptTargets, MAX_PROMPT_ALT_TOKENS, MAX_PROMPT_CELLS,
 };
 use crate::sample::{choose_with_lse, SamplingParams, StopReason};
 use crate::util::SplitMix64;
@@ -229,39 +230,6 @@ impl SampleRequest {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SampledSeq {
-    pub tokens: Vec<u32>,
-    /// log p(token) under the model (temperature 1, before filtering).
-    pub logprobs: Vec<f32>,
-    /// Per sampled token, the `top_logprobs` most likely (token, logprob), best first.
-    pub top_logprobs: Vec<Vec<(u32, f32)>>,
-    pub stop_reason: StopReason,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SampleOutput {
-    pub sequences: Vec<SampledSeq>,
-    /// With `prompt_logprobs`: for prompt tokens 1.., log p(token | earlier tokens).
-    pub prompt_logprobs: Option<Vec<f32>>,
-    /// With `prompt_top_logprobs`: per prompt position after the first, the most likely
-    /// (token, logprob), best first.
-    pub prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
-    /// The request's `prompt_logprobs_last_n`, for rendering (see [`SampleRequest`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_logprobs_last_n: Option<usize>,
-    /// With `target_prompt_logprobs`: the logprob of each id it named, in its layout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_prompt_logprobs: Option<TargetLogprobs>,
-    /// With `prompt_alt_tokens_k`: the draws and their logprobs, `[len(prompt) - 1, k]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_alt_tokens: Option<AltTokens>,
-    /// Prompt tokens whose KV came from the prefix cache: counted once for the request, as
-    /// its samples share one prompt.
-    #[serde(default)]
-    pub prompt_cache_hit_tokens: usize,
 }
 
 pub(crate) struct SampleJob {
