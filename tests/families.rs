@@ -392,6 +392,15 @@ fn every_format_loads_the_same_weights() {
     )
     .unwrap();
     assert_same_weights(&hf, &gguf, "llama3 vs llama3.gguf");
+    // The GGUF's byte-level BPE (tokens, merges, control tokens) encodes as tokenizer.json.
+    let text = "Hello, world! <|im_start|>def f(x): return 42 * x<|im_end|> naïve";
+    for fam in ["llama3", "qwen2"] {
+        let (a, b) = (load(&d.join(fam)), load(&d.join(format!("{fam}.gguf"))));
+        let ids = a.tokenizer().unwrap().encode(text).unwrap();
+        assert_eq!(ids, b.tokenizer().unwrap().encode(text).unwrap(), "{fam}");
+        assert!(ids.contains(&a.tokenizer().unwrap().token_to_id("<|im_start|>").unwrap()));
+    }
+
     // The families' distinguishing parts are really there.
     let q2 = load(&d.join("qwen2"));
     assert!(q2.weights.layers.iter().all(|l| l.bqkv.is_some()));
