@@ -1,10 +1,13 @@
-//! The frozen base weights and where they come from: GGUF files (dequantized), Hugging Face
-//! safetensors directories, or a seeded random tiny model. Owns tensor naming and layout
-//! (fused QKV and gate/up matrices, GGUF's RoPE row permutation undone). Never computes.
+//! The frozen base weights and where they come from: GGUF files (architectures llama, qwen2,
+//! qwen3; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K dequantized at load),
+//! Hugging Face safetensors directories (one file or an index of shards; f32, bf16, f16), or
+//! a seeded random tiny model. Owns tensor naming and layout (fused QKV and gate/up
+//! matrices, q/k/v biases stacked the same way, GGUF's llama RoPE row permutation undone)
+//! and refuses any tensor or type it would not use. Never computes.
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use crate::error::{Error, Result};
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -61,97 +64,281 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-fn meta<'a>(c: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
-    c.metadata
-        .get(key)
-        .ok_or_else(|| Error::load(path, format!("missing GGUF metadata {key}")))
+/// GGUF tensor types dequantized at load, with llama.cpp's names. Anything else is refused.
+const GGUF_DTYPES: [(GgmlDType, &str); 9] = [
+    (GgmlDType::F32, "F32"),
+    (GgmlDType::F16, "F16"),
+    (GgmlDType::BF16, "BF16"),
+    (GgmlDType::Q8_0, "Q8_0"),
+    (GgmlDType::Q4_0, "Q4_0"),
+    (GgmlDType::Q4_1, "Q4_1"),
+    (GgmlDType::Q4K, "Q4_K"),
+    (GgmlDType::Q5K, "Q5_K"),
+    (GgmlDType::Q6K, "Q6_K"),
+];
+
+/// llama.cpp's name of a GGUF tensor type.
+fn ggml_name(d: GgmlDType) -> String {
+    let other = match d {
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q8K => "Q8_K",
+        _ => "",
+    };
+    GGUF_DTYPES
+        .iter()
+        .find(|(t, _)| *t == d)
+        .map(|(_, n)| *n)
+        .unwrap_or(other)
+        .to_owned()
 }
 
-fn meta_usize(c: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
-    let v = meta(c, key, path)?;
-    v.to_u32()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u64().map(|x| x as usize))
-        .map_err(|e| Error::load(path, format!("{key}: {e}")))
+/// An open GGUF file: its metadata, and its tensors read one at a time, dequantized.
+pub struct GgufFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    content: gguf_file::Content,
 }
 
-fn meta_f32(c: &gguf_file::Content, key: &str) -> Option<f32> {
-    c.metadata.get(key).and_then(|v| v.to_f32().ok())
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::load(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            // candle refuses tensor types it cannot even parse (IQ*, ...) here.
+            Error::load(
+                path,
+                format!("unreadable GGUF (or a tensor type not supported): {e}"),
+            )
+        })?;
+        Ok(GgufFile {
+            path: path.to_owned(),
+            file,
+            content,
+        })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Names of every tensor in the file.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// One tensor, dequantized to `dtype`: refused unless its type is one of F32, F16, BF16,
+    /// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K.
+    pub fn tensor(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name}")))?;
+        if !GGUF_DTYPES.iter().any(|(t, _)| *t == info.ggml_dtype) {
+            return Err(Error::Unsupported(format!(
+                "GGUF tensor {name} has type {}: only {} are implemented",
+                ggml_name(info.ggml_dtype),
+                GGUF_DTYPES.map(|(_, n)| n).join(", ")
+            )));
+        }
+        // Dequantize on the CPU (every type has a CPU kernel), then move.
+        let q = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| Error::load(&self.path, format!("tensor {name}: {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+
+    fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::load(&self.path, format!("missing GGUF metadata {key}")))
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key)?;
+        v.to_u32()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u64().map(|x| x as usize))
+            .or_else(|_| v.to_i32().map(|x| x.max(0) as usize))
+            .map_err(|e| Error::load(&self.path, format!("{key}: {e}")))
+    }
+
+    fn meta_opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        if self.content.metadata.contains_key(key) {
+            self.meta_usize(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.content.metadata.get(key).and_then(|v| v.to_f32().ok())
+    }
+
+    fn meta_string(&self, key: &str) -> Option<String> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok().cloned())
+    }
+
+    fn meta_strings(&self, key: &str) -> Option<Vec<String>> {
+        let arr = self.content.metadata.get(key)?.to_vec().ok()?;
+        arr.iter().map(|v| v.to_string().ok().cloned()).collect()
+    }
 }
 
-fn meta_strings(c: &gguf_file::Content, key: &str) -> Option<Vec<String>> {
-    let arr = c.metadata.get(key)?.to_vec().ok()?;
-    arr.iter().map(|v| v.to_string().ok().cloned()).collect()
-}
-
-/// Load a Llama-architecture GGUF file, dequantizing every tensor to `dtype`.
+/// Load a GGUF file of architecture llama, qwen2 or qwen3, dequantizing every tensor to
+/// `dtype`. Llama's Q/K rows are un-permuted (llama.cpp permutes them for its interleaved
+/// RoPE); qwen2/qwen3 are converted with NEOX RoPE, which is Hugging Face's, so their rows
+/// are kept. Every tensor in the file must be used: one we do not know would change the math.
 pub fn load_gguf(
     path: &Path,
     device: &Device,
     dtype: DType,
 ) -> Result<(LlamaConfig, BaseWeights, TokenizerSource)> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::load(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| Error::load(path, e))?;
-    let arch = meta(&content, "general.architecture", path)?
-        .to_string()
-        .map_err(|e| Error::load(path, e))?
-        .clone();
-    if arch != "llama" {
+    let mut g = GgufFile::open(path)?;
+    let arch_name = g
+        .meta_string("general.architecture")
+        .ok_or_else(|| Error::load(path, "missing GGUF metadata general.architecture"))?;
+    let arch = match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "GGUF architecture {other:?}: llama, qwen2 and qwen3 are implemented"
+            )))
+        }
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let hidden = g.meta_usize(&key("embedding_length"))?;
+    let heads = g.meta_usize(&key("attention.head_count"))?;
+    let tokens = g.meta_strings("tokenizer.ggml.tokens");
+    let vocab = match g.meta_opt_usize(&key("vocab_size"))? {
+        Some(v) => v,
+        None => tokens.as_ref().map(|t| t.len()).unwrap_or(0),
+    };
+    let head_dim = match g.meta_opt_usize(&key("attention.key_length"))? {
+        Some(d) => d,
+        None => g
+            .meta_opt_usize(&key("rope.dimension_count"))?
+            .unwrap_or(hidden / heads.max(1)),
+    };
+    for k in ["attention.value_length", "rope.dimension_count"] {
+        if let Some(d) = g.meta_opt_usize(&key(k))? {
+            if d != head_dim {
+                return Err(Error::Unsupported(format!(
+                    "GGUF {} = {d} differs from the head size {head_dim} (partial RoPE or \
+                     distinct value heads are not implemented)",
+                    key(k)
+                )));
+            }
+        }
+    }
+    if let Some(t) = g.meta_string(&key("rope.scaling.type")) {
+        if t != "none" {
+            return Err(Error::Unsupported(format!(
+                "GGUF {} = {t:?}: only unscaled RoPE and llama3's rope_freqs are implemented",
+                key("rope.scaling.type")
+            )));
+        }
+    }
+    if let Some(n) = g.meta_opt_usize(&key("attention.sliding_window"))? {
         return Err(Error::Unsupported(format!(
-            "GGUF architecture {arch:?}: only llama is implemented"
+            "GGUF {} = {n}: sliding-window attention is not implemented",
+            key("attention.sliding_window")
         )));
     }
-    let m = |k: &str| meta_usize(&content, &format!("llama.{k}"), path);
-    let hidden = m("embedding_length")?;
-    let heads = m("attention.head_count")?;
-    let tokens = meta_strings(&content, "tokenizer.ggml.tokens");
-    let vocab = match m("vocab_size") {
-        Ok(v) => v,
-        Err(_) => tokens.as_ref().map(|t| t.len()).unwrap_or(0),
+    let has_output = g.has("output.weight");
+    let mut used: std::collections::HashSet<String> = Default::default();
+    let rope_freq_factors = if g.has("rope_freqs.weight") {
+        used.insert("rope_freqs.weight".into());
+        let f = g.tensor("rope_freqs.weight", &Device::Cpu, DType::F32)?;
+        let f: Vec<f32> = f.flatten_all()?.to_vec1()?;
+        if f.len() != head_dim / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+            return Err(Error::load(
+                path,
+                format!(
+                    "rope_freqs.weight has {} entries, expected {} positive ones",
+                    f.len(),
+                    head_dim / 2
+                ),
+            ));
+        }
+        Some(f)
+    } else {
+        None
     };
-    let has_output = content.tensor_infos.contains_key("output.weight");
     let cfg = LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,
-        intermediate_size: m("feed_forward_length")?,
-        num_layers: m("block_count")?,
+        intermediate_size: g.meta_usize(&key("feed_forward_length"))?,
+        num_layers: g.meta_usize(&key("block_count"))?,
         num_heads: heads,
-        num_kv_heads: m("attention.head_count_kv").unwrap_or(heads),
-        head_dim: m("rope.dimension_count").unwrap_or(hidden / heads.max(1)),
-        rope_theta: meta_f32(&content, "llama.rope.freq_base").unwrap_or(10000.0),
-        rms_norm_eps: meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5)
-            as f64,
-        max_position_embeddings: m("context_length").unwrap_or(2048),
+        num_kv_heads: g
+            .meta_opt_usize(&key("attention.head_count_kv"))?
+            .unwrap_or(heads),
+        head_dim,
+        rope_theta: g.meta_f32(&key("rope.freq_base")).unwrap_or(10000.0),
+        // GGUF stores the config's decimal as f32: read back that decimal, not the f32.
+        rms_norm_eps: g
+            .meta_f32(&key("attention.layer_norm_rms_epsilon"))
+            .map_or(1e-5, |x| x.to_string().parse().unwrap_or(x as f64)),
+        max_position_embeddings: g.meta_opt_usize(&key("context_length"))?.unwrap_or(2048),
         tie_word_embeddings: !has_output,
         rope_llama3: None,
-        rope_freq_factors: None,
-        arch: super::config::Arch::Llama,
-        attention_bias: false,
-        qk_norm: false,
+        rope_freq_factors,
+        arch,
+        attention_bias: arch == Arch::Qwen2,
+        qk_norm: arch == Arch::Qwen3,
     };
     cfg.validate()?;
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(Error::Unsupported(
-            "GGUF with rope_freqs (Llama 3.1 RoPE scaling): load the Hugging Face directory instead"
-                .into(),
-        ));
-    }
 
     let mut get = |name: &str| -> Result<Tensor> {
-        let q = content
-            .tensor(&mut file, name, device)
-            .map_err(|e| Error::load(path, format!("tensor {name}: {e}")))?;
-        Ok(q.dequantize(device)?.to_dtype(dtype)?)
+        used.insert(name.to_owned());
+        g.tensor(name, device, dtype)
     };
     let embed = get("token_embd.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = |s: &str| format!("blk.{i}.{s}");
-        let q = unpermute_rows(&get(&p("attn_q.weight"))?, cfg.num_heads)?;
-        let k = unpermute_rows(&get(&p("attn_k.weight"))?, cfg.num_kv_heads)?;
+        let mut q = get(&p("attn_q.weight"))?;
+        let mut k = get(&p("attn_k.weight"))?;
+        if arch == Arch::Llama {
+            q = unpermute_rows(&q, cfg.num_heads)?;
+            k = unpermute_rows(&k, cfg.num_kv_heads)?;
+        }
         let v = get(&p("attn_v.weight"))?;
         let gate = get(&p("ffn_gate.weight"))?;
         let up = get(&p("ffn_up.weight"))?;
+        let bqkv = if cfg.attention_bias {
+            let (bq, bk, bv) = (
+                get(&p("attn_q.bias"))?,
+                get(&p("attn_k.bias"))?,
+                get(&p("attn_v.bias"))?,
+            );
+            Some(Tensor::cat(&[&bq, &bk, &bv], 0)?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(get(&p("attn_q_norm.weight"))?),
+                Some(get(&p("attn_k_norm.weight"))?),
+            )
+        } else {
+            (None, None)
+        };
         layers.push(LayerWeights {
             attn_norm: get(&p("attn_norm.weight"))?,
             wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
@@ -159,9 +346,9 @@ pub fn load_gguf(
             mlp_norm: get(&p("ffn_norm.weight"))?,
             wgate_up: Tensor::cat(&[&gate, &up], 0)?,
             wdown: get(&p("ffn_down.weight"))?,
-            bqkv: None,
-            q_norm: None,
-            k_norm: None,
+            bqkv,
+            q_norm,
+            k_norm,
         });
     }
     let final_norm = get("output_norm.weight")?;
@@ -170,6 +357,12 @@ pub fn load_gguf(
     } else {
         embed.clone()
     };
+    if let Some(extra) = g.names().into_iter().find(|n| !used.contains(n)) {
+        return Err(Error::Unsupported(format!(
+            "GGUF tensor {extra} is not part of the {arch_name} architecture as implemented \
+             (biases other than qwen2's q/k/v, extra norms, ...)"
+        )));
+    }
     let weights = BaseWeights {
         embed,
         layers,
@@ -178,29 +371,114 @@ pub fn load_gguf(
     };
     check_shapes(&cfg, &weights).map_err(|e| Error::load(path, e))?;
 
-    let id = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
-    let token_types = content
+    let id = |k: &str| g.content.metadata.get(k).and_then(|v| v.to_u32().ok());
+    let token_types = g
+        .content
         .metadata
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok())
         .map(|a| a.iter().map(|x| x.to_i32().unwrap_or(1)).collect());
     let tok = TokenizerSource {
         gguf_tokens: tokens,
-        gguf_merges: meta_strings(&content, "tokenizer.ggml.merges"),
+        gguf_merges: g.meta_strings("tokenizer.ggml.merges"),
         gguf_token_types: token_types,
         tokenizer_json: None,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
-        chat_template: content
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok().cloned()),
+        chat_template: g.meta_string("tokenizer.chat_template"),
         special_names: (None, None),
     };
     Ok((cfg, weights, tok))
 }
 
-/// Load a Hugging Face Llama directory: `config.json`, `*.safetensors`, `tokenizer.json`.
+/// The safetensors files of a Hugging Face directory: exactly the shards that
+/// `model.safetensors.index.json` names, else `model.safetensors`.
+fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::load(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::load(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::load(&index, "no weight_map object"))?;
+        let mut files = std::collections::BTreeSet::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                Error::load(&index, format!("weight_map.{name} is not a file name"))
+            })?;
+            // Shards are plain names in the directory, never paths out of it.
+            if f.contains('/') || f.contains('\\') || f == ".." {
+                return Err(Error::load(
+                    &index,
+                    format!("weight_map.{name}: shard {f:?} is not a file name"),
+                ));
+            }
+            files.insert(f.to_owned());
+        }
+        let mut out = Vec::new();
+        for f in files {
+            let p = dir.join(&f);
+            if !p.is_file() {
+                return Err(Error::load(
+                    dir,
+                    format!("missing shard {f} named by model.safetensors.index.json"),
+                ));
+            }
+            out.push(p);
+        }
+        if out.is_empty() {
+            return Err(Error::load(&index, "weight_map names no shard"));
+        }
+        return Ok(out);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::load(
+        dir,
+        "neither model.safetensors nor model.safetensors.index.json",
+    ))
+}
+
+/// Read safetensors files, converting f32, bf16 and f16 tensors to `dtype`; any other
+/// stored dtype is refused naming it and the tensor.
+fn read_safetensors(
+    files: &[std::path::PathBuf],
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    use safetensors::Dtype;
+    let mut tensors = HashMap::new();
+    for f in files {
+        let bytes = std::fs::read(f).map_err(|e| Error::load(f, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::load(f, e))?;
+        for (name, view) in st.iter() {
+            match view.dtype() {
+                Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "safetensors tensor {name} in {} has dtype {other:?}: only F32, BF16 \
+                         and F16 are implemented",
+                        f.display()
+                    )))
+                }
+            }
+            let t = view
+                .load(&Device::Cpu)
+                .map_err(|e| Error::load(f, format!("tensor {name}: {e}")))?;
+            tensors.insert(name.to_owned(), t.to_dtype(dtype)?.to_device(device)?);
+        }
+    }
+    Ok(tensors)
+}
+
+/// Load a Hugging Face directory of a llama, qwen2 or qwen3 model: `config.json`, the
+/// safetensors (one file or the shards of an index), `tokenizer.json`. Every tensor must be
+/// used, as for GGUF.
 pub fn load_hf_dir(
     dir: &Path,
     device: &Device,
@@ -211,24 +489,12 @@ pub fn load_hf_dir(
     let hf: super::config::HfConfig =
         serde_json::from_str(&cfg_text).map_err(|e| Error::load(dir, e))?;
     let cfg = hf.into_config()?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::load(dir, "no *.safetensors files"));
-    }
-    for f in files {
-        let part = candle_core::safetensors::load(&f, device).map_err(|e| Error::load(&f, e))?;
-        tensors.extend(part);
-    }
+    let files = safetensors_files(dir)?;
+    let mut tensors = read_safetensors(&files, device, dtype)?;
     let mut get = |name: &str| -> Result<Tensor> {
-        let t = tensors
+        tensors
             .remove(name)
-            .ok_or_else(|| Error::load(dir, format!("missing tensor {name}")))?;
-        Ok(t.to_dtype(dtype)?)
+            .ok_or_else(|| Error::load(dir, format!("missing tensor {name}")))
     };
     let embed = get("model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -239,6 +505,24 @@ pub fn load_hf_dir(
         let v = get(&p("self_attn.v_proj.weight"))?;
         let gate = get(&p("mlp.gate_proj.weight"))?;
         let up = get(&p("mlp.up_proj.weight"))?;
+        let bqkv = if cfg.attention_bias {
+            let (bq, bk, bv) = (
+                get(&p("self_attn.q_proj.bias"))?,
+                get(&p("self_attn.k_proj.bias"))?,
+                get(&p("self_attn.v_proj.bias"))?,
+            );
+            Some(Tensor::cat(&[&bq, &bk, &bv], 0)?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(get(&p("self_attn.q_norm.weight"))?),
+                Some(get(&p("self_attn.k_norm.weight"))?),
+            )
+        } else {
+            (None, None)
+        };
         layers.push(LayerWeights {
             attn_norm: get(&p("input_layernorm.weight"))?,
             wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
@@ -246,17 +530,27 @@ pub fn load_hf_dir(
             mlp_norm: get(&p("post_attention_layernorm.weight"))?,
             wgate_up: Tensor::cat(&[&gate, &up], 0)?,
             wdown: get(&p("mlp.down_proj.weight"))?,
-            bqkv: None,
-            q_norm: None,
-            k_norm: None,
+            bqkv,
+            q_norm,
+            k_norm,
         });
     }
     let final_norm = get("model.norm.weight")?;
     let lm_head = if cfg.tie_word_embeddings {
+        // transformers ties a stored lm_head to the embeddings anyway.
+        tensors.remove("lm_head.weight");
         embed.clone()
     } else {
         get("lm_head.weight")?
     };
+    // Old checkpoints store RoPE's inverse frequencies; they are recomputed from the config.
+    tensors.retain(|n, _| !n.ends_with("rotary_emb.inv_freq"));
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::Unsupported(format!(
+            "tensor {extra} is not part of the {} architecture as implemented",
+            cfg.arch.name()
+        )));
+    }
     let weights = BaseWeights {
         embed,
         layers,
@@ -292,6 +586,12 @@ pub fn load_hf_dir(
 /// Write weights in Hugging Face layout (`config.json` + `model.safetensors`), the inverse of
 /// [`load_hf_dir`]. Used to convert a GGUF into a directory and by tests.
 pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()> {
+    if cfg.rope_freq_factors.is_some() {
+        // config.json has no key for free-form per-frequency factors.
+        return Err(Error::Unsupported(
+            "saving a model with GGUF rope_freqs as a Hugging Face directory".into(),
+        ));
+    }
     std::fs::create_dir_all(dir)?;
     let mut out: HashMap<String, Tensor> = HashMap::new();
     let f32c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
@@ -300,18 +600,24 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
     for (l, lw) in w.layers.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{l}.{s}");
         out.insert(p("input_layernorm.weight"), f32c(&lw.attn_norm)?);
-        out.insert(
-            p("self_attn.q_proj.weight"),
-            f32c(&lw.wqkv.narrow(0, 0, q)?)?,
-        );
-        out.insert(
-            p("self_attn.k_proj.weight"),
-            f32c(&lw.wqkv.narrow(0, q, kv)?)?,
-        );
-        out.insert(
-            p("self_attn.v_proj.weight"),
-            f32c(&lw.wqkv.narrow(0, q + kv, kv)?)?,
-        );
+        for (name, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
+            out.insert(
+                p(&format!("self_attn.{name}_proj.weight")),
+                f32c(&lw.wqkv.narrow(0, start, len)?)?,
+            );
+            if let Some(b) = &lw.bqkv {
+                out.insert(
+                    p(&format!("self_attn.{name}_proj.bias")),
+                    f32c(&b.narrow(0, start, len)?)?,
+                );
+            }
+        }
+        if let Some(n) = &lw.q_norm {
+            out.insert(p("self_attn.q_norm.weight"), f32c(n)?);
+        }
+        if let Some(n) = &lw.k_norm {
+            out.insert(p("self_attn.k_norm.weight"), f32c(n)?);
+        }
         out.insert(p("self_attn.o_proj.weight"), f32c(&lw.wo)?);
         out.insert(p("post_attention_layernorm.weight"), f32c(&lw.mlp_norm)?);
         out.insert(
@@ -332,11 +638,27 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
     save_hf_config(cfg, dir)
 }
 
-/// Write `config.json` for these shapes (what `AutoConfig` and `AutoTokenizer` read).
+/// Write `config.json` for these shapes (what `AutoConfig` and `AutoTokenizer` read), in
+/// the classic layout (`rope_theta` and `rope_scaling` at the top level, as on the Hub).
+/// GGUF `rope_freqs` factors have no key there and are left out.
 pub fn save_hf_config(cfg: &LlamaConfig, dir: &Path) -> Result<()> {
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let class = match cfg.arch {
+        Arch::Llama => "LlamaForCausalLM",
+        Arch::Qwen2 => "Qwen2ForCausalLM",
+        Arch::Qwen3 => "Qwen3ForCausalLM",
+    };
+    let rope_scaling = cfg.rope_llama3.map(|r| {
+        serde_json::json!({
+            "rope_type": "llama3",
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        })
+    });
+    let mut config = serde_json::json!({
+        "architectures": [class],
+        "model_type": cfg.arch.name(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -345,12 +667,17 @@ pub fn save_hf_config(cfg: &LlamaConfig, dir: &Path) -> Result<()> {
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
         "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
         "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     });
+    if cfg.arch != Arch::Qwen2 {
+        // Qwen2 always has q/k/v biases; the others have none (ours never have o biases).
+        config["attention_bias"] = serde_json::Value::Bool(false);
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config).map_err(|e| Error::load(dir, e))?,
@@ -446,6 +773,18 @@ fn check_shapes(cfg: &LlamaConfig, w: &BaseWeights) -> std::result::Result<(), S
             &l.wdown,
             &[h, cfg.intermediate_size],
         )?;
+        if let Some(b) = &l.bqkv {
+            want(
+                &format!("layer {i} q/k/v bias"),
+                b,
+                &[cfg.q_dim() + 2 * cfg.kv_dim()],
+            )?;
+        }
+        for (name, n) in [("q norm", &l.q_norm), ("k norm", &l.k_norm)] {
+            if let Some(n) = n {
+                want(&format!("layer {i} {name}"), n, &[cfg.head_dim])?;
+            }
+        }
     }
     Ok(())
 }
