@@ -262,6 +262,11 @@ pub struct SampleOutput {
     /// its samples share one prompt.
     #[serde(default)]
     pub prompt_cache_hit_tokens: usize,
+    /// The served base model that sampled it, by name: its tokens are that base's
+    /// (a text rendering decodes them with its tokenizer). `None` in results stored before
+    /// a server had several bases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
 }
 
 pub(crate) struct SampleJob {
@@ -273,6 +278,8 @@ pub(crate) struct SampleJob {
 }
 
 pub(crate) struct SamplerCtx {
+    /// The served base this lane samples from, by name, and the model.
+    pub base: String,
     pub model: Arc<BaseModel>,
     pub futures: Arc<Futures>,
     pub metrics: Arc<Metrics>,
@@ -849,6 +856,7 @@ impl Sampler {
             target_prompt_logprobs: targets,
             prompt_alt_tokens: alt,
             prompt_cache_hit_tokens: acc.cache_hit,
+            base_model: Some(self.ctx.base.clone()),
         };
         if let Some(r) = &acc.job.req.recorder {
             r.record(&acc.job.future, &acc.job.req.prompt, &out);
