@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | model file or HF directory | `LORAPLEX_MODEL_PATH` | `models/SmolLM2-135M-Instruct.Q4_1.gguf` |
 //! | served model name | `LORAPLEX_MODEL_NAME` | `HuggingFaceTB/SmolLM2-135M-Instruct` |
+//! | several base models (`--model NAME=PATH`, repeated), in place of the two above | `LORAPLEX_MODELS` (`NAME=PATH,NAME=PATH`) | none |
 //! | elementwise threads | `CANDLE_NUM_THREADS` | 1 (see [`init_compute_threads`]) |
 //! | matmul threads | `RAYON_NUM_THREADS` | available cores |
 //! | plugin loss deadline | `LORAPLEX_PLUGIN_LOSS_DEADLINE_MS` | 2000 |
@@ -73,6 +74,95 @@ pub struct ModelArgs {
     /// The name clients use for the base model.
     #[arg(long, env = "LORAPLEX_MODEL_NAME", default_value = DEFAULT_MODEL_NAME)]
     pub model_name: String,
+}
+
+/// One served base model: the name clients use (`base_model`) and its `.gguf` file or
+/// Hugging Face directory. Parsed from `NAME=PATH` (split at the first `=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() => {
+                Ok(ModelSpec {
+                    name: name.trim().to_owned(),
+                    path: PathBuf::from(path.trim()),
+                })
+            }
+            _ => Err(format!("{s:?}: expected NAME=PATH")),
+        }
+    }
+}
+
+/// The base models `loraplex serve` serves: `--model NAME=PATH`, repeated, or else the one
+/// of `--model-path` and `--model-name`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServedModels {
+    #[command(flatten)]
+    pub single: ModelArgs,
+    /// A base model to serve, as `NAME=PATH` (the name clients pass as `base_model`; a
+    /// `.gguf` file or a Hugging Face directory). Repeat it to serve several: every
+    /// training run and sampling session picks one by name, and adapters batch only with
+    /// others of their own base. The first is the default (REST routes' `"base"`). Given,
+    /// it replaces `--model-path` and `--model-name`. In the env var, separate entries
+    /// with commas.
+    #[arg(
+        long = "model",
+        env = "LORAPLEX_MODELS",
+        value_name = "NAME=PATH",
+        value_delimiter = ','
+    )]
+    pub models: Vec<ModelSpec>,
+}
+
+impl ServedModels {
+    /// What to serve, the default first: the `--model` entries, else the single model.
+    /// Refused: a name given twice.
+    pub fn specs(&self) -> crate::error::Result<Vec<ModelSpec>> {
+        if self.models.is_empty() {
+            return Ok(vec![ModelSpec {
+                name: self.single.model_name.clone(),
+                path: self.single.model_path.clone(),
+            }]);
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if self.models[..i].iter().any(|o| o.name == m.name) {
+                return Err(crate::error::Error::invalid(
+                    "--model",
+                    format!("base model {:?} is named twice", m.name),
+                ));
+            }
+        }
+        Ok(self.models.clone())
+    }
+}
+
+impl From<ModelArgs> for ServedModels {
+    fn from(single: ModelArgs) -> Self {
+        ServedModels {
+            single,
+            models: Vec::new(),
+        }
+    }
+}
+
+impl From<Vec<ModelSpec>> for ServedModels {
+    /// Serve `models` (at least one), the first as the default.
+    fn from(models: Vec<ModelSpec>) -> Self {
+        ServedModels {
+            single: ModelArgs {
+                model_path: DEFAULT_MODEL_PATH.into(),
+                model_name: DEFAULT_MODEL_NAME.into(),
+            },
+            models,
+        }
+    }
 }
 
 /// Run candle's elementwise ops on the calling thread (`CANDLE_NUM_THREADS=1`) unless the

@@ -1,4 +1,5 @@
-//! loraplex: many tenants fine-tune their own LoRA adapters on one shared base model.
+//! loraplex: many tenants fine-tune their own LoRA adapters on one shared base model (or
+//! on any of several served side by side, each run and sampling session naming its own).
 //!
 //! The parts, in the order a training request passes through them:
 //! - [`model`]: the frozen base model (Llama family): weights, tokenizer, chat template, and
@@ -10,7 +11,8 @@
 //!   prompt's logits, and the prefix cache of prompt KV.
 //! - [`plugins`]: the wasmtime host for tenants' loss and sampler components (`wit/`).
 //! - [`jobs`]: the job engine: futures, per-model ordering, the scheduler that batches
-//!   many tenants' work into multi-adapter passes, worker lanes, the sampling engine.
+//!   many tenants' work into multi-adapter passes (one base model per pass), worker
+//!   lanes, the sampling engine (a lane per base).
 //! - [`api`]: the HTTP server: the Tinker SDK's wire protocol, the seed's REST routes,
 //!   plugin upload, metrics; [`auth`]: API keys and tenants; [`quota`]: what each tenant
 //!   may hold and how fast it may call.

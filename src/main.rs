@@ -16,12 +16,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve the HTTP API (Tinker SDK protocol and REST routes) on the base model.
+    /// Serve the HTTP API (Tinker SDK protocol and REST routes) on one base model, or on
+    /// several (`--model NAME=PATH`, repeated).
     Serve {
         #[command(flatten)]
         serve: loraplex::config::ServeConfig,
         #[command(flatten)]
-        model: ModelArgs,
+        model: loraplex::config::ServedModels,
         #[command(flatten)]
         engine: loraplex::config::EngineConfig,
     },

@@ -393,6 +393,7 @@ fn every_output() -> Vec<JobOutput> {
                 logprobs: vec![-1.5, -0.25],
             }),
             prompt_cache_hit_tokens: 1,
+            base_model: Some("tiny-a".into()),
         }),
         JobOutput::Sample(SampleOutput {
             sequences: vec![],
@@ -402,6 +403,7 @@ fn every_output() -> Vec<JobOutput> {
             target_prompt_logprobs: None,
             prompt_alt_tokens: None,
             prompt_cache_hit_tokens: 0,
+            base_model: None,
         }),
     ]
 }

@@ -26,7 +26,7 @@ pub mod tinker;
 pub mod usage;
 
 use crate::auth::Auth;
-use crate::config::{EngineConfig, ModelArgs, PluginLimits, ServeConfig};
+use crate::config::{EngineConfig, PluginLimits, ServeConfig, ServedModels};
 use crate::error::{Error, Result};
 use crate::jobs::{Engine, ModelLoader};
 use crate::model::BaseModel;
@@ -43,8 +43,6 @@ pub struct AppState {
     pub engine: Engine,
     pub cfg: ServeConfig,
     pub auth: Auth,
-    /// The name clients use for the base model.
-    pub model_name: String,
     pub plugins: plugins::PluginStore,
     pub tinker: tinker::TinkerState,
     pub metrics: ops::HttpMetrics,
@@ -64,7 +62,6 @@ impl AppState {
         engine: Engine,
         cfg: ServeConfig,
         auth: Auth,
-        model_name: String,
         limits: PluginLimits,
         durable: Option<Arc<Durable>>,
     ) -> Result<Shared> {
@@ -80,7 +77,6 @@ impl AppState {
             engine,
             cfg,
             auth,
-            model_name,
             plugins,
             tinker: tinker::TinkerState::new(records),
             metrics: ops::HttpMetrics::default(),
@@ -164,15 +160,17 @@ async fn request_span(State(state): State<Shared>, req: Request, next: Next) -> 
 }
 
 /// Build the engine and state from settings: open the data directory (database,
-/// checkpoints, plugins), load the base model, and bring back what a previous run left
-/// (models at their newest checkpoint, checkpoints, sessions, plugins; unfinished futures
-/// fail with category server).
+/// checkpoints, plugins), load every served base model, and bring back what a previous
+/// run left (models at their newest checkpoint on their own base, checkpoints, sessions,
+/// plugins; unfinished futures fail with category server). `models`: a [`ServedModels`],
+/// or the one model of a [`crate::config::ModelArgs`].
 pub async fn build(
     serve: ServeConfig,
-    model: ModelArgs,
+    models: impl Into<ServedModels>,
     engine_cfg: EngineConfig,
 ) -> Result<(Shared, Router)> {
     crate::failpoint::arm_from_env();
+    let specs = models.into().specs()?;
     let mut overrides = std::collections::HashMap::new();
     let auth = match &serve.keys_file {
         Some(p) => {
@@ -188,26 +186,33 @@ pub async fn build(
             Auth::Development
         }
     };
-    let path = model.model_path.clone();
-    let name = model.model_name.clone();
-    let loader: ModelLoader = Arc::new(move || {
-        let t = Instant::now();
-        tracing::info!(path = %path.display(), "loading the base model");
-        let (dev, dt) = crate::model::default_device();
-        let m = BaseModel::load(&path, &name, &dev, dt)?;
-        tracing::info!(
-            seconds = t.elapsed().as_secs_f32(),
-            layers = m.config.num_layers,
-            vocab = m.config.vocab_size,
-            "base model loaded"
-        );
-        Ok(Arc::new(m))
-    });
+    let bases: Vec<(String, ModelLoader)> = specs
+        .iter()
+        .map(|spec| {
+            let (path, name) = (spec.path.clone(), spec.name.clone());
+            let loader: ModelLoader = Arc::new(move || {
+                let t = Instant::now();
+                tracing::info!(base = %name, path = %path.display(), "loading a base model");
+                let (dev, dt) = crate::model::default_device();
+                let m = BaseModel::load(&path, &name, &dev, dt)?;
+                tracing::info!(
+                    base = %name,
+                    seconds = t.elapsed().as_secs_f32(),
+                    layers = m.config.num_layers,
+                    vocab = m.config.vocab_size,
+                    weight_bytes = m.weight_bytes(),
+                    "base model loaded"
+                );
+                Ok(Arc::new(m))
+            });
+            (spec.name.clone(), loader)
+        })
+        .collect();
     std::fs::create_dir_all(&serve.data_dir)?;
     // Opening waits on the database: off tokio's workers.
     let (dir, name, every) = (
         serve.data_dir.clone(),
-        model.model_name.clone(),
+        specs[0].name.clone(),
         serve.auto_checkpoint_steps,
     );
     let store_cfg = FutureStoreConfig {
@@ -231,19 +236,21 @@ pub async fn build(
         );
     }
     let persist: Arc<dyn crate::jobs::registry::Persist> = durable.clone();
-    let engine = Engine::start_durable(engine_cfg, loader, Arc::new(futures), Some(persist))?;
+    let engine = Engine::start_bases(engine_cfg, bases, Arc::new(futures), Some(persist))?;
     engine.quotas().set_overrides(overrides);
     let state = AppState::new(
         engine.clone(),
         serve,
         auth,
-        model.model_name,
         PluginLimits::from_env().map_err(Error::Plugin)?,
         Some(durable.clone()),
     )?;
-    let base = engine.base_model().await?;
+    // Every base, before restoring: runs come back on their own base.
+    for spec in &specs {
+        engine.base_model_named(&spec.name).await?;
+    }
     let (d, e) = (durable.clone(), engine.clone());
-    let restored = tokio::task::spawn_blocking(move || d.restore(&e, &base))
+    let restored = tokio::task::spawn_blocking(move || d.restore(&e))
         .await
         .map_err(|e| Error::Unavailable(format!("restore panicked: {e}")))??;
     tinker::session::restore(&state, &restored);
@@ -260,9 +267,13 @@ pub async fn build(
 }
 
 /// Serve until Ctrl-C or SIGTERM; then stop accepting, let in-flight requests finish.
-pub async fn serve(serve_cfg: ServeConfig, model: ModelArgs, engine: EngineConfig) -> Result<()> {
+pub async fn serve(
+    serve_cfg: ServeConfig,
+    models: ServedModels,
+    engine: EngineConfig,
+) -> Result<()> {
     let addr = serve_cfg.addr;
-    let (state, app) = build(serve_cfg, model, engine).await?;
+    let (state, app) = build(serve_cfg, models, engine).await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "loraplex listening");
     eprintln!("loraplex listening on http://{}", listener.local_addr()?);

@@ -15,11 +15,19 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// `model` is the default base; `models` every served base and whether it is loaded;
+/// `model_loaded` is true once all are.
 pub async fn healthz(State(s): State<Shared>) -> axum::Json<Value> {
+    let bases = s.engine.registry().bases_now();
+    let models: Vec<Value> = bases
+        .iter()
+        .map(|(name, m)| json!({"name": name, "loaded": m.is_some()}))
+        .collect();
     axum::Json(json!({
         "status": "ok",
-        "model": s.model_name,
-        "model_loaded": s.engine.registry().base_now().is_some(),
+        "model": s.engine.registry().default_base(),
+        "models": models,
+        "model_loaded": bases.iter().all(|(_, m)| m.is_some()),
         "uptime_s": s.started.elapsed().as_secs(),
     }))
 }
@@ -160,8 +168,39 @@ pub(crate) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     let _ = writeln!(o, "# HELP loraplex_tokens_per_second Tokens processed per second since the previous scrape.\n# TYPE loraplex_tokens_per_second gauge\nloraplex_tokens_per_second {rate:.3}");
     let _ = writeln!(o, "# HELP loraplex_plugin_failures_total Jobs failed by a tenant's plugin.\n# TYPE loraplex_plugin_failures_total counter\nloraplex_plugin_failures_total {}", s.engine.plugin_failures());
     let _ = writeln!(o, "# HELP loraplex_models Training models held.\n# TYPE loraplex_models gauge\nloraplex_models {}", s.engine.registry().num_adapters());
+    base_metrics(&mut o, &s);
     let _ = writeln!(o, "# HELP loraplex_sessions Open Tinker sessions.\n# TYPE loraplex_sessions gauge\nloraplex_sessions {}", s.tinker.sessions.len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o)
+}
+
+/// Per served base model: the memory its frozen weights take (0 until loaded), and the
+/// training runs on it.
+fn base_metrics(o: &mut String, s: &Shared) {
+    let reg = s.engine.registry();
+    let _ = writeln!(o, "# HELP loraplex_base_model_weight_bytes Memory the frozen weights of each served base model take (0: not loaded yet).\n# TYPE loraplex_base_model_weight_bytes gauge");
+    for (name, m) in reg.bases_now() {
+        let bytes = m.map_or(0, |m| m.weight_bytes());
+        let _ = writeln!(
+            o,
+            "loraplex_base_model_weight_bytes{{base=\"{}\"}} {bytes}",
+            label(&name)
+        );
+    }
+    let _ = writeln!(o, "# HELP loraplex_base_model_training_runs Loaded training runs per base model.\n# TYPE loraplex_base_model_training_runs gauge");
+    for (name, n) in reg.runs_per_base() {
+        let _ = writeln!(
+            o,
+            "loraplex_base_model_training_runs{{base=\"{}\"}} {n}",
+            label(&name)
+        );
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn snake(camel: &str) -> String {

@@ -29,6 +29,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the replaced Flask server's clients call the base model it loaded: on these
@@ -50,6 +51,28 @@ pub(crate) struct AddLora {
     seed: Option<u64>,
 }
 
+/// The served base a REST request names: a served name, else `"base"` (or nothing) for the
+/// default one; any other name is a 400 listing the served ones.
+fn rest_base(s: &Shared, name: Option<&str>) -> ApiResult<String> {
+    let reg = s.engine.registry();
+    match name {
+        Some(b) if b == BASE_ALIAS && reg.resolve_base(Some(b)).is_err() => {
+            Ok(reg.default_base().to_owned())
+        }
+        Some(b) => check_base_model(s, b),
+        None => Ok(reg.default_base().to_owned()),
+    }
+}
+
+/// The base model a REST adapter of `tenant` trains on (loaded).
+async fn adapter_base(s: &Shared, tenant: &TenantId, model_id: &str) -> ApiResult<Arc<BaseModel>> {
+    let e = s
+        .engine
+        .registry()
+        .adapter(tenant, &AdapterId(model_id.to_owned()))?;
+    Ok(s.engine.base_model_named(&e.base).await?)
+}
+
 /// Create an adapter on attention and MLP (rank 8, alpha 16 unless given). The adapter
 /// exists when this returns; the future is for clients that wait on it.
 pub(crate) async fn add_lora(
@@ -57,11 +80,7 @@ pub(crate) async fn add_lora(
     Tenant(tenant): Tenant,
     Json(req): Json<AddLora>,
 ) -> ApiResult<axum::Json<Value>> {
-    if let Some(b) = &req.base_model {
-        if b != BASE_ALIAS {
-            check_base_model(&s, b)?;
-        }
-    }
+    let base = rest_base(&s, req.base_model.as_deref())?;
     let rank = req.rank.unwrap_or(8);
     let config = LoraConfig {
         rank,
@@ -75,7 +94,10 @@ pub(crate) async fn add_lora(
     }
     // The future below is a job: refuse before creating rather than after.
     s.engine.admit_job(&tenant)?;
-    let id = s.engine.create_model(&tenant, config).await?;
+    let id = s
+        .engine
+        .create_model_on(&tenant, Some(&base), config)
+        .await?;
     let out = id.clone();
     let f = s
         .engine
@@ -132,7 +154,7 @@ pub(crate) async fn fwdbwd(
     Tenant(tenant): Tenant,
     Json(req): Json<FwdBwd>,
 ) -> ApiResult<axum::Json<Value>> {
-    let model = s.engine.base_model().await?;
+    let model = adapter_base(&s, &tenant, &req.model_id).await?;
     if req.data.is_empty() {
         return Err(ApiError::invalid("data", "no conversations"));
     }
@@ -293,8 +315,17 @@ fn render(s: &Shared, out: &JobOutput) -> ApiResult<Value> {
             "clipped": r.clipped,
         }),
         JobOutput::Sample(o) => {
-            let tok = s.engine.registry().base_now().ok_or_else(|| {
-                ApiError::Engine(crate::Error::Unavailable("model not loaded".into()))
+            // The tokens are those of the base that sampled them.
+            let reg = s.engine.registry();
+            let tok = match &o.base_model {
+                Some(b) => reg.base_now_named(b),
+                None => reg.base_now(),
+            };
+            let tok = tok.ok_or_else(|| {
+                ApiError::Engine(crate::Error::Unavailable(format!(
+                    "base model {:?} is not served",
+                    o.base_model.as_deref().unwrap_or(reg.default_base())
+                )))
             })?;
             let tok = tok.tokenizer()?;
             let texts: Vec<String> = o
@@ -310,7 +341,7 @@ fn render(s: &Shared, out: &JobOutput) -> ApiResult<Value> {
 
 #[derive(Deserialize, JsonSchema)]
 pub(crate) struct Sample {
-    /// A REST adapter, or the base model (absent, its name, or `"base"`).
+    /// A REST adapter, or a base model alone (its name; absent or `"base"`: the default).
     #[serde(default)]
     model_id: Option<String>,
     #[schemars(length(min = 1), inner(length(min = 1)))]
@@ -360,20 +391,28 @@ async fn submit_samples(s: &Shared, tenant: &TenantId, req: Sample) -> ApiResult
             format!("{} prompts; at most {MAX_PROMPTS}", req.prompts.len()),
         ));
     }
-    let model = s.engine.base_model().await?;
+    let reg = s.engine.registry();
+    let base = match req.model_id.as_deref() {
+        None => Some(reg.default_base().to_owned()),
+        Some(m) if m == BASE_ALIAS || reg.resolve_base(Some(m)).is_ok() => {
+            Some(rest_base(s, Some(m))?)
+        }
+        Some(_) => None,
+    };
+    let model = match (&base, req.model_id.as_deref()) {
+        (Some(b), _) => s.engine.base_model_named(b).await?,
+        (None, m) => adapter_base(s, tenant, m.unwrap_or_default()).await?,
+    };
     for (i, p) in req.prompts.iter().enumerate() {
         check_text_len(&format!("prompts[{i}]"), p.len(), &model)?;
     }
-    let session = match req.model_id.as_deref() {
-        None => s.engine.base_sampling_session(tenant).await?,
-        Some(m) if m == s.model_name || m == BASE_ALIAS => {
-            s.engine.base_sampling_session(tenant).await?
-        }
-        Some(m) => {
+    let session = match (&base, req.model_id.as_deref()) {
+        (Some(b), _) => s.engine.base_sampling_session_on(tenant, Some(b)).await?,
+        (None, m) => {
             s.engine
                 .sampling_session(
                     tenant,
-                    &AdapterId(m.to_owned()),
+                    &AdapterId(m.unwrap_or_default().to_owned()),
                     None,
                     Duration::from_secs(600),
                 )
@@ -439,8 +478,6 @@ pub(crate) async fn sample(
     Json(req): Json<Sample>,
 ) -> ApiResult<axum::Json<Value>> {
     let futures = submit_detached(&s, &tenant, req).await?;
-    let model = s.engine.base_model().await?;
-    let tok = model.tokenizer()?;
     let mut texts = Vec::new();
     let mut outputs = Vec::new();
     for f in futures {
@@ -456,7 +493,12 @@ pub(crate) async fn sample(
         let q = o.sequences.first().ok_or_else(|| {
             ApiError::Engine(crate::Error::Unavailable("no sequence sampled".into()))
         })?;
-        let text = tok.decode(&q.tokens, true)?;
+        // Decoded by the base that sampled them.
+        let model = match &o.base_model {
+            Some(b) => s.engine.base_model_named(b).await?,
+            None => s.engine.base_model().await?,
+        };
+        let text = model.tokenizer()?.decode(&q.tokens, true)?;
         outputs.push(json!({
             "text": text,
             "tokens": q.tokens,

@@ -1,4 +1,5 @@
-//! Worker lanes: blocking threads that run the batches the scheduler forms. A lane locks the
+//! Worker lanes: blocking threads that run the batches the scheduler forms (each of one
+//! base model's adapters, run on that base). A lane locks the
 //! models of its batch (in id order, so two lanes can never deadlock), runs one
 //! multi-adapter forward pass (and one forward_backward pass) over all their work, then each
 //! model's barriers in order, finishes the futures and reports back.
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub(crate) struct Batch {
+    /// The base every item of the batch trains on.
     pub model: Arc<BaseModel>,
     pub items: Vec<BatchItem>,
     pub registry: Arc<Registry>,
@@ -353,6 +355,7 @@ fn barrier(
                 &j.tenant,
                 name,
                 &entry.id,
+                &entry.base,
                 Arc::new(st.train.clone()),
                 *ttl,
                 user_metadata.clone(),
@@ -360,7 +363,17 @@ fn barrier(
             Ok(JobOutput::Saved { name: name.clone() })
         }
         Op::LoadState { name, optimizer } => {
-            let c = registry.readable_checkpoint(&j.tenant, name)?.state.clone();
+            let ck = registry.readable_checkpoint(&j.tenant, name)?;
+            if ck.base != entry.base {
+                return Err(Error::invalid(
+                    "path",
+                    format!(
+                        "checkpoint {name:?} was trained on base model {:?}; this training run is on {:?}",
+                        ck.base, entry.base
+                    ),
+                ));
+            }
+            let c = ck.state.clone();
             if c.weights.config != st.train.weights.config {
                 return Err(Error::invalid(
                     "name",
@@ -382,6 +395,7 @@ fn barrier(
             let id = registry.insert_session(Session {
                 id: SessionId::generate(),
                 tenant: j.tenant.clone(),
+                base: entry.base.clone(),
                 adapter: Some(entry.id.clone()),
                 weights: Some(Arc::new(st.train.weights.clone())),
                 owner: entry.session.clone(),

@@ -8,8 +8,15 @@
 //! to a token budget → a worker [`lane`] (one forward_backward pass over the batch, then
 //! each model's barriers) → the job's future ([`future`]) → the caller's long-poll.
 //!
-//! A sampling request goes [`Engine::sample`] → the [`sampling`] lane, which decodes every
-//! live sequence of every session together and lets sequences join and leave between steps.
+//! A sampling request goes [`Engine::sample`] → the [`sampling`] lane of its base model,
+//! which decodes every live sequence of every session on that base together and lets
+//! sequences join and leave between steps.
+//!
+//! One server may serve several base models, each under the name clients use
+//! ([`Engine::start_bases`]). Every training run, checkpoint and sampling session names its
+//! base; a batch holds the work of one base only (the scheduler picks the base of the
+//! least-served tenant's ready work, then fills the batch with that base's peers), and
+//! each base has its own sampling lane.
 //!
 //! Parts: [`ids`] (newtypes), [`future`] (store interface and in-memory store, long-poll),
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
@@ -78,19 +85,36 @@ struct Inner {
     futures: Arc<Futures>,
     metrics: Arc<Metrics>,
     cmds: mpsc::Sender<scheduler::Cmd>,
-    sampler: tokio::sync::OnceCell<std::sync::mpsc::Sender<sampling::SampleJob>>,
+    /// One sampling lane per served base, in the registry's order, started on first use.
+    samplers: Vec<tokio::sync::OnceCell<std::sync::mpsc::Sender<sampling::SampleJob>>>,
     sampling_outstanding: Arc<AtomicUsize>,
 }
 
 impl Engine {
-    /// Start the scheduler and `max_workers` lanes, with futures kept in memory.
+    /// Start the scheduler and `max_workers` lanes, with futures kept in memory, serving
+    /// one base model named [`crate::config::DEFAULT_MODEL_NAME`].
     pub fn start(cfg: EngineConfig, loader: ModelLoader) -> Result<Engine> {
         Self::start_with_store(cfg, loader, Arc::new(MemoryFutureStore::default()))
     }
 
-    /// An engine around a model that is already loaded.
+    /// An engine around a model that is already loaded, served under its own name
+    /// ([`BaseModel::name`]).
     pub fn with_model(cfg: EngineConfig, model: Arc<BaseModel>) -> Result<Engine> {
-        Self::start(cfg, Arc::new(move || Ok(model.clone())))
+        Self::with_models(cfg, vec![model])
+    }
+
+    /// An engine serving models already loaded, each under its own name; the first is the
+    /// default base.
+    pub fn with_models(cfg: EngineConfig, models: Vec<Arc<BaseModel>>) -> Result<Engine> {
+        let bases = models
+            .into_iter()
+            .map(|m| {
+                let name = m.name.clone();
+                let loader: ModelLoader = Arc::new(move || Ok(m.clone()));
+                (name, loader)
+            })
+            .collect();
+        Self::start_bases(cfg, bases, Arc::new(MemoryFutureStore::default()), None)
     }
 
     pub fn start_with_store(
@@ -109,8 +133,26 @@ impl Engine {
         store: Arc<dyn FutureStore>,
         persist: Option<Arc<dyn registry::Persist>>,
     ) -> Result<Engine> {
+        let name = crate::config::DEFAULT_MODEL_NAME.to_owned();
+        Self::start_bases(cfg, vec![(name, loader)], store, persist)
+    }
+
+    /// An engine serving several base models, `(name, loader)` each (the first is the
+    /// default, for callers that name none), with futures in `store` and models and
+    /// checkpoints persisted through `persist`. Each base loads on first use.
+    pub fn start_bases(
+        cfg: EngineConfig,
+        bases: Vec<(String, ModelLoader)>,
+        store: Arc<dyn FutureStore>,
+        persist: Option<Arc<dyn registry::Persist>>,
+    ) -> Result<Engine> {
         let quotas = Arc::new(crate::quota::Quotas::new(&cfg.quotas));
-        let registry = Arc::new(Registry::with_persist(loader, persist).with_quotas(quotas));
+        let registry = Arc::new(Registry::with_bases(bases, persist)?.with_quotas(quotas));
+        let samplers = registry
+            .base_names()
+            .iter()
+            .map(|_| tokio::sync::OnceCell::new())
+            .collect();
         let futures = Arc::new(Futures::new(store));
         let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants));
         let (report_tx, report_rx) = mpsc::unbounded_channel();
@@ -144,7 +186,7 @@ impl Engine {
                 futures,
                 metrics,
                 cmds: cmd_tx,
-                sampler: tokio::sync::OnceCell::new(),
+                samplers,
                 sampling_outstanding: Arc::new(AtomicUsize::new(0)),
             }),
         })
@@ -178,39 +220,56 @@ impl Engine {
         )
     }
 
-    /// The base model, loaded on first use (once, however many callers race).
+    /// The default base model, loaded on first use (once, however many callers race).
     pub async fn base_model(&self) -> Result<Arc<BaseModel>> {
         self.inner.registry.base().await
     }
 
-    /// A new training model owned by `tenant`, with a generated id; its requests' seq_ids
-    /// start at 0.
+    /// The served base model named `name`, loaded on first use; an unknown name is a user
+    /// error that lists the served ones.
+    pub async fn base_model_named(&self, name: &str) -> Result<Arc<BaseModel>> {
+        self.inner.registry.base_named(name).await
+    }
+
+    /// A new training model owned by `tenant` on the default base, with a generated id;
+    /// its requests' seq_ids start at 0.
     pub async fn create_model(&self, tenant: &TenantId, config: LoraConfig) -> Result<AdapterId> {
-        self.create_model_as(
-            tenant,
-            AdapterId::generate(),
-            config,
-            Some(0),
-            RunMeta::default(),
-        )
-        .await
+        self.create_model_on(tenant, None, config).await
+    }
+
+    /// [`Self::create_model`] on the served base named `base` (`None`: the default).
+    pub async fn create_model_on(
+        &self,
+        tenant: &TenantId,
+        base: Option<&str>,
+        config: LoraConfig,
+    ) -> Result<AdapterId> {
+        let meta = RunMeta {
+            base: base.map(str::to_owned),
+            ..RunMeta::default()
+        };
+        self.create_model_as(tenant, AdapterId::generate(), config, Some(0), meta)
+            .await
     }
 
     /// A new training model under a caller-chosen id (the API's `{session}:train:{n}`),
-    /// whose first request will carry `first_seq`.
+    /// whose first request will carry `first_seq`, on the base `meta.base` names (`None`:
+    /// the default), which its record keeps.
     pub async fn create_model_as(
         &self,
         tenant: &TenantId,
         id: AdapterId,
         config: LoraConfig,
         first_seq: Option<u64>,
-        meta: RunMeta,
+        mut meta: RunMeta,
     ) -> Result<AdapterId> {
+        let base = self.inner.registry.resolve_base(meta.base.as_deref())?;
         if self.inner.registry.exists(&id) {
             return Err(Error::invalid("model_id", format!("{id} exists already")));
         }
         let slot = self.inner.registry.reserve_run(tenant)?;
-        let model = self.base_model().await?;
+        let model = self.base_model_named(&base).await?;
+        meta.base = Some(base);
         config.validate()?;
         let cfg = config.clone();
         let weights = tokio::task::spawn_blocking(move || {
@@ -232,8 +291,8 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Unavailable(format!("store panicked: {e}")))??;
         }
-        self.inner.registry.insert_reserved(slot, entry);
-        tracing::info!(tenant = %tenant, model = %id, "model created");
+        let entry = self.inner.registry.insert_reserved(slot, entry);
+        tracing::info!(tenant = %tenant, model = %id, base = %entry.base, "model created");
         Ok(id)
     }
 
@@ -292,7 +351,7 @@ impl Engine {
     ) -> Result<FutureId> {
         let entry = self.inner.registry.adapter(tenant, model)?;
         entry.touch();
-        let base = self.base_model().await?;
+        let base = self.base_model_named(&entry.base).await?;
         let valid = match &op {
             Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base),
             Op::OptimStep(p) => p.validate(),
@@ -393,6 +452,7 @@ impl Engine {
         tokio::task::spawn_blocking(move || {
             if let Some(p) = registry.persist() {
                 let meta = RunMeta {
+                    base: Some(source.base.clone()),
                     session,
                     user_metadata: None,
                 };
@@ -402,6 +462,7 @@ impl Engine {
                 &t,
                 &n,
                 &d,
+                &source.base,
                 source.state.clone(),
                 ttl,
                 source.user_metadata.clone(),
@@ -420,13 +481,15 @@ impl Engine {
         .map_err(|e| Error::Unavailable(format!("copy panicked: {e}")))?
     }
 
-    /// A sampling session on a checkpoint's weights (frozen at save time): the tenant's
-    /// own checkpoint or a published one.
+    /// A sampling session on a checkpoint's weights (frozen at save time), on the base its
+    /// run trained on: the tenant's own checkpoint or a published one.
     pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
         let c = self.inner.registry.readable_checkpoint(tenant, name)?;
+        self.inner.registry.resolve_base(Some(&c.base))?;
         self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
+            base: c.base.clone(),
             adapter: Some(c.model.clone()),
             weights: Some(Arc::new(c.state.weights.clone())),
             owner: None,
@@ -468,12 +531,23 @@ impl Engine {
         }
     }
 
-    /// A sampling session on the base model alone.
+    /// A sampling session on the default base model alone.
     pub async fn base_sampling_session(&self, tenant: &TenantId) -> Result<SessionId> {
-        self.base_model().await?;
+        self.base_sampling_session_on(tenant, None).await
+    }
+
+    /// A sampling session on the served base named `base` alone (`None`: the default).
+    pub async fn base_sampling_session_on(
+        &self,
+        tenant: &TenantId,
+        base: Option<&str>,
+    ) -> Result<SessionId> {
+        let base = self.inner.registry.resolve_base(base)?;
+        self.base_model_named(&base).await?;
         self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
+            base,
             adapter: None,
             weights: None,
             owner: None,
@@ -506,7 +580,7 @@ impl Engine {
         req: SampleRequest,
     ) -> Result<FutureId> {
         let s = self.inner.registry.session(tenant, session)?;
-        let model = self.base_model().await?;
+        let model = self.base_model_named(&s.base).await?;
         req.validate(&model)?;
         let positions = req.positions();
         if positions > self.inner.cfg.max_sample_tokens {
@@ -520,7 +594,7 @@ impl Engine {
             ));
         }
         self.admit_job(tenant)?;
-        let tx = self.sampler(&model).await?;
+        let tx = self.sampler(&s.base, &model).await?;
         let n = self
             .inner
             .sampling_outstanding
@@ -564,30 +638,43 @@ impl Engine {
         Ok(future)
     }
 
+    /// The sampling lane of the base named `base` (which is `model`), started on first use.
     async fn sampler(
         &self,
+        base: &str,
         model: &Arc<BaseModel>,
     ) -> Result<&std::sync::mpsc::Sender<sampling::SampleJob>> {
-        self.inner
-            .sampler
-            .get_or_try_init(|| async {
-                let (tx, rx) = std::sync::mpsc::channel();
-                sampling::spawn_sampler(
-                    sampling::SamplerCtx {
-                        model: model.clone(),
-                        futures: self.inner.futures.clone(),
-                        metrics: self.inner.metrics.clone(),
-                        outstanding: self.inner.sampling_outstanding.clone(),
-                        max_decode_batch: self.inner.cfg.max_decode_batch,
-                        max_kv_tokens: self.inner.cfg.max_kv_tokens,
-                        prefix_cache_bytes: self.inner.cfg.prefix_cache_bytes,
-                        share_prompt_kv: self.inner.cfg.share_prompt_kv,
-                    },
-                    rx,
-                )?;
-                Ok::<_, Error>(tx)
-            })
-            .await
+        let i = self
+            .inner
+            .registry
+            .base_names()
+            .iter()
+            .position(|n| n == base)
+            .ok_or_else(|| Error::Unavailable(format!("no sampling lane for {base}")))?;
+        let cell = self
+            .inner
+            .samplers
+            .get(i)
+            .ok_or_else(|| Error::Unavailable("no sampling lane".into()))?;
+        cell.get_or_try_init(|| async {
+            let (tx, rx) = std::sync::mpsc::channel();
+            sampling::spawn_sampler(
+                sampling::SamplerCtx {
+                    base: base.to_owned(),
+                    model: model.clone(),
+                    futures: self.inner.futures.clone(),
+                    metrics: self.inner.metrics.clone(),
+                    outstanding: self.inner.sampling_outstanding.clone(),
+                    max_decode_batch: self.inner.cfg.max_decode_batch,
+                    max_kv_tokens: self.inner.cfg.max_kv_tokens,
+                    prefix_cache_bytes: self.inner.cfg.prefix_cache_bytes,
+                    share_prompt_kv: self.inner.cfg.share_prompt_kv,
+                },
+                rx,
+            )?;
+            Ok::<_, Error>(tx)
+        })
+        .await
     }
 
     /// Wait until no job is queued or running, or `timeout` passes; says whether it

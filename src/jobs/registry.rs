@@ -1,6 +1,7 @@
-//! The adapter registry: the base model (loaded once, however many callers race for it),
-//! the training models with one lock each, named checkpoints, and frozen sampling
-//! snapshots. Create and delete never block on other adapters: the map is sharded
+//! The adapter registry: the served base models (each loaded once, however many callers
+//! race for it, and known by the name clients use), the training models with one lock
+//! each, named checkpoints, and frozen sampling snapshots. Every training run, checkpoint
+//! and sampling session names its base: work on one base never meets another's. Create and delete never block on other adapters: the map is sharded
 //! (dashmap) and a lane holds only the locks of the adapters in its batch.
 //!
 //! The registry stores state; it never decides order (the scheduler does) and never runs
@@ -67,22 +68,34 @@ pub trait Persist: Send + Sync {
     fn model_deleted(&self, tenant: &TenantId, model: &AdapterId) -> Result<()>;
 }
 
-/// What describes a training run besides its weights: the Tinker session it was made in
-/// and the client's `user_metadata`.
+/// What describes a training run besides its weights: its base model, the Tinker session
+/// it was made in and the client's `user_metadata`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunMeta {
+    /// The served base model's name; `None`: the default (first served) base.
+    pub base: Option<String>,
     pub session: Option<String>,
     pub user_metadata: Option<UserMetadata>,
 }
 
-/// Builds (or hands over) the base model; called on a blocking thread, at most once per
+/// Builds (or hands over) a base model; called on a blocking thread, at most once per
 /// success.
 pub type ModelLoader = Arc<dyn Fn() -> Result<Arc<BaseModel>> + Send + Sync>;
+
+/// One served base model: the name clients use and how to load it.
+struct BaseSlot {
+    name: String,
+    cell: tokio::sync::OnceCell<Arc<BaseModel>>,
+    loader: ModelLoader,
+    loads: AtomicUsize,
+}
 
 /// A training model: one adapter of one tenant.
 pub struct AdapterEntry {
     pub id: AdapterId,
     pub tenant: TenantId,
+    /// The served base model it trains on (by name); its batches hold only its peers.
+    pub base: String,
     pub config: LoraConfig,
     /// The seq_id its first request carries (Tinker: 1, or 0 when it starts by loading a
     /// checkpoint); `None` (a model restored after a restart) takes the first that arrives.
@@ -112,6 +125,8 @@ pub(crate) struct Partial {
 }
 
 impl AdapterEntry {
+    /// `meta.base` must be resolved already (a served base's name); `None` is recorded as
+    /// the empty name, which no base has.
     pub fn new(
         id: AdapterId,
         tenant: TenantId,
@@ -123,6 +138,7 @@ impl AdapterEntry {
         AdapterEntry {
             id,
             tenant,
+            base: meta.base.unwrap_or_default(),
             config,
             first_seq,
             session: meta.session,
@@ -167,6 +183,8 @@ impl AdapterEntry {
 pub struct Checkpoint {
     pub name: String,
     pub model: AdapterId,
+    /// The base model its run trained on: it loads and samples only on that base.
+    pub base: String,
     pub state: Arc<TrainableAdapter>,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
@@ -181,6 +199,7 @@ impl Checkpoint {
         Checkpoint {
             name: self.name.clone(),
             model: self.model.clone(),
+            base: self.base.clone(),
             state: self.state.clone(),
             created: self.created,
             expires,
@@ -210,6 +229,8 @@ impl Checkpoint {
 pub struct Session {
     pub id: SessionId,
     pub tenant: TenantId,
+    /// The base model it samples from (by name).
+    pub base: String,
     pub adapter: Option<AdapterId>,
     pub weights: Option<Arc<LoraWeights>>,
     /// The Tinker session it is released with ([`Registry::remove_sessions_owned_by`]);
@@ -267,9 +288,8 @@ impl Drop for RunSlot {
 }
 
 pub struct Registry {
-    base: tokio::sync::OnceCell<Arc<BaseModel>>,
-    loader: ModelLoader,
-    loads: AtomicUsize,
+    /// In the order served; the first is the default.
+    bases: Vec<BaseSlot>,
     adapters: DashMap<AdapterId, Arc<AdapterEntry>>,
     sessions: DashMap<SessionId, Arc<Session>>,
     checkpoints: DashMap<(TenantId, String), Arc<Checkpoint>>,
@@ -289,6 +309,40 @@ impl Registry {
         }
     }
 
+    /// A registry serving several base models, `(name, loader)` in order (the first is the
+    /// default), persisting through `persist`. Refused: no base, an empty or repeated name.
+    pub fn with_bases(
+        bases: Vec<(String, ModelLoader)>,
+        persist: Option<Arc<dyn Persist>>,
+    ) -> Result<Self> {
+        if bases.is_empty() {
+            return Err(Error::invalid("model", "no base model to serve"));
+        }
+        let mut slots: Vec<BaseSlot> = Vec::with_capacity(bases.len());
+        for (name, loader) in bases {
+            if name.is_empty() {
+                return Err(Error::invalid("model", "a base model's name is empty"));
+            }
+            if slots.iter().any(|s| s.name == name) {
+                return Err(Error::invalid(
+                    "model",
+                    format!("base model {name:?} is named twice"),
+                ));
+            }
+            slots.push(BaseSlot {
+                name,
+                cell: tokio::sync::OnceCell::new(),
+                loader,
+                loads: AtomicUsize::new(0),
+            });
+        }
+        Ok(Registry {
+            bases: slots,
+            persist,
+            ..Self::empty()
+        })
+    }
+
     /// The same registry, enforcing `quotas`.
     pub fn with_quotas(self, quotas: Arc<Quotas>) -> Self {
         Registry { quotas, ..self }
@@ -302,11 +356,22 @@ impl Registry {
         self.persist.as_ref()
     }
 
+    /// A registry serving one base model, named [`crate::config::DEFAULT_MODEL_NAME`].
     pub fn new(loader: ModelLoader) -> Self {
         Registry {
-            base: tokio::sync::OnceCell::new(),
-            loader,
-            loads: AtomicUsize::new(0),
+            bases: vec![BaseSlot {
+                name: crate::config::DEFAULT_MODEL_NAME.to_owned(),
+                cell: tokio::sync::OnceCell::new(),
+                loader,
+                loads: AtomicUsize::new(0),
+            }],
+            ..Self::empty()
+        }
+    }
+
+    fn empty() -> Self {
+        Registry {
+            bases: Vec::new(),
             adapters: DashMap::new(),
             sessions: DashMap::new(),
             checkpoints: DashMap::new(),
@@ -317,13 +382,54 @@ impl Registry {
         }
     }
 
-    /// The base model, loaded on first use. Concurrent first callers wait for one load; a
-    /// failed load is not cached, so a later call tries again.
+    /// The served base models' names, the default first.
+    pub fn base_names(&self) -> Vec<String> {
+        self.bases.iter().map(|b| b.name.clone()).collect()
+    }
+
+    /// The default base model's name (the first served).
+    pub fn default_base(&self) -> &str {
+        self.bases.first().map_or("", |b| b.name.as_str())
+    }
+
+    /// The served base named `name`, or a user error (field `base_model`) naming it and
+    /// listing the served ones.
+    fn slot(&self, name: &str) -> Result<&BaseSlot> {
+        self.bases.iter().find(|b| b.name == name).ok_or_else(|| {
+            let served: Vec<String> = self.bases.iter().map(|b| format!("{:?}", b.name)).collect();
+            Error::invalid(
+                "base_model",
+                format!(
+                    "{name:?} is not served here; this server serves {}",
+                    served.join(", ")
+                ),
+            )
+        })
+    }
+
+    /// `name` if it is a served base model (else the error of [`Self::slot`]); `None`
+    /// names the default base.
+    pub fn resolve_base(&self, name: Option<&str>) -> Result<String> {
+        match name {
+            Some(n) => self.slot(n).map(|b| b.name.clone()),
+            None => Ok(self.default_base().to_owned()),
+        }
+    }
+
+    /// The default base model, loaded on first use.
     pub async fn base(&self) -> Result<Arc<BaseModel>> {
-        self.base
+        let name = self.default_base().to_owned();
+        self.base_named(&name).await
+    }
+
+    /// The base model named `name`, loaded on first use. Concurrent first callers wait for
+    /// one load; a failed load is not cached, so a later call tries again.
+    pub async fn base_named(&self, name: &str) -> Result<Arc<BaseModel>> {
+        let slot = self.slot(name)?;
+        slot.cell
             .get_or_try_init(|| async {
-                let loader = self.loader.clone();
-                self.loads.fetch_add(1, Ordering::SeqCst);
+                let loader = slot.loader.clone();
+                slot.loads.fetch_add(1, Ordering::SeqCst);
                 let m = tokio::task::spawn_blocking(move || loader())
                     .await
                     .map_err(|e| Error::Unavailable(format!("model loader panicked: {e}")))??;
@@ -333,14 +439,45 @@ impl Registry {
             .cloned()
     }
 
-    /// The base model if it is loaded already.
+    /// The default base model if it is loaded already.
     pub fn base_now(&self) -> Option<Arc<BaseModel>> {
-        self.base.get().cloned()
+        self.bases.first().and_then(|b| b.cell.get().cloned())
     }
 
-    /// How many times the loader ran (1 once loaded, whatever the number of callers).
+    /// The base model named `name` if it is served and loaded already.
+    pub fn base_now_named(&self, name: &str) -> Option<Arc<BaseModel>> {
+        self.bases
+            .iter()
+            .find(|b| b.name == name)
+            .and_then(|b| b.cell.get().cloned())
+    }
+
+    /// Every served base: its name and the model once loaded, the default first.
+    pub fn bases_now(&self) -> Vec<(String, Option<Arc<BaseModel>>)> {
+        self.bases
+            .iter()
+            .map(|b| (b.name.clone(), b.cell.get().cloned()))
+            .collect()
+    }
+
+    /// How many times the loaders ran, all bases together (1 per base once loaded,
+    /// whatever the number of callers).
     pub fn load_count(&self) -> usize {
-        self.loads.load(Ordering::SeqCst)
+        self.bases
+            .iter()
+            .map(|b| b.loads.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Loaded training runs on each served base, the default first.
+    pub fn runs_per_base(&self) -> Vec<(String, usize)> {
+        let mut n: Vec<(String, usize)> = self.bases.iter().map(|b| (b.name.clone(), 0)).collect();
+        for e in self.adapters.iter() {
+            if let Some(x) = n.iter_mut().find(|(b, _)| *b == e.base) {
+                x.1 += 1;
+            }
+        }
+        n
     }
 
     /// Insert a training run whatever the tenant's quota (one restored after a restart).
@@ -520,6 +657,7 @@ impl Registry {
         tenant: &TenantId,
         name: &str,
         model: &AdapterId,
+        base: &str,
         state: Arc<TrainableAdapter>,
         ttl: Option<Duration>,
         user_metadata: Option<UserMetadata>,
@@ -528,6 +666,7 @@ impl Registry {
         let c = Arc::new(Checkpoint {
             name: name.to_owned(),
             model: model.clone(),
+            base: base.to_owned(),
             state,
             created,
             expires: ttl.map(|d| created + d),

@@ -241,6 +241,8 @@ pub(crate) struct SampleJob {
 }
 
 pub(crate) struct SamplerCtx {
+    /// The served base this lane samples from, by name, and the model.
+    pub base: String,
     pub model: Arc<BaseModel>,
     pub futures: Arc<Futures>,
     pub metrics: Arc<Metrics>,
@@ -817,6 +819,7 @@ impl Sampler {
             target_prompt_logprobs: targets,
             prompt_alt_tokens: alt,
             prompt_cache_hit_tokens: acc.cache_hit,
+            base_model: Some(self.ctx.base.clone()),
         };
         if let Some(r) = &acc.job.req.recorder {
             r.record(&acc.job.future, &acc.job.req.prompt, &out);

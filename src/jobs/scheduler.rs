@@ -3,8 +3,10 @@
 //! channel and get answers through oneshot senders; lanes report finished batches on a
 //! second channel.
 //!
-//! Each cycle, for every free lane, it takes the ready forward / forward_backward work of
-//! all idle models up to a token budget, in rounds of an equal share per tenant (least-served
+//! Each cycle, for every free lane, it picks a base model (that of the least-served
+//! tenant's ready work: models of different bases never share a batch, as a batch is one
+//! pass over one base's weights) and takes the ready forward / forward_backward work of
+//! all idle models of that base up to a token budget, in rounds of an equal share per tenant (least-served
 //! tenant first), splitting a request that exceeds its share by datum. A model's barrier
 //! (optim_step, save, load, sampling snapshot) joins the batch after its model's passes and
 //! closes that model for the cycle. A model is in at most one lane at a time, and its
@@ -453,7 +455,6 @@ impl Scheduler {
     }
 
     fn form_batch(&mut self) -> Option<Batch> {
-        let model = self.registry.base_now()?;
         let mut order: Vec<AdapterId> = self
             .queues
             .iter()
@@ -471,6 +472,15 @@ impl Scheduler {
                 id.clone(),
             )
         });
+        // One base per batch: the first in fairness order whose model is loaded (runs are
+        // made only on loaded bases, so that is the first), and only its models.
+        let (base, model) = order.iter().find_map(|id| {
+            let base = &self.queues[id].entry.base;
+            self.registry
+                .base_now_named(base)
+                .map(|m| (base.clone(), m))
+        })?;
+        order.retain(|id| self.queues[id].entry.base == base);
         let budget = self.cfg.max_batch_tokens;
         // Equal shares per tenant, split among that tenant's ready models: a tenant with
         // many models gets no more of the batch than a tenant with one.

@@ -174,6 +174,11 @@ impl BaseModel {
         Ok(())
     }
 
+    /// Bytes its frozen weights take in memory (see [`BaseWeights::bytes`]).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer
             .as_ref()

@@ -39,6 +39,36 @@ pub struct BaseWeights {
     pub lm_head: Tensor,
 }
 
+impl BaseWeights {
+    /// Bytes the weights take in memory: every tensor's elements times its dtype's size,
+    /// a tied LM head (the embedding's own tensor) counted once.
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let opt = |t: &Option<Tensor>| t.as_ref().map_or(0, size);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                size(&l.attn_norm)
+                    + size(&l.wqkv)
+                    + size(&l.wo)
+                    + size(&l.mlp_norm)
+                    + size(&l.wgate_up)
+                    + size(&l.wdown)
+                    + opt(&l.bqkv)
+                    + opt(&l.q_norm)
+                    + opt(&l.k_norm)
+            })
+            .sum();
+        let head = if self.lm_head.id() == self.embed.id() {
+            0
+        } else {
+            size(&self.lm_head)
+        };
+        size(&self.embed) + layers + size(&self.final_norm) + head
+    }
+}
+
 /// Metadata that travels with the weights: tokenizer material and the chat template.
 #[derive(Debug, Clone, Default)]
 pub struct TokenizerSource {

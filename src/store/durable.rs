@@ -39,6 +39,7 @@ pub struct Durable {
     db: Db,
     checkpoints: CheckpointStore,
     plugin_dir: PathBuf,
+    /// The default base's name: a run created without one is recorded on it.
     base_model: String,
     /// Automatic checkpoint every this many optimizer steps (`None`: by adapter size).
     auto_every: Option<u64>,
@@ -286,9 +287,11 @@ impl Durable {
 
     /// Rebuild the registry after a restart: every loaded model at its newest checkpoint
     /// (automatic or explicit; a model never stepped is re-initialised from its seed, which
-    /// gives the same weights), every checkpoint, and the open sessions. Unloaded runs stay
-    /// records in the database (listed, never loaded). Blocking.
-    pub fn restore(&self, engine: &Engine, model: &BaseModel) -> Result<Restored> {
+    /// gives the same weights), on the base model its record names, every checkpoint (on
+    /// its run's base), and the open sessions. Unloaded runs stay records in the database
+    /// (listed, never loaded); so does a run whose base is not served now (it comes back
+    /// when that base is served again). Call with every served base loaded. Blocking.
+    pub fn restore(&self, engine: &Engine) -> Result<Restored> {
         let db = self.db.clone();
         let (tenants, per_tenant) = self
             .block(async move {
@@ -305,9 +308,25 @@ impl Durable {
             .map_err(store_err)?;
         let mut out = Restored::default();
         let reg = engine.registry();
+        let default = reg
+            .base_now()
+            .ok_or_else(|| Error::Unavailable("restore before the base model loaded".into()))?;
         for (t, (models, cks, sessions)) in tenants.iter().zip(per_tenant) {
+            // Every run's base, for its checkpoints (copies have runs of their own too).
+            let bases: std::collections::HashMap<AdapterId, String> = models
+                .iter()
+                .map(|m| (m.id.clone(), m.base_model.clone()))
+                .collect();
             for m in models.into_iter().filter(|m| m.loaded) {
-                let state = self.model_state(&t.id, &m, model)?;
+                let Some(model) = reg.base_now_named(&m.base_model) else {
+                    tracing::warn!(
+                        model = %m.id,
+                        base = %m.base_model,
+                        "training run's base model is not served; left unloaded"
+                    );
+                    continue;
+                };
+                let state = self.model_state(&t.id, &m, &model)?;
                 if let Some(s) = &m.session {
                     out.model_sessions.push((m.id.clone(), s.0.clone()));
                 }
@@ -317,6 +336,7 @@ impl Durable {
                     m.lora_config.clone(),
                     None,
                     RunMeta {
+                        base: Some(m.base_model.clone()),
                         session: m.session.as_ref().map(|s| s.0.clone()),
                         user_metadata: m.user_metadata.clone(),
                     },
@@ -329,13 +349,21 @@ impl Durable {
                     Some(n) => n.to_owned(),
                     None => continue,
                 };
-                match super::checkpoint::read_checkpoint(&c.dir, &model.device) {
+                let base = bases
+                    .get(&c.model)
+                    .cloned()
+                    .unwrap_or_else(|| self.base_model.clone());
+                let device = reg
+                    .base_now_named(&base)
+                    .map_or_else(|| default.device.clone(), |m| m.device.clone());
+                match super::checkpoint::read_checkpoint(&c.dir, &device) {
                     Ok(ck) => {
                         reg.restore_checkpoint(
                             &t.id,
                             Checkpoint {
                                 name,
                                 model: c.model.clone(),
+                                base,
                                 state: Arc::new(ck.into_trainable()),
                                 created: c.created,
                                 expires: c.expires,
@@ -592,7 +620,7 @@ impl Persist for Durable {
                 .session
                 .as_ref()
                 .map(|s| super::db::ClientSessionId(s.clone())),
-            base_model: self.base_model.clone(),
+            base_model: meta.base.clone().unwrap_or_else(|| self.base_model.clone()),
             lora_config: config.clone(),
             step: 0,
             newest_checkpoint: None,

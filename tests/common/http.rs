@@ -63,7 +63,6 @@ pub fn app_on(engine: Engine, f: impl FnOnce(&mut ServeConfig)) -> (Router, Shar
         engine,
         cfg,
         Auth::Development,
-        loraplex::config::DEFAULT_MODEL_NAME.into(),
         PluginLimits::default(),
         None,
     )

@@ -52,9 +52,15 @@ pub fn start_server(data_dir: &Path) -> (Server, u16) {
 
 /// The same, with extra environment variables (settings) for the server.
 pub fn start_server_with(data_dir: &Path, env: &[(&str, &str)]) -> (Server, u16) {
+    start_server_cmd(data_dir, &[], env)
+}
+
+/// The same, with extra arguments to `loraplex serve` (e.g. `--model NAME=PATH`).
+pub fn start_server_cmd(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Server, u16) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_loraplex"))
         .arg("serve")
+        .args(args)
         .env("LORAPLEX_ADDR", format!("127.0.0.1:{port}"))
         .env("LORAPLEX_DATA_DIR", data_dir)
         .env("LORAPLEX_MODEL_PATH", super::model_path())

@@ -222,7 +222,7 @@ pub async fn download(
     };
     let (tenant, name) = s.url_signer.verify(&token, file, SystemTime::now())?;
     let c = s.engine.registry().checkpoint_entry(&tenant, &name)?;
-    let base = s.model_name.clone();
+    let base = c.base.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         crate::store::peft::peft_files(&c.state.weights, &base).map(|files| {
             files

@@ -304,6 +304,7 @@ mod tests {
             target_prompt_logprobs: None,
             prompt_alt_tokens: None,
             prompt_cache_hit_tokens: 0,
+            base_model: None,
         }
     }
 

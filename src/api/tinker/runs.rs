@@ -56,6 +56,8 @@ fn newest_first(mut v: Vec<Arc<Checkpoint>>) -> Vec<Arc<Checkpoint>> {
 struct RunView {
     id: String,
     owner: TenantId,
+    /// The base model it trains on, as its record keeps it.
+    base: String,
     rank: usize,
     step: u64,
     last_request: SystemTime,
@@ -66,6 +68,7 @@ fn live_view(e: &AdapterEntry) -> RunView {
     RunView {
         id: e.id.0.clone(),
         owner: e.tenant.clone(),
+        base: e.base.clone(),
         rank: e.config.rank,
         step: e.step(),
         last_request: e.last_request(),
@@ -98,6 +101,7 @@ async fn find_run(s: &Shared, owner: &TenantId, id: &str) -> ApiResult<RunView> 
     Ok(RunView {
         id: id.to_owned(),
         owner: owner.clone(),
+        base: rec.base_model,
         rank: rec.lora_config.rank,
         step: rec.step,
         last_request: rec.last_request.unwrap_or(rec.created),
@@ -121,7 +125,7 @@ fn run_json(s: &Shared, v: &RunView, public_only: bool) -> Value {
     };
     json!({
         "training_run_id": v.id,
-        "base_model": s.model_name,
+        "base_model": v.base,
         "model_owner": v.owner.0,
         "is_lora": true,
         "corrupted": false,
@@ -191,6 +195,7 @@ pub async fn list_training_runs(
                     Err(_) => RunView {
                         id: r.id.0,
                         owner: r.tenant,
+                        base: r.base_model,
                         rank: r.lora_config.rank,
                         step: r.step,
                         last_request: r.last_request.unwrap_or(r.created),
@@ -475,7 +480,7 @@ pub async fn weights_info(
     let has = |t: crate::lora::Target| cfg.targets.contains(&t);
     use crate::lora::Target;
     Ok(axum::Json(json!({
-        "base_model": s.model_name,
+        "base_model": c.base,
         "is_lora": true,
         "lora_rank": cfg.rank,
         "train_unembed": cfg.train_unembed,
@@ -497,7 +502,7 @@ pub async fn download_peft(
         .engine
         .registry()
         .checkpoint_entry(&tenant, &format!("{id}/{kind}/{name}"))?;
-    let base = s.model_name.clone();
+    let base = c.base.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         crate::store::peft::export_peft_tar(&c.state.weights, &base, &mut out).map(|_| out)

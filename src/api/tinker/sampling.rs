@@ -30,6 +30,7 @@ pub struct CreateSamplingSession {
     #[serde(default)]
     #[schemars(schema_with = "crate::api::openapi::schema::tinker_path_or_null")]
     model_path: Option<String>,
+    /// One of the served base models' names (without `model_path`).
     #[serde(default)]
     base_model: Option<String>,
 }
@@ -55,10 +56,7 @@ pub async fn create_sampling_session(
             let path = TinkerPath::parse(p)?;
             s.engine.checkpoint_sampling_session(&tenant, &path.key())?
         }
-        (None, Some(b)) => {
-            super::training::check_base_model(&s, b)?;
-            s.engine.base_sampling_session(&tenant).await?
-        }
+        (None, Some(b)) => s.engine.base_sampling_session_on(&tenant, Some(b)).await?,
         (None, None) => {
             return Err(ApiError::invalid(
                 "model_path",
@@ -107,13 +105,14 @@ pub async fn get_sampler(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.engine
+    let sampler = s
+        .engine
         .registry()
         .session(&tenant, &SessionId(id.clone()))?;
     let path = s.tinker.sampler_paths.get(&id).and_then(|p| p.clone());
     Ok(axum::Json(json!({
         "sampler_id": id,
-        "base_model": s.model_name,
+        "base_model": sampler.base,
         "model_path": path,
     })))
 }
@@ -330,7 +329,7 @@ pub async fn asample(
                     let path = TinkerPath::parse(p)?;
                     s.engine.checkpoint_sampling_session(&tenant, &path.key())?
                 }
-                (None, Some(_)) => s.engine.base_sampling_session(&tenant).await?,
+                (None, Some(b)) => s.engine.base_sampling_session_on(&tenant, Some(b)).await?,
                 _ => {
                     return Err(ApiError::invalid(
                         "sampling_session_id",
@@ -429,7 +428,8 @@ async fn submit_sample(
     } else {
         None
     };
-    let model = s.engine.base_model().await?;
+    let base = s.engine.registry().session(tenant, session)?.base.clone();
+    let model = s.engine.base_model_named(&base).await?;
     let prompt = model_input_tokens("prompt", &req.prompt)?;
     let (params, stop_strings) = req.sampling_params.resolve(&model)?;
     let want_prompt_lp = req.prompt_logprobs.unwrap_or(false)

@@ -392,23 +392,29 @@ pub async fn telemetry() -> axum::Json<Value> {
     axum::Json(json!({"status": "accepted"}))
 }
 
+/// Every served base model, the default first: `create_model` and sampling pick one by
+/// its `model_name`.
 pub async fn capabilities(State(s): State<Shared>) -> ApiResult<axum::Json<Value>> {
-    let ctx = s
+    let models: Vec<Value> = s
         .engine
         .registry()
-        .base_now()
-        .map(|m| m.config.max_position_embeddings);
+        .bases_now()
+        .into_iter()
+        .map(|(name, m)| {
+            json!({
+                "model_name": name,
+                "max_context_length": m.map(|m| m.config.max_position_embeddings),
+                "trainable": true,
+                "sampleable": true,
+            })
+        })
+        .collect();
     let losses: Vec<&str> = crate::train::loss::BuiltinLoss::ALL
         .iter()
         .map(|l| l.name())
         .collect();
     Ok(axum::Json(json!({
-        "supported_models": [{
-            "model_name": s.model_name,
-            "max_context_length": ctx,
-            "trainable": true,
-            "sampleable": true,
-        }],
+        "supported_models": models,
         // A loraplex addition (the SDK ignores unknown fields): the built-in losses.
         "loss_functions": losses,
     })))

@@ -52,7 +52,7 @@ pub struct LoraConfigJson {
 pub struct CreateModel {
     session_id: String,
     model_seq_id: u64,
-    /// The served base model's name (`GET /api/v1/get_server_capabilities`).
+    /// One of the served base models' names (`GET /api/v1/get_server_capabilities`).
     base_model: String,
     #[serde(default)]
     lora_config: Option<LoraConfigJson>,
@@ -65,18 +65,10 @@ pub struct CreateModel {
     user_metadata: Option<Value>,
 }
 
-/// The base model a request names must be the one served.
-pub fn check_base_model(s: &Shared, name: &str) -> ApiResult<()> {
-    if name != s.model_name {
-        return Err(ApiError::invalid(
-            "base_model",
-            format!(
-                "{name:?} is not served here; this server serves {:?}",
-                s.model_name
-            ),
-        ));
-    }
-    Ok(())
+/// The base model a request names must be one of those served: its name, or a 400 that
+/// names it and lists the served ones.
+pub fn check_base_model(s: &Shared, name: &str) -> ApiResult<String> {
+    Ok(s.engine.registry().resolve_base(Some(name))?)
 }
 
 fn check_optimizer(cfg: &Option<Value>) -> ApiResult<()> {
@@ -99,7 +91,7 @@ pub async fn create_model(
     Json(req): Json<CreateModel>,
 ) -> ApiResult<axum::Json<Value>> {
     let sess = s.tinker.session(&tenant, &req.session_id)?;
-    check_base_model(&s, &req.base_model)?;
+    let base = check_base_model(&s, &req.base_model)?;
     check_optimizer(&req.optimizer_config)?;
     let user_metadata = UserMetadata::from_json("user_metadata", req.user_metadata)?;
     let l = req.lora_config.unwrap_or(LoraConfigJson {
@@ -133,6 +125,7 @@ pub async fn create_model(
                 .engine
                 .spawn_job(&tenant, JobKind::CreateModel, async move {
                     let meta = RunMeta {
+                        base: Some(base),
                         session: Some(session.clone()),
                         user_metadata,
                     };
@@ -180,13 +173,13 @@ pub async fn get_info(
         "model_id": req.model_id,
         "model_data": {
             "arch": "llama",
-            "model_name": s.model_name,
-            "tokenizer_id": s.model_name,
+            "model_name": e.base,
+            "tokenizer_id": e.base,
         },
         "is_lora": true,
         "lora_rank": e.config.rank,
         "step": e.step(),
-        "model_name": s.model_name,
+        "model_name": e.base,
         "optimizer_config": {"type": "adamw"},
     })))
 }
@@ -826,8 +819,18 @@ pub async fn load_weights(
     match (req.session_id, req.model_seq_id, req.model_id, req.seq_id) {
         (Some(session), Some(n), _, _) => {
             let (path, ckpt) = found?;
+            // The new run is on the checkpoint's base; a base_model naming another is refused.
             if let Some(b) = &req.base_model {
-                check_base_model(&s, b)?;
+                let b = check_base_model(&s, b)?;
+                if b != ckpt.base {
+                    return Err(ApiError::invalid(
+                        "base_model",
+                        format!(
+                            "{b:?}, but checkpoint {:?} was trained on {:?}",
+                            req.path, ckpt.base
+                        ),
+                    ));
+                }
             }
             check_optimizer(&req.optimizer_config)?;
             let user_metadata = UserMetadata::from_json("user_metadata", req.user_metadata)?;
@@ -855,6 +858,7 @@ pub async fn load_weights(
                     config,
                     Some(0),
                     RunMeta {
+                        base: Some(ckpt.base.clone()),
                         session: Some(session.clone()),
                         user_metadata,
                     },
