@@ -197,6 +197,8 @@ pub async fn build(
         let m = BaseModel::load(&path, &name, &dev, dt)?;
         tracing::info!(
             seconds = t.elapsed().as_secs_f32(),
+            device = ?m.device,
+            dtype = ?m.dtype,
             layers = m.config.num_layers,
             vocab = m.config.vocab_size,
             "base model loaded"
