@@ -94,14 +94,14 @@ if [ ! -e "$stub" ] || [ "$stub" -ot "$tk/include/cuda.h" ] || [ "$stub" -ot "$0
   ln -sfn libcuda.so "$ROOT/lib64/stubs/libcuda.so.1"
 fi
 
-# LD_LIBRARY_PATH is for running what was built: the wheels' libraries, and the stub only
-# where no driver library is installed.
-ldpath="$ROOT/lib64"
-if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then ldpath="$ldpath:$ROOT/lib64/stubs"; fi
+# LD_LIBRARY_PATH is for running what was built: the wheels' libraries first, and the stub
+# last (after any driver already on the path) and only where the loader's cache has no driver.
+stubs=""
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then stubs=":$ROOT/lib64/stubs"; fi
 
 cat <<EOF
 export CUDA_HOME='$ROOT' CUDA_PATH='$ROOT' CUDA_ROOT='$ROOT'
 export PATH='$ROOT/bin':"\$PATH"
 export CUDA_COMPUTE_CAP='$COMPUTE_CAP'
-export LD_LIBRARY_PATH='$ldpath'"\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH='$ROOT/lib64'"\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"'$stubs'
 EOF
