@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use loraplex::lora::{LoraWeights, Site};
 use loraplex::model::TrainRow;
@@ -45,7 +45,7 @@ fn perturbed(w: &LoraWeights, site: Site, which: usize, idx: usize, h: f32) -> L
     let t = if which == 0 { &mut p.a } else { &mut p.b };
     let mut v = flat(t);
     v[idx] += h;
-    *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+    *t = Tensor::from_vec(v, t.dims(), t.device()).unwrap();
     w
 }
 
@@ -128,8 +128,8 @@ fn check_against_finite_differences(model: &loraplex::model::BaseModel) {
 fn new_adapter_has_zero_b_and_leaves_outputs_unchanged() {
     let model = tiny(DType::F32);
     let cfg = loraplex::lora::LoraConfig::from_tinker(4, 3, true, true, true).unwrap();
-    let w = LoraWeights::init(&cfg, &model.config, &Device::Cpu).unwrap();
-    let again = LoraWeights::init(&cfg, &model.config, &Device::Cpu).unwrap();
+    let w = LoraWeights::init(&cfg, &model.config, &model.device).unwrap();
+    let again = LoraWeights::init(&cfg, &model.config, &model.device).unwrap();
     for (s, p) in &w.pairs {
         assert!(
             flat(&p.b).iter().all(|x| *x == 0.0),

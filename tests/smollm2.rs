@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::*;
 use loraplex::lora::optim::AdamParams;
 use loraplex::lora::{LoraConfig, LoraWeights};
@@ -323,7 +323,7 @@ fn ten_cross_entropy_steps_bring_the_loss_down() {
     let toks = tok.encode(text).unwrap();
     let data = vec![Datum::next_token(&toks, 1)];
     let cfg = LoraConfig::from_tinker(8, 0, true, true, false).unwrap();
-    let mut ad = TrainableAdapter::new(LoraWeights::init(&cfg, &m.config, &Device::Cpu).unwrap());
+    let mut ad = TrainableAdapter::new(LoraWeights::init(&cfg, &m.config, &m.device).unwrap());
     let lc = LossConfig::new();
     let mut losses = Vec::new();
     for _ in 0..10 {
@@ -362,7 +362,7 @@ fn hugging_face_directory_loads_the_same_model() {
     let m = smollm2();
     let dir = std::env::temp_dir().join(format!("loraplex-hf-{}", std::process::id()));
     m.save_hf_dir(&dir).unwrap();
-    let hf = BaseModel::load(&dir, "hf", &Device::Cpu, DType::F32).unwrap();
+    let hf = BaseModel::load(&dir, "hf", &device(), DType::F32).unwrap();
     assert_eq!(hf.config, m.config);
     let tok = hf.tokenizer().unwrap();
     assert_eq!(

@@ -198,6 +198,8 @@ pub async fn build(
                 tracing::info!(
                     base = %name,
                     seconds = t.elapsed().as_secs_f32(),
+                    device = ?m.device,
+                    dtype = ?m.dtype,
                     layers = m.config.num_layers,
                     vocab = m.config.vocab_size,
                     weight_bytes = m.weight_bytes(),

@@ -54,11 +54,12 @@ impl std::fmt::Debug for BaseModel {
 }
 
 /// The default compute device and dtype: CUDA/bf16 when built with `cuda` and a GPU is
-/// present, CPU/f32 otherwise.
+/// present, CPU/f32 otherwise (a `cuda` build without a usable GPU says why, and falls back).
 pub fn default_device() -> (Device, DType) {
     #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
-        return (d, DType::BF16);
+    match Device::new_cuda(0) {
+        Ok(d) => return (d, DType::BF16),
+        Err(e) => tracing::warn!(error = %e, "built with cuda, but no CUDA device: using the CPU"),
     }
     (Device::Cpu, DType::F32)
 }

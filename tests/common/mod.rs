@@ -3,6 +3,9 @@
 //! `$LORAPLEX_PLUGIN_DIST`); the first test that needs one runs `plugins/build.sh` once per
 //! test binary (about a second when CI already ran it). `LORAPLEX_SKIP_PLUGIN_BUILD=1` only
 //! reads what is there.
+//!
+//! `LORAPLEX_TEST_DEVICE=cuda` (a build with `--features cuda`) puts the tiny models, the
+//! shipped SmolLM2 and the adapters made here on the first GPU; unset or `cpu`, on the CPU.
 #![allow(dead_code)]
 
 pub mod http;
@@ -15,8 +18,29 @@ use loraplex::util::SplitMix64;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// The device the numerics tests run on: `LORAPLEX_TEST_DEVICE` (`cpu`, the default, or
+/// `cuda`). Asking for CUDA where there is none fails the test rather than testing the CPU.
+pub fn device() -> Device {
+    match std::env::var("LORAPLEX_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| {
+            panic!(
+                "LORAPLEX_TEST_DEVICE=cuda, but no CUDA device (build with --features cuda): {e}"
+            )
+        }),
+        Ok(other) => panic!("LORAPLEX_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
+/// The tiny seeded random model (`BaseModel::random`), on [`device`].
 pub fn tiny(dtype: DType) -> BaseModel {
-    BaseModel::random(LlamaConfig::tiny(), 7, dtype).expect("tiny model")
+    let dev = device();
+    if dev.is_cpu() {
+        return BaseModel::random(LlamaConfig::tiny(), 7, dtype).expect("tiny model");
+    }
+    let cfg = LlamaConfig::tiny();
+    let w = loraplex::model::weights::random(&cfg, 7, &dev, dtype).expect("tiny weights");
+    BaseModel::from_parts("tiny-random", cfg, w, None, None, &dev, dtype).expect("tiny model")
 }
 
 /// The tiny shape in each family: Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k
@@ -50,13 +74,13 @@ pub fn random_adapter(model: &BaseModel, seed: u64, rank: usize, unembed: bool) 
         targets: Target::ALL.to_vec(),
         train_unembed: unembed,
     };
-    let mut w = LoraWeights::init(&cfg, &model.config, &Device::Cpu).expect("init");
+    let mut w = LoraWeights::init(&cfg, &model.config, &model.device).expect("init");
     let mut rng = SplitMix64::new(seed ^ 0xB);
     for p in w.pairs.values_mut() {
         let dims = p.b.dims().to_vec();
         let n: usize = dims.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
-        p.b = Tensor::from_vec(v, dims, &Device::Cpu).expect("b");
+        p.b = Tensor::from_vec(v, dims, &model.device).expect("b");
     }
     w
 }
@@ -75,7 +99,7 @@ pub fn model_path() -> PathBuf {
         })
 }
 
-/// The shipped SmolLM2, loaded once per test binary.
+/// The shipped SmolLM2 in f32 on [`device`], loaded once per test binary.
 pub fn smollm2() -> &'static BaseModel {
     static M: OnceLock<BaseModel> = OnceLock::new();
     M.get_or_init(|| {
@@ -83,7 +107,7 @@ pub fn smollm2() -> &'static BaseModel {
         BaseModel::load(
             &p,
             loraplex::config::DEFAULT_MODEL_NAME,
-            &Device::Cpu,
+            &device(),
             DType::F32,
         )
         .unwrap_or_else(|e| panic!("load {}: {e} (run scripts/fetch-model.sh)", p.display()))
