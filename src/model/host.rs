@@ -1,12 +1,10 @@
-//! Host (CPU, f32) kernels for the inference path, where candle's general ops cost more than
-//! the arithmetic: a matmul with few rows against a wide frozen weight (a decode step),
-//! the LoRA updates of many small adapter segments, and single-token attention against a
-//! growing KV cache. Each kernel reads its operands in place and writes one output buffer,
-//! so a decode step issues a handful of calls per layer instead of hundreds of tensor ops.
+//! The cpu backend's kernels: a matmul with few rows against a wide frozen weight (a
+//! decode step), where candle's GEMM would pack the whole weight for each call; one-token
+//! attention over a KV cache; half-split RoPE; and [`HostView`], which reads a CPU tensor's
+//! f32 contents in place. The layer that uses them is [`super::host_train`].
 //!
 //! Never used on a GPU: [`super::BaseModel::host_kernels`] gates them to a CPU model in
-//! f32. The training pass on the host lives in [`super::host_train`]. Numerics are checked
-//! against the candle path in this module's tests.
+//! f32. Numerics are checked against candle in this module's tests.
 
 use super::BaseModel;
 use crate::error::{Error, Result};

@@ -1,18 +1,22 @@
-//! The training forward and backward pass on the host (CPU, f32): the same maths as
-//! [`super::llama`], over plain buffers instead of candle tensors.
+//! The cpu backend's decoder layer and passes, over plain f32 buffers: the one
+//! implementation of the layer's math on the host. [`BaseModel::layer_fwd`] serves the
+//! training forward (keeping a tape for [`BaseModel::backward_host`]) and prefill/decode
+//! (appending keys and values to KV caches, [`BaseModel::body_host`]); the family's
+//! optional pieces (q/k/v biases, per-head q/k RMSNorm) live there and in `layer_bwd`.
 //!
 //! On a CPU the candle pass spends about half its time outside the matrix products: every
 //! op allocates its output (page faults), elementwise ops run on one thread, and each row's
 //! attention is a chain of small ops that leaves the second core idle. Here every matrix
 //! product is one call of the `gemm` crate (the kernel candle itself uses) reading its
-//! operands in place with strides, so transposes, column blocks of fused weights and
-//! accumulation into a residual cost nothing; norms, SiLU and RoPE run over rows in
-//! parallel; attention runs as one task per (row, key/value head), so a batch of many
-//! adapters' rows keeps both cores busy.
+//! operands in place with strides, or, for few rows, the streaming kernel of
+//! [`super::host`]; transposes, column blocks of fused weights and accumulation into a
+//! residual cost nothing; norms, SiLU and RoPE run over rows in parallel; attention runs as
+//! one task per (row, key/value head), so a batch of many adapters' rows keeps both cores
+//! busy.
 //!
-//! Gated like the inference kernels by [`BaseModel::host_kernels`]; the candle pass stays
-//! for f64 (the finite-difference checks) and GPUs, and is the reference this pass is
-//! tested against (`tests/host_train.rs`).
+//! Gated by [`BaseModel::host_kernels`]; the candle backend ([`super::llama`]) serves f64
+//! (the finite-difference checks) and GPUs, and is the reference this pass is tested
+//! against (`tests/host_train.rs`, `tests/multi_adapter.rs`).
 
 use super::batch::{PackedBatch, Segment};
 use super::host::{

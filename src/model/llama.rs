@@ -1,4 +1,4 @@
-//! The Llama forward pass written for training, and its hand-derived backward pass.
+//! The decoder forward pass written for training, and its hand-derived backward pass.
 //!
 //! Gradients flow only to LoRA parameters: the frozen base weights are used in plain
 //! matmuls whose backward computes the input gradient alone, so no full-size gradient of a
@@ -7,9 +7,12 @@
 //! differences in the tests. One pass serves rows of many adapters: base matmuls run over
 //! the packed batch, LoRA updates per adapter segment, attention per row.
 //!
-//! On a CPU model in f32 the same pass runs on plain buffers in [`super::host_train`]
-//! (1.3-1.5x faster at 128-token rows, 2.3x at 1024); this candle version serves f64 (the
-//! finite-difference checks) and GPUs, and is the reference the host pass is tested against.
+//! This is the candle backend, with the family's optional pieces (q/k/v biases, per-head q/k
+//! RMSNorm) in `body` and `attn_row`. On a CPU model in f32 the cpu backend runs instead
+//! ([`super::host_train`], 1.3-1.5x faster at 128-token rows, 2.3x at 1024); this one
+//! serves f64 (the finite-difference checks) and GPUs, and is the reference the cpu backend
+//! is tested against. The shared front (row checks, packing, LM-head chunking, kept
+//! probabilities, the inference step's logits) is also here.
 
 use super::batch::{PackedBatch, Segment};
 use super::host_train::HostTape;

@@ -1,5 +1,7 @@
 //! The frozen base model: configuration, weights, tokenizer, chat template and RoPE tables,
-//! loaded once and shared read-only by every adapter. The math lives in [`llama`].
+//! loaded once and shared read-only by every adapter. The math lives in two backends: the
+//! cpu backend ([`host_train`], its kernels in [`host`]) for a CPU model in f32, and the
+//! candle backend ([`llama`], also the shared front of both) for f64 and CUDA.
 
 pub mod batch;
 pub mod chat;
