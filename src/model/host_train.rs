@@ -436,14 +436,12 @@ impl BaseModel {
                 r.iter_mut().zip(bs).for_each(|(o, b)| *o += b);
             });
         }
-        let carrying: Vec<&Segment> = segs
-            .iter()
-            .filter(|s| {
-                parts
-                    .iter()
-                    .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
-            })
-            .collect();
+        let carries = |s: &Segment| {
+            parts
+                .iter()
+                .any(|&t| pair(adapters, s, Site::Layer(layer, t)).is_some())
+        };
+        let carrying: Vec<&Segment> = segs.iter().filter(|s| carries(s)).collect();
         if carrying.is_empty() {
             return Ok((out, Vec::new()));
         }
@@ -508,26 +506,25 @@ impl BaseModel {
             }
             Ok(xas)
         };
-        // Segments own disjoint, consecutive row ranges of `out`.
-        let split: Vec<(&Segment, &mut [f32])> = segment_rows(&mut out, width, segs)
-            .into_iter()
-            .filter(|(s, _)| carrying.iter().any(|c| std::ptr::eq(*c, *s)))
+        // Segments own disjoint, consecutive row ranges of `out`; only carrying ones work.
+        let mut per_seg: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; parts.len()]; segs.len()];
+        let split: Vec<(&mut Vec<Option<Vec<f32>>>, (&Segment, &mut [f32]))> = per_seg
+            .iter_mut()
+            .zip(segment_rows(&mut out, width, segs))
+            .filter(|(_, (s, _))| carries(s))
             .collect();
-        let idx: Vec<usize> = split
-            .iter()
-            .map(|(s, _)| segs.iter().position(|x| std::ptr::eq(x, *s)).unwrap_or(0))
-            .collect();
-        let got: Vec<Vec<Option<Vec<f32>>>> = if par {
-            split.into_par_iter().map(one).collect::<Result<_>>()?
+        let run =
+            |(slot, seg): (&mut Vec<Option<Vec<f32>>>, (&Segment, &mut [f32]))| -> Result<()> {
+                *slot = one(seg)?;
+                Ok(())
+            };
+        if par {
+            split.into_par_iter().try_for_each(run)?;
         } else {
-            split.into_iter().map(one).collect::<Result<_>>()?
-        };
+            split.into_iter().try_for_each(run)?;
+        }
         if !save {
             return Ok((out, Vec::new()));
-        }
-        let mut per_seg: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; parts.len()]; segs.len()];
-        for (i, xas) in idx.into_iter().zip(got) {
-            per_seg[i] = xas;
         }
         let saved = parts
             .iter()
