@@ -147,7 +147,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             candle: true,
         },
     ];
-    let reference = model.without_host_kernels();
+    let reference = model.with_candle_backend();
     let mut out = format!(
         "model {} ({} layers, hidden {}), loaded in {:.2} s; rank {}, {} tokens/row, {} timed steps after 1 warm-up, {:?}\n\n",
         model.name, model.config.num_layers, model.config.hidden_size, load_s, args.rank, args.seq_len, args.steps, dev
@@ -606,7 +606,7 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
 /// `loraplex bench kernels`: the host matmul against candle's GEMM on weights too big for
 /// the caches (as in a decode step), and whole decode steps of B sequences of B adapters.
 pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
-    use crate::model::host::{matmul_nt, SMALL_M};
+    use crate::model::backend::cpu::kernels::{matmul_nt, SMALL_M};
     use crate::model::{InferRow, KvCache};
     use candle_core::{Device, Tensor};
     const REPS: usize = 5;

@@ -36,5 +36,6 @@ pub mod sample;
 pub mod store;
 pub mod train;
 pub mod util;
+pub mod view;
 
 pub use error::{Error, Result};

@@ -236,7 +236,7 @@ fn check_both(path: &Path, family: &str) {
     let name = name.unwrap_or_default();
     check(&model, family, &format!("{name} (host)"));
     check(
-        &model.without_host_kernels(),
+        &model.with_candle_backend(),
         family,
         &format!("{name} (candle)"),
     );

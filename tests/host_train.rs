@@ -1,4 +1,4 @@
-//! The host training pass (CPU f32, `model::host_train`) against the candle pass it
+//! The host training pass (CPU f32, `model::backend::cpu`) against the candle pass it
 //! replaces on the CPU, which `tests/gradients.rs` checks against finite differences:
 //! log-probabilities and every LoRA gradient, with many adapters in one batch, a base-model
 //! row, top-K targets, an LM-head LoRA, and the softmax kept or recomputed in backward. On
@@ -126,7 +126,7 @@ fn host_equals_candle(model: &BaseModel) {
     for budget in [usize::MAX, 0] {
         let host = case.run(&model.with_probs_budget(budget), &refs);
         let reference = case.run(
-            &model.without_host_kernels().with_probs_budget(budget),
+            &model.with_candle_backend().with_probs_budget(budget),
             &refs,
         );
         let (lp_err, g_err) = compare(&host, &reference);
@@ -152,7 +152,7 @@ fn host_equals_candle(model: &BaseModel) {
     spec.extend([(60, 1, Some(1)); 8]);
     let long = Case::new(&spec, v, 7);
     let host = long.run(&model.with_probs_budget(0), &refs);
-    let reference = long.run(&model.without_host_kernels().with_probs_budget(0), &refs);
+    let reference = long.run(&model.with_candle_backend().with_probs_budget(0), &refs);
     let (lp_err, g_err) = compare(&host, &reference);
     assert!(lp_err < 1e-5, "long rows: logprobs differ by {lp_err}");
     assert!(
@@ -180,7 +180,7 @@ fn host_pass_on_smollm2_is_as_exact_as_the_candle_pass() {
     );
     let exact = case.run(&exact_model, &refs);
     let host = compare(&case.run(model, &refs), &exact);
-    let candle = compare(&case.run(&model.without_host_kernels(), &refs), &exact);
+    let candle = compare(&case.run(&model.with_candle_backend(), &refs), &exact);
     println!(
         "SmolLM2 in f32 against f64: host logprobs {:.2e}, gradients {:.2e} (relative); \
          candle {:.2e}, {:.2e}",

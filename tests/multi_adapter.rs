@@ -149,7 +149,7 @@ fn optimizer_step_on_one_adapter_leaves_others_untouched() {
 fn kv_cache_decode_equals_full_forward_batched_or_not() {
     // Every family, on the host kernels and on the candle backend.
     for (family, m) in tiny_families(DType::F32) {
-        for model in [m.clone(), m.without_host_kernels()] {
+        for model in [m.clone(), m.with_candle_backend()] {
             eprintln!("{family}");
             kv_cache_decode_equals_full_forward_batched_or_not_on(&model);
         }
@@ -278,7 +278,7 @@ fn loraplex_lse(row: &[f32]) -> f32 {
 fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward() {
     // Every family, on the host kernels and on the candle backend.
     for (family, m) in tiny_families(DType::F32) {
-        for model in [m.clone(), m.without_host_kernels()] {
+        for model in [m.clone(), m.with_candle_backend()] {
             eprintln!("{family}");
             chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward_on(&model);
         }

@@ -49,7 +49,7 @@ fn prompt(len: usize, seed: u64) -> Vec<u32> {
 /// `log p(· | prompt[..=q])` for every q < len - 1, each from its own candle forward over
 /// the prefix (no host kernels, no prompt-logits path).
 fn full_logprobs(m: &BaseModel, w: Option<&LoraWeights>, prompt: &[u32]) -> Vec<Vec<f32>> {
-    let reference = m.without_host_kernels();
+    let reference = m.with_candle_backend();
     let adapters: Vec<&LoraWeights> = w.into_iter().collect();
     (0..prompt.len() - 1)
         .map(|q| {
@@ -501,7 +501,7 @@ async fn bad_prompt_requests_are_refused_naming_the_field() {
 async fn candle_kv_forks_and_cache_hits_match_the_host_kernels() {
     let m = model();
     let host = engine(&m, unshared());
-    let candle = engine(&Arc::new(m.without_host_kernels()), EngineConfig::default());
+    let candle = engine(&Arc::new(m.with_candle_backend()), EngineConfig::default());
     let t = TenantId::from("t");
     let (sh, sc) = (
         host.base_sampling_session(&t).await.unwrap(),

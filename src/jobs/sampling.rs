@@ -874,7 +874,7 @@ fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
     if l.req.top_logprobs > 0 {
         l.out
             .top_logprobs
-            .push(crate::model::llama::top_k_of(row, l.req.top_logprobs, lse));
+            .push(crate::model::front::top_k_of(row, l.req.top_logprobs, lse));
     }
     if p.stop_tokens.contains(&tok) {
         l.out.stop_reason = StopReason::Stop;

@@ -5,12 +5,25 @@
 pub mod optim;
 
 use crate::error::{Error, Result};
-use crate::model::LlamaConfig;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The linear layers of a block that can carry LoRA.
+
+/// The sizes of a base model that fix where LoRA pairs go and their shapes. The model's
+/// config implements it; this module never imports the model (the model imports LoRA).
+pub trait ModelShape {
+    fn hidden(&self) -> usize;
+    fn intermediate(&self) -> usize;
+    fn vocab(&self) -> usize;
+    fn layers(&self) -> usize;
+    /// Output features of the query projection (`heads · head_dim`).
+    fn q_features(&self) -> usize;
+    /// Output features of the key and value projections (`kv_heads · head_dim`).
+    fn kv_features(&self) -> usize;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
@@ -50,14 +63,14 @@ impl Target {
     }
 
     /// (in, out) features of this layer.
-    pub fn dims(self, c: &LlamaConfig) -> (usize, usize) {
-        let h = c.hidden_size;
+    pub fn dims(self, c: &impl ModelShape) -> (usize, usize) {
+        let h = c.hidden();
         match self {
-            Target::Q => (h, c.q_dim()),
-            Target::K | Target::V => (h, c.kv_dim()),
-            Target::O => (c.q_dim(), h),
-            Target::Gate | Target::Up => (h, c.intermediate_size),
-            Target::Down => (c.intermediate_size, h),
+            Target::Q => (h, c.q_features()),
+            Target::K | Target::V => (h, c.kv_features()),
+            Target::O => (c.q_features(), h),
+            Target::Gate | Target::Up => (h, c.intermediate()),
+            Target::Down => (c.intermediate(), h),
         }
     }
 }
@@ -70,10 +83,10 @@ pub enum Site {
 }
 
 impl Site {
-    pub fn dims(self, c: &LlamaConfig) -> (usize, usize) {
+    pub fn dims(self, c: &impl ModelShape) -> (usize, usize) {
         match self {
             Site::Layer(_, t) => t.dims(c),
-            Site::LmHead => (c.hidden_size, c.vocab_size),
+            Site::LmHead => (c.hidden(), c.vocab()),
         }
     }
     /// PEFT's module path, e.g. `base_model.model.model.layers.3.self_attn.q_proj`.
@@ -151,8 +164,8 @@ impl LoraConfig {
         self.alpha as f64 / self.rank as f64
     }
 
-    pub fn sites(&self, c: &LlamaConfig) -> Vec<Site> {
-        let mut v: Vec<Site> = (0..c.num_layers)
+    pub fn sites(&self, c: &impl ModelShape) -> Vec<Site> {
+        let mut v: Vec<Site> = (0..c.layers())
             .flat_map(|l| self.targets.iter().map(move |t| Site::Layer(l, *t)))
             .collect();
         if self.train_unembed {
@@ -182,7 +195,7 @@ pub struct LoraWeights {
 impl LoraWeights {
     /// B = 0 and A ~ U(−1/√in, 1/√in) from the seed (PEFT's Kaiming-uniform bound), so a new
     /// adapter leaves the base model's outputs unchanged and is reproducible.
-    pub fn init(config: &LoraConfig, model: &LlamaConfig, device: &Device) -> Result<Self> {
+    pub fn init(config: &LoraConfig, model: &impl ModelShape, device: &Device) -> Result<Self> {
         config.validate()?;
         let mut rng = crate::util::SplitMix64::new(config.seed);
         let mut pairs = BTreeMap::new();
@@ -258,7 +271,7 @@ impl LoraGrads {
         for t in self.pairs.values().flat_map(|(a, b)| [a, b]) {
             let on_host = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
             s += if on_host {
-                let v = crate::model::host::HostView::new(t)?;
+                let v = crate::view::HostView::new(t)?;
                 v.slice()
                     .iter()
                     .map(|x| (*x as f64) * (*x as f64))

@@ -167,7 +167,7 @@ fn host_update(
     bc1: f64,
     bc2: f64,
 ) -> Result<Option<(Tensor, Moments)>> {
-    use crate::model::host::HostView;
+    use crate::view::HostView;
     let host = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     let all = [Some(param), Some(g), mom.map(|m| &m.m), mom.map(|m| &m.v)];
     if !all.iter().flatten().all(|t| host(t) && t.is_contiguous())

@@ -85,6 +85,27 @@ pub struct Llama3Rope {
     pub original_max_position_embeddings: usize,
 }
 
+impl crate::lora::ModelShape for LlamaConfig {
+    fn hidden(&self) -> usize {
+        self.hidden_size
+    }
+    fn intermediate(&self) -> usize {
+        self.intermediate_size
+    }
+    fn vocab(&self) -> usize {
+        self.vocab_size
+    }
+    fn layers(&self) -> usize {
+        self.num_layers
+    }
+    fn q_features(&self) -> usize {
+        self.q_dim()
+    }
+    fn kv_features(&self) -> usize {
+        self.kv_dim()
+    }
+}
+
 impl LlamaConfig {
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim

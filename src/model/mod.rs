@@ -1,21 +1,21 @@
 //! The frozen base model: configuration, weights, tokenizer, chat template and RoPE tables,
-//! loaded once and shared read-only by every adapter. The math lives in two backends: the
-//! cpu backend ([`host_train`], its kernels in [`host`]) for a CPU model in f32, and the
-//! candle backend ([`llama`], also the shared front of both) for f64 and CUDA.
+//! loaded once and shared read-only by every adapter, and the front every pass goes through
+//! ([`front`]: rows, caches, tapes, packing, LM-head chunking). The layers' math lives in
+//! one of two backends behind [`backend::Backend`]: the cpu backend (host f32 kernels, for
+//! a CPU model in f32) and the candle backend (f64 reference and CUDA).
 
+pub(crate) mod backend;
 pub mod batch;
 pub mod chat;
 pub mod config;
-pub mod host;
-pub mod host_train;
-pub mod llama;
+pub mod front;
 pub mod tokenizer;
 pub mod weights;
 
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, LlamaConfig};
-pub use llama::{InferRow, KvCache, Tape, TrainRow};
+pub use front::{InferRow, KvCache, Tape, TrainRow};
 pub use tokenizer::TextTokenizer;
 pub use weights::BaseWeights;
 
@@ -37,8 +37,8 @@ pub struct BaseModel {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) sin_neg: Tensor,
-    /// Whether a CPU f32 model runs on the host kernels (see [`Self::host_kernels`]).
-    pub(crate) host: bool,
+    /// The math of its passes: the cpu backend for a CPU model in f32, candle otherwise.
+    pub(crate) backend: std::sync::Arc<dyn backend::Backend>,
     /// Softmax probabilities of a training pass are kept for its backward pass while they
     /// fit in this many bytes; beyond it backward recomputes the logits.
     pub(crate) probs_budget: usize,
@@ -51,6 +51,7 @@ impl std::fmt::Debug for BaseModel {
             .field("config", &self.config)
             .field("device", &self.device)
             .field("dtype", &self.dtype)
+            .field("backend", &self.backend.name())
             .finish()
     }
 }
@@ -119,18 +120,23 @@ impl BaseModel {
             chat_template,
             device: device.clone(),
             dtype,
-            host: true,
-            probs_budget: llama::KEEP_PROBS_BYTES,
+            backend: backend::choose(device, dtype),
+            probs_budget: front::KEEP_PROBS_BYTES,
         })
     }
 
-    /// The same model (sharing its weights) on candle's general ops only: the reference the
-    /// host kernels are tested and benchmarked against.
-    pub fn without_host_kernels(&self) -> BaseModel {
+    /// The same model (sharing its weights) on the candle backend: the reference the cpu
+    /// backend is tested and benchmarked against.
+    pub fn with_candle_backend(&self) -> BaseModel {
         BaseModel {
-            host: false,
+            backend: std::sync::Arc::new(backend::Candle),
             ..self.clone()
         }
+    }
+
+    /// Which backend runs its passes: `cpu` or `candle`.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// The same model with another budget for kept softmax probabilities (0: backward

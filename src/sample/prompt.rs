@@ -5,7 +5,7 @@
 //!
 //! Row `i` of every output belongs to prompt position `i + 1` and is read off the logits
 //! at position `i` (position 0 has nothing before it). The model hands the logits over in
-//! chunks ([`crate::model::llama::LogitsVisitor`]); this module never runs the model, and
+//! chunks ([`crate::model::front::LogitsVisitor`]); this module never runs the model, and
 //! allocates only sizes the request's validation has bounded.
 
 use crate::error::{Error, Result};
@@ -298,7 +298,7 @@ fn score_row(ask: &PromptAsk, q: usize, lp_here: bool, row: &[f32]) -> RowScores
     let lp = |t: u32| row.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
     let logprob = lp_here.then(|| lp(ask.prompt[q + 1]));
     let top = if lp_here && ask.top_k > 0 {
-        crate::model::llama::top_k_of(row, ask.top_k, lse)
+        crate::model::front::top_k_of(row, ask.top_k, lse)
     } else {
         Vec::new()
     };

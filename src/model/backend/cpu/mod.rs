@@ -1,4 +1,4 @@
-//! The cpu backend's decoder layer and passes, over plain f32 buffers: the one
+//! The cpu backend: the decoder layer and passes over plain f32 buffers, the one
 //! implementation of the layer's math on the host. [`BaseModel::layer_fwd`] serves the
 //! training forward (keeping a tape for [`BaseModel::backward_host`]) and prefill/decode
 //! (appending keys and values to KV caches, [`BaseModel::body_host`]); the family's
@@ -8,27 +8,105 @@
 //! op allocates its output (page faults), elementwise ops run on one thread, and each row's
 //! attention is a chain of small ops that leaves the second core idle. Here every matrix
 //! product is one call of the `gemm` crate (the kernel candle itself uses) reading its
-//! operands in place with strides, or, for few rows, the streaming kernel of
-//! [`super::host`]; transposes, column blocks of fused weights and accumulation into a
-//! residual cost nothing; norms, SiLU and RoPE run over rows in parallel; attention runs as
-//! one task per (row, key/value head), so a batch of many adapters' rows keeps both cores
-//! busy.
+//! operands in place with strides, or, for few rows, the streaming kernel of [`kernels`];
+//! transposes, column blocks of fused weights and accumulation into a residual cost
+//! nothing; norms, SiLU and RoPE run over rows in parallel; attention runs as one task per
+//! (row, key/value head), so a batch of many adapters' rows keeps both cores busy.
 //!
-//! Gated by [`BaseModel::host_kernels`]; the candle backend ([`super::llama`]) serves f64
-//! (the finite-difference checks) and GPUs, and is the reference this pass is tested
-//! against (`tests/host_train.rs`, `tests/multi_adapter.rs`).
+//! Chosen for a CPU model in f32 ([`super::choose`]); the candle backend
+//! ([`super::candle`]) serves f64 (the finite-difference checks) and GPUs, and is the
+//! reference this one is tested against (`tests/host_train.rs`, `tests/multi_adapter.rs`).
 
-use super::batch::{PackedBatch, Segment};
-use super::host::{
-    attend_one, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, HostView, PAR_MIN_WORK, SMALL_M,
-};
-use super::llama::{pair, Adapters, KvCache};
-use super::BaseModel;
+pub(crate) mod kernels;
+
+use super::{own_tape, Backend, Cpu, PassTape, TrainOut};
 use crate::error::Result;
 use crate::lora::{LoraGrads, Site, Target};
-use candle_core::Tensor;
+use crate::model::batch::{PackedBatch, Segment};
+use crate::model::front::{pair, Adapters, KvCache, LM_CHUNK};
+use crate::model::BaseModel;
+use crate::view::HostView;
+use candle_core::{DType, Tensor};
 use gemm::Parallelism;
+use kernels::{
+    attend_one, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, PAR_MIN_WORK, SMALL_M,
+};
 use rayon::prelude::*;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn parallel_parts(&self) -> bool {
+        true
+    }
+
+    fn train_forward(
+        &self,
+        m: &BaseModel,
+        batch: &PackedBatch,
+        targets: Vec<u32>,
+        kmax: usize,
+        adapters: &Adapters,
+        keep: bool,
+        keep_probs: bool,
+    ) -> Result<TrainOut> {
+        // On a pool thread, as the inference step (see `BaseModel::forward_infer_top`).
+        let (lp, tape) = rayon::scope(|_| {
+            m.forward_train_host(batch, &targets, kmax, adapters, keep, keep_probs)
+        })?;
+        let lp = lp
+            .chunks(kmax)
+            .map(|r| r.iter().map(|&v| v as f64).collect())
+            .collect();
+        Ok((lp, tape.map(|t| Box::new(t) as PassTape)))
+    }
+
+    fn train_backward(
+        &self,
+        m: &BaseModel,
+        tape: PassTape,
+        batch: &PackedBatch,
+        g: Vec<f32>,
+        _kmax: usize,
+        adapters: &Adapters,
+    ) -> Result<Vec<LoraGrads>> {
+        let tape = own_tape::<HostTape>(tape, self.name())?;
+        rayon::scope(|_| m.backward_host(*tape, batch, &g, adapters))
+    }
+
+    fn infer_hidden(
+        &self,
+        m: &BaseModel,
+        batch: &PackedBatch,
+        adapters: &Adapters,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let x = m.body_host(batch, adapters, caches)?;
+        let w = HostView::new(&m.weights.final_norm)?;
+        let (xf, _) = rms_fwd(&x, w.slice(), m.config.rms_norm_eps as f32);
+        let hid = m.config.hidden_size;
+        Ok(Tensor::from_vec(xf, (batch.num_tokens(), hid), &m.device)?)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        if m > SMALL_M || x.dtype() != DType::F32 {
+            return Ok(x.matmul(&w.t()?)?);
+        }
+        let (n, k) = w.dims2()?;
+        let x = x.contiguous()?;
+        let out = matmul_nt(
+            HostView::new(&x)?.slice(),
+            m,
+            k,
+            HostView::new(w)?.slice(),
+            n,
+        );
+        Ok(Tensor::from_vec(out, (m, n), x.device())?)
+    }
+}
 
 /// Multiply-adds from which a matrix product is split across the thread pool.
 const PAR_GEMM: usize = 1 << 18;
@@ -285,7 +363,7 @@ impl BaseModel {
         // With the softmax kept for backward the whole batch is one chunk (the buffer is
         // kept anyway, and the LM head's weight is read and packed once for all adapters).
         let to_probs = keep && keep_probs;
-        let chunk = if to_probs { n } else { super::llama::LM_CHUNK };
+        let chunk = if to_probs { n } else { LM_CHUNK };
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
@@ -555,13 +633,13 @@ impl BaseModel {
 
     /// The transformer body of an inference step (prefill or decode): every layer of
     /// [`Self::layer_fwd`] without a tape, each row's keys and values appended to its
-    /// cache. Returns the last hidden state `[N, hidden]`.
+    /// cache. Returns the last layer's output `[N, hidden]` (before the final norm).
     pub(crate) fn body_host(
         &self,
         b: &PackedBatch,
         adapters: &Adapters,
         caches: &mut [&mut KvCache],
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         let layers = self.weights.layers.len();
         for cache in caches.iter_mut() {
             cache.hk.resize_with(layers, Vec::new);
@@ -576,11 +654,7 @@ impl BaseModel {
         for (cache, r) in caches.iter_mut().zip(&b.rows) {
             cache.len = r.pos0 + r.len;
         }
-        Ok(Tensor::from_vec(
-            x,
-            (b.num_tokens(), self.config.hidden_size),
-            &self.device,
-        )?)
+        Ok(x)
     }
 
     /// One decoder layer forward, the one implementation the host runs for training and

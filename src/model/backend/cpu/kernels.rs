@@ -1,14 +1,10 @@
 //! The cpu backend's kernels: a matmul with few rows against a wide frozen weight (a
 //! decode step), where candle's GEMM would pack the whole weight for each call; one-token
-//! attention over a KV cache; half-split RoPE; and [`HostView`], which reads a CPU tensor's
-//! f32 contents in place. The layer that uses them is [`super::host_train`].
+//! attention over a KV cache; half-split RoPE. The layer that uses them is [`super`].
 //!
-//! Never used on a GPU: [`super::BaseModel::host_kernels`] gates them to a CPU model in
-//! f32. Numerics are checked against candle in this module's tests.
+//! Never used on a GPU: only the cpu backend (a CPU model in f32) calls them. Numerics are
+//! checked against candle in this module's tests.
 
-use super::BaseModel;
-use crate::error::{Error, Result};
-use candle_core::{DType, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which inference uses [`matmul_nt`] rather than candle's GEMM: at few rows the
@@ -19,46 +15,6 @@ pub const SMALL_M: usize = 64;
 /// Work (multiply-adds) below which a kernel runs on the calling thread: waking the pool
 /// costs more than it saves.
 pub(crate) const PAR_MIN_WORK: usize = 1 << 17;
-
-fn host_only() -> Error {
-    Error::Tensor(candle_core::Error::Msg(
-        "host kernel given a tensor that is not contiguous f32 on the CPU".into(),
-    ))
-}
-
-/// The f32 contents of a contiguous CPU tensor, read in place (holds its storage's read
-/// lock while alive).
-pub struct HostView<'a> {
-    storage: StorageRef<'a>,
-    start: usize,
-    end: usize,
-}
-
-impl<'a> HostView<'a> {
-    pub fn new(t: &'a Tensor) -> Result<Self> {
-        let (storage, layout) = t.storage_and_layout();
-        let (start, end) = layout.contiguous_offsets().ok_or_else(host_only)?;
-        let view = HostView {
-            storage,
-            start,
-            end,
-        };
-        view.try_slice()?;
-        Ok(view)
-    }
-
-    fn try_slice(&self) -> Result<&[f32]> {
-        match &*self.storage {
-            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.end]),
-            _ => Err(host_only()),
-        }
-    }
-
-    pub fn slice(&self) -> &[f32] {
-        // Checked in `new`: CPU f32 storage with this range.
-        self.try_slice().unwrap_or(&[])
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
@@ -395,36 +351,12 @@ pub fn attend_one(s: AttnShape, q: &[f32], keys: &[f32], values: &[f32], o: &mut
     }
 }
 
-impl BaseModel {
-    /// Whether inference runs on the host kernels: a CPU model in f32.
-    pub(crate) fn host_kernels(&self) -> bool {
-        self.host && self.device.is_cpu() && self.dtype == DType::F32
-    }
-
-    /// `x Wᵀ` for `x: [m, k]` (small `m` on the host kernel, else candle's GEMM).
-    pub(crate) fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let m = x.dim(0)?;
-        if !(self.host_kernels() && m <= SMALL_M && x.dtype() == DType::F32) {
-            return Ok(x.matmul(&w.t()?)?);
-        }
-        let (n, k) = w.dims2()?;
-        let x = x.contiguous()?;
-        let out = matmul_nt(
-            HostView::new(&x)?.slice(),
-            m,
-            k,
-            HostView::new(w)?.slice(),
-            n,
-        );
-        Ok(Tensor::from_vec(out, (m, n), &self.device)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Result;
     use crate::util::SplitMix64;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = SplitMix64::new(seed);
