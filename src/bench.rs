@@ -603,6 +603,102 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
     Ok(out)
 }
 
+/// The model's own quantized blocks read in place against f32 copies of the same weights:
+/// `x · Wᵀ` by rows of `x`, and `dy · W` (the backward pass's input gradient).
+fn quantized_products(model_args: &crate::config::ModelArgs) -> Result<String> {
+    use crate::model::backend::cpu::kernels::matmul_nt;
+    use crate::model::backend::cpu::quant::{qmatmul_nn_acc, qmatmul_nt};
+    use crate::model::weights::GgufFile;
+    if model_args
+        .model_path
+        .extension()
+        .is_none_or(|e| e != "gguf")
+    {
+        return Ok(String::new());
+    }
+    let mut f = GgufFile::open(&model_args.model_path)?;
+    let mut qs = Vec::new();
+    for l in 0.. {
+        let name = format!("blk.{l}.ffn_gate.weight");
+        if !f.has(&name) {
+            break;
+        }
+        qs.extend(f.quantized(&name)?);
+    }
+    let Some(first) = qs.first() else {
+        return Ok(
+            "The model's ffn_gate weights are not block-quantized: no quantized table.\n\n".into(),
+        );
+    };
+    let (n, k, kind) = (first.rows(), first.cols(), first.kind().name());
+    let qs: Vec<_> = qs
+        .into_iter()
+        .filter(|q| (q.rows(), q.cols()) == (n, k))
+        .collect();
+    let fs: Vec<Vec<f32>> = qs.iter().map(|q| q.to_f32()).collect();
+    let (qmb, fmb) = (
+        qs.iter().map(|q| q.bytes()).sum::<usize>() as f64 / 1e6,
+        (fs.len() * n * k * 4) as f64 / 1e6,
+    );
+    let mut out = format!(
+        "Quantized weights read in place: x[m, {k}] · Wᵀ over the model's {} ffn_gate weights ({} [{n}, {k}], {qmb:.0} MB as stored, {fmb:.0} MB in f32); median of 5, µs per matmul\n\n| m | f32 host kernel µs | {} in place µs | f32 / quantized |\n|---|---|---|---|\n",
+        qs.len(),
+        kind,
+        kind,
+    );
+    let mut rng = SplitMix64::new(9);
+    let mut rand = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    for m in [1usize, 2, 4, 8, 16, 64, 128] {
+        let x = rand(m * k);
+        let (mut f32s, mut quant) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            for w in &fs {
+                std::hint::black_box(matmul_nt(&x, m, k, w, n));
+            }
+            f32s.push(t.elapsed().as_secs_f64() * 1e6 / fs.len() as f64);
+            let t = Instant::now();
+            for q in &qs {
+                std::hint::black_box(qmatmul_nt(&x, m, q));
+            }
+            quant.push(t.elapsed().as_secs_f64() * 1e6 / qs.len() as f64);
+        }
+        let (a, b) = (median(&mut f32s), median(&mut quant));
+        out.push_str(&format!("| {m} | {a:.0} | {b:.0} | {:.2}x |\n", a / b));
+    }
+    // dy · W at a training batch's row count, against the f32 GEMM on the same weights.
+    let m = 128;
+    let dy = rand(m * n);
+    let (mut f32s, mut quant) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        for w in &fs {
+            let a = candle_core::Tensor::from_slice(&dy, (m, n), &candle_core::Device::Cpu)?;
+            let b = candle_core::Tensor::from_slice(w, (n, k), &candle_core::Device::Cpu)?;
+            std::hint::black_box(a.matmul(&b)?);
+        }
+        f32s.push(t.elapsed().as_secs_f64() * 1e6 / fs.len() as f64);
+        let t = Instant::now();
+        for q in &qs {
+            let mut o = vec![0f32; m * k];
+            qmatmul_nn_acc(&dy, m, q, &mut o);
+            std::hint::black_box(o);
+        }
+        quant.push(t.elapsed().as_secs_f64() * 1e6 / qs.len() as f64);
+    }
+    let (a, b) = (median(&mut f32s), median(&mut quant));
+    out.push_str(&format!(
+        "\ndy[{m}, {n}] · W (backward input gradient): f32 GEMM {a:.0} µs, {} in place {b:.0} µs ({:.2}x)\n\n",
+        kind,
+        a / b
+    ));
+    Ok(out)
+}
+
 /// `loraplex bench kernels`: the host matmul against candle's GEMM on weights too big for
 /// the caches (as in a decode step), and whole decode steps of B sequences of B adapters.
 pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
@@ -648,6 +744,7 @@ pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
     out.push_str(&format!(
         "\nInference uses the host kernel up to m = {SMALL_M} rows.\n\n"
     ));
+    out.push_str(&quantized_products(model_args)?);
     // Decode steps of B sequences, each with its own rank-8 adapter on all 7 targets.
     let (dev, dt) = crate::model::default_device();
     let model = BaseModel::load(&model_args.model_path, &model_args.model_name, &dev, dt)?;

@@ -186,6 +186,39 @@ impl GgufFile {
             .to_device(device)?)
     }
 
+    /// One 2-D tensor's blocks as stored, without dequantizing: `None` when its type is not
+    /// a block layout the cpu backend reads in place (F32, F16, BF16 and the rest).
+    pub(crate) fn quantized(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<crate::model::backend::cpu::quant::QMatrix>> {
+        use crate::model::backend::cpu::quant::{QKind, QMatrix};
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name}")))?;
+        let kind = match info.ggml_dtype {
+            GgmlDType::Q8_0 => QKind::Q8_0,
+            GgmlDType::Q4_0 => QKind::Q4_0,
+            GgmlDType::Q4_1 => QKind::Q4_1,
+            GgmlDType::Q4K => QKind::Q4K,
+            GgmlDType::Q5K => QKind::Q5K,
+            GgmlDType::Q6K => QKind::Q6K,
+            _ => return Ok(None),
+        };
+        let q = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| Error::load(&self.path, format!("tensor {name}: {e}")))?;
+        let (rows, cols) = q
+            .shape()
+            .dims2()
+            .map_err(|_| Error::load(&self.path, format!("tensor {name} is not 2-D")))?;
+        let bytes = q.data()?.into_owned();
+        QMatrix::new(kind, rows, cols, bytes).map(Some)
+    }
+
     fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
         self.content
             .metadata

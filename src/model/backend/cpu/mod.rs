@@ -18,6 +18,7 @@
 //! reference this one is tested against (`tests/host_train.rs`, `tests/multi_adapter.rs`).
 
 pub(crate) mod kernels;
+pub mod quant;
 
 use super::{own_tape, Backend, Cpu, PassTape, TrainOut};
 use crate::error::Result;

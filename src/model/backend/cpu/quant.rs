@@ -1,0 +1,759 @@
+//! Quantized base weights as stored in a GGUF file, and the cpu backend's products with
+//! them: `x · Wᵀ` (training forward, prefill, decode) and `dy · W` (the input gradient of
+//! the backward pass), reading the quantized blocks directly. Nothing here builds a
+//! dequantized copy of a whole weight: a product dequantizes a few weight rows at a time
+//! into a tile that stays in cache (one row at a time for few rows of `x`, as in a decode
+//! step, where the product is bound by the bytes read; 64-row tiles for many, which then
+//! go through the `gemm` crate like the f32 weights do).
+//!
+//! Layouts are llama.cpp's (ggml-quants.c), byte for byte: Q8_0, Q4_0, Q4_1 (32 values per
+//! block) and Q4_K, Q5_K, Q6_K (256 per block). Each has a portable dequantizer; Q8_0,
+//! Q4_0 and Q4_1 also have AVX2 ones. The tests hold every layout to candle's own
+//! dequantization (an independent implementation) and the products to f32 products of the
+//! dequantized weights.
+
+use super::{gemm, Mat};
+use crate::error::{Error, Result};
+use half::f16;
+use rayon::prelude::*;
+
+/// A GGUF block layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QKind {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QKind {
+    #[cfg(test)]
+    pub const ALL: [QKind; 6] = [
+        QKind::Q8_0,
+        QKind::Q4_0,
+        QKind::Q4_1,
+        QKind::Q4K,
+        QKind::Q5K,
+        QKind::Q6K,
+    ];
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        match self {
+            QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1 => 32,
+            QKind::Q4K | QKind::Q5K | QKind::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QKind::Q8_0 => 34,
+            QKind::Q4_0 => 18,
+            QKind::Q4_1 => 20,
+            QKind::Q4K => 144,
+            QKind::Q5K => 176,
+            QKind::Q6K => 210,
+        }
+    }
+
+    /// llama.cpp's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            QKind::Q8_0 => "Q8_0",
+            QKind::Q4_0 => "Q4_0",
+            QKind::Q4_1 => "Q4_1",
+            QKind::Q4K => "Q4_K",
+            QKind::Q5K => "Q5_K",
+            QKind::Q6K => "Q6_K",
+        }
+    }
+}
+
+/// A frozen `[rows, cols]` weight kept in its quantized blocks (row-major: each row is
+/// `cols / block_values` whole blocks).
+#[derive(Clone)]
+pub struct QMatrix {
+    kind: QKind,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({} [{}, {}])",
+            self.kind.name(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+impl QMatrix {
+    /// Wrap the blocks of a `[rows, cols]` tensor, checking that the sizes agree (they come
+    /// from a file: a mismatch is an error, never a panic or an out-of-bounds read).
+    pub fn new(kind: QKind, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        let bv = kind.block_values();
+        if cols == 0 || cols % bv != 0 {
+            return Err(Error::Unsupported(format!(
+                "a {} weight needs a row length that is a multiple of {bv}, got {cols}",
+                kind.name()
+            )));
+        }
+        let want = rows
+            .checked_mul(cols / bv)
+            .and_then(|b| b.checked_mul(kind.block_bytes()));
+        if want != Some(data.len()) {
+            return Err(Error::Unsupported(format!(
+                "a {} weight [{rows}, {cols}] takes {want:?} bytes, the data has {}",
+                kind.name(),
+                data.len()
+            )));
+        }
+        Ok(QMatrix {
+            kind,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn kind(&self) -> QKind {
+        self.kind
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of its blocks.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.kind.block_values() * self.kind.block_bytes()
+    }
+
+    /// Dequantize rows `r0..r1` into `out` (`(r1 - r0) · cols` values).
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        assert!(r0 <= r1 && r1 <= self.rows && out.len() >= (r1 - r0) * self.cols);
+        let src = &self.data[r0 * rb..r1 * rb];
+        dequantize(self.kind, src, &mut out[..(r1 - r0) * self.cols]);
+    }
+
+    /// The whole matrix in f32 (tests and references only: products never call it).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        out
+    }
+}
+
+/// Dequantize whole blocks: `out.len()` values from `src`.
+fn dequantize(kind: QKind, src: &[u8], out: &mut [f32]) {
+    let (bb, bv) = (kind.block_bytes(), kind.block_values());
+    debug_assert_eq!(src.len() / bb * bv, out.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2_fma() && matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1) {
+        for (b, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(bv)) {
+            // SAFETY: AVX2 and FMA were detected; `b` and `o` hold one block each.
+            unsafe { avx2::dequant_block(kind, b, o) };
+        }
+        return;
+    }
+    for (b, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(bv)) {
+        dequant_block(kind, b, o);
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Q4_K / Q5_K: the 6-bit scale and min of sub-block `j` (of 8) from the 12 packed bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        let sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        (sc as f32, m as f32)
+    }
+}
+
+/// One block, portably.
+fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
+    match kind {
+        QKind::Q8_0 => {
+            let d = f16_at(b, 0);
+            for (o, &q) in y.iter_mut().zip(&b[2..34]) {
+                *o = d * (q as i8) as f32;
+            }
+        }
+        QKind::Q4_0 => {
+            let d = f16_at(b, 0);
+            let qs = &b[2..18];
+            for j in 0..16 {
+                y[j] = d * ((qs[j] & 0xF) as i32 - 8) as f32;
+                y[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+            }
+        }
+        QKind::Q4_1 => {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            let qs = &b[4..20];
+            for j in 0..16 {
+                y[j] = d * (qs[j] & 0xF) as f32 + m;
+                y[j + 16] = d * (qs[j] >> 4) as f32 + m;
+            }
+        }
+        QKind::Q4K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            for c in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * c, scales);
+                let (s2, m2) = scale_min_k4(2 * c + 1, scales);
+                let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                let q = &qs[32 * c..32 * c + 32];
+                let o = &mut y[64 * c..64 * c + 64];
+                for l in 0..32 {
+                    o[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                    o[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+                }
+            }
+        }
+        QKind::Q5K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+            for c in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * c, scales);
+                let (s2, m2) = scale_min_k4(2 * c + 1, scales);
+                let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                let (u1, u2) = (1u8 << (2 * c), 2u8 << (2 * c));
+                let q = &qs[32 * c..32 * c + 32];
+                let o = &mut y[64 * c..64 * c + 64];
+                for l in 0..32 {
+                    let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                    let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                    o[l] = d1 * ((q[l] & 0xF) + h1) as f32 - m1;
+                    o[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+                }
+            }
+        }
+        QKind::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16_at(b, 208);
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+                let sc = &sc[8 * n..8 * n + 8];
+                let o = &mut y[128 * n..128 * n + 128];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    let s = |i: usize| d * (sc[i] as i8) as f32;
+                    o[l] = s(is) * q1 as f32;
+                    o[l + 32] = s(is + 2) * q2 as f32;
+                    o[l + 64] = s(is + 4) * q3 as f32;
+                    o[l + 96] = s(is + 6) * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16_at, QKind};
+    use std::arch::x86_64::*;
+
+    /// One block of Q8_0, Q4_0 or Q4_1 (any other layout: the portable path).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
+        assert!(y.len() >= 32);
+        let out = y.as_mut_ptr();
+        match kind {
+            QKind::Q8_0 => {
+                assert!(b.len() >= 34);
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                let q = b.as_ptr().add(2);
+                for i in 0..4 {
+                    let v = _mm_loadl_epi64(q.add(8 * i) as *const __m128i);
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                    _mm256_storeu_ps(out.add(8 * i), _mm256_mul_ps(d, f));
+                }
+            }
+            QKind::Q4_0 | QKind::Q4_1 => {
+                let (d, m, q) = if kind == QKind::Q4_0 {
+                    assert!(b.len() >= 18);
+                    let d = f16_at(b, 0);
+                    (d, -8.0 * d, b.as_ptr().add(2))
+                } else {
+                    assert!(b.len() >= 20);
+                    (f16_at(b, 0), f16_at(b, 2), b.as_ptr().add(4))
+                };
+                let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+                let bytes = _mm_loadu_si128(q as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                for (i, half) in [lo, hi].into_iter().enumerate() {
+                    let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half));
+                    let b8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8)));
+                    _mm256_storeu_ps(out.add(16 * i), _mm256_fmadd_ps(dv, a, mv));
+                    _mm256_storeu_ps(out.add(16 * i + 8), _mm256_fmadd_ps(dv, b8, mv));
+                }
+            }
+            _ => super::dequant_block(kind, b, y),
+        }
+    }
+
+    /// `out[r] = Σₖ x_r[k] · W[k]` for one weight row `w` of 32-value blocks (Q8_0, Q4_0
+    /// or Q4_1) and `M` rows of `x` (`x[r · ldx ..]`), each block dequantized in registers
+    /// and used for every row before the next is read.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_row_q32<const M: usize>(
+        kind: QKind,
+        w: &[u8],
+        x: *const f32,
+        ldx: usize,
+        out: &mut [f32; M],
+    ) {
+        let bb = kind.block_bytes();
+        // Independent accumulators per row: 4 for one row, fewer as rows add their own.
+        let lanes = (4 / M).max(1);
+        let mut acc = [[_mm256_setzero_ps(); 4]; M];
+        let mask = _mm_set1_epi8(0x0F);
+        for (bi, b) in w.chunks_exact(bb).enumerate() {
+            let q = b.as_ptr();
+            let wv: [__m256; 4] = match kind {
+                QKind::Q8_0 => {
+                    let d = _mm256_set1_ps(f16_x86(q));
+                    let mut v = [d; 4];
+                    for (i, o) in v.iter_mut().enumerate() {
+                        let raw = _mm_loadl_epi64(q.add(2 + 8 * i) as *const __m128i);
+                        *o = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
+                    }
+                    v
+                }
+                _ => {
+                    let (d, m, qs) = if kind == QKind::Q4_0 {
+                        let d = f16_x86(q);
+                        (d, -8.0 * d, q.add(2))
+                    } else {
+                        (f16_x86(q), f16_x86(q.add(2)), q.add(4))
+                    };
+                    let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+                    let bytes = _mm_loadu_si128(qs as *const __m128i);
+                    let lo = _mm_and_si128(bytes, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                    let f = |h: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h));
+                    [
+                        _mm256_fmadd_ps(dv, f(lo), mv),
+                        _mm256_fmadd_ps(dv, f(_mm_srli_si128(lo, 8)), mv),
+                        _mm256_fmadd_ps(dv, f(hi), mv),
+                        _mm256_fmadd_ps(dv, f(_mm_srli_si128(hi, 8)), mv),
+                    ]
+                }
+            };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xr = x.add(r * ldx + bi * 32);
+                for (i, w) in wv.iter().enumerate() {
+                    let ai = &mut a[i % lanes];
+                    *ai = _mm256_fmadd_ps(*w, _mm256_loadu_ps(xr.add(8 * i)), *ai);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            *o = _mm_cvtss_f32(h);
+        }
+    }
+
+    /// The f16 at `p` (little-endian), with the F16C instruction.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_x86(p: *const u8) -> f32 {
+        let v = _mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32);
+        _mm_cvtss_f32(_mm_cvtph_ps(v))
+    }
+
+    /// `Σ a[i] · b[i]` over `n` values (`n` a multiple of 32).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), _mm256_loadu_ps(b.add(o)), *s);
+            }
+            i += 32;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        _mm_cvtss_f32(h)
+    }
+}
+
+/// `Σ a[i] · b[i]` (lengths equal, a multiple of 32).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2_fma() && a.len() % 32 == 0 {
+        // SAFETY: AVX2 and FMA were detected; both slices hold `a.len()` values.
+        return unsafe { avx2::dot(a.as_ptr(), b.as_ptr(), a.len()) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Rows of `x` up to which `x · Wᵀ` dequantizes one weight row at a time and dots it with
+/// every row of `x`; beyond, 64-row tiles go through the GEMM.
+pub const ROW_AT_A_TIME_M: usize = 16;
+const TILE_ROWS: usize = 64;
+
+/// Multiply-adds below which a product runs on the calling thread.
+const PAR_MIN_WORK: usize = super::kernels::PAR_MIN_WORK;
+
+/// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo`
+/// wide: the quantized counterpart of [`super::kernels::matmul_nt_acc`].
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_nt_acc(
+    x: &[f32],
+    m: usize,
+    w: &QMatrix,
+    alpha: f32,
+    out: &mut [f32],
+    ldo: usize,
+    col0: usize,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(x.len() >= m * k && col0 + n <= ldo);
+    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let tile = if m <= ROW_AT_A_TIME_M { 4 } else { TILE_ROWS };
+    // Few rows of a 32-value layout on AVX2: blocks dequantized in registers, no buffer.
+    #[cfg(target_arch = "x86_64")]
+    let fused = m <= ROW_AT_A_TIME_M
+        && super::kernels::has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("f16c")
+        && matches!(w.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused = false;
+    let rb = w.row_bytes();
+    // Weight row `j` against every row of `x`, into `dst[i · ld]`.
+    let fused_row = |j: usize, dst: &mut [f32], ld: usize| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let wr = &w.data[j * rb..(j + 1) * rb];
+            let mut i = 0;
+            while i < m {
+                let step = if m - i >= 4 {
+                    4
+                } else if m - i >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let xp = x[i * k..].as_ptr();
+                // SAFETY: AVX2 and FMA were detected (`fused`); rows i..i+step of `x` hold
+                // `k` values each (asserted on entry), as many as the weight row has.
+                let v: [f32; 8] = unsafe {
+                    match step {
+                        8 => {
+                            let mut o = [0f32; 8];
+                            avx2::dot_row_q32::<8>(w.kind, wr, xp, k, &mut o);
+                            o
+                        }
+                        4 => {
+                            let mut o = [0f32; 4];
+                            avx2::dot_row_q32::<4>(w.kind, wr, xp, k, &mut o);
+                            [o[0], o[1], o[2], o[3], 0.0, 0.0, 0.0, 0.0]
+                        }
+                        2 => {
+                            let mut o = [0f32; 2];
+                            avx2::dot_row_q32::<2>(w.kind, wr, xp, k, &mut o);
+                            [o[0], o[1], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+                        }
+                        _ => {
+                            let mut o = [0f32; 1];
+                            avx2::dot_row_q32::<1>(w.kind, wr, xp, k, &mut o);
+                            [o[0], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+                        }
+                    }
+                };
+                for (r, val) in v.iter().take(step).enumerate() {
+                    dst[(i + r) * ld] = *val;
+                }
+                i += step;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j, dst, ld, rb);
+    };
+    // Column blocks of whole tiles, a few per thread; each dequantizes its weight rows a
+    // tile at a time into one buffer and returns its products `[m, j1 - j0]`.
+    let threads = rayon::current_num_threads();
+    let per = n.div_ceil(threads * 4).next_multiple_of(tile);
+    let work = |blk: usize| -> (usize, Vec<f32>) {
+        let (j0, j1) = (blk * per, ((blk + 1) * per).min(n));
+        let cols = j1 - j0;
+        let mut wt = vec![0f32; if fused { 0 } else { tile * k }];
+        let mut prod = vec![0f32; m * cols];
+        for t0 in (j0..j1).step_by(tile) {
+            let rows = tile.min(j1 - t0);
+            if fused {
+                for j in t0..t0 + rows {
+                    fused_row(j, &mut prod[j - j0..], cols);
+                }
+                continue;
+            }
+            w.dequantize_rows(t0, t0 + rows, &mut wt);
+            if m <= ROW_AT_A_TIME_M {
+                for (jj, wr) in wt[..rows * k].chunks_exact(k).enumerate() {
+                    for i in 0..m {
+                        prod[i * cols + t0 - j0 + jj] = dot(&x[i * k..(i + 1) * k], wr);
+                    }
+                }
+            } else {
+                gemm(
+                    (m, rows, k),
+                    &mut prod,
+                    t0 - j0,
+                    cols,
+                    false,
+                    Mat::rows(x, 0, k),
+                    Mat::t(&wt, 0, k),
+                    1.0,
+                    false,
+                );
+            }
+        }
+        (j0, prod)
+    };
+    let blocks = n.div_ceil(per);
+    let parts: Vec<(usize, Vec<f32>)> = if m * n * k < PAR_MIN_WORK || threads == 1 {
+        (0..blocks).map(work).collect()
+    } else {
+        (0..blocks).into_par_iter().map(work).collect()
+    };
+    for (j0, prod) in parts {
+        let cols = prod.len() / m;
+        for i in 0..m {
+            let dst = &mut out[i * ldo + col0 + j0..i * ldo + col0 + j0 + cols];
+            for (o, p) in dst.iter_mut().zip(&prod[i * cols..(i + 1) * cols]) {
+                *o += alpha * p;
+            }
+        }
+    }
+}
+
+/// `x · Wᵀ` as a new `[m, rows]` buffer.
+pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
+    let mut out = vec![0f32; m * w.rows];
+    qmatmul_nt_acc(x, m, w, 1.0, &mut out, w.rows, 0);
+    out
+}
+
+/// `out[i][k] += Σⱼ dy[i][j] · W[j][k]` for `dy: [m, rows]`, `out: [m, cols]`: the input
+/// gradient of `x · Wᵀ`. Column blocks of `out` are split across the pool; each
+/// dequantizes its blocks of every weight row, 64 rows at a time, and runs the GEMM on them.
+pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(dy.len() >= m * n && out.len() >= m * k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let bv = w.kind.block_values();
+    let bb = w.kind.block_bytes();
+    let row_bytes = w.row_bytes();
+    // Column chunks of whole blocks, a few per thread.
+    let threads = rayon::current_num_threads();
+    let blocks = k / bv;
+    let per = blocks.div_ceil(threads * 2).max(1);
+    let chunks: Vec<(usize, usize)> = (0..blocks.div_ceil(per))
+        .map(|c| (c * per, ((c + 1) * per).min(blocks)))
+        .collect();
+    let work = |&(b0, b1): &(usize, usize)| -> Vec<f32> {
+        let width = (b1 - b0) * bv;
+        let mut acc = vec![0f32; m * width];
+        let mut wt = vec![0f32; TILE_ROWS * width];
+        for j0 in (0..n).step_by(TILE_ROWS) {
+            let rows = TILE_ROWS.min(n - j0);
+            for r in 0..rows {
+                let src = &w.data[(j0 + r) * row_bytes + b0 * bb..(j0 + r) * row_bytes + b1 * bb];
+                dequantize(w.kind, src, &mut wt[r * width..(r + 1) * width]);
+            }
+            gemm(
+                (m, width, rows),
+                &mut acc,
+                0,
+                width,
+                true,
+                Mat::rows(dy, j0, n),
+                Mat::rows(&wt, 0, width),
+                1.0,
+                false,
+            );
+        }
+        acc
+    };
+    let parts: Vec<Vec<f32>> = if m * n * k < PAR_MIN_WORK || threads == 1 {
+        chunks.iter().map(work).collect()
+    } else {
+        chunks.par_iter().map(work).collect()
+    };
+    for (&(b0, b1), acc) in chunks.iter().zip(parts) {
+        let (c0, width) = (b0 * bv, (b1 - b0) * bv);
+        for i in 0..m {
+            let dst = &mut out[i * k + c0..i * k + c0 + width];
+            for (o, a) in dst.iter_mut().zip(&acc[i * width..(i + 1) * width]) {
+                *o += a;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::SplitMix64;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn ggml(kind: QKind) -> GgmlDType {
+        match kind {
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4_0 => GgmlDType::Q4_0,
+            QKind::Q4_1 => GgmlDType::Q4_1,
+            QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q5K => GgmlDType::Q5K,
+            QKind::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed);
+        (0..n)
+            .map(|_| (r.next_u64() % 20001) as f32 / 10000.0 - 1.0)
+            .collect()
+    }
+
+    /// A random `[rows, cols]` weight quantized by candle, as our matrix and as candle's
+    /// own dequantization.
+    fn quantized(kind: QKind, rows: usize, cols: usize, seed: u64) -> (QMatrix, Vec<f32>) {
+        let t = Tensor::from_vec(rand(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, ggml(kind)).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let reference = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (QMatrix::new(kind, rows, cols, bytes).unwrap(), reference)
+    }
+
+    #[test]
+    fn every_layout_dequantizes_like_candle() {
+        for kind in QKind::ALL {
+            let (q, reference) = quantized(kind, 7, 512, kind as u64 + 1);
+            let ours = q.to_f32();
+            let mut portable = vec![0f32; ours.len()];
+            for (b, o) in q
+                .data
+                .chunks_exact(kind.block_bytes())
+                .zip(portable.chunks_exact_mut(kind.block_values()))
+            {
+                dequant_block(kind, b, o);
+            }
+            for (i, ((a, p), r)) in ours.iter().zip(&portable).zip(&reference).enumerate() {
+                // The AVX2 path fuses d·q + m into one rounding; candle rounds twice.
+                let tol = 1e-6 * (1.0 + r.abs());
+                assert!(
+                    (a - r).abs() <= tol && (p - r).abs() <= tol,
+                    "{}: value {i}: ours {a}, portable {p}, candle {r}",
+                    kind.name()
+                );
+            }
+            // Not all zeros: the comparison meant something.
+            assert!(reference.iter().any(|v| v.abs() > 0.1), "{}", kind.name());
+        }
+    }
+
+    fn matmul_ref(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_match_the_dequantized_weight_at_odd_shapes() {
+        for kind in QKind::ALL {
+            let k = if kind.block_values() == 32 { 96 } else { 512 };
+            for &(m, n) in &[(1, 1), (1, 67), (3, 130), (16, 9), (17, 70), (300, 33)] {
+                let (q, wf) = quantized(kind, n, k, (m * 1000 + n) as u64);
+                let x = rand(m * k, 7 + m as u64);
+                let want = matmul_ref(&x, m, &wf, n, k);
+                let got = qmatmul_nt(&x, m, &q);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt();
+                    assert!(
+                        (*g as f64 - w).abs() <= tol,
+                        "{} x·Wᵀ m={m} n={n} entry {i}: {g} vs {w}",
+                        kind.name()
+                    );
+                }
+                // dy · W, accumulated onto what `out` held.
+                let dy = rand(m * n, 11 + n as u64);
+                let mut got = vec![0.5f32; m * k];
+                qmatmul_nn_acc(&dy, m, &q, &mut got);
+                for i in 0..m {
+                    for c in 0..k {
+                        let w: f64 = 0.5
+                            + (0..n)
+                                .map(|j| dy[i * n + j] as f64 * wf[j * k + c] as f64)
+                                .sum::<f64>();
+                        let g = got[i * k + c] as f64;
+                        let tol = 1e-5 * (1.0 + w.abs()) * (n as f64).sqrt();
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{} dy·W m={m} n={n} ({i},{c}): {g} vs {w}",
+                            kind.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_that_disagree_are_refused() {
+        assert!(QMatrix::new(QKind::Q4_1, 2, 33, vec![0; 40]).is_err());
+        assert!(QMatrix::new(QKind::Q4_1, 2, 32, vec![0; 39]).is_err());
+        assert!(QMatrix::new(QKind::Q4K, usize::MAX, 256, vec![0; 144]).is_err());
+        assert!(QMatrix::new(QKind::Q4_1, 2, 32, vec![0; 40]).is_ok());
+    }
+}
