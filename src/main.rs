@@ -178,6 +178,7 @@ fn main() -> anyhow::Result<()> {
                     prompt: &ids,
                     adapter: None,
                     params,
+                    ..Default::default()
                 }],
             )?;
             println!("{}", tok.decode(&out[0].tokens, true)?);

@@ -10,13 +10,15 @@ pub mod host;
 pub mod host_train;
 pub mod llama;
 pub mod tokenizer;
+pub mod train_rows;
 pub mod weights;
 
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, LlamaConfig};
-pub use llama::{InferRow, KvCache, Tape, TrainRow};
+pub use llama::{InferRow, KvCache, Tape};
 pub use tokenizer::TextTokenizer;
+pub use train_rows::{CheckedRow, TrainBatch, TrainRow};
 pub use weights::BaseWeights;
 
 use crate::error::{Error, Result};
