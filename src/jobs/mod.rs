@@ -3,7 +3,8 @@
 //! multi-adapter batches instead of many small ones.
 //!
 //! The path of a training request:
-//! [`Engine::submit`] (validate, resolve the model for its tenant) → the [`scheduler`]
+//! [`Engine::submit`] (resolve the model for its tenant, check the op once against its base
+//! into a [`CheckedOp`]: the data the later stages take as they are) → the [`scheduler`]
 //! actor (admission, dedup by `seq_id`, per-model queue) → a batch of many models' work up
 //! to a token budget → a worker [`lane`] (one forward_backward pass over the batch, then
 //! each model's barriers) → the job's future ([`future`]) → the caller's long-poll.
