@@ -13,7 +13,7 @@ use crate::lora::optim::AdamParams;
 use crate::lora::{LoraConfig, LoraWeights, Target};
 use crate::model::BaseModel;
 use crate::train::loss::{BuiltinLoss, LossConfig};
-use crate::train::{forward_backward, Datum, TrainableAdapter, Work};
+use crate::train::{check_data, forward_backward, CheckedDatum, Datum, TrainableAdapter, Work};
 use crate::util::{peak_rss_bytes, reset_peak_rss, SplitMix64};
 use std::time::Instant;
 
@@ -174,18 +174,19 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
                 LoraWeights::init(&cfg, &model.config, &dev).map(TrainableAdapter::new)
             })
             .collect::<Result<_>>()?;
-        let data: Vec<Vec<Datum>> = (0..case.adapters)
+        let data: Vec<Vec<CheckedDatum>> = (0..case.adapters)
             .map(|_| {
-                (0..case.rows)
+                let data = (0..case.rows)
                     .map(|_| {
                         let toks: Vec<u32> = (0..=args.seq_len)
                             .map(|_| (rng.next_u64() % vocab) as u32)
                             .collect();
                         Datum::next_token(&toks, 0)
                     })
-                    .collect()
+                    .collect();
+                check_data(&model, data)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let tokens = case.adapters * case.rows * args.seq_len;
         let mut times = Vec::new();
         for step in 0..=args.steps {
@@ -258,6 +259,7 @@ pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
             Datum::next_token(&toks, 0)
         })
         .collect();
+    let data = check_data(&m, data)?;
     let cfg = LoraConfig {
         rank: 8,
         alpha: 32.0,

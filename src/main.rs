@@ -54,6 +54,9 @@ enum Cmd {
         max_tokens: usize,
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
+        /// Text that ends the generation at the token that completes it (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
     },
 }
 
@@ -151,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             prompt,
             max_tokens,
             temperature,
+            stop,
         } => {
             let (dev, dt) = loraplex::model::default_device();
             let m =
@@ -178,6 +182,7 @@ fn main() -> anyhow::Result<()> {
                     prompt: &ids,
                     adapter: None,
                     params,
+                    stop_strings: stop,
                 }],
             )?;
             println!("{}", tok.decode(&out[0].tokens, true)?);

@@ -15,7 +15,7 @@ use loraplex::lora::{LoraConfig, LoraWeights, Target};
 use loraplex::model::BaseModel;
 use loraplex::sample::{SamplingParams, StopReason};
 use loraplex::train::loss::{BuiltinLoss, LossConfig, LossDatum, LossFunction, LossOutput};
-use loraplex::train::{forward_backward, Datum, TrainableAdapter, Work};
+use loraplex::train::{check_data, forward_backward, Datum, TrainableAdapter, Work};
 use loraplex::util::SplitMix64;
 use loraplex::Error;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -99,7 +99,7 @@ fn alone(
             &[&a.weights],
             &[Work {
                 adapter: Some(0),
-                data: d,
+                data: &check_data(model, d.clone()).unwrap(),
                 loss,
                 config: &lc,
             }],
@@ -431,7 +431,7 @@ async fn a_failing_job_fails_alone() {
         &[&wts],
         &[Work {
             adapter: Some(0),
-            data: &good_data,
+            data: &check_data(&m, good_data).unwrap(),
             loss: &BuiltinLoss::CrossEntropy,
             config: &lc,
         }],
@@ -504,7 +504,7 @@ async fn a_huge_request_is_split_and_does_not_starve_others() {
         &[&w],
         &[Work {
             adapter: Some(0),
-            data: &big_data,
+            data: &check_data(&m, big_data).unwrap(),
             loss: &BuiltinLoss::CrossEntropy,
             config: &lc,
         }],
@@ -674,6 +674,7 @@ async fn seeded_sampling_is_reproducible_and_matches_the_plain_loop() {
             prompt: &[1, 2, 3, 4],
             adapter: None,
             params,
+            ..Default::default()
         }],
     )
     .unwrap();
@@ -754,6 +755,78 @@ async fn stop_tokens_and_stop_strings_end_sequences() {
         "stop string {stop_s:?} in {text:?}"
     );
     assert_eq!(got.stop_reason, StopReason::Stop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_runs_the_engines_decode_step_stop_strings_included() {
+    use loraplex::sample::{generate, GenerateRequest};
+    let m = tiny_with_tokenizer();
+    let e = engine(&m, EngineConfig::default());
+    let t = TenantId::from("t");
+    let s = e.base_sampling_session(&t).await.unwrap();
+    let prompt = vec![5, 9, 13];
+    let engine_run = |params: SamplingParams, stops: Vec<String>| {
+        let e = e.clone();
+        let (t, s, prompt) = (t.clone(), s.clone(), prompt.clone());
+        async move {
+            let mut r = SampleRequest::new(prompt, params);
+            r.stop_strings = stops;
+            let f = e.sample(&t, &s, r).await.unwrap();
+            sample_out(&e.result(&t, &f, T).await.unwrap()).sequences[0].clone()
+        }
+    };
+    let gen = |params: &SamplingParams, stops: &[String]| GenerateRequest {
+        prompt: &prompt,
+        adapter: None,
+        params: params.clone(),
+        stop_strings: stops.to_vec(),
+    };
+    let greedy = SamplingParams {
+        max_tokens: 16,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let seeded = SamplingParams {
+        max_tokens: 16,
+        temperature: 1.0,
+        seed: Some(11),
+        ..Default::default()
+    };
+    // The same sequence (the engine's may have batched or cached its prompt differently,
+    // so logprobs agree to rounding).
+    let same = |a: &SampledSeq, b: &SampledSeq| {
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.stop_reason, b.stop_reason);
+        assert!(
+            max_abs_diff(&a.logprobs, &b.logprobs) < 1e-5,
+            "{a:?} vs {b:?}"
+        );
+    };
+    // Without stops: what the engine samples, greedy or seeded.
+    let full = engine_run(greedy.clone(), vec![]).await;
+    assert_eq!(full.tokens.len(), 16);
+    let drawn = engine_run(seeded.clone(), vec![]).await;
+    let out = generate(&m, &[], &[gen(&greedy, &[]), gen(&seeded, &[])]).unwrap();
+    same(&out[0], &full);
+    same(&out[1], &drawn);
+    // A stop string the greedy output writes at tokens 6 and 7 ends it at the token that
+    // completes it, as in the engine; the other sequence of the batch runs on.
+    let tk = m.tokenizer().unwrap();
+    let text = tk.decode(&full.tokens, false).unwrap();
+    let stop = text[6..8].to_string();
+    let end = (1..=16)
+        .find(|&n| tk.decode(&full.tokens[..n], false).unwrap().contains(&stop))
+        .unwrap();
+    let stops = [stop.clone()];
+    let out = generate(&m, &[], &[gen(&seeded, &[]), gen(&greedy, &stops)]).unwrap();
+    assert_eq!(out[1].tokens, full.tokens[..end], "{stop:?} in {text:?}");
+    assert_eq!(out[1].stop_reason, StopReason::Stop);
+    same(&out[1], &engine_run(greedy.clone(), vec![stop]).await);
+    same(&out[0], &drawn);
+    // Stop strings need a tokenizer.
+    let bare = model();
+    let err = generate(&bare, &[], &[gen(&greedy, &stops)]).unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,7 +143,11 @@ fn check(model: &BaseModel, family: &str, label: &str) {
             })
             .collect();
         let (lp, tape) = model
-            .forward_train(&train_rows, &ads, adapter.is_some())
+            .forward_train(
+                &model.train_batch(&train_rows).expect("rows"),
+                &ads,
+                adapter.is_some(),
+            )
             .expect("forward_train");
         for (i, got) in lp.iter().enumerate() {
             close(
@@ -164,7 +168,7 @@ fn check(model: &BaseModel, family: &str, label: &str) {
             })
             .collect();
         let (plp, _) = model
-            .forward_train(&probe_rows, &ads, false)
+            .forward_train(&model.train_batch(&probe_rows).expect("rows"), &ads, false)
             .expect("forward_train at probes");
         for (i, got) in plp.iter().enumerate() {
             close(
@@ -216,6 +220,7 @@ fn check(model: &BaseModel, family: &str, label: &str) {
                 prompt: p,
                 adapter,
                 params: params.clone(),
+                ..Default::default()
             })
             .collect();
         let out = generate(model, &ads, &reqs).expect("generate");

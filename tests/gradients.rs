@@ -31,7 +31,7 @@ impl Problem {
 
 fn objective(model: &loraplex::model::BaseModel, ads: &[&LoraWeights], p: &Problem) -> f64 {
     let (lp, _) = model
-        .forward_train_f64(&p.train_rows(), ads, false)
+        .forward_train_f64(&model.train_batch(&p.train_rows()).unwrap(), ads, false)
         .unwrap();
     lp.iter()
         .zip(&p.seeds)
@@ -78,7 +78,9 @@ fn check_against_finite_differences(model: &loraplex::model::BaseModel) {
     let p = Problem { rows, seeds };
 
     let ads = [&a0, &a1];
-    let (_, tape) = model.forward_train(&p.train_rows(), &ads, true).unwrap();
+    let (_, tape) = model
+        .forward_train(&model.train_batch(&p.train_rows()).unwrap(), &ads, true)
+        .unwrap();
     let grads = model.backward(tape.unwrap(), &p.seeds, &ads).unwrap();
 
     let h = 1e-3f32;
@@ -145,31 +147,87 @@ fn new_adapter_has_zero_b_and_leaves_outputs_unchanged() {
     let mut rng = SplitMix64::new(5);
     let t = tokens(&mut rng, 6, model.config.vocab_size);
     let g = tokens(&mut rng, 6, model.config.vocab_size);
+    let row = |adapter| TrainRow {
+        tokens: &t,
+        targets: &g,
+        k: 1,
+        adapter,
+    };
     let with = model
-        .forward_train(
-            &[TrainRow {
-                tokens: &t,
-                targets: &g,
-                k: 1,
-                adapter: Some(0),
-            }],
-            &[&w],
-            false,
-        )
+        .forward_train(&model.train_batch(&[row(Some(0))]).unwrap(), &[&w], false)
         .unwrap()
         .0;
     let without = model
-        .forward_train(
-            &[TrainRow {
-                tokens: &t,
-                targets: &g,
-                k: 1,
-                adapter: None,
-            }],
-            &[],
-            false,
-        )
+        .forward_train(&model.train_batch(&[row(None)]).unwrap(), &[], false)
         .unwrap()
         .0;
     assert!(max_abs_diff(&with[0], &without[0]) < 1e-6);
+}
+
+#[test]
+fn train_rows_are_checked_when_batched_and_not_after() {
+    let model = tiny(DType::F64);
+    let v = model.config.vocab_size as u32;
+    let ctx = model.config.max_position_embeddings;
+    let t = [1u32, 2, 3];
+    fn row<'a>(tokens: &'a [u32], targets: &'a [u32], k: usize) -> TrainRow<'a> {
+        TrainRow {
+            tokens,
+            targets,
+            k,
+            adapter: None,
+        }
+    }
+    let err = |rows: &[TrainRow]| match model.train_batch(rows) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted bad rows"),
+    };
+    let ok = row(&[1, 2, 3], &[2, 3, 4], 1);
+    let long = vec![1; ctx + 1];
+    let (bad_token, bad_target) = ([1, v, 2], [1, 2, v + 5]);
+    for (rows, needle) in [
+        (vec![ok, row(&[], &[], 1)], "data[1].model_input: empty"),
+        (vec![row(&bad_token, &[1, 2, 3], 1)], "data[0].model_input"),
+        (vec![row(&long, &long, 1)], "context length"),
+        (
+            vec![row(&[1, 2], &[1, 2, 3], 1)],
+            "data[0].loss_fn_inputs.target_tokens: has 3 entries; expected 2",
+        ),
+        (vec![row(&[1, 2], &[], 0)], "target_tokens"),
+        (
+            vec![ok, row(&t, &bad_target, 1)],
+            "data[1].loss_fn_inputs.target_tokens: token id",
+        ),
+    ] {
+        let e = err(&rows);
+        assert!(e.contains(needle), "{e} lacks {needle:?}");
+    }
+    assert!(err(&[row(&t, &bad_target, 1)]).contains("outside the vocabulary"));
+    // A checked row runs as it is; rows checked for a model with a bigger vocabulary do not
+    // run on this one.
+    let checked = model
+        .check_train_row("data[0]", t.to_vec(), || Ok((vec![2, 3, 4], 1)))
+        .unwrap();
+    let batch = loraplex::model::TrainBatch::of_checked([(&checked, None)]);
+    let (lp, _) = model.forward_train(&batch, &[], false).unwrap();
+    let (want, _) = model
+        .forward_train(&model.train_batch(&[ok]).unwrap(), &[], false)
+        .unwrap();
+    assert_eq!(lp, want);
+    let mut cfg = model.config.clone();
+    cfg.vocab_size += 8;
+    let big = loraplex::model::BaseModel::random(cfg, 7, DType::F64).unwrap();
+    let wide = big
+        .check_train_row("data[0]", t.to_vec(), || Ok((vec![2, 3, v + 5], 1)))
+        .unwrap();
+    let wide = loraplex::model::TrainBatch::of_checked([(&wide, None)]);
+    let Err(e) = model.forward_train(&wide, &[], false) else {
+        panic!("ran rows checked for another model");
+    };
+    assert!(e.to_string().contains("another model"), "{e}");
+    // The targets are parsed only once the tokens have passed.
+    let e = model
+        .check_train_row("data[2]", vec![], || panic!("targets read before tokens"))
+        .unwrap_err();
+    assert!(e.to_string().contains("data[2].model_input"), "{e}");
 }

@@ -57,7 +57,9 @@ impl Case {
     }
 
     fn run(&self, model: &BaseModel, ads: &[&LoraWeights]) -> (Vec<Vec<f32>>, Vec<LoraGrads>) {
-        let (lp, tape) = model.forward_train(&self.train_rows(), ads, true).unwrap();
+        let (lp, tape) = model
+            .forward_train(&model.train_batch(&self.train_rows()).unwrap(), ads, true)
+            .unwrap();
         let grads = model.backward(tape.unwrap(), &self.seeds, ads).unwrap();
         (lp, grads)
     }

@@ -48,12 +48,16 @@ fn mixed_batch_equals_rows_run_alone() {
             adapter: *a,
         })
         .collect();
-    let (lp, tape) = model.forward_train(&rows, &refs, true).unwrap();
+    let (lp, tape) = model
+        .forward_train(&model.train_batch(&rows).unwrap(), &refs, true)
+        .unwrap();
     let grads = model.backward(tape.unwrap(), &seeds, &refs).unwrap();
 
     let mut alone_grads = vec![loraplex::lora::LoraGrads::default(); ads.len()];
     for (i, row) in rows.iter().enumerate() {
-        let (lp1, tape1) = model.forward_train(&[*row], &refs, true).unwrap();
+        let (lp1, tape1) = model
+            .forward_train(&model.train_batch(&[*row]).unwrap(), &refs, true)
+            .unwrap();
         assert!(
             max_abs_diff(&lp[i], &lp1[0]) < 1e-5,
             "row {i} logprobs differ in the batch"
@@ -105,12 +109,13 @@ fn optimizer_step_on_one_adapter_leaves_others_untouched() {
         k: 1,
         adapter: Some(ad),
     };
+    let batch = model.train_batch(&[row(0), row(1)]).unwrap();
     let before = model
-        .forward_train(&[row(0), row(1)], &[&a.weights, &b], false)
+        .forward_train(&batch, &[&a.weights, &b], false)
         .unwrap()
         .0;
     let (_, tape) = model
-        .forward_train(&[row(0), row(1)], &[&a.weights, &b], true)
+        .forward_train(&batch, &[&a.weights, &b], true)
         .unwrap();
     let grads = model
         .backward(
@@ -126,7 +131,7 @@ fn optimizer_step_on_one_adapter_leaves_others_untouched() {
     })
     .unwrap();
     let after = model
-        .forward_train(&[row(0), row(1)], &[&a.weights, &b], false)
+        .forward_train(&batch, &[&a.weights, &b], false)
         .unwrap()
         .0;
     assert!(
@@ -262,7 +267,11 @@ fn full_forward_logprobs(
                 k: 1,
                 adapter: *a,
             }];
-            model.forward_train(&rows, refs, false).unwrap().0.remove(0)
+            model
+                .forward_train(&model.train_batch(&rows).unwrap(), refs, false)
+                .unwrap()
+                .0
+                .remove(0)
         })
         .collect()
 }

@@ -32,7 +32,7 @@ use loraplex::model::weights::TokenizerSource;
 use loraplex::model::{BaseModel, LlamaConfig, TextTokenizer};
 use loraplex::sample::{generate, GenerateRequest, SamplingParams};
 use loraplex::train::loss::BuiltinLoss;
-use loraplex::train::{forward_backward, Datum, Work};
+use loraplex::train::{check_data, forward_backward, Datum, Work};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -186,7 +186,7 @@ fn logprobs(o: &proto::ForwardBackwardOutput) -> Vec<f32> {
 /// (B = 0) on that base computes.
 fn reference_logprobs(model: &BaseModel, tokens: &[i32]) -> Vec<f32> {
     let t: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-    let data = [Datum::next_token(&t, 1)];
+    let data = check_data(model, vec![Datum::next_token(&t, 1)]).expect("data");
     let cfg = Default::default();
     let work = [Work {
         adapter: None,
@@ -212,6 +212,7 @@ fn reference_greedy(model: &BaseModel, prompt: &[u32], max_tokens: usize) -> Vec
             prompt,
             adapter: None,
             params,
+            ..Default::default()
         }],
     )
     .expect("generate")

@@ -10,7 +10,7 @@ use common::*;
 use loraplex::lora::LoraWeights;
 use loraplex::plugins::{PluginHost, PluginLimits, PluginLoss};
 use loraplex::train::loss::*;
-use loraplex::train::{forward_backward, Datum, Work};
+use loraplex::train::{check_data, forward_backward, Datum, Work};
 use loraplex::util::SplitMix64;
 use loraplex::Error;
 
@@ -127,6 +127,7 @@ fn plugin_loss_drives_forward_backward_and_a_hostile_one_fails_alone() {
             d
         })
         .collect();
+    let data = check_data(&model, data).unwrap();
     let cfg = LossConfig::new();
     let ppo = plugin(&host, "ppo-clip");
     let run = |loss: &dyn LossFunction| {

@@ -11,7 +11,7 @@ use loraplex::lora::{LoraConfig, LoraWeights};
 use loraplex::model::{BaseModel, InferRow, KvCache, Message, TrainRow};
 use loraplex::sample::{generate, GenerateRequest, SamplingParams, StopReason};
 use loraplex::train::loss::{BuiltinLoss, LossConfig, TensorIn};
-use loraplex::train::{forward_backward, Datum, TrainableAdapter, Work};
+use loraplex::train::{check_data, forward_backward, Datum, TrainableAdapter, Work};
 use loraplex::Error;
 use serde_json::Value;
 
@@ -179,7 +179,9 @@ fn logits_match_transformers_at_every_position() {
         k,
         adapter: None,
     };
-    let (lp, _) = m.forward_train(&[row], &[], false).unwrap();
+    let (lp, _) = m
+        .forward_train(&m.train_batch(&[row]).unwrap(), &[], false)
+        .unwrap();
     let mut worst = 0f32;
     for (t, pos) in r["positions"].as_array().unwrap().iter().enumerate() {
         let lse = f(&pos["logsumexp"]);
@@ -231,6 +233,7 @@ fn greedy_generation_matches_transformers() {
         prompt: &input,
         adapter: None,
         params: params.clone(),
+        ..Default::default()
     }];
     let out = generate(m, &[], &reqs).unwrap();
     assert_eq!(out[0].tokens, want);
@@ -245,11 +248,13 @@ fn greedy_generation_matches_transformers() {
             prompt: &other,
             adapter: None,
             params: params.clone(),
+            ..Default::default()
         },
         GenerateRequest {
             prompt: &input,
             adapter: None,
             params: p2,
+            ..Default::default()
         },
     ];
     let out = generate(m, &[], &reqs).unwrap();
@@ -267,6 +272,7 @@ fn greedy_generation_matches_transformers() {
             prompt: &other,
             adapter: None,
             params,
+            ..Default::default()
         }],
     )
     .unwrap();
@@ -300,6 +306,7 @@ fn seeded_sampling_is_reproducible() {
                 prompt: &prompt,
                 adapter: None,
                 params: p(seed),
+                ..Default::default()
             }],
         )
         .unwrap()
@@ -321,7 +328,7 @@ fn ten_cross_entropy_steps_bring_the_loss_down() {
     let tok = m.tokenizer().unwrap();
     let text = "loraplex trains many LoRA adapters on one shared base model. The zebra named Quillon sings in purple.";
     let toks = tok.encode(text).unwrap();
-    let data = vec![Datum::next_token(&toks, 1)];
+    let data = check_data(m, vec![Datum::next_token(&toks, 1)]).unwrap();
     let cfg = LoraConfig::from_tinker(8, 0, true, true, false).unwrap();
     let mut ad = TrainableAdapter::new(LoraWeights::init(&cfg, &m.config, &m.device).unwrap());
     let lc = LossConfig::new();
@@ -423,7 +430,9 @@ fn bad_input_is_a_typed_error_naming_the_field() {
         }
         other => panic!("expected InvalidInput ({needle}), got {other:?}"),
     };
+    // What the engine does with a request: check its data once, then run it.
     let fb = |data: Vec<Datum>, loss: &str| -> loraplex::Result<()> {
+        let data = check_data(m, data)?;
         let loss = BuiltinLoss::parse(loss)?;
         let (res, _) = forward_backward(
             m,
@@ -468,10 +477,12 @@ fn bad_input_is_a_typed_error_naming_the_field() {
         "unknown loss",
     );
     expect(fb(vec![Datum::next_token(&[1, 2, 3], 0)], "ppo"), "missing");
-    // A bad request fails alone; a good one in the same batch completes.
-    let good = vec![Datum::next_token(&[1, 2, 3, 4], 0)];
-    let bad = vec![Datum::next_token(&[1, 2, 70000], 0)];
+    // A request whose loss fails (ppo without its inputs) fails alone; a good one in the
+    // same batch completes.
+    let good = check_data(m, vec![Datum::next_token(&[1, 2, 3, 4], 0)]).unwrap();
+    let bad = check_data(m, vec![Datum::next_token(&[1, 2, 3], 0)]).unwrap();
     let lc = LossConfig::new();
+    let ppo = BuiltinLoss::parse("ppo").unwrap();
     let (res, _) = forward_backward(
         m,
         &[],
@@ -479,7 +490,7 @@ fn bad_input_is_a_typed_error_naming_the_field() {
             Work {
                 adapter: None,
                 data: &bad,
-                loss: &BuiltinLoss::CrossEntropy,
+                loss: &ppo,
                 config: &lc,
             },
             Work {
@@ -504,7 +515,8 @@ fn bad_input_is_a_typed_error_naming_the_field() {
             &[GenerateRequest {
                 prompt: &[1, 2],
                 adapter: None,
-                params: p
+                params: p,
+                ..Default::default()
             }]
         ),
         Err(Error::InvalidInput { .. })

@@ -14,7 +14,7 @@ use loraplex::model::{BaseModel, LlamaConfig};
 use loraplex::store::checkpoint::{self, CheckpointKind, CheckpointStore};
 use loraplex::store::StoreError;
 use loraplex::train::loss::{BuiltinLoss, LossConfig};
-use loraplex::train::{forward_backward, Datum, TrainableAdapter, Work};
+use loraplex::train::{check_data, forward_backward, Datum, TrainableAdapter, Work};
 use loraplex::util::SplitMix64;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -39,6 +39,7 @@ fn train_step(model: &BaseModel, a: &mut TrainableAdapter, step: u64) {
     let data: Vec<Datum> = (0..2)
         .map(|_| Datum::next_token(&tokens(&mut rng, 9, v), 3))
         .collect();
+    let data = check_data(model, data).unwrap();
     let lc = LossConfig::new();
     let (r, g) = forward_backward(
         model,

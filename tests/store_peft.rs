@@ -17,7 +17,7 @@ use loraplex::model::{BaseModel, InferRow, KvCache};
 use loraplex::store::checkpoint::{self, CheckpointKind};
 use loraplex::store::peft::{self, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
 use loraplex::train::loss::{BuiltinLoss, LossConfig};
-use loraplex::train::{forward_backward, Datum, TrainableAdapter, Work};
+use loraplex::train::{check_data, forward_backward, Datum, TrainableAdapter, Work};
 use loraplex::util::SplitMix64;
 use std::io::Read;
 
@@ -160,6 +160,7 @@ fn peft_loads_the_export_and_matches_loraplex_logits() {
             Datum::next_token(&tok, 1),
             Datum::next_token(&tokens(&mut rng, 12, v), 1),
         ];
+        let data = check_data(model, data).unwrap();
         let (r, g) = forward_backward(
             model,
             &[&a.weights],

@@ -7,19 +7,21 @@ use crate::error::{Error, Result};
 use crate::lora::optim::AdamParams;
 use crate::model::BaseModel;
 use crate::train::loss::{LossConfig, LossFunction};
-use crate::train::Datum;
+use crate::train::{check_data, CheckedDatum, Datum};
 use std::sync::Arc;
 
 /// Data and the loss to apply to it. The loss is any [`LossFunction`]: a built-in one or a
 /// tenant's plugin; it runs on the batch's per-token logprobs and seeds the backward pass.
+/// As asked, its data are [`Datum`]s; once [`Self::check`]ed at submission (what the queue
+/// holds), [`CheckedDatum`]s.
 #[derive(Clone)]
-pub struct FbRequest {
-    pub data: Vec<Datum>,
+pub struct FbRequest<D = Datum> {
+    pub data: Vec<D>,
     pub loss: Arc<dyn LossFunction>,
     pub loss_config: LossConfig,
 }
 
-impl std::fmt::Debug for FbRequest {
+impl<D> std::fmt::Debug for FbRequest<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FbRequest")
             .field("data", &self.data.len())
@@ -29,29 +31,30 @@ impl std::fmt::Debug for FbRequest {
 }
 
 impl FbRequest {
-    pub fn num_tokens(&self) -> usize {
-        self.data.iter().map(|d| d.model_input.len()).sum()
-    }
-
     /// Check every datum against the model before the request is queued, so a request split
-    /// across batches cannot fail half-way on bad input.
-    pub fn validate(&self, model: &BaseModel) -> Result<()> {
-        if self.data.is_empty() {
-            return Err(Error::invalid("data", "no data"));
-        }
-        for (i, d) in self.data.iter().enumerate() {
-            d.checked_targets(model, &format!("data[{i}]"))?;
-        }
-        Ok(())
+    /// across batches cannot fail half-way on bad input. The only check its data gets.
+    pub fn check(self, model: &BaseModel) -> Result<FbRequest<CheckedDatum>> {
+        Ok(FbRequest {
+            data: check_data(model, self.data)?,
+            loss: self.loss,
+            loss_config: self.loss_config,
+        })
+    }
+}
+
+impl FbRequest<CheckedDatum> {
+    pub fn num_tokens(&self) -> usize {
+        self.data.iter().map(|d| d.model_input().len()).sum()
     }
 }
 
 /// Work on one training model. Forward and forward_backward are batched with other
-/// models' work; the rest are barriers for their model only.
+/// models' work; the rest are barriers for their model only. As asked, `Op` (its data are
+/// [`Datum`]s); as queued, [`CheckedOp`] (made by [`Op::check`]).
 #[derive(Debug, Clone)]
-pub enum Op {
-    Forward(FbRequest),
-    ForwardBackward(FbRequest),
+pub enum Op<D = Datum> {
+    Forward(FbRequest<D>),
+    ForwardBackward(FbRequest<D>),
     OptimStep(AdamParams),
     /// Keep a copy of weights and optimizer state under a name (the tenant's namespace).
     SaveState {
@@ -75,7 +78,10 @@ pub enum Op {
     Refused(super::future::JobFailure),
 }
 
-impl Op {
+/// An op that passed its check: what the scheduler queues and the lanes run.
+pub type CheckedOp = Op<CheckedDatum>;
+
+impl<D> Op<D> {
     pub fn kind(&self) -> JobKind {
         match self {
             Op::Forward(_) => JobKind::Forward,
@@ -88,30 +94,62 @@ impl Op {
         }
     }
 
-    pub fn fb(&self) -> Option<&FbRequest> {
+    pub fn fb(&self) -> Option<&FbRequest<D>> {
         match self {
             Op::Forward(r) | Op::ForwardBackward(r) => Some(r),
             _ => None,
         }
     }
+}
 
+impl Op {
+    /// Check the op against the base model it will run on (data, optimizer parameters,
+    /// names), once, before it is queued.
+    pub fn check(self, model: &BaseModel) -> Result<CheckedOp> {
+        Ok(match self {
+            Op::Forward(r) => Op::Forward(r.check(model)?),
+            Op::ForwardBackward(r) => Op::ForwardBackward(r.check(model)?),
+            Op::OptimStep(p) => {
+                p.validate()?;
+                Op::OptimStep(p)
+            }
+            Op::SaveState { name, .. } | Op::LoadState { name, .. } if name.is_empty() => {
+                return Err(Error::invalid("name", "empty"))
+            }
+            Op::SaveState {
+                name,
+                ttl,
+                user_metadata,
+            } => Op::SaveState {
+                name,
+                ttl,
+                user_metadata,
+            },
+            Op::LoadState { name, optimizer } => Op::LoadState { name, optimizer },
+            Op::SamplingSession => Op::SamplingSession,
+            Op::Refused(f) => Op::Refused(f),
+        })
+    }
+}
+
+impl CheckedOp {
     pub fn num_tokens(&self) -> usize {
         self.fb().map_or(0, |r| r.num_tokens())
     }
 
-    /// About how many bytes of request data the op holds while it waits (tokens and loss
-    /// inputs; what the engine's queue memory budget counts).
+    /// About how many bytes of request data the op holds while it waits (tokens, parsed
+    /// targets and loss inputs; what the engine's queue memory budget counts).
     pub fn data_bytes(&self) -> usize {
         self.fb().map_or(0, |r| {
             r.data
                 .iter()
                 .map(|d| {
                     let inputs: usize = d
-                        .loss_fn_inputs
+                        .loss_fn_inputs()
                         .values()
                         .map(|t| t.len() * 8 + t.shape.len() * 8)
                         .sum();
-                    d.model_input.len() * 4 + inputs
+                    (d.model_input().len() + d.targets().len()) * 4 + inputs
                 })
                 .sum()
         })
@@ -147,7 +185,7 @@ impl Drop for Charge {
 pub(crate) struct JobRef {
     pub future: FutureId,
     pub tenant: TenantId,
-    pub op: Arc<Op>,
+    pub op: Arc<CheckedOp>,
     pub span: tracing::Span,
     pub _charge: Arc<Charge>,
 }

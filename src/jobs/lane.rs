@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::BaseModel;
 use crate::train::loss::{LossConfig, LossDatum, LossFunction, LossOutput};
-use crate::train::{forward_backward, TrainableAdapter, Work, WorkResult};
+use crate::train::{forward_backward, CheckedDatum, TrainableAdapter, Work, WorkResult};
 use parking_lot::MutexGuard;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -175,7 +175,7 @@ fn run_items(
     crate::failpoint::hit("job.batch");
     for forward_only in [true, false] {
         // (item, piece, request)
-        let sel: Vec<(usize, &Piece, &FbRequest)> = items
+        let sel: Vec<(usize, &Piece, &FbRequest<CheckedDatum>)> = items
             .iter()
             .enumerate()
             .flat_map(|(i, it)| it.pieces.iter().map(move |p| (i, p)))

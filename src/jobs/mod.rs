@@ -3,7 +3,8 @@
 //! multi-adapter batches instead of many small ones.
 //!
 //! The path of a training request:
-//! [`Engine::submit`] (validate, resolve the model for its tenant) → the [`scheduler`]
+//! [`Engine::submit`] (resolve the model for its tenant, check the op once against its base
+//! into a [`CheckedOp`]: the data the later stages take as they are) → the [`scheduler`]
 //! actor (admission, dedup by `seq_id`, per-model queue) → a batch of many models' work up
 //! to a token budget → a worker [`lane`] (one forward_backward pass over the batch, then
 //! each model's barriers) → the job's future ([`future`]) → the caller's long-poll.
@@ -48,7 +49,7 @@ pub use future::{
     MemoryFutureStore,
 };
 pub use ids::{AdapterId, FutureId, SessionId, TenantId};
-pub use job::{FbRequest, Op};
+pub use job::{CheckedOp, FbRequest, Op};
 pub use metadata::UserMetadata;
 pub use metrics::TenantMetrics;
 pub use registry::{ModelLoader, Registry, RunMeta};
@@ -352,17 +353,9 @@ impl Engine {
         let entry = self.inner.registry.adapter(tenant, model)?;
         entry.touch();
         let base = self.base_model_named(&entry.base).await?;
-        let valid = match &op {
-            Op::Forward(r) | Op::ForwardBackward(r) => r.validate(&base),
-            Op::OptimStep(p) => p.validate(),
-            Op::SaveState { name, .. } | Op::LoadState { name, .. } if name.is_empty() => {
-                Err(Error::invalid("name", "empty"))
-            }
-            _ => Ok(()),
-        };
         // With a seq_id the request keeps its place and fails in turn; without, at once.
-        let op = match (valid, seq_id) {
-            (Ok(()), _) => op,
+        let op = match (op.check(&base), seq_id) {
+            (Ok(op), _) => op,
             (Err(e), None) => return Err(e),
             (Err(e), Some(_)) => Op::Refused(JobFailure::from(&e)),
         };

@@ -6,7 +6,7 @@ use super::ids::{AdapterId, SessionId};
 use crate::error::{Category, Error};
 use crate::lora::optim::StepReport;
 use crate::sample::prompt::{AltTokens, TargetLogprobs};
-use crate::sample::StopReason;
+pub use crate::sample::SampledSeq;
 use crate::train::WorkResult;
 
 /// The result of a finished job.
@@ -36,16 +36,6 @@ impl From<&Error> for JobFailure {
             category: e.category(),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SampledSeq {
-    pub tokens: Vec<u32>,
-    /// log p(token) under the model (temperature 1, before filtering).
-    pub logprobs: Vec<f32>,
-    /// Per sampled token, the `top_logprobs` most likely (token, logprob), best first.
-    pub top_logprobs: Vec<Vec<(u32, f32)>>,
-    pub stop_reason: StopReason,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

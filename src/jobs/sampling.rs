@@ -2,6 +2,9 @@
 //! session at once with continuous batching. Each step is one `forward_infer` over all live
 //! sequences (new ones prefill their prompt in the same pass as the others' decode step),
 //! whatever their adapter snapshot; sequences join between steps and leave as they finish.
+//! The step itself (the forward, each sequence's choice and stop tests) is
+//! [`crate::sample::decode::step`], which `sample::generate` runs too; this module owns
+//! the loop around it: admission, fairness, shared prompt KV, the prefix cache, futures.
 //!
 //! Why a lane of its own rather than the training lanes' loop: a decode step is short and a
 //! training pass long, so sharing one loop would hold every decoding sequence behind the
@@ -32,14 +35,15 @@ pub use super::output::{SampleOutput, SampledSeq};
 use super::registry::Session;
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
-use crate::model::{BaseModel, InferRow, KvCache};
+use crate::model::{BaseModel, KvCache};
+use crate::sample::decode::{self, Decoding, SeqAsk, Sequence};
+pub use crate::sample::decode::{SequenceSampler, TokenSampler};
 use crate::sample::prefix_cache::{common_prefix, Owner, PrefixCache};
 use crate::sample::prompt::{
     PromptAsk, PromptScores, PromptTargets, MAX_PROMPT_ALT_TOKENS, MAX_PROMPT_CELLS,
 };
-use crate::sample::{choose_with_lse, SamplingParams, StopReason};
+use crate::sample::SamplingParams;
 use crate::util::SplitMix64;
-use rayon::prelude::*;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,34 +60,11 @@ pub const MAX_STOPS: usize = 64;
 /// Longest stop string.
 pub const MAX_STOP_BYTES: usize = 1024;
 
-/// A tenant's sampling policy (a sampler plugin): starts one [`SequenceSampler`] per
-/// sequence, which holds that sequence's state. The engine computes each chosen token's
-/// logprob itself and checks the id.
-pub trait TokenSampler: Send + Sync {
-    fn start(
-        &self,
-        prompt: &[u32],
-        params: &SamplingParams,
-        vocab_size: usize,
-    ) -> Result<Box<dyn SequenceSampler>>;
-}
-
 /// Told of a request's sequences when it succeeds, before its future completes, so what
 /// it keeps is there by the time anyone reads the result (the Tinker layer records
 /// sequences sampled with `record_stability_info`).
 pub trait SampleRecorder: Send + Sync {
     fn record(&self, future: &FutureId, prompt: &[u32], out: &SampleOutput);
-}
-
-/// One sequence's sampler state.
-pub trait SequenceSampler: Send {
-    /// The next token, or `None` to end the sequence (reported as a stop).
-    fn step(
-        &mut self,
-        logits: &[f32],
-        generated: &[u32],
-        rng: &mut SplitMix64,
-    ) -> Result<Option<u32>>;
 }
 
 #[derive(Clone, Default)]
@@ -313,13 +294,24 @@ struct Live {
     weights: Option<Arc<LoraWeights>>,
     /// Its sampling session, whose prefix-cache entries it may use.
     owner: Owner,
-    cache: KvCache,
-    rng: SplitMix64,
-    out: SampledSeq,
-    /// The request's sampler plugin state for this sequence, once started.
-    plugin: Option<Box<dyn SequenceSampler>>,
+    /// Its KV cache, random stream and output so far.
+    seq: Sequence,
     /// It waited a step once for a shared prompt to reach the prefix cache.
     deferred: bool,
+}
+
+impl Decoding for Live {
+    fn parts(&mut self) -> (SeqAsk<'_>, &mut Sequence) {
+        let r = &*self.req;
+        let ask = SeqAsk {
+            prompt: &r.prompt,
+            params: &r.params,
+            stop_strings: &r.stop_strings,
+            top_logprobs: r.top_logprobs,
+            sampler: r.sampler.as_deref(),
+        };
+        (ask, &mut self.seq)
+    }
 }
 
 pub(crate) fn spawn_sampler(
@@ -443,7 +435,7 @@ impl Sampler {
             };
             if let Err(e) = self.take_cached_prefix(&mut l) {
                 tracing::warn!(error = %e, "prefix cache lookup failed; prefilling the whole prompt");
-                l.cache = KvCache::default();
+                l.seq.cache = KvCache::default();
             }
             prefilling.push((l.owner.clone(), l.req.clone()));
             reserved += need;
@@ -495,7 +487,7 @@ impl Sampler {
                     acc.cache_hit = kv.len;
                 }
             }
-            l.cache = kv;
+            l.seq.cache = kv;
         }
         Ok(())
     }
@@ -514,15 +506,16 @@ impl Sampler {
             let f = acc.fork.as_ref().ok_or_else(gone)?;
             (f.cache.clone(), f.logits.clone())
         };
-        l.cache = cache;
+        l.seq.cache = cache;
         if l.req.params.max_tokens == 0 {
             return Ok(false);
         }
-        next_token(&model, l, &logits)?;
-        if !l.out.tokens.is_empty() {
+        let (ask, seq) = l.parts();
+        seq.next_token(&model, &ask, &logits)?;
+        if !seq.prefilling() {
             self.ctx.metrics.sampled_tokens(&l.tenant, 1);
         }
-        Ok(l.out.stop_reason != StopReason::Stop && l.out.tokens.len() < l.req.params.max_tokens)
+        Ok(!l.seq.finished(&l.req.params))
     }
 
     /// Which waiting sequence joins next: the oldest of the tenant with the fewest live, so
@@ -574,15 +567,7 @@ impl Sampler {
                 req: job.req.clone(),
                 weights: job.session.weights.clone(),
                 owner: owner.clone(),
-                cache: KvCache::default(),
-                rng: SplitMix64::new(base_seed.wrapping_add(index as u64)),
-                plugin: None,
-                out: SampledSeq {
-                    tokens: Vec::new(),
-                    logprobs: Vec::new(),
-                    top_logprobs: Vec::new(),
-                    stop_reason: StopReason::Length,
-                },
+                seq: Sequence::new(SplitMix64::new(base_seed.wrapping_add(index as u64))),
                 deferred: false,
             });
         }
@@ -641,30 +626,26 @@ impl Sampler {
                     })
             })
             .collect();
-        // A prefilling sequence feeds the prompt after its cached prefix; the others their
-        // last token.
-        let prefilled: Vec<bool> = self.live.iter().map(|l| l.out.tokens.is_empty()).collect();
-        let inputs: Vec<Vec<u32>> = self
+        let prefilled: Vec<bool> = self.live.iter().map(|l| l.seq.prefilling()).collect();
+        // Tokens each row feeds: the prompt after its cached prefix, or its last token.
+        let fed: Vec<usize> = self
             .live
             .iter()
-            .map(|l| match l.out.tokens.last() {
-                Some(&t) => vec![t],
-                None => l.req.prompt[l.cache.len.min(l.req.prompt.len())..].to_vec(),
-            })
+            .map(|l| l.seq.input(&l.req.prompt).len())
             .collect();
-        let pos0: Vec<usize> = self.live.iter().map(|l| l.cache.len).collect();
+        let pos0: Vec<usize> = self.live.iter().map(|l| l.seq.cache.len).collect();
         // Which rows' prompt logits the request reads, from where (counted from the row's
         // first new token).
         let from: Vec<Option<usize>> = self
             .live
             .iter()
             .map(|l| {
-                if !(l.out.tokens.is_empty() && l.index == 0) {
+                if !(l.seq.prefilling() && l.index == 0) {
                     return None;
                 }
                 let a = self.jobs.get(&l.future)?;
                 let p = ask_of(&a.job.req, a.seed).first_position()?;
-                Some(p.saturating_sub(l.cache.len))
+                Some(p.saturating_sub(l.seq.cache.len))
             })
             .collect();
         let row_job: Vec<Option<FutureId>> = self
@@ -673,16 +654,10 @@ impl Sampler {
             .zip(&from)
             .map(|(l, f)| f.map(|_| l.future.clone()))
             .collect();
-        let logits = {
+        // One forward over every live sequence and a token for each (the decode step that
+        // `sample::generate` runs too).
+        let decode::Stepped { logits, chosen } = {
             let refs: Vec<&LoraWeights> = snaps.iter().map(|s| &**s).collect();
-            let rows: Vec<InferRow> = inputs
-                .iter()
-                .zip(&slot)
-                .map(|(t, a)| InferRow {
-                    tokens: t,
-                    adapter: *a,
-                })
-                .collect();
             let vocab = model.config.vocab_size;
             let jobs = &mut self.jobs;
             let mut visit = |row: usize, first: usize, logits: &[f32]| -> Result<()> {
@@ -698,35 +673,24 @@ impl Sampler {
                     .get_or_insert_with(|| PromptScores::new(&ask))
                     .visit(&ask, pos0[row] + first, logits, vocab)
             };
-            let mut caches: Vec<&mut KvCache> =
-                self.live.iter_mut().map(|l| &mut l.cache).collect();
-            let logits =
-                model.forward_infer_scored(&rows, &mut caches, &refs, &from, &mut visit)?;
-            logits.to_vec2::<f32>()?
+            decode::step(&model, &mut self.live, &slot, &refs, &from, &mut visit)?
         };
-        // Every sequence's choice at once: each reads only its own logits row and state.
-        let chosen: Vec<Option<Result<()>>> = self
-            .live
-            .par_iter_mut()
-            .zip(logits.par_iter())
-            .map(|(l, row)| (l.req.params.max_tokens > 0).then(|| next_token(&model, l, row)))
-            .collect();
         // A prefilled prompt: the request's other sequences start from it, and later
         // requests of its sampling session may start from its prefix.
         for (i, l) in self.live.iter().enumerate() {
-            if !prefilled[i] || l.cache.len != l.req.prompt.len() {
+            if !prefilled[i] || l.seq.cache.len != l.req.prompt.len() {
                 continue;
             }
             if self.ctx.share_prompt_kv && l.index == 0 && l.req.num_samples > 1 {
                 if let Some(acc) = self.jobs.get_mut(&l.future) {
                     acc.fork = Some(Fork {
-                        cache: l.cache.clone(),
+                        cache: l.seq.cache.clone(),
                         logits: Arc::new(logits[i].clone()),
                     });
                 }
             }
             if self.cache.enabled() {
-                let kv = &l.cache;
+                let kv = &l.seq.cache;
                 if let Err(e) = self
                     .cache
                     .insert_with(&l.owner, &l.req.prompt, kv.bytes(), || Ok(kv.clone()))
@@ -740,7 +704,7 @@ impl Sampler {
         for (i, (l, chosen)) in self.live.iter().zip(chosen).enumerate() {
             let tenant = self.jobs.get(&l.future).map(|a| &a.job.tenant);
             if let (true, Some(t)) = (prefilled[i], tenant) {
-                self.ctx.metrics.sampled_tokens(t, inputs[i].len() as u64);
+                self.ctx.metrics.sampled_tokens(t, fed[i] as u64);
             }
             match chosen {
                 None => {
@@ -753,12 +717,10 @@ impl Sampler {
                 }
                 Some(Ok(())) => {}
             }
-            if let (Some(t), false) = (tenant, l.out.tokens.is_empty()) {
+            if let (Some(t), false) = (tenant, l.seq.prefilling()) {
                 self.ctx.metrics.sampled_tokens(t, 1);
             }
-            if l.out.stop_reason == StopReason::Stop
-                || l.out.tokens.len() >= l.req.params.max_tokens
-            {
+            if l.seq.finished(&l.req.params) {
                 done.push(i);
             }
         }
@@ -777,10 +739,10 @@ impl Sampler {
         // A single sequence's whole KV (prompt and what it generated) may start the next
         // turn of its conversation.
         if self.cache.enabled() && l.req.num_samples == 1 && self.jobs.contains_key(&l.future) {
-            let mut kv = std::mem::take(&mut l.cache);
+            let mut kv = std::mem::take(&mut l.seq.cache);
             kv.shrink_to_fit();
             let mut tokens = Vec::with_capacity(kv.len);
-            tokens.extend(l.req.prompt.iter().chain(&l.out.tokens).take(kv.len));
+            tokens.extend(l.req.prompt.iter().chain(&l.seq.out.tokens).take(kv.len));
             if let Err(e) = self
                 .cache
                 .insert_with(&l.owner, &tokens, kv.bytes(), || Ok(kv))
@@ -792,7 +754,7 @@ impl Sampler {
             return;
         };
         if let Some(s) = acc.seqs.get_mut(l.index) {
-            *s = Some(l.out);
+            *s = Some(l.seq.out);
         }
         acc.left -= 1;
         if acc.left > 0 {
@@ -830,60 +792,4 @@ impl Sampler {
             .finish(&acc.job.future, Ok(JobOutput::Sample(out)));
         self.ctx.outstanding.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// Choose and record the next token of one sequence; mark it stopped if it should stop.
-fn next_token(model: &BaseModel, l: &mut Live, row: &[f32]) -> Result<()> {
-    let p = &l.req.params;
-    let lse = crate::sample::log_sum_exp(row);
-    let (tok, lp) = match &l.req.sampler {
-        Some(s) => {
-            let (prompt, generated, rng) = (&l.req.prompt, &l.out.tokens, &mut l.rng);
-            let plugin = &mut l.plugin;
-            let t = catch_unwind(AssertUnwindSafe(|| {
-                if plugin.is_none() {
-                    *plugin = Some(s.start(prompt, p, row.len())?);
-                }
-                match plugin.as_mut() {
-                    Some(seq) => seq.step(row, generated, rng),
-                    None => Ok(None),
-                }
-            }))
-            .unwrap_or_else(|_| Err(Error::invalid("sampler", "the sampler panicked")))?;
-            let Some(t) = t else {
-                l.out.stop_reason = StopReason::Stop;
-                return Ok(());
-            };
-            let lp = row.get(t as usize).ok_or_else(|| {
-                Error::invalid(
-                    "sampler",
-                    format!("chose token {t}, outside the vocabulary"),
-                )
-            })?;
-            (t, lp - lse)
-        }
-        None => {
-            let mut history = Vec::with_capacity(l.req.prompt.len() + l.out.tokens.len());
-            history.extend(&l.req.prompt);
-            history.extend(&l.out.tokens);
-            choose_with_lse(row, lse, p, &history, &mut l.rng)
-        }
-    };
-    l.out.tokens.push(tok);
-    l.out.logprobs.push(lp);
-    if l.req.top_logprobs > 0 {
-        l.out
-            .top_logprobs
-            .push(crate::model::front::top_k_of(row, l.req.top_logprobs, lse));
-    }
-    if p.stop_tokens.contains(&tok) {
-        l.out.stop_reason = StopReason::Stop;
-    } else if !l.req.stop_strings.is_empty() {
-        let tk = model.tokenizer()?;
-        let text = tk.decode(&l.out.tokens, false)?;
-        if l.req.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-            l.out.stop_reason = StopReason::Stop;
-        }
-    }
-    Ok(())
 }

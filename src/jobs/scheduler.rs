@@ -22,7 +22,7 @@
 
 use super::future::{Futures, JobKind};
 use super::ids::{AdapterId, FutureId, TenantId};
-use super::job::{JobRef, Op};
+use super::job::{CheckedOp, JobRef};
 use super::lane::{Batch, BatchItem, LaneReport, Piece};
 use super::metrics::Metrics;
 use super::registry::{AdapterEntry, Registry};
@@ -52,7 +52,7 @@ pub(crate) enum Cmd {
         tenant: TenantId,
         entry: Arc<AdapterEntry>,
         seq_id: Option<u64>,
-        op: Op,
+        op: CheckedOp,
         reply: oneshot::Sender<Result<FutureId>>,
     },
     Delete {
@@ -218,7 +218,7 @@ impl Scheduler {
         tenant: TenantId,
         entry: Arc<AdapterEntry>,
         seq_id: Option<u64>,
-        op: Op,
+        op: CheckedOp,
     ) -> Result<FutureId> {
         let q = self
             .queues
@@ -588,7 +588,7 @@ fn take(
                 let mut end = start;
                 let mut tokens = 0usize;
                 while end < fb.data.len() {
-                    let t = fb.data[end].model_input.len();
+                    let t = fb.data[end].model_input().len();
                     let first_of_batch = batch_empty && took == 0 && end == start;
                     if took + tokens + t > allowance && !first_of_batch {
                         break;

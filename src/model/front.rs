@@ -7,6 +7,7 @@
 
 use super::backend::PassTape;
 use super::batch::{PackedBatch, Segment};
+use super::train_rows::{TrainBatch, TrainRow};
 use super::BaseModel;
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraPair, LoraWeights, Site};
@@ -84,16 +85,6 @@ impl KvCache {
 /// `row` is the input row, `first` the index among its new tokens of the chunk's first
 /// position and `logits` the chunk's rows, `[n, vocab]` row-major (f32).
 pub type LogitsVisitor<'a> = &'a mut (dyn FnMut(usize, usize, &[f32]) -> Result<()> + Send);
-
-/// A training row: `targets` holds `k` candidate ids per position (`k = 1` for ordinary
-/// next-token targets), row-major `[len, k]`.
-#[derive(Debug, Clone, Copy)]
-pub struct TrainRow<'a> {
-    pub tokens: &'a [u32],
-    pub targets: &'a [u32],
-    pub k: usize,
-    pub adapter: Option<usize>,
-}
 
 /// A row to prefill or decode: new tokens appended to its cache.
 #[derive(Debug, Clone, Copy)]
@@ -207,13 +198,14 @@ impl BaseModel {
 
     /// Forward pass for training or scoring: the log-probability of every target of every row
     /// (per input row, `[len · k]` row-major). With `keep`, also the tape for [`Self::backward`].
+    /// The rows were checked when the batch was made ([`Self::train_batch`]).
     pub fn forward_train(
         &self,
-        rows: &[TrainRow],
+        batch: &TrainBatch,
         adapters: &Adapters,
         keep: bool,
     ) -> Result<(Vec<Vec<f32>>, Option<Tape>)> {
-        let (lp, tape) = self.forward_train_f64(rows, adapters, keep)?;
+        let (lp, tape) = self.forward_train_f64(batch, adapters, keep)?;
         Ok((
             lp.into_iter()
                 .map(|r| r.into_iter().map(|x| x as f32).collect())
@@ -226,11 +218,13 @@ impl BaseModel {
     /// checks need).
     pub fn forward_train_f64(
         &self,
-        rows: &[TrainRow],
+        batch: &TrainBatch,
         adapters: &Adapters,
         keep: bool,
     ) -> Result<(Vec<Vec<f64>>, Option<Tape>)> {
-        self.check_train_rows(rows, adapters)?;
+        batch.runs_on(&self.config)?;
+        let rows = batch.rows();
+        self.check_adapters(adapters, rows.iter().map(|r| r.adapter))?;
         let Some(parts) = self.split_rows(rows) else {
             let (lp, tape) = self.forward_packed(rows, adapters, keep)?;
             let inner = tape.map(TapeKind::Packed);
@@ -259,41 +253,6 @@ impl BaseModel {
             },
         });
         Ok((out, tape))
-    }
-
-    /// Rows (and their tokens and targets) that a pass can take.
-    fn check_train_rows(&self, rows: &[TrainRow], adapters: &Adapters) -> Result<()> {
-        if rows.is_empty() {
-            return Err(Error::invalid("data", "empty batch"));
-        }
-        for (i, r) in rows.iter().enumerate() {
-            self.check_tokens(&format!("data[{i}].model_input"), r.tokens, 0)?;
-            if r.k == 0 || r.targets.len() != r.tokens.len() * r.k {
-                return Err(Error::invalid(
-                    format!("data[{i}].loss_fn_inputs.target_tokens"),
-                    format!(
-                        "has {} entries; expected {} (model_input length) x {}",
-                        r.targets.len(),
-                        r.tokens.len(),
-                        r.k.max(1)
-                    ),
-                ));
-            }
-            if let Some(t) = r
-                .targets
-                .iter()
-                .find(|t| **t as usize >= self.config.vocab_size)
-            {
-                return Err(Error::invalid(
-                    format!("data[{i}].loss_fn_inputs.target_tokens"),
-                    format!(
-                        "token id {t} is outside the vocabulary (size {})",
-                        self.config.vocab_size
-                    ),
-                ));
-            }
-        }
-        self.check_adapters(adapters, rows.iter().map(|r| r.adapter))
     }
 
     /// On the host, a batch of several rows runs as one part per pool thread, side by side,

@@ -10,13 +10,15 @@ pub mod chat;
 pub mod config;
 pub mod front;
 pub mod tokenizer;
+pub mod train_rows;
 pub mod weights;
 
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, LlamaConfig};
-pub use front::{InferRow, KvCache, Tape, TrainRow};
+pub use front::{InferRow, KvCache, Tape};
 pub use tokenizer::TextTokenizer;
+pub use train_rows::{CheckedRow, TrainBatch, TrainRow};
 pub use weights::BaseWeights;
 
 use crate::error::{Error, Result};

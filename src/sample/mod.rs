@@ -1,16 +1,20 @@
-//! Decoding: sampling parameters, choosing a token from a logits row, and a batched
-//! generation loop over many sequences and adapters (prefill together, then one decode
-//! step for every live sequence at a time, sharing the base-weight matmuls). What a request
-//! asks of its prompt's logits lives in [`prompt`]; prompt KV kept between requests in
-//! [`prefix_cache`].
+//! Decoding: sampling parameters, choosing a token from a logits row, the decode step that
+//! the sampling engine and [`generate`] share ([`decode`]), and [`generate`], which runs
+//! that step in a loop of its own for many sequences and adapters at once (no queue, no
+//! prefix cache). What a request asks of its prompt's logits lives in [`prompt`]; prompt KV
+//! kept between requests in [`prefix_cache`].
 
+pub mod decode;
 pub mod prefix_cache;
 pub mod prompt;
 
+pub use decode::{SampledSeq, SequenceSampler, TokenSampler};
+
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
-use crate::model::{BaseModel, InferRow, KvCache};
+use crate::model::BaseModel;
 use crate::util::SplitMix64;
+use decode::{Decoding, SeqAsk, Sequence};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,19 +74,15 @@ pub enum StopReason {
     Length,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampledSequence {
-    pub tokens: Vec<u32>,
-    /// log p(token) under the model (temperature 1, before any filtering).
-    pub logprobs: Vec<f32>,
-    pub stop_reason: StopReason,
-}
-
-#[derive(Debug, Clone)]
+/// One sequence for [`generate`].
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest<'a> {
     pub prompt: &'a [u32],
     pub adapter: Option<usize>,
     pub params: SamplingParams,
+    /// Text that ends the sequence at the token that completes it (needs the model's
+    /// tokenizer).
+    pub stop_strings: Vec<String>,
 }
 
 /// `ln Σ exp(x)` of a logits row.
@@ -194,95 +194,114 @@ pub fn choose_with_lse(
     (tok as u32, logits[tok] - lse)
 }
 
-/// Generate for many requests at once: one batched prefill, then batched decode steps over
-/// the sequences still running. Sequences leave the batch as they stop.
+/// Generate for many requests at once with the engine's decode step ([`decode::step`]):
+/// the first step prefills every prompt, each later step decodes one token of every
+/// sequence still running; sequences leave as they stop. Request `i` draws from seed
+/// `params.seed` (or a fixed one of `i`), so for the same prompt, weights and seed it
+/// produces what the engine's first sequence of a request does.
 pub fn generate(
     model: &BaseModel,
     adapters: &[&LoraWeights],
     reqs: &[GenerateRequest],
-) -> Result<Vec<SampledSequence>> {
+) -> Result<Vec<SampledSeq>> {
     let _span = tracing::info_span!("generate", sequences = reqs.len()).entered();
     for (i, r) in reqs.iter().enumerate() {
-        r.params.validate()?;
-        model.check_tokens(&format!("requests[{i}].prompt"), r.prompt, 0)?;
-        if r.prompt.len().saturating_add(r.params.max_tokens) > model.config.max_position_embeddings
-        {
-            return Err(Error::invalid(
-                format!("requests[{i}].max_tokens"),
-                format!(
-                    "prompt + max_tokens exceeds the context length {}",
-                    model.config.max_position_embeddings
-                ),
-            ));
-        }
+        check_request(model, adapters, i, r)?;
     }
-    let mut caches: Vec<KvCache> = vec![KvCache::default(); reqs.len()];
-    let mut rngs: Vec<SplitMix64> = reqs
+    let mut live: Vec<Generating> = reqs
         .iter()
         .enumerate()
-        .map(|(i, r)| SplitMix64::new(r.params.seed.unwrap_or(0x5EED ^ i as u64)))
-        .collect();
-    let mut out: Vec<SampledSequence> = reqs
-        .iter()
-        .map(|_| SampledSequence {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            stop_reason: StopReason::Length,
+        .map(|(index, req)| Generating {
+            index,
+            req,
+            seq: Sequence::new(SplitMix64::new(
+                req.params.seed.unwrap_or(0x5EED ^ index as u64),
+            )),
         })
         .collect();
-    let mut live: Vec<usize> = (0..reqs.len())
-        .filter(|&i| reqs[i].params.max_tokens > 0)
-        .collect();
-    let mut first = true;
-    while !live.is_empty() {
-        let toks: Vec<Vec<u32>> = live
-            .iter()
-            .map(|&i| {
-                if first {
-                    reqs[i].prompt.to_vec()
-                } else {
-                    vec![*out[i].tokens.last().unwrap_or(&0)]
-                }
-            })
-            .collect();
-        let rows: Vec<InferRow> = live
-            .iter()
-            .zip(&toks)
-            .map(|(&i, t)| InferRow {
-                tokens: t,
-                adapter: reqs[i].adapter,
-            })
-            .collect();
-        let mut cache_refs: Vec<&mut KvCache> = Vec::with_capacity(live.len());
-        {
-            let mut it = caches.iter_mut().enumerate();
-            for &i in &live {
-                for (j, c) in it.by_ref() {
-                    if j == i {
-                        cache_refs.push(c);
-                        break;
-                    }
-                }
-            }
+    let mut out: Vec<Option<SampledSeq>> = vec![None; reqs.len()];
+    loop {
+        // Finished sequences leave the batch (those asked for no tokens before any step).
+        let (done, running): (Vec<Generating>, Vec<Generating>) = live
+            .into_iter()
+            .partition(|g| g.seq.finished(&g.req.params));
+        for g in done {
+            out[g.index] = Some(g.seq.out);
         }
-        let (logits, _) = model.forward_infer(&rows, &mut cache_refs, adapters, false)?;
-        let logits = logits.to_vec2::<f32>()?;
-        first = false;
-        let mut still = Vec::with_capacity(live.len());
-        for (row, &i) in logits.iter().zip(&live) {
-            let p = &reqs[i].params;
-            let mut history = reqs[i].prompt.to_vec();
-            history.extend(&out[i].tokens);
-            let (t, lp) = choose(row, p, &history, &mut rngs[i]);
-            out[i].tokens.push(t);
-            out[i].logprobs.push(lp);
-            if p.stop_tokens.contains(&t) {
-                out[i].stop_reason = StopReason::Stop;
-            } else if out[i].tokens.len() < p.max_tokens {
-                still.push(i);
-            }
+        live = running;
+        if live.is_empty() {
+            break;
         }
-        live = still;
+        let slots: Vec<Option<usize>> = live.iter().map(|g| g.req.adapter).collect();
+        let from = vec![None; live.len()];
+        let stepped = decode::step(model, &mut live, &slots, adapters, &from, &mut |_, _, _| {
+            Ok(())
+        })?;
+        for chosen in stepped.chosen.into_iter().flatten() {
+            chosen?;
+        }
     }
-    Ok(out)
+    out.into_iter()
+        .map(|o| o.ok_or_else(|| Error::Unavailable("a sequence was lost".into())))
+        .collect()
+}
+
+/// A sequence of [`generate`]: its request and decoding state.
+struct Generating<'r, 'a> {
+    index: usize,
+    req: &'r GenerateRequest<'a>,
+    seq: Sequence,
+}
+
+impl Decoding for Generating<'_, '_> {
+    fn parts(&mut self) -> (SeqAsk<'_>, &mut Sequence) {
+        let ask = SeqAsk {
+            prompt: self.req.prompt,
+            params: &self.req.params,
+            stop_strings: &self.req.stop_strings,
+            top_logprobs: 0,
+            sampler: None,
+        };
+        (ask, &mut self.seq)
+    }
+}
+
+/// What [`generate`] accepts of request `i`: valid parameters, a prompt and its tokens
+/// inside the context, an adapter slot that exists, stop strings only with a tokenizer.
+fn check_request(
+    model: &BaseModel,
+    adapters: &[&LoraWeights],
+    i: usize,
+    r: &GenerateRequest,
+) -> Result<()> {
+    r.params.validate()?;
+    model.check_tokens(&format!("requests[{i}].prompt"), r.prompt, 0)?;
+    if r.prompt.len().saturating_add(r.params.max_tokens) > model.config.max_position_embeddings {
+        return Err(Error::invalid(
+            format!("requests[{i}].max_tokens"),
+            format!(
+                "prompt + max_tokens exceeds the context length {}",
+                model.config.max_position_embeddings
+            ),
+        ));
+    }
+    if r.adapter.is_some_and(|a| a >= adapters.len()) {
+        return Err(Error::invalid(
+            format!("requests[{i}].adapter"),
+            format!("no adapter slot {:?} of {}", r.adapter, adapters.len()),
+        ));
+    }
+    if r.stop_strings.iter().any(|s| s.is_empty()) {
+        return Err(Error::invalid(
+            format!("requests[{i}].stop_strings"),
+            "empty stop string",
+        ));
+    }
+    if !r.stop_strings.is_empty() && model.tokenizer.is_none() {
+        return Err(Error::invalid(
+            format!("requests[{i}].stop_strings"),
+            "stop strings need a model with a tokenizer",
+        ));
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ pub mod loss;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraGrads, LoraWeights};
-use crate::model::{BaseModel, TrainRow};
+use crate::model::{BaseModel, CheckedRow, TrainBatch};
 use loss::{validate_output, LossConfig, LossDatum, LossFunction, LossInputs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,33 +19,31 @@ pub struct Datum {
 }
 
 impl Datum {
-    /// Check the datum against the model (token ids, target ids, every input's leading
-    /// dimension) and return its target ids and K (candidates per position).
-    pub fn checked_targets(&self, model: &BaseModel, field: &str) -> Result<(Vec<u32>, usize)> {
-        model.check_tokens(&format!("{field}.model_input"), &self.model_input, 0)?;
-        let (ids, k) = loss::targets_of(&self.loss_fn_inputs, self.model_input.len(), field)?;
-        if let Some(t) = ids.iter().find(|t| **t as usize >= model.config.vocab_size) {
-            return Err(Error::invalid(
-                format!("{field}.loss_fn_inputs.target_tokens"),
-                format!(
-                    "token id {t} is outside the vocabulary (size {})",
-                    model.config.vocab_size
-                ),
-            ));
-        }
-        for (name, t) in &self.loss_fn_inputs {
+    /// Check the datum against the model, naming it `field` in errors: its token ids, its
+    /// target ids and `k` (parsed here, once), every loss input's leading dimension. The
+    /// only check a datum gets; what passes is kept as a [`CheckedDatum`].
+    pub fn check(self, model: &BaseModel, field: &str) -> Result<CheckedDatum> {
+        let Datum {
+            model_input,
+            loss_fn_inputs,
+        } = self;
+        let len = model_input.len();
+        let row = model.check_train_row(field, model_input, || {
+            loss::targets_of(&loss_fn_inputs, len, field)
+        })?;
+        for (name, t) in &loss_fn_inputs {
             let lead = t.shape.first().copied().unwrap_or(t.len());
-            if lead != self.model_input.len() {
+            if lead != len {
                 return Err(Error::invalid(
                     format!("{field}.loss_fn_inputs.{name}"),
-                    format!(
-                        "leading dimension {lead} differs from the model_input length {}",
-                        self.model_input.len()
-                    ),
+                    format!("leading dimension {lead} differs from the model_input length {len}"),
                 ));
             }
         }
-        Ok((ids, k))
+        Ok(CheckedDatum {
+            row,
+            loss_fn_inputs,
+        })
     }
 
     /// Next-token cross-entropy on `tokens`: inputs `tokens[..n-1]`, targets `tokens[1..]`,
@@ -68,10 +66,63 @@ impl Datum {
     }
 }
 
+/// A datum that passed [`Datum::check`] against a base model: its tokens and parsed target
+/// ids as the model accepted them ([`CheckedRow`]), and its loss inputs. Made once, when
+/// its request is submitted; the training pass takes it as it is.
+#[derive(Debug, Clone)]
+pub struct CheckedDatum {
+    row: CheckedRow,
+    loss_fn_inputs: LossInputs,
+}
+
+impl CheckedDatum {
+    pub fn row(&self) -> &CheckedRow {
+        &self.row
+    }
+
+    pub fn model_input(&self) -> &[u32] {
+        self.row.tokens()
+    }
+
+    /// Target ids, `[len, k]` row-major.
+    pub fn targets(&self) -> &[u32] {
+        self.row.targets()
+    }
+
+    /// Candidates per position (1 for `[N]` targets, K for `[N, K]`).
+    pub fn k(&self) -> usize {
+        self.row.k()
+    }
+
+    pub fn loss_fn_inputs(&self) -> &LossInputs {
+        &self.loss_fn_inputs
+    }
+
+    /// The datum as it was submitted.
+    pub fn into_datum(self) -> Datum {
+        Datum {
+            model_input: self.row.into_tokens(),
+            loss_fn_inputs: self.loss_fn_inputs,
+        }
+    }
+}
+
+/// Check a request's data: at least one datum, each as [`Datum::check`] (named `data[i]`).
+pub fn check_data(model: &BaseModel, data: Vec<Datum>) -> Result<Vec<CheckedDatum>> {
+    if data.is_empty() {
+        return Err(Error::invalid("data", "no data"));
+    }
+    data.into_iter()
+        .enumerate()
+        .map(|(i, d)| d.check(model, &format!("data[{i}]")))
+        .collect()
+}
+
 /// One request's share of a batch.
 pub struct Work<'a> {
     pub adapter: Option<usize>,
-    pub data: &'a [Datum],
+    /// Checked against the model the pass runs on ([`check_data`]).
+    pub data: &'a [CheckedDatum],
     pub loss: &'a dyn LossFunction,
     pub config: &'a LossConfig,
 }
@@ -92,7 +143,7 @@ pub struct WorkResult {
 }
 
 /// Sum of every datum's f32 `weights` input, in data and token order.
-pub fn weight_sum(data: &[Datum]) -> f64 {
+pub fn weight_sum(data: &[CheckedDatum]) -> f64 {
     data.iter()
         .filter_map(|d| match d.loss_fn_inputs.get("weights").map(|t| &t.data) {
             Some(loss::TensorData::F32(w)) => Some(w.iter().map(|&x| x as f64).sum::<f64>()),
@@ -102,8 +153,8 @@ pub fn weight_sum(data: &[Datum]) -> f64 {
 }
 
 /// Run every request's data through the model in one batch, compute each request's loss
-/// and (unless `forward_only`) one backward pass. A request whose input or loss is bad fails
-/// alone; the others proceed. Returns per-request results and per-adapter gradients.
+/// and (unless `forward_only`) one backward pass. A request whose adapter slot or loss is
+/// bad fails alone; the others proceed. Returns per-request results and per-adapter gradients.
 pub fn forward_backward(
     model: &BaseModel,
     adapters: &[&LoraWeights],
@@ -112,46 +163,26 @@ pub fn forward_backward(
 ) -> Result<(Vec<Result<WorkResult>>, Vec<LoraGrads>)> {
     let _span =
         tracing::info_span!("forward_backward", requests = work.len(), forward_only).entered();
-    // Validate each request on its own; only valid ones enter the batch.
-    let mut results: Vec<Option<Result<WorkResult>>> = Vec::with_capacity(work.len());
-    let mut targets: Vec<Vec<(Vec<u32>, usize)>> = Vec::with_capacity(work.len());
-    for w in work {
-        let t = validate_work(model, adapters, w);
-        match t {
-            Ok(t) => {
-                targets.push(t);
-                results.push(None);
-            }
-            Err(e) => {
-                targets.push(Vec::new());
-                results.push(Some(Err(e)));
-            }
-        }
-    }
-    let mut rows = Vec::new();
-    let mut owner = Vec::new();
-    for (wi, w) in work.iter().enumerate() {
-        if results[wi].is_some() {
-            continue;
-        }
-        for (d, (ids, k)) in w.data.iter().zip(&targets[wi]) {
-            rows.push(TrainRow {
-                tokens: &d.model_input,
-                targets: ids,
-                k: *k,
-                adapter: w.adapter,
-            });
-            owner.push(wi);
-        }
-    }
-    if rows.is_empty() {
+    // Data was checked at submission; here only each request's adapter slot. A request
+    // that fails it fails alone; the others enter the batch.
+    let mut results: Vec<Option<Result<WorkResult>>> = work
+        .iter()
+        .map(|w| check_work(adapters, w).err().map(Err))
+        .collect();
+    let batch = TrainBatch::of_checked(
+        work.iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .flat_map(|(w, _)| w.data.iter().map(move |d| (d.row(), w.adapter))),
+    );
+    if batch.is_empty() {
         let out = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::invalid("data", "empty"))))
             .collect();
         return Ok((out, vec![LoraGrads::default(); adapters.len()]));
     }
-    let (lps, tape) = model.forward_train(&rows, adapters, !forward_only)?;
+    let (lps, tape) = model.forward_train(&batch, adapters, !forward_only)?;
     let mut dlp: Vec<Vec<f32>> = lps.iter().map(|l| vec![0f32; l.len()]).collect();
     let mut next = 0;
     for (wi, w) in work.iter().enumerate() {
@@ -162,13 +193,12 @@ pub fn forward_backward(
         let data: Vec<LossDatum> = w
             .data
             .iter()
-            .zip(&targets[wi])
             .enumerate()
-            .map(|(j, (d, (_, k)))| LossDatum {
+            .map(|(j, d)| LossDatum {
                 logprobs: &lps[first + j],
-                len: d.model_input.len(),
-                k: *k,
-                inputs: &d.loss_fn_inputs,
+                len: d.model_input().len(),
+                k: d.k(),
+                inputs: d.loss_fn_inputs(),
             })
             .collect();
         next += data.len();
@@ -201,11 +231,9 @@ pub fn forward_backward(
     Ok((out, grads))
 }
 
-fn validate_work(
-    model: &BaseModel,
-    adapters: &[&LoraWeights],
-    w: &Work,
-) -> Result<Vec<(Vec<u32>, usize)>> {
+/// What a request needs besides its (already checked) data: some data, an adapter slot
+/// that exists.
+fn check_work(adapters: &[&LoraWeights], w: &Work) -> Result<()> {
     if w.data.is_empty() {
         return Err(Error::invalid("data", "no data"));
     }
@@ -214,11 +242,7 @@ fn validate_work(
             return Err(Error::invalid("model_id", "unknown adapter"));
         }
     }
-    w.data
-        .iter()
-        .enumerate()
-        .map(|(i, d)| d.checked_targets(model, &format!("data[{i}]")))
-        .collect()
+    Ok(())
 }
 
 /// An adapter being trained: weights, gradients accumulated since the last step, AdamW state.
