@@ -526,6 +526,10 @@ pub struct ServeConfig {
     /// `https://loraplex.example.com`). Unset: `http://` and the request's Host header.
     #[arg(long, env = "LORAPLEX_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Metric points (one per forward_backward or optim_step result) kept per training run
+    /// for its curves and `GET /api/v1/training_runs/{id}/metrics`; past it the oldest go.
+    #[arg(long, env = "LORAPLEX_MAX_METRIC_POINTS", default_value_t = 10_000)]
+    pub max_metric_points: u64,
 }
 
 impl ServeConfig {
@@ -552,6 +556,7 @@ impl ServeConfig {
             expiry_sweep_ms: 30_000,
             download_url_ttl_s: 3600,
             public_url: None,
+            max_metric_points: 10_000,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! - [`plugins`]: upload, list and delete of a tenant's wasm components.
 //!
 //! Plus [`ops`]: health and Prometheus metrics; [`usage`]: a tenant's usage against its
-//! quotas. [`routes`] is the one table of every route, from which both the router and the
+//! quotas; [`history`]: a training run's metrics per step. [`routes`] is the one table of every route, from which both the router and the
 //! OpenAPI document ([`openapi`]) are built.
 //!
 //! The path of a request: route → tenant from the API key ([`extract::Tenant`]) →
@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod history;
 pub mod openapi;
 pub mod ops;
 pub mod plugins;
@@ -239,6 +240,12 @@ pub async fn build(
     }
     let persist: Arc<dyn crate::jobs::registry::Persist> = durable.clone();
     let engine = Engine::start_bases(engine_cfg, bases, Arc::new(futures), Some(persist))?;
+    engine
+        .history()
+        .attach(Arc::new(crate::store::DurableHistory {
+            durable: durable.clone(),
+            max_points_per_run: serve.max_metric_points.max(1),
+        }));
     engine.quotas().set_overrides(overrides);
     let state = AppState::new(
         engine.clone(),

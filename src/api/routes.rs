@@ -4,7 +4,7 @@
 //! route that is not in [`ROUTES`] does not exist.
 
 use super::tinker::{download, futures, runs, sampling, session, training};
-use super::{ops, plugins, rest, usage, Shared};
+use super::{history, ops, plugins, rest, usage, Shared};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
@@ -168,6 +168,7 @@ pub static ROUTES: &[Route] = &[
     query(r(Get, "/api/v1/training_runs", h!(runs::list_training_runs), NoBody, "The tenant's training runs, loaded or not, newest first"), json::<session::Page>),
     query(r(Get, "/api/v1/training_runs/{id}", h!(runs::get_training_run), NoBody, "One training run, loaded or not"), json::<runs::Scope>),
     r(Get, "/api/v1/training_runs/{id}/checkpoints", h!(runs::list_checkpoints), NoBody, "A run's checkpoints, newest first"),
+    query(r(Get, "/api/v1/training_runs/{id}/metrics", h!(history::run_metrics), NoBody, "A run's metrics per step (every forward_backward and optim_step result), paginated"), json::<history::MetricsRange>),
     r(Delete, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}", h!(runs::delete_checkpoint), NoBody, "Delete a checkpoint"),
     r(Put, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", h!(runs::set_checkpoint_ttl), Json(json::<runs::Ttl>), "Set a checkpoint's time to live (expired: deleted)"),
     r(Post, "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish", h!(runs::publish), Ignored, "Let every tenant read a checkpoint"),

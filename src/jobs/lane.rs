@@ -9,6 +9,7 @@
 //! adds its gradient only when its last piece succeeds. A lane never decides order.
 
 use super::future::{Futures, JobFailure, JobOutput};
+use super::history::{History, MetricPoint};
 use super::ids::{AdapterId, FutureId, SessionId};
 use super::job::{FbRequest, JobRef, Op};
 use super::metrics::Metrics;
@@ -60,6 +61,7 @@ pub(crate) struct LaneCtx {
     pub lane: usize,
     pub futures: Arc<Futures>,
     pub metrics: Arc<Metrics>,
+    pub history: Arc<History>,
     pub report: mpsc::UnboundedSender<LaneReport>,
 }
 
@@ -108,6 +110,7 @@ fn run_batch(ctx: &LaneCtx, mut batch: Batch) -> Vec<(AdapterId, Vec<FutureId>)>
         .sum();
     let _span =
         tracing::info_span!("batch", lane = ctx.lane, models = batch.items.len(), tokens).entered();
+    ctx.metrics.batches.record(batch.items.len(), tokens);
     let mut finished: Vec<Vec<FutureId>> = vec![Vec::new(); batch.items.len()];
     let r = catch_unwind(AssertUnwindSafe(|| {
         run_items(
@@ -225,6 +228,16 @@ fn run_items(
                 for ((i, p, _), (r, g)) in sel.iter().zip(results.into_iter().zip(grads)) {
                     let st = &mut *guards[*i];
                     let done = piece_done(ctx, st, p, r, g, forward_only);
+                    if let (Some(Ok(JobOutput::ForwardBackward(wr))), false) = (&done, forward_only)
+                    {
+                        let it = &items[*i];
+                        ctx.history.record(MetricPoint::forward_backward(
+                            &p.job.tenant,
+                            &it.entry.id,
+                            st.train.optim.step,
+                            wr,
+                        ));
+                    }
                     if let Some(r) = done {
                         finish(ctx, &p.job, r);
                         finished[*i].push(p.job.future.clone());
@@ -237,6 +250,14 @@ fn run_items(
         for j in &it.after {
             let _e = j.span.enter();
             let r = barrier(registry, &it.entry, &mut guards[i], j);
+            if let (Ok(JobOutput::OptimStep(report)), Op::OptimStep(p)) = (&r, &*j.op) {
+                ctx.history.record(MetricPoint::optim_step(
+                    &j.tenant,
+                    &it.entry.id,
+                    report,
+                    p.learning_rate,
+                ));
+            }
             finish(ctx, j, r);
             finished[i].push(j.future.clone());
         }

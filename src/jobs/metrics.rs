@@ -1,5 +1,6 @@
 //! Counters per tenant (jobs queued, running, done, failed; tokens processed) for the API's
-//! metrics and for long jobs' progress. Updated by the scheduler and the lanes; read by
+//! metrics and for long jobs' progress, and how many adapters shared each training batch
+//! ([`BatchShapes`]). Updated by the scheduler and the lanes; read by
 //! anyone. Plain atomics: a snapshot may be off by an in-flight update, never torn.
 //!
 //! Bounded: at most `max_tenants` tenants have counters of their own (in development mode
@@ -61,6 +62,8 @@ pub struct Metrics {
     /// Totals of the tenants evicted so far.
     folded: TenantCounters,
     max_tenants: usize,
+    /// How many adapters shared each training batch.
+    pub batches: BatchShapes,
 }
 
 impl Default for Metrics {
@@ -82,6 +85,7 @@ impl Metrics {
             folded: TenantCounters::default(),
             max_tenants: max_tenants.max(1),
             queued_bytes: Default::default(),
+            batches: BatchShapes::default(),
         }
     }
 
@@ -204,6 +208,52 @@ impl Metrics {
     }
 }
 
+/// Training batches by how many adapters shared the pass: buckets of 1, 2, 3–4, 5–8,
+/// 9–16, 17–32 and more (fixed: the counters never grow).
+#[derive(Debug, Default)]
+pub struct BatchShapes {
+    counts: [AtomicU64; BATCH_BUCKETS],
+    tokens: [AtomicU64; BATCH_BUCKETS],
+}
+
+const BATCH_BUCKETS: usize = 7;
+
+/// The upper bound of each bucket but the last (which is open).
+pub const BATCH_BUCKET_BOUNDS: [usize; BATCH_BUCKETS - 1] = [1, 2, 4, 8, 16, 32];
+
+/// A copy of [`BatchShapes`]: per bucket, `(label, batches, tokens)`.
+pub type BatchShapesSnapshot = Vec<(String, u64, u64)>;
+
+impl BatchShapes {
+    pub fn record(&self, adapters: usize, tokens: usize) {
+        let b = BATCH_BUCKET_BOUNDS
+            .iter()
+            .position(|&hi| adapters <= hi)
+            .unwrap_or(BATCH_BUCKETS - 1);
+        self.counts[b].fetch_add(1, Ordering::Relaxed);
+        self.tokens[b].fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BatchShapesSnapshot {
+        let mut lo = 1;
+        (0..BATCH_BUCKETS)
+            .map(|b| {
+                let label = match BATCH_BUCKET_BOUNDS.get(b) {
+                    Some(&hi) if hi == lo => format!("{hi}"),
+                    Some(&hi) => format!("{lo}–{hi}"),
+                    None => format!("{lo}+"),
+                };
+                lo = BATCH_BUCKET_BOUNDS.get(b).map_or(lo, |hi| hi + 1);
+                (
+                    label,
+                    self.counts[b].load(Ordering::Relaxed),
+                    self.tokens[b].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +287,18 @@ mod tests {
         let before = m.len();
         m.snapshot(&TenantId::from("nobody"));
         assert_eq!(m.len(), before);
+    }
+
+    #[test]
+    fn batches_land_in_their_bucket() {
+        let b = BatchShapes::default();
+        b.record(1, 10);
+        b.record(3, 5);
+        b.record(4, 5);
+        b.record(100, 1);
+        let s = b.snapshot();
+        assert_eq!(s[0], ("1".to_owned(), 1, 10));
+        assert_eq!(s[2], ("3–4".to_owned(), 2, 10));
+        assert_eq!(s[6], ("33+".to_owned(), 1, 1));
     }
 }

@@ -22,7 +22,8 @@
 //! Parts: [`ids`] (newtypes), [`future`] (store interface and in-memory store, long-poll),
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
 //! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`],
-//! [`metadata`] (clients' `user_metadata`).
+//! [`metadata`] (clients' `user_metadata`), [`history`] (every training result's metrics,
+//! per run and step).
 //! Model work never runs on tokio's workers: lanes are dedicated threads.
 //!
 //! Nothing here grows with the number of requests served: futures expire and are capped
@@ -34,6 +35,7 @@
 //! and checkpoints (deleted, or expired by their time to live).
 
 pub mod future;
+pub mod history;
 pub mod ids;
 pub mod job;
 pub(crate) mod lane;
@@ -85,6 +87,7 @@ struct Inner {
     registry: Arc<Registry>,
     futures: Arc<Futures>,
     metrics: Arc<Metrics>,
+    history: Arc<history::History>,
     cmds: mpsc::Sender<scheduler::Cmd>,
     /// One sampling lane per served base, in the registry's order, started on first use.
     samplers: Vec<tokio::sync::OnceCell<std::sync::mpsc::Sender<sampling::SampleJob>>>,
@@ -156,6 +159,7 @@ impl Engine {
             .collect();
         let futures = Arc::new(Futures::new(store));
         let metrics = Arc::new(Metrics::new(cfg.max_metric_tenants));
+        let history = Arc::new(history::History::default());
         let (report_tx, report_rx) = mpsc::unbounded_channel();
         let mut lanes = Vec::new();
         for lane in 0..cfg.max_workers.max(1) {
@@ -165,6 +169,7 @@ impl Engine {
                     lane,
                     futures: futures.clone(),
                     metrics: metrics.clone(),
+                    history: history.clone(),
                     report: report_tx.clone(),
                 },
                 rx,
@@ -186,6 +191,7 @@ impl Engine {
                 registry,
                 futures,
                 metrics,
+                history,
                 cmds: cmd_tx,
                 samplers,
                 sampling_outstanding: Arc::new(AtomicUsize::new(0)),
@@ -714,6 +720,17 @@ impl Engine {
     /// Jobs failed by a tenant's plugin since start.
     pub fn plugin_failures(&self) -> u64 {
         self.inner.futures.plugin_failures.load(Ordering::Relaxed)
+    }
+
+    /// Every training result's metrics as they happen ([`history`]); the server attaches
+    /// its store.
+    pub fn history(&self) -> &history::History {
+        &self.inner.history
+    }
+
+    /// How many adapters shared each training batch so far ([`metrics::BatchShapes`]).
+    pub fn batch_shapes(&self) -> metrics::BatchShapesSnapshot {
+        self.inner.metrics.batches.snapshot()
     }
 
     /// Per-tenant counters: jobs queued, running, done, failed; tokens processed.

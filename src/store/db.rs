@@ -11,6 +11,7 @@ use super::checkpoint::CheckpointKind;
 use super::error::{Result, StoreError};
 use crate::error::Category;
 use crate::jobs::future::Progress;
+use crate::jobs::history::{MetricPoint, PointKind};
 use crate::jobs::{
     AdapterId, FutureId, FutureRecord, JobFailure, JobKind, JobOutput, JobState, SessionId,
     TenantId, UserMetadata,
@@ -569,7 +570,8 @@ impl Db {
         Ok(())
     }
 
-    /// Mark a model deleted (its row stays, for its checkpoints' sake).
+    /// Mark a model deleted (its row stays, for its checkpoints' sake); its metrics
+    /// history goes.
     pub async fn mark_model_deleted(&self, tenant: &TenantId, id: &AdapterId) -> Result<()> {
         let r = sqlx::query("UPDATE models SET deleted = 1 WHERE id = ? AND tenant_id = ?")
             .bind(id.as_str())
@@ -579,6 +581,11 @@ impl Db {
         if r.rows_affected() == 0 {
             return Err(not_found("model", id));
         }
+        sqlx::query("DELETE FROM run_metrics WHERE tenant_id = ? AND model_id = ?")
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -889,6 +896,112 @@ impl Db {
             .map(plugin_row)
             .collect()
     }
+
+    // ---- metrics history ----
+
+    /// Keep one training result's metrics; past `max_per_run` points of its run, the
+    /// oldest go. Returns the point's id (increasing: a cursor for pages and live views).
+    pub async fn insert_metric_point(&self, p: &MetricPoint, max_per_run: u64) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let id = sqlx::query(
+            "INSERT INTO run_metrics (tenant_id, model_id, step, kind, metrics, time_ms) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(p.tenant.as_str())
+        .bind(p.run.as_str())
+        .bind(p.step.min(i64::MAX as u64) as i64)
+        .bind(p.kind.as_str())
+        .bind(json_string("metrics", &p.metrics)?)
+        .bind(to_ms(p.time))
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        sqlx::query(
+            "DELETE FROM run_metrics WHERE id IN (SELECT id FROM run_metrics \
+             WHERE tenant_id = ? AND model_id = ? ORDER BY id DESC LIMIT -1 OFFSET ?)",
+        )
+        .bind(p.tenant.as_str())
+        .bind(p.run.as_str())
+        .bind(max_per_run.clamp(1, i64::MAX as u64) as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// A run's points with `from_step ≤ step ≤ to_step` and id after `after`, in
+    /// recording order (step order, unless a checkpoint load set the step back), at most
+    /// `limit`.
+    pub async fn list_metric_points(
+        &self,
+        tenant: &TenantId,
+        run: &AdapterId,
+        q: &MetricQuery,
+    ) -> Result<Vec<StoredPoint>> {
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+        sqlx::query(
+            "SELECT * FROM run_metrics WHERE tenant_id = ? AND model_id = ? AND step >= ? \
+             AND step <= ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(tenant.as_str())
+        .bind(run.as_str())
+        .bind(clamp(q.from_step))
+        .bind(clamp(q.to_step))
+        .bind(q.after)
+        .bind(clamp(q.limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(point_row)
+        .collect()
+    }
+
+    /// Points a run holds.
+    pub async fn count_metric_points(&self, tenant: &TenantId, run: &AdapterId) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM run_metrics WHERE tenant_id = ? AND model_id = ?",
+        )
+        .bind(tenant.as_str())
+        .bind(run.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+/// Which points of a run to read ([`Db::list_metric_points`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricQuery {
+    pub from_step: u64,
+    pub to_step: u64,
+    /// Only points recorded after the one with this id (0: from the first).
+    pub after: i64,
+    pub limit: u64,
+}
+
+/// A stored [`MetricPoint`] and its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPoint {
+    pub id: i64,
+    pub point: MetricPoint,
+}
+
+fn point_row(r: &SqliteRow) -> Result<StoredPoint> {
+    let kind: String = r.try_get("kind")?;
+    Ok(StoredPoint {
+        id: r.try_get("id")?,
+        point: MetricPoint {
+            tenant: TenantId(r.try_get("tenant_id")?),
+            run: AdapterId(r.try_get("model_id")?),
+            step: r.try_get::<i64, _>("step")?.max(0) as u64,
+            kind: PointKind::parse(&kind).ok_or_else(|| StoreError::Decode {
+                what: "metric kind",
+                message: kind.clone(),
+            })?,
+            metrics: json_parse("metrics", &r.try_get::<String, _>("metrics")?)?,
+            time: from_ms(r.try_get("time_ms")?),
+        },
+    })
 }
 
 fn tenant_row(r: &SqliteRow) -> Result<TenantRecord> {

@@ -2,7 +2,8 @@
 //! checkpoint files and the plugin bytes under the data directory. It implements the
 //! engine's [`Persist`] (checkpoints are on disk before a save is acknowledged; an
 //! automatic checkpoint follows every K optimizer steps; a deleted model's files go) and
-//! rebuilds the engine's registry at start-up ([`Durable::restore`]).
+//! rebuilds the engine's registry at start-up ([`Durable::restore`]). [`DurableHistory`]
+//! keeps the engine's metrics history in the same database.
 //!
 //! The database runs on a small runtime of its own, so lanes and blocking threads can wait
 //! on it ([`Durable::block`]) and async handlers can await it ([`Durable::call`]) without
@@ -12,6 +13,7 @@ use super::checkpoint::{model_dir_name, CheckpointKind, CheckpointStore};
 use super::db::{CheckpointRecord, Db, ModelRecord, PluginRecord, SessionRecord, TenantRecord};
 use super::error::StoreError;
 use crate::error::{Error, Result};
+use crate::jobs::history::{HistorySink, MetricPoint};
 use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist, RunMeta};
 use crate::jobs::{AdapterId, Engine, TenantId, UserMetadata};
 use crate::lora::{LoraConfig, LoraWeights};
@@ -674,6 +676,23 @@ impl Persist for Durable {
             std::fs::remove_dir_all(&dir)?;
         }
         Ok(())
+    }
+}
+
+/// The engine's metrics history ([`crate::jobs::history`]) in the metadata database, at
+/// most `max_points_per_run` points per run (the oldest go).
+pub struct DurableHistory {
+    pub durable: Arc<Durable>,
+    pub max_points_per_run: u64,
+}
+
+impl HistorySink for DurableHistory {
+    fn record(&self, p: &MetricPoint) -> Result<()> {
+        let (db, p, cap) = (self.durable.db.clone(), p.clone(), self.max_points_per_run);
+        self.durable
+            .block(async move { db.insert_metric_point(&p, cap).await })
+            .map(|_| ())
+            .map_err(store_err)
     }
 }
 

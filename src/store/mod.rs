@@ -3,7 +3,7 @@
 //! - [`db`]: the metadata database (SQLite, WAL, migrations in `migrations/`): tenants,
 //!   client sessions (open and ended), training runs (loaded, unloaded or deleted, with
 //!   their `user_metadata`), futures, checkpoints (training, sampler, external; public or
-//!   not), sampling sessions, plugins.
+//!   not), sampling sessions, plugins, and every training result's metrics (history).
 //! - [`future_store`]: the engine's `FutureStore` on that database, with a memory map in
 //!   front and a writer thread; unfinished futures fail after a restart.
 //! - [`checkpoint`]: adapter checkpoints on disk (safetensors + JSON), written atomically.
@@ -26,6 +26,6 @@ pub mod peft;
 
 pub use checkpoint::{Checkpoint, CheckpointKind, CheckpointMeta, CheckpointStore};
 pub use db::{Db, RESTARTED_MESSAGE};
-pub use durable::Durable;
+pub use durable::{Durable, DurableHistory};
 pub use error::StoreError;
 pub use future_store::{FutureStoreConfig, SqliteFutureStore};

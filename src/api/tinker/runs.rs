@@ -53,15 +53,15 @@ fn newest_first(mut v: Vec<Arc<Checkpoint>>) -> Vec<Arc<Checkpoint>> {
 }
 
 /// What describes a training run, loaded or not.
-struct RunView {
-    id: String,
-    owner: TenantId,
+pub(crate) struct RunView {
+    pub id: String,
+    pub owner: TenantId,
     /// The base model it trains on, as its record keeps it.
-    base: String,
-    rank: usize,
-    step: u64,
-    last_request: SystemTime,
-    user_metadata: Option<UserMetadata>,
+    pub base: String,
+    pub rank: usize,
+    pub step: u64,
+    pub last_request: SystemTime,
+    pub user_metadata: Option<UserMetadata>,
 }
 
 fn live_view(e: &AdapterEntry) -> RunView {
@@ -77,7 +77,7 @@ fn live_view(e: &AdapterEntry) -> RunView {
 }
 
 /// `owner`'s run `id`: the loaded entry, else the stored record (not deleted).
-async fn find_run(s: &Shared, owner: &TenantId, id: &str) -> ApiResult<RunView> {
+pub(crate) async fn find_run(s: &Shared, owner: &TenantId, id: &str) -> ApiResult<RunView> {
     if let Ok(e) = s
         .engine
         .registry()
