@@ -530,6 +530,9 @@ pub struct ServeConfig {
     /// for its curves and `GET /api/v1/training_runs/{id}/metrics`; past it the oldest go.
     #[arg(long, env = "LORAPLEX_MAX_METRIC_POINTS", default_value_t = 10_000)]
     pub max_metric_points: u64,
+    /// How long a console sign-in lasts (s); the cookie's Max-Age.
+    #[arg(long, env = "LORAPLEX_CONSOLE_LOGIN_TTL_S", default_value_t = 43_200)]
+    pub console_login_ttl_s: u64,
 }
 
 impl ServeConfig {
@@ -557,6 +560,7 @@ impl ServeConfig {
             download_url_ttl_s: 3600,
             public_url: None,
             max_metric_points: 10_000,
+            console_login_ttl_s: 43_200,
         }
     }
 }

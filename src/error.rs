@@ -59,7 +59,8 @@ pub enum Error {
         limit: u64,
         retry_after_ms: u64,
     },
-    /// A credential other than the API key (a signed download link) is invalid or expired.
+    /// A credential other than the API key (a signed download link, a console form's CSRF
+    /// token) is invalid or expired, or a signed-in tenant asks for what only an operator sees.
     #[error("forbidden: {0}")]
     Forbidden(String),
     /// A job failed; what it failed with, as stored in its future.

@@ -14,12 +14,13 @@
 //!   many tenants' work into multi-adapter passes (one base model per pass), worker
 //!   lanes, the sampling engine (a lane per base).
 //! - [`api`]: the HTTP server: the Tinker SDK's wire protocol, the seed's REST routes,
-//!   plugin upload, metrics; [`auth`]: API keys and tenants; [`quota`]: what each tenant
+//!   plugin upload, metrics, the web console (`/console`); [`auth`]: API keys and tenants; [`quota`]: what each tenant
 //!   may hold and how fast it may call.
 //! - [`store`]: durable state: the metadata database (SQLite), the futures kept in it,
 //!   atomic checkpoint files, and PEFT export.
 //! - [`config`]: every setting with its default and environment variable; [`failpoint`]:
-//!   panics that tests inject to prove containment.
+//!   panics that tests inject to prove containment; [`progress`]: the start-up progress
+//!   bar.
 
 pub mod api;
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod plugins;
+pub mod progress;
 pub mod quota;
 pub mod sample;
 pub mod store;

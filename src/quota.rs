@@ -106,7 +106,8 @@ pub fn overrides_from_keys(
         let (Some(_key), Some(tenant)) = (parts.next(), parts.next()) else {
             continue;
         };
-        for field in parts {
+        // The operator flag is the keys file's, not a quota (crate::auth).
+        for field in parts.filter(|f| *f != crate::auth::OPERATOR_FLAG) {
             let bad = |why: &str| format!("line {}: {field:?}: {why}", n + 1);
             let (k, v) = field
                 .split_once('=')

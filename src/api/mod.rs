@@ -6,7 +6,8 @@
 //! - [`rest`]: the simple REST routes of the Flask server loraplex replaces;
 //! - [`plugins`]: upload, list and delete of a tenant's wasm components.
 //!
-//! Plus [`ops`]: health and Prometheus metrics; [`usage`]: a tenant's usage against its
+//! Plus [`console`]: the web console (HTML pages for people, `/console`); [`ops`]: health
+//! and Prometheus metrics; [`usage`]: a tenant's usage against its
 //! quotas; [`history`]: a training run's metrics per step. [`routes`] is the one table of every route, from which both the router and the
 //! OpenAPI document ([`openapi`]) are built.
 //!
@@ -14,6 +15,7 @@
 //! validated engine call ([`crate::jobs::Engine`]) → future → `retrieve_future`. Handlers
 //! never run model work themselves and never block tokio's workers.
 
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod history;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub durable: Option<Arc<Durable>>,
     /// Signs checkpoint download links (its key lives in the data directory).
     pub url_signer: tinker::download::UrlSigner,
+    /// Console sign-ins and the operator view's samples.
+    pub console: console::ConsoleState,
 }
 
 pub type Shared = Arc<AppState>;
@@ -74,6 +78,7 @@ impl AppState {
             ttl: Duration::from_secs(cfg.recorded_ttl_s),
         };
         let url_signer = tinker::download::UrlSigner::load_or_create(&cfg.data_dir)?;
+        let console = console::ConsoleState::new(Duration::from_secs(cfg.console_login_ttl_s));
         Ok(Arc::new(AppState {
             engine,
             cfg,
@@ -84,6 +89,7 @@ impl AppState {
             started: Instant::now(),
             durable,
             url_signer,
+            console,
         }))
     }
 }
@@ -93,6 +99,7 @@ pub fn router(state: Shared) -> Router {
     let limit = state.cfg.max_body_bytes;
     Router::new()
         .merge(routes::router())
+        .merge(console::router())
         .fallback(no_route)
         .layer(axum::middleware::from_fn(catch_panic))
         .layer(axum::middleware::from_fn_with_state(
@@ -149,11 +156,15 @@ async fn request_span(State(state): State<Shared>, req: Request, next: Next) -> 
         path = %req.uri().path()
     );
     let route = ops::route_label(req.uri().path());
+    let method = req.method().clone();
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span).await;
+    let status = resp.status().as_u16();
     state
-        .metrics
-        .record(route, resp.status().as_u16(), started.elapsed());
+        .console
+        .ops
+        .request_failed(method.as_str(), route.clone(), status);
+    state.metrics.record(route, status, started.elapsed());
     if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -195,7 +206,13 @@ pub async fn build(
                 let t = Instant::now();
                 tracing::info!(base = %name, path = %path.display(), "loading a base model");
                 let (dev, dt) = crate::model::default_device();
-                let m = BaseModel::load(&path, &name, &dev, dt)?;
+                let bar = Arc::new(crate::progress::Bar::new(format!("loading {name}")));
+                let b = bar.clone();
+                crate::model::weights::on_layer_loading(Some(Box::new(move |i, n| b.set(i, n))));
+                let loaded = BaseModel::load(&path, &name, &dev, dt);
+                crate::model::weights::on_layer_loading(None);
+                let m = loaded?;
+                bar.finish(m.config.num_layers);
                 tracing::info!(
                     base = %name,
                     seconds = t.elapsed().as_secs_f32(),
@@ -271,6 +288,7 @@ pub async fn build(
         "state restored"
     );
     tokio::spawn(tinker::reap_sessions(state.clone()));
+    tokio::spawn(console::operator::sample_throughput(state.clone()));
     tokio::spawn(tinker::sweep_expired_checkpoints(state.clone()));
     Ok((state.clone(), router(state)))
 }

@@ -1,7 +1,8 @@
 //! The one table of every route: method, path, handler, request body, query, reply and
 //! summary. [`router`] builds the axum router from it and [`super::openapi`] the OpenAPI
-//! document, so the two cannot drift apart; `/metrics` labels requests by its paths. A
-//! route that is not in [`ROUTES`] does not exist.
+//! document, so the two cannot drift apart; `/metrics` labels requests by its paths. An
+//! API route that is not in [`ROUTES`] does not exist; the web console's HTML pages
+//! ([`super::console`]) have their own small router.
 
 use super::tinker::{download, futures, runs, sampling, session, training};
 use super::{history, ops, plugins, rest, usage, Shared};

@@ -12,6 +12,27 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// What is told, on the loading thread, as each layer starts loading.
+type LayerHook = Box<dyn FnMut(usize, usize)>;
+
+thread_local! {
+    static ON_LAYER: std::cell::RefCell<Option<LayerHook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Call `f(layer, layers)` as this thread starts loading each layer of a model (for
+/// `loraplex serve`'s progress bar); `None` stops it.
+pub fn on_layer_loading(f: Option<LayerHook>) {
+    ON_LAYER.with(|h| *h.borrow_mut() = f);
+}
+
+fn layer_loading(i: usize, n: usize) {
+    ON_LAYER.with(|h| {
+        if let Some(f) = h.borrow_mut().as_mut() {
+            f(i, n);
+        }
+    });
+}
+
 /// One transformer block's frozen weights. Matrices are `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
@@ -374,6 +395,7 @@ pub fn load_gguf(
     let embed = get("token_embd.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
+        layer_loading(i, cfg.num_layers);
         let p = |s: &str| format!("blk.{i}.{s}");
         let mut q = get(&p("attn_q.weight"))?;
         let mut k = get(&p("attn_k.weight"))?;
@@ -562,6 +584,7 @@ pub fn load_hf_dir(
     let embed = get("model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
+        layer_loading(i, cfg.num_layers);
         let p = |s: &str| format!("model.layers.{i}.{s}");
         let q = get(&p("self_attn.q_proj.weight"))?;
         let k = get(&p("self_attn.k_proj.weight"))?;
