@@ -10,6 +10,8 @@ if [ -x plugins/build.sh ]; then
 fi
 # The tinker SDK for the end-to-end test.
 ./scripts/setup-sdk.sh >/dev/null
+# Debian's chromium and playwright (into the SDK's venv) for the console's browser test.
+./scripts/setup-console.sh >/dev/null
 # schemathesis for the API fuzzing test (tests/fuzz_api.rs).
 ./scripts/setup-fuzz.sh >/dev/null
 # tinker-cookbook and its requirements (torch, transformers) for tests/cookbook.rs.

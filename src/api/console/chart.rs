@@ -46,6 +46,8 @@ pub fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if v == 0.0 {
         "0".into()
+    } else if v.fract() == 0.0 && a < 1e9 {
+        format!("{v:.0}")
     } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
     } else if a >= 100.0 {

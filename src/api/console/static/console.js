@@ -31,9 +31,11 @@
     if (!body) return;
     var tr = document.createElement("tr");
     var metrics = Object.keys(p.metrics).map(function (k) {
-      return k + "=" + Number(p.metrics[k]).toPrecision(4);
+      var v = Number(p.metrics[k]);
+      return k + "=" + (Number.isInteger(v) ? String(v) : v.toPrecision(4));
     }).join(", ");
-    [String(p.step), p.kind, metrics, p.time].forEach(function (v) {
+    var time = String(p.time).replace("T", " ").replace("Z", " UTC");
+    [String(p.step), p.kind, metrics, time].forEach(function (v) {
       var td = document.createElement("td");
       td.textContent = v;
       tr.appendChild(td);
