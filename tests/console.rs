@@ -478,6 +478,11 @@ fn the_console_shows_a_tenant_only_its_own_and_guards_every_change() {
         let ops = html(&r);
         assert!(ops.contains("<th scope=\"row\">alice</th>") && ops.contains("Batch composition"), "{ops}");
         assert!(ops.contains("id=\"no-residency\""));
+        // The refused forms above are among the recent failed requests.
+        assert!(
+            ops.contains("<td>POST &#x2f;console&#x2f;*</td><td>403</td>"),
+            "{ops}"
+        );
 
         // Deleting through the console deletes the checkpoint.
         let r = browse(app, Method::POST, &format!("{ck_base}/delete"), Some(&alice), Some(&format!("csrf={token}"))).await;

@@ -72,6 +72,8 @@ pub fn route_label(path: &str) -> String {
         {
             format!("/api/v1/{first}/*")
         }
+        // The web console's pages, as one label (their ids stay out of the label set).
+        ["console", ..] => "/console/*".to_owned(),
         _ => "other".to_owned(),
     }
 }
