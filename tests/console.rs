@@ -335,6 +335,7 @@ async fn sign_in(app: &Router, key: &str) -> String {
         assert!(cookie.contains(attr), "{cookie} lacks {attr}");
     }
     assert!(!cookie.contains(key), "the key never travels back");
+    assert!(!cookie.contains("Secure"), "plain HTTP here");
     let token = cookie
         .strip_prefix("loraplex_console=")
         .and_then(|c| c.split(';').next())
@@ -560,5 +561,31 @@ fn a_run_page_streams_its_new_points_live() {
         let v: Value = serde_json::from_str(fb_line.trim_start_matches("data:").trim()).unwrap();
         assert_eq!(v["metrics"]["loss:sum"].as_f64(), Some(loss));
         assert_eq!(v["step"], 0);
+    });
+}
+
+#[test]
+fn behind_https_the_sign_in_cookie_is_secure() {
+    let data = temp_dir("secure");
+    let keys = keys_file(&data);
+    let s = server(&data, |c| {
+        c.keys_file = Some(keys.clone());
+        c.public_url = Some("https://loraplex.example".into());
+    });
+    s.rt.block_on(async {
+        let r = browse(
+            &s.app,
+            Method::POST,
+            "/console/sign-in",
+            None,
+            Some("key=tml-alice"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER);
+        let cookie = r.headers["set-cookie"].to_str().unwrap();
+        assert!(
+            cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+            "{cookie}"
+        );
     });
 }

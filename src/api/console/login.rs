@@ -1,6 +1,6 @@
 //! Console sign-in: a person pastes their API key into a form once; the server answers
 //! with a random token in a cookie (`HttpOnly`, `SameSite=Strict`, `Max-Age`, path
-//! `/console`) and keeps, for that token only, the tenant, whether the key is an
+//! `/console`, and `Secure` when `LORAPLEX_PUBLIC_URL` is https) and keeps, for that token only, the tenant, whether the key is an
 //! operator's and the sign-in's CSRF token. The key itself is never stored, never put in
 //! a URL and never sent back. Sign-ins live in memory (a restart signs everyone out) and
 //! are bounded ([`MAX_LOGINS`]). Every state-changing form carries the CSRF token
@@ -206,9 +206,16 @@ pub async fn sign_in(
     let operator = s.auth.is_operator(key);
     let (token, _) = s.console.insert(tenant.clone(), operator)?;
     tracing::info!(tenant = %tenant, operator, "console sign-in");
+    // Behind HTTPS (a public URL that says so) the cookie never travels in the clear.
+    let secure = s
+        .cfg
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"));
     let cookie = format!(
-        "{COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
-        s.console.ttl.as_secs()
+        "{COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        s.console.ttl.as_secs(),
+        if secure { "; Secure" } else { "" }
     );
     let mut r = Redirect::to("/console").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
