@@ -3,7 +3,8 @@
 //! real `loraplex serve`: sign in; train through the official SDK and watch the run's
 //! curve gain points live; switch to log scale and smoothing without JavaScript; download
 //! a checkpoint as PEFT; sample in the playground; another tenant's key sees none of it
-//! (404); sign out. It asserts on the DOM and saves screenshots (docs/console/ holds a
+//! (404); the pages without JavaScript; the operator view (and a tenant refused it); sign
+//! out. It asserts on the DOM and saves screenshots (docs/console/ holds a
 //! few; `LORAPLEX_CONSOLE_SHOTS=dir` writes them there).
 //!
 //! Needs `scripts/setup-console.sh` (part of `scripts/setup.sh`); without the browser or
@@ -34,7 +35,11 @@ fn the_console_in_a_real_browser() {
     let dir = std::env::temp_dir().join(format!("loraplex-console-browser-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys.txt");
-    std::fs::write(&keys, "tml-alice alice\ntml-bob bob\n").unwrap();
+    std::fs::write(
+        &keys,
+        "tml-alice alice\ntml-bob bob\ntml-root ops operator\n",
+    )
+    .unwrap();
     let shots = std::env::var_os("LORAPLEX_CONSOLE_SHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.join("shots"));
@@ -54,7 +59,12 @@ fn the_console_in_a_real_browser() {
         status.success(),
         "the console browser script failed: {status}"
     );
-    for shot in ["sign-in.png", "run-live.png", "playground.png"] {
+    for shot in [
+        "sign-in.png",
+        "run-live.png",
+        "playground.png",
+        "operator.png",
+    ] {
         assert!(shots.join(shot).exists(), "no screenshot {shot}");
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,11 +1,13 @@
 """The loraplex web console in a real headless Chromium (the system's, over the DevTools
 protocol through playwright), against a real `loraplex serve` whose keys file names the
-tenants alice (tml-alice) and bob (tml-bob). Run by tests/console_browser.rs.
+tenants alice (tml-alice) and bob (tml-bob) and an operator key (tml-root). Run by
+tests/console_browser.rs.
 
 A user's story: sign in; train through the official tinker SDK and watch the run's curve
 gain points live (server-sent events); log scale and smoothing as a plain form; download
 a checkpoint as PEFT; sample in the playground; another tenant's key sees none of it;
-sign out. Asserts on the DOM; screenshots go to $LORAPLEX_SHOTS.
+the pages without JavaScript; the operator view; sign out. Asserts on the DOM;
+screenshots go to $LORAPLEX_SHOTS.
 """
 
 import io
@@ -157,6 +159,33 @@ def main():
         shot(bob, "other-tenant-404.png")
         bob.goto(URL + "/console/sampling")
         assert path not in bob.content()
+
+        # Without JavaScript the pages still work (only the live refresh needs it).
+        nojs_ctx = browser.new_context(java_script_enabled=False)
+        nojs = nojs_ctx.new_page()
+        nojs.goto(URL + "/console/sign-in")
+        nojs.get_by_label("API key").fill("tml-alice")
+        nojs.get_by_role("button", name="Sign in").click()
+        nojs.get_by_role("link", name=run).click()
+        expect(nojs.locator("figure[data-metric='loss:sum'] polyline.raw")).to_have_count(1)
+        nojs.get_by_label("Log scale").check()
+        nojs.get_by_role("button", name="Apply").click()
+        assert "log=1" in nojs.url, nojs.url
+        expect(nojs.locator("#live-status")).to_have_text("")
+
+        # The operator sees every tenant; a tenant's key does not get the view.
+        resp = page.goto(URL + "/console/operator")
+        assert resp.status == 403, resp.status
+        ops_ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        ops = ops_ctx.new_page()
+        ops.goto(URL + "/console/sign-in")
+        ops.get_by_label("API key").fill("tml-root")
+        ops.get_by_role("button", name="Sign in").click()
+        ops.get_by_role("link", name="Operator").click()
+        expect(ops.locator("#tenants")).to_contain_text("alice")
+        expect(ops.locator("#batches")).to_be_visible()
+        shot(ops, "operator.png")
+        page.goto(URL + "/console")
 
         # Signing out returns to the form; the old page is gone.
         page.get_by_role("button", name="Sign out").click()
