@@ -230,6 +230,10 @@ impl Decode {
         let mut out = Vec::new();
         for chunk in &self.schedule {
             let live: Vec<usize> = which.iter().copied().filter(|&i| chunk[i] > 0).collect();
+            if live.is_empty() {
+                out.push(Vec::new());
+                continue;
+            }
             let rows: Vec<InferRow> = live
                 .iter()
                 .map(|&i| InferRow {
