@@ -28,6 +28,9 @@ use crate::model::front::Adapters;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
+/// Per stacked adapter: its index, `dA` and `dB`.
+pub(crate) type AdapterGrads = Vec<(usize, Tensor, Tensor)>;
+
 /// How each packed token picks its adapter's columns of a stack.
 #[derive(Clone)]
 enum Pick {
@@ -69,7 +72,7 @@ impl<'a> LoraPlan<'a> {
     ) -> Self {
         let mut token_adapter = Vec::with_capacity(b.num_tokens());
         for r in &b.rows {
-            token_adapter.extend(std::iter::repeat(r.adapter).take(r.len));
+            token_adapter.extend(std::iter::repeat_n(r.adapter, r.len));
         }
         let mut present: Vec<usize> = b.rows.iter().filter_map(|r| r.adapter).collect();
         present.sort_unstable();
@@ -201,7 +204,7 @@ impl Stack {
         dy: &Tensor,
         xs: &Tensor,
         start: usize,
-    ) -> Result<(Tensor, Vec<(usize, Tensor, Tensor)>)> {
+    ) -> Result<(Tensor, AdapterGrads)> {
         let db = dy.t()?.matmul(xs)?;
         let dxa = self.apply(&dy.matmul(&self.b)?, start)?;
         let da = dxa.t()?.matmul(x)?;

@@ -246,13 +246,7 @@ impl BaseModel {
             )?;
             let a = (g.silu()? * &u)?;
             let m = a.matmul(&lw.wdown.t()?)?;
-            let m = self.with_lora(
-                m,
-                &a,
-                &mut lora,
-                Site::Layer(l, Target::Down),
-                save.as_deref_mut(),
-            )?;
+            let m = self.with_lora(m, &a, &mut lora, Site::Layer(l, Target::Down), save)?;
             let x_out = (&x_mid + m)?;
             if let (Some(tape), Some(attn)) = (tape.as_deref_mut(), attn) {
                 tape.push(LayerTape {
