@@ -235,6 +235,98 @@ pub fn train(args: &TrainBenchArgs) -> Result<String> {
             rss
         ));
     }
+    if args
+        .case
+        .as_ref()
+        .is_none_or(|s| "candle".contains(s.as_str()))
+    {
+        out.push_str(&candle_attention_table(&model, args, &mut rng)?);
+    }
+    Ok(out)
+}
+
+/// The candle backend's attention one row at a time (a scores budget of 0: one row per
+/// group, as the per-row pass ran it) against all rows in padded groups, on a training
+/// step of 4 adapters with rows of mixed lengths. Forward and backward, no optimizer step.
+fn candle_attention_table(
+    model: &BaseModel,
+    args: &TrainBenchArgs,
+    rng: &mut SplitMix64,
+) -> Result<String> {
+    let vocab = model.config.vocab_size as u64;
+    let loss_cfg = LossConfig::new();
+    let lens = [
+        args.seq_len,
+        args.seq_len / 2,
+        args.seq_len * 3 / 4,
+        args.seq_len / 4,
+    ];
+    let adapters: Vec<LoraWeights> = (0..4)
+        .map(|i| {
+            let cfg = LoraConfig {
+                rank: args.rank * (1 + i % 2),
+                alpha: 32.0,
+                seed: i as u64,
+                targets: ALL.to_vec(),
+                train_unembed: false,
+            };
+            LoraWeights::init(&cfg, &model.config, &model.device)
+        })
+        .collect::<Result<_>>()?;
+    let weights: Vec<&LoraWeights> = adapters.iter().collect();
+    let data: Vec<Vec<CheckedDatum>> = lens
+        .iter()
+        .map(|&n| {
+            let data = (0..2)
+                .map(|r| {
+                    let toks: Vec<u32> = (0..=n.max(2) - r)
+                        .map(|_| (rng.next_u64() % vocab) as u32)
+                        .collect();
+                    Datum::next_token(&toks, 0)
+                })
+                .collect();
+            check_data(model, data)
+        })
+        .collect::<Result<_>>()?;
+    // Rows of n and n − 1 input tokens per adapter.
+    let tokens: usize = lens.iter().map(|&n| 2 * n.max(2) - 1).sum();
+    let mut out = format!(
+        "\ncandle backend, 4 adapters (ranks {} and {}) x 2 rows of {:?} tokens, one batch, forward + backward\n\n| attention | median s/step | tokens/s |\n|---|---|---|\n",
+        args.rank,
+        2 * args.rank,
+        lens
+    );
+    for (name, m) in [
+        ("one row at a time", model.with_candle_scores_budget(0)),
+        ("all rows, padded groups", model.with_candle_backend()),
+    ] {
+        let work: Vec<Work> = data
+            .iter()
+            .enumerate()
+            .map(|(a, d)| Work {
+                adapter: Some(a),
+                data: d,
+                loss: &BuiltinLoss::CrossEntropy,
+                config: &loss_cfg,
+            })
+            .collect();
+        let mut times = Vec::new();
+        for step in 0..=args.steps {
+            let t = Instant::now();
+            let (res, _grads) = forward_backward(&m, &weights, &work, false)?;
+            for r in res {
+                r?;
+            }
+            if step > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let med = median(&mut times);
+        out.push_str(&format!(
+            "| {name} | {med:.3} | {:.1} |\n",
+            tokens as f64 / med
+        ));
+    }
     Ok(out)
 }
 

@@ -1,6 +1,7 @@
 //! Packing rows of different lengths and adapters into one token matrix. Rows are ordered
 //! by adapter so each adapter's tokens form one contiguous segment: the base matmuls run
-//! once over all tokens, each segment's LoRA update runs once over its own slice.
+//! once over all tokens; the cpu backend runs each segment's LoRA update once over its own
+//! slice (the candle backend stacks all adapters instead, see `backend/candle/lora.rs`).
 
 /// One packed row: tokens `[start, start+len)` of the batch, at positions `pos0..pos0+len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

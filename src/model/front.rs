@@ -429,12 +429,7 @@ impl BaseModel {
         prompt_logprobs: bool,
         prompt_top_k: usize,
     ) -> Result<InferOut> {
-        // The whole step on a pool thread: the cpu kernels' parallel loops then start on a
-        // worker whose sibling is still spinning, instead of waking the pool and parking
-        // the caller a hundred times a step.
-        rayon::scope(|_| {
-            self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k, None)
-        })
+        self.infer_step(rows, caches, adapters, prompt_logprobs, prompt_top_k, None)
     }
 
     /// Prefill or decode like [`Self::forward_infer`], handing `visit` the logits of row
@@ -454,11 +449,29 @@ impl BaseModel {
             return Err(Error::invalid("from", "one entry per row"));
         }
         let score = Some((from, visit));
-        // On a pool thread, as in `forward_infer_top`.
-        rayon::scope(|_| Ok(self.infer_step(rows, caches, adapters, false, 0, score)?.0))
+        Ok(self.infer_step(rows, caches, adapters, false, 0, score)?.0)
     }
 
+    /// One prefill or decode step (see [`Self::forward_infer_top`] and
+    /// [`Self::forward_infer_scored`]). The whole step runs on a pool thread: the cpu
+    /// kernels' parallel loops then start on a worker whose sibling is still spinning,
+    /// instead of waking the pool and parking the caller a hundred times a step.
     fn infer_step(
+        &self,
+        rows: &[InferRow],
+        caches: &mut [&mut KvCache],
+        adapters: &Adapters,
+        prompt_logprobs: bool,
+        prompt_top_k: usize,
+        score: Option<(&[Option<usize>], LogitsVisitor)>,
+    ) -> Result<InferOut> {
+        rayon::scope(|_| {
+            self.infer_step_on_pool(rows, caches, adapters, prompt_logprobs, prompt_top_k, score)
+        })
+    }
+
+    /// [`Self::infer_step`]'s work, on the pool thread it runs on.
+    fn infer_step_on_pool(
         &self,
         rows: &[InferRow],
         caches: &mut [&mut KvCache],

@@ -131,7 +131,19 @@ impl BaseModel {
     /// backend is tested and benchmarked against.
     pub fn with_candle_backend(&self) -> BaseModel {
         BaseModel {
-            backend: std::sync::Arc::new(backend::Candle),
+            backend: std::sync::Arc::new(backend::Candle::default()),
+            ..self.clone()
+        }
+    }
+
+    /// The same model on the candle backend with at most `bytes` of attention scores per
+    /// group of rows (default 256 MiB): a smaller budget runs a batch's rows in more,
+    /// smaller groups, down to one row per group at 0. For tests and benchmarks.
+    pub fn with_candle_scores_budget(&self, bytes: usize) -> BaseModel {
+        BaseModel {
+            backend: std::sync::Arc::new(backend::Candle {
+                scores_budget: bytes,
+            }),
             ..self.clone()
         }
     }

@@ -10,7 +10,8 @@
 //!   Chosen for a CPU model in f32.
 //! - [`Candle`] ([`candle`]): candle's general tensor ops, any device and dtype: the f64
 //!   reference of the gradient checks, the path on CUDA, and what the cpu backend is tested
-//!   against.
+//!   against. Attention runs over all rows of a batch at once and LoRA over all adapters at
+//!   once, so a pass is a few large kernels rather than many per row.
 //!
 //! Both are stateless: the model's weights, config and RoPE tables live in [`BaseModel`],
 //! which a backend reads.
@@ -91,8 +92,19 @@ pub(crate) trait Backend: Send + Sync + 'static {
 pub(crate) struct Cpu;
 
 /// candle's general ops (see [`candle`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Candle;
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Candle {
+    /// Most bytes of one group of rows' attention scores (see [`candle::SCORES_BYTES`]).
+    pub(crate) scores_budget: usize,
+}
+
+impl Default for Candle {
+    fn default() -> Self {
+        Candle {
+            scores_budget: candle::SCORES_BYTES,
+        }
+    }
+}
 
 /// The backend for a model on `device` in `dtype`: the cpu backend for a CPU model in f32,
 /// candle otherwise.
@@ -100,7 +112,7 @@ pub(crate) fn choose(device: &candle_core::Device, dtype: DType) -> Arc<dyn Back
     if device.is_cpu() && dtype == DType::F32 {
         Arc::new(Cpu)
     } else {
-        Arc::new(Candle)
+        Arc::new(Candle::default())
     }
 }
 
