@@ -22,14 +22,17 @@
 //! Parts: [`ids`] (newtypes), [`future`] (store interface and in-memory store, long-poll),
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
 //! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`],
-//! [`metadata`] (clients' `user_metadata`).
+//! [`metadata`] (clients' `user_metadata`), [`residency`] (which adapters are in memory,
+//! within `--adapter-memory`: the scheduler loads a cold adapter on a blocking thread as
+//! soon as work for it is queued, and only resident adapters join batches).
 //! Model work never runs on tokio's workers: lanes are dedicated threads.
 //!
 //! Nothing here grows with the number of requests served: futures expire and are capped
 //! ([`future::FutureStoreConfig`]), long-poll wake-ups exist only while someone waits,
 //! the scheduler keeps one queue per live model, the sampler only what is decoding
 //! and a prefix cache of at most `prefix_cache_bytes`,
-//! per-tenant counters are capped (`max_metric_tenants`), and the registry holds live
+//! per-tenant counters are capped (`max_metric_tenants`), adapters in memory by
+//! `adapter_memory` (with a store; the rest wait on disk), and the registry holds live
 //! models, sampling sessions (removed by whoever made them, or with their Tinker session)
 //! and checkpoints (deleted, or expired by their time to live).
 
@@ -41,6 +44,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod output;
 pub mod registry;
+pub mod residency;
 pub mod sampling;
 pub(crate) mod scheduler;
 
@@ -148,7 +152,11 @@ impl Engine {
         persist: Option<Arc<dyn registry::Persist>>,
     ) -> Result<Engine> {
         let quotas = Arc::new(crate::quota::Quotas::new(&cfg.quotas));
-        let registry = Arc::new(Registry::with_bases(bases, persist)?.with_quotas(quotas));
+        let registry = Arc::new(
+            Registry::with_bases(bases, persist)?
+                .with_quotas(quotas)
+                .with_adapter_memory(cfg.adapter_memory),
+        );
         let samplers = registry
             .base_names()
             .iter()
@@ -272,20 +280,35 @@ impl Engine {
         let model = self.base_model_named(&base).await?;
         meta.base = Some(base);
         config.validate()?;
-        let cfg = config.clone();
-        let weights = tokio::task::spawn_blocking(move || {
-            LoraWeights::init(&cfg, &model.config, &model.device)
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
-        let entry = AdapterEntry::new(
-            id.clone(),
-            tenant.clone(),
-            config,
-            first_seq,
-            meta.clone(),
-            TrainableAdapter::new(weights),
-        );
+        let entry = if self.inner.registry.residency().spills() {
+            // Its initial weights come from its seed: made on its first job, like a
+            // reload, so a new run takes no adapter memory until it is used.
+            let bytes = residency::entry_bytes(&config, &model.config);
+            AdapterEntry::cold(
+                id.clone(),
+                tenant.clone(),
+                config,
+                first_seq,
+                meta.clone(),
+                bytes,
+                0,
+            )
+        } else {
+            let cfg = config.clone();
+            let weights = tokio::task::spawn_blocking(move || {
+                LoraWeights::init(&cfg, &model.config, &model.device)
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
+            AdapterEntry::new(
+                id.clone(),
+                tenant.clone(),
+                config,
+                first_seq,
+                meta.clone(),
+                TrainableAdapter::new(weights),
+            )
+        };
         if let Some(p) = self.inner.registry.persist().cloned() {
             let (t, i, c) = (tenant.clone(), entry.id.clone(), entry.config.clone());
             tokio::task::spawn_blocking(move || p.model_created(&t, &i, &c, &meta, true))
@@ -487,6 +510,30 @@ impl Engine {
             weights: Some(Arc::new(c.state.weights.clone())),
             owner: None,
         })
+    }
+
+    /// A training run's current weights, loaded from disk for the moment if it is cold
+    /// (it stays resident as the most recently used).
+    pub async fn adapter_weights(&self, tenant: &TenantId, id: &AdapterId) -> Result<LoraWeights> {
+        let entry = self.inner.registry.adapter(tenant, id)?;
+        if let Some(w) = entry.weights() {
+            return Ok(w);
+        }
+        let base = self.base_model_named(&entry.base).await?;
+        let res = self.inner.registry.residency().clone();
+        tokio::task::spawn_blocking(move || {
+            res.load_pinned(&entry, &base)?;
+            let w = entry.weights();
+            res.unpin(&entry.id);
+            w.ok_or_else(|| Error::Unavailable("the adapter left memory while read".into()))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("adapter load panicked: {e}")))?
+    }
+
+    /// The residency manager's view: adapters and bytes in memory, the budget.
+    pub fn residency(&self) -> residency::ResidencySnapshot {
+        self.inner.registry.residency().snapshot()
     }
 
     /// The future's record now.

@@ -5,7 +5,8 @@
 //! (dashmap) and a lane holds only the locks of the adapters in its batch.
 //!
 //! The registry stores state; it never decides order (the scheduler does) and never runs
-//! model work.
+//! model work. A training run's adapter may be cold (on disk only): which ones are in
+//! memory is the [`Residency`] manager's decision, within the adapter-memory budget.
 //!
 //! Bounds: a model stays until deleted or unloaded (with its Tinker session, or by the
 //! session reaper after `LORAPLEX_SESSION_TIMEOUT_S`); a sampling session until whoever
@@ -22,6 +23,7 @@
 
 use super::ids::{AdapterId, SessionId, TenantId};
 use super::metadata::UserMetadata;
+use super::residency::Residency;
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraGrads, LoraWeights};
 use crate::model::BaseModel;
@@ -32,6 +34,10 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// The adapter-memory budget of a registry built without one
+/// ([`crate::config::EngineConfig::adapter_memory`]'s default).
+const DEFAULT_BUDGET: u64 = crate::config::DEFAULT_ADAPTER_MEMORY;
 
 /// Where the registry's state persists (the store, [`crate::store::Durable`]); the
 /// registry itself is the in-memory cache. Every method may block on disk: call it from a
@@ -44,8 +50,32 @@ pub trait Persist: Send + Sync {
     /// Record whether other tenants may read the checkpoint.
     fn set_checkpoint_public(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     /// After an optimizer step: record the step; write the automatic checkpoint when due.
-    fn stepped(&self, tenant: &TenantId, model: &AdapterId, state: &TrainableAdapter)
-        -> Result<()>;
+    /// Returns whether it wrote one (the durable state is then the adapter's state).
+    fn stepped(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<bool>;
+    /// Make `state` the run's newest durable state (an automatic checkpoint, written
+    /// atomically): an adapter leaving memory with steps not yet written.
+    fn write_back(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<()>;
+    /// The run's newest durable state (its newest automatic or explicit checkpoint, or
+    /// its initial weights from the seed), and whether it is *clean*: what a later call
+    /// would return again as long as nothing new is written (an automatic checkpoint or
+    /// the initial weights; an explicit checkpoint can be deleted).
+    fn load_adapter(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        config: &LoraConfig,
+        base: &BaseModel,
+    ) -> Result<(TrainableAdapter, bool)>;
     /// A new training run's record; `loaded: false` for one that never trains (a copy).
     fn model_created(
         &self,
@@ -107,12 +137,23 @@ pub struct AdapterEntry {
     pub created: std::time::SystemTime,
     /// When it last got work (ms since the epoch; 0: never), for training run listings.
     last_request_ms: std::sync::atomic::AtomicU64,
+    /// Bytes it takes when resident ([`super::residency::entry_bytes`]).
+    pub bytes: u64,
+    /// Set once the run is deleted or unloaded: a load in flight is dropped.
+    removed: std::sync::atomic::AtomicBool,
     /// Held by the one lane that runs this adapter's work, and briefly by readers.
     pub(crate) state: Mutex<AdapterState>,
 }
 
 pub(crate) struct AdapterState {
-    pub train: TrainableAdapter,
+    /// Weights, optimizer state and gradients while resident; `None`: cold (on disk
+    /// only, loaded back by [`super::residency::Residency::load_pinned`]).
+    pub train: Option<TrainableAdapter>,
+    /// Optimizer steps taken, known while cold too.
+    pub step: u64,
+    /// A change not yet in the durable state (a step between automatic checkpoints, a
+    /// `load_state`): eviction writes it back first.
+    pub dirty: bool,
     /// A request split across batches: its results and gradients so far. Gradients join
     /// the adapter's only when the last piece succeeds, so a failure leaves no trace.
     pub partial: Option<Partial>,
@@ -135,6 +176,45 @@ impl AdapterEntry {
         meta: RunMeta,
         train: TrainableAdapter,
     ) -> Self {
+        let bytes = (train.weights.num_params() as u64) * 16;
+        let step = train.optim.step;
+        Self::build(
+            id,
+            tenant,
+            config,
+            first_seq,
+            meta,
+            bytes,
+            step,
+            Some(train),
+        )
+    }
+
+    /// A training run whose adapter is on disk only (`bytes` when resident, see
+    /// [`super::residency::entry_bytes`]); its first job loads it.
+    pub fn cold(
+        id: AdapterId,
+        tenant: TenantId,
+        config: LoraConfig,
+        first_seq: Option<u64>,
+        meta: RunMeta,
+        bytes: u64,
+        step: u64,
+    ) -> Self {
+        Self::build(id, tenant, config, first_seq, meta, bytes, step, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        id: AdapterId,
+        tenant: TenantId,
+        config: LoraConfig,
+        first_seq: Option<u64>,
+        meta: RunMeta,
+        bytes: u64,
+        step: u64,
+        train: Option<TrainableAdapter>,
+    ) -> Self {
         AdapterEntry {
             id,
             tenant,
@@ -145,16 +225,26 @@ impl AdapterEntry {
             user_metadata: meta.user_metadata,
             created: std::time::SystemTime::now(),
             last_request_ms: Default::default(),
+            bytes,
+            removed: Default::default(),
             state: Mutex::new(AdapterState {
                 train,
+                step,
+                dirty: false,
                 partial: None,
             }),
         }
     }
 
-    /// A copy of the current weights (cheap: tensors are shared, updates replace them).
-    pub fn weights(&self) -> LoraWeights {
-        self.state.lock().train.weights.clone()
+    /// A copy of the current weights if resident (cheap: tensors are shared, updates
+    /// replace them); `None` when cold ([`super::Engine::adapter_weights`] loads them).
+    pub fn weights(&self) -> Option<LoraWeights> {
+        self.state.lock().train.as_ref().map(|t| t.weights.clone())
+    }
+
+    /// Whether the run was deleted or unloaded.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// Note that work arrived for it now.
@@ -175,7 +265,7 @@ impl AdapterEntry {
 
     /// Optimizer steps taken so far.
     pub fn step(&self) -> u64 {
-        self.state.lock().train.optim.step
+        self.state.lock().step
     }
 }
 
@@ -297,6 +387,8 @@ pub struct Registry {
     /// with the run's id), so another tenant finds one by its path alone.
     published: DashMap<String, TenantId>,
     persist: Option<Arc<dyn Persist>>,
+    /// Which adapters are in memory, within the adapter-memory budget.
+    residency: Arc<Residency>,
     quotas: Arc<Quotas>,
     held: Arc<HeldMap>,
 }
@@ -304,9 +396,24 @@ pub struct Registry {
 impl Registry {
     pub fn with_persist(loader: ModelLoader, persist: Option<Arc<dyn Persist>>) -> Self {
         Registry {
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, persist.clone())),
             persist,
             ..Self::new(loader)
         }
+    }
+
+    /// The same registry with an adapter-memory budget of `bytes`. Call before any
+    /// training run is inserted.
+    pub fn with_adapter_memory(self, bytes: u64) -> Self {
+        Registry {
+            residency: Arc::new(Residency::new(bytes, self.persist.clone())),
+            ..self
+        }
+    }
+
+    /// The residency manager: what is in memory, the budget, loads and evictions.
+    pub fn residency(&self) -> &Arc<Residency> {
+        &self.residency
     }
 
     /// A registry serving several base models, `(name, loader)` in order (the first is the
@@ -338,6 +445,7 @@ impl Registry {
         }
         Ok(Registry {
             bases: slots,
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, persist.clone())),
             persist,
             ..Self::empty()
         })
@@ -377,6 +485,7 @@ impl Registry {
             checkpoints: DashMap::new(),
             published: DashMap::new(),
             persist: None,
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, None)),
             quotas: Arc::new(Quotas::default()),
             held: Arc::new(DashMap::new()),
         }
@@ -492,6 +601,11 @@ impl Registry {
             adjust(&self.held, &old.tenant, |h| {
                 h.runs = h.runs.saturating_sub(1)
             });
+            old.removed.store(true, Ordering::Release);
+            self.residency.forget(&old.id);
+        }
+        if e.state.lock().train.is_some() {
+            self.residency.admit_resident(&e);
         }
         e
     }
@@ -581,6 +695,8 @@ impl Registry {
             adjust(&self.held, &old.tenant, |h| {
                 h.runs = h.runs.saturating_sub(1)
             });
+            old.removed.store(true, Ordering::Release);
+            self.residency.forget(id);
         }
         let ephemeral: Vec<SessionId> = self
             .sessions
