@@ -401,13 +401,13 @@ fn barrier(
                     ),
                 ));
             }
-            let c = ck.state.clone();
-            if c.weights.config != train.weights.config {
+            if ck.config != train.weights.config {
                 return Err(Error::invalid(
                     "name",
                     format!("checkpoint {name:?} has a different LoRA configuration"),
                 ));
             }
+            let c = registry.checkpoint_state(&ck)?;
             *train = if *optimizer {
                 (*c).clone()
             } else {

@@ -472,17 +472,19 @@ impl Engine {
                     session,
                     user_metadata: None,
                 };
-                p.model_created(&t, &d, &source.state.weights.config, &meta, false)?;
+                p.model_created(&t, &d, &source.config, &meta, false)?;
             }
-            let saved = registry.save_checkpoint(
-                &t,
-                &n,
-                &d,
-                &source.base,
-                source.state.clone(),
-                ttl,
-                source.user_metadata.clone(),
-            );
+            let saved = registry.checkpoint_state(&source).and_then(|state| {
+                registry.save_checkpoint(
+                    &t,
+                    &n,
+                    &d,
+                    &source.base,
+                    state,
+                    ttl,
+                    source.user_metadata.clone(),
+                )
+            });
             if saved.is_err() {
                 // No copy (over quota, say): no run for it either.
                 if let Some(p) = registry.persist() {
@@ -498,18 +500,36 @@ impl Engine {
     }
 
     /// A sampling session on a checkpoint's weights (frozen at save time), on the base its
-    /// run trained on: the tenant's own checkpoint or a published one.
-    pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
+    /// run trained on: the tenant's own checkpoint or a published one. Its files are read
+    /// (off tokio's workers).
+    pub async fn checkpoint_sampling_session(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> Result<SessionId> {
         let c = self.inner.registry.readable_checkpoint(tenant, name)?;
         self.inner.registry.resolve_base(Some(&c.base))?;
+        let state = self.checkpoint_state(c.clone()).await?;
         self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
             base: c.base.clone(),
             adapter: Some(c.model.clone()),
-            weights: Some(Arc::new(c.state.weights.clone())),
+            weights: Some(Arc::new(state.weights.clone())),
             owner: None,
         })
+    }
+
+    /// A checkpoint's state, read from disk on a blocking thread (see
+    /// [`Registry::checkpoint_state`]).
+    pub async fn checkpoint_state(
+        &self,
+        c: Arc<registry::Checkpoint>,
+    ) -> Result<Arc<TrainableAdapter>> {
+        let registry = self.inner.registry.clone();
+        tokio::task::spawn_blocking(move || registry.checkpoint_state(&c))
+            .await
+            .map_err(|e| Error::Unavailable(format!("checkpoint read panicked: {e}")))?
     }
 
     /// A training run's current weights, loaded from disk for the moment if it is cold

@@ -44,7 +44,15 @@ const DEFAULT_BUDGET: u64 = crate::config::DEFAULT_ADAPTER_MEMORY;
 /// lane or a blocking thread, never on tokio's workers.
 pub trait Persist: Send + Sync {
     /// Write a checkpoint durably; the save is acknowledged only after this returns.
-    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    fn save_checkpoint(
+        &self,
+        tenant: &TenantId,
+        c: &Checkpoint,
+        state: &TrainableAdapter,
+    ) -> Result<()>;
+    /// Read a checkpoint's state back from disk (the files mapped, not copied), checked
+    /// against `base`.
+    fn read_checkpoint(&self, c: &Checkpoint, base: &BaseModel) -> Result<TrainableAdapter>;
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     fn set_checkpoint_expiry(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     /// Record whether other tenants may read the checkpoint.
@@ -269,13 +277,23 @@ impl AdapterEntry {
     }
 }
 
-/// A named copy of a model's weights and optimizer state.
+/// A named copy of a model's weights and optimizer state: what describes it. With a
+/// store the state itself is on disk only, read when used ([`Registry::checkpoint_state`]).
 pub struct Checkpoint {
     pub name: String,
     pub model: AdapterId,
+    /// The tenant that owns it.
+    pub owner: TenantId,
     /// The base model its run trained on: it loads and samples only on that base.
     pub base: String,
-    pub state: Arc<TrainableAdapter>,
+    /// Its adapter's configuration (what a load checks before reading any file).
+    pub config: LoraConfig,
+    /// Optimizer steps of the saved state.
+    pub step: u64,
+    /// Bytes of weights plus optimizer moments, as f32 (what listings and quotas count).
+    pub size: u64,
+    /// The state, in memory only for a registry without a store.
+    pub held: Option<Arc<TrainableAdapter>>,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
     /// Readable (load, sample) by every tenant; only its owner changes or deletes it.
@@ -289,8 +307,12 @@ impl Checkpoint {
         Checkpoint {
             name: self.name.clone(),
             model: self.model.clone(),
+            owner: self.owner.clone(),
             base: self.base.clone(),
-            state: self.state.clone(),
+            config: self.config.clone(),
+            step: self.step,
+            size: self.size,
+            held: self.held.clone(),
             created: self.created,
             expires,
             public,
@@ -300,14 +322,12 @@ impl Checkpoint {
 
     /// Bytes of weights plus optimizer moments, as f32.
     pub fn size_bytes(&self) -> u64 {
-        let n: usize = self
-            .state
-            .weights
-            .pairs
-            .values()
-            .map(|p| p.a.elem_count() + p.b.elem_count())
-            .sum();
-        (n as u64) * 4 * 3
+        self.size
+    }
+
+    /// [`Self::size`] of a state of `params` LoRA parameters.
+    pub fn size_of(params: usize) -> u64 {
+        (params as u64) * 4 * 3
     }
 
     fn expired(&self, now: SystemTime) -> bool {
@@ -782,8 +802,13 @@ impl Registry {
         let c = Arc::new(Checkpoint {
             name: name.to_owned(),
             model: model.clone(),
+            owner: tenant.clone(),
             base: base.to_owned(),
-            state,
+            config: state.weights.config.clone(),
+            step: state.optim.step,
+            size: Checkpoint::size_of(state.weights.num_params()),
+            // With a store the files are the copy; the state goes with this call.
+            held: self.persist.is_none().then(|| state.clone()),
             created,
             expires: ttl.map(|d| created + d),
             public: false,
@@ -812,7 +837,7 @@ impl Registry {
             });
         }
         let written = match &self.persist {
-            Some(p) => p.save_checkpoint(tenant, &c),
+            Some(p) => p.save_checkpoint(tenant, &c, &state),
             None => Ok(()),
         };
         if written.is_ok() {
@@ -835,9 +860,26 @@ impl Registry {
             .insert((tenant.clone(), c.name.clone()), Arc::new(c));
     }
 
-    /// A checkpoint of `tenant`'s, unless it expired.
-    pub fn checkpoint(&self, tenant: &TenantId, name: &str) -> Result<Arc<TrainableAdapter>> {
-        Ok(self.checkpoint_entry(tenant, name)?.state.clone())
+    /// A checkpoint's state: in memory without a store, else read from its files (mapped;
+    /// no copy is kept). Blocking: call from a lane or a blocking thread.
+    pub fn checkpoint_state(&self, c: &Checkpoint) -> Result<Arc<TrainableAdapter>> {
+        if let Some(s) = &c.held {
+            return Ok(s.clone());
+        }
+        let p = self
+            .persist
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable("a checkpoint without its state".into()))?;
+        let base = self.base_now_named(&c.base).ok_or_else(|| {
+            Error::invalid(
+                "path",
+                format!(
+                    "checkpoint {:?} is on base model {:?}, not loaded",
+                    c.name, c.base
+                ),
+            )
+        })?;
+        Ok(Arc::new(p.read_checkpoint(c, &base)?))
     }
 
     /// A checkpoint of `tenant`'s, unless it expired: what its owner may change or delete.

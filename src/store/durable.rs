@@ -309,9 +309,11 @@ impl Durable {
             .map_err(store_err)?;
         let mut out = Restored::default();
         let reg = engine.registry();
-        let default = reg
-            .base_now()
-            .ok_or_else(|| Error::Unavailable("restore before the base model loaded".into()))?;
+        if reg.base_now().is_none() {
+            return Err(Error::Unavailable(
+                "restore before the base model loaded".into(),
+            ));
+        }
         for (t, (models, cks, sessions)) in tenants.iter().zip(per_tenant) {
             // Every run's base, for its checkpoints (copies have runs of their own too).
             let bases: std::collections::HashMap<AdapterId, String> = models
@@ -357,18 +359,20 @@ impl Durable {
                     .get(&c.model)
                     .cloned()
                     .unwrap_or_else(|| self.base_model.clone());
-                let device = reg
-                    .base_now_named(&base)
-                    .map_or_else(|| default.device.clone(), |m| m.device.clone());
-                match super::checkpoint::read_checkpoint(&c.dir, &device) {
-                    Ok(ck) => {
+                // Listed from its small manifest; its tensors stay on disk until used.
+                match super::checkpoint::read_meta(&c.dir) {
+                    Ok(meta) => {
                         reg.restore_checkpoint(
                             &t.id,
                             Checkpoint {
                                 name,
                                 model: c.model.clone(),
+                                owner: t.id.clone(),
                                 base,
-                                state: Arc::new(ck.into_trainable()),
+                                config: meta.lora_config,
+                                step: meta.step,
+                                size: Checkpoint::size_of(meta.num_params),
+                                held: None,
                                 created: c.created,
                                 expires: c.expires,
                                 public: c.public,
@@ -521,7 +525,12 @@ fn split_name(name: &str) -> Result<(AdapterId, CheckpointKind, String)> {
 }
 
 impl Persist for Durable {
-    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+    fn save_checkpoint(
+        &self,
+        tenant: &TenantId,
+        c: &Checkpoint,
+        state: &TrainableAdapter,
+    ) -> Result<()> {
         let (model, kind, name) = split_name(&c.name)?;
         // Overwrite: the old files go first (a crash in between loses the old copy, never
         // leaves a half-written one).
@@ -537,7 +546,7 @@ impl Persist for Durable {
         }
         let (dir, meta) = self
             .checkpoints
-            .save(tenant, &model, kind, &name, &c.state)
+            .save(tenant, &model, kind, &name, state)
             .map_err(store_err)?;
         let rec = CheckpointRecord {
             path: format!("tinker://{}", c.name),
@@ -546,7 +555,7 @@ impl Persist for Durable {
             kind,
             dir,
             size_bytes: meta.size_bytes,
-            step: c.state.optim.step,
+            step: c.step,
             created: c.created,
             expires: c.expires,
             public: c.public,
@@ -573,6 +582,16 @@ impl Persist for Durable {
             Ok(())
         })
         .map_err(store_err)
+    }
+
+    fn read_checkpoint(&self, c: &Checkpoint, base: &BaseModel) -> Result<TrainableAdapter> {
+        let (model, kind, name) = split_name(&c.name)?;
+        let ck = self
+            .checkpoints
+            .load(&c.owner, &model, kind, &name, &base.device)
+            .map_err(store_err)?;
+        ck.check_model(&base.config).map_err(store_err)?;
+        Ok(ck.into_trainable())
     }
 
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
