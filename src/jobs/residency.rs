@@ -150,7 +150,7 @@ impl Inner {
         self.peak = self.peak.max(self.bytes);
     }
 
-    fn to_lru(&mut self, id: &AdapterId) {
+    fn touch_lru(&mut self, id: &AdapterId) {
         self.tick += 1;
         let t = self.tick;
         if let Some(s) = self.slots.get_mut(id) {
@@ -233,7 +233,7 @@ impl Residency {
                 phase: Phase::Resident,
             },
         );
-        g.to_lru(&entry.id);
+        g.touch_lru(&entry.id);
     }
 
     /// Pin `id` if it is resident (then it stays until [`Self::unpin`]). False: it is cold
@@ -266,7 +266,7 @@ impl Residency {
                 g.slots.remove(id);
                 g.bytes = g.bytes.saturating_sub(b);
             } else if matches!(s.phase, Phase::Resident) {
-                g.to_lru(id);
+                g.touch_lru(id);
             }
         }
         drop(g);
@@ -425,7 +425,7 @@ impl Residency {
                     if let Some(s) = g.slots.get_mut(&vid) {
                         s.phase = Phase::Resident;
                     }
-                    g.to_lru(&vid);
+                    g.touch_lru(&vid);
                     drop(g);
                     self.freed.notify_all();
                     tracing::error!(model = %vid, error = %e, "adapter write-back failed");
