@@ -1,11 +1,13 @@
 //! Benchmarks that print tables (`loraplex bench ...`). Timings are medians over several
 //! steps after a warm-up; peak RSS is reset per case where the OS allows. The load and
 //! soak benchmark against a real server lives in [`load`]; prompt sharing and the prefix
-//! cache in [`sampling`].
+//! cache in [`sampling`]; many adapters in bounded memory in [`adapters`].
 
+pub mod adapters;
 pub mod load;
 pub mod sampling;
 
+pub use adapters::{adapters, AdaptersBenchArgs};
 pub use sampling::{sampling, SamplingBenchArgs};
 
 use crate::error::Result;

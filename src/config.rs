@@ -39,6 +39,7 @@
 //! | sequences recorded for `stable_reinforce`, per Tinker session | `LORAPLEX_MAX_RECORDED_SEQUENCES_PER_SESSION` | 16384 |
 //! | bytes of recorded sequences in all | `LORAPLEX_MAX_RECORDED_BYTES` | 1 GiB |
 //! | a recorded sequence is kept after its last use for | `LORAPLEX_RECORDED_TTL_S` | 86400 |
+//! | adapter memory: resident adapters' weights, moments, gradients (bytes; `4GiB`, `512MiB` accepted) | `LORAPLEX_ADAPTER_MEMORY` | 4 GiB |
 //! | engine settings | see [`EngineConfig`] | |
 //! | per-tenant training runs (live models) | `LORAPLEX_QUOTA_TRAINING_RUNS` | 64 |
 //! | per-tenant sampling sessions | `LORAPLEX_QUOTA_SAMPLING_SESSIONS` | 512 |
@@ -271,6 +272,13 @@ pub struct EngineConfig {
     /// Per-tenant quotas and rate limits.
     #[command(flatten)]
     pub quotas: QuotaConfig,
+    /// Bytes of training runs' adapters held in memory together (weights, AdamW moments and
+    /// gradient accumulator, f32): past it the least recently used idle adapters are
+    /// evicted to disk and loaded back on their next job ([`crate::jobs::residency`]).
+    /// Accepts `4GiB`, `512MiB`, `100MB`, plain bytes. SmolLM2 with rank 8 on all seven
+    /// sites: about 39 MB an adapter, so the default holds about 100.
+    #[arg(long, env = "LORAPLEX_ADAPTER_MEMORY", default_value = "4GiB", value_parser = parse_bytes)]
+    pub adapter_memory: u64,
     /// Tenants whose job counters are kept apart (`/metrics` labels). Past it, the
     /// longest idle tenants' counters fold into `tenant="_other"`: in development mode
     /// every API key is a tenant, and labels must stay bounded.
@@ -296,6 +304,7 @@ impl Default for EngineConfig {
             seq_timeout_ms: 30_000,
             retry_after_ms: 1_000,
             quotas: QuotaConfig::default(),
+            adapter_memory: DEFAULT_ADAPTER_MEMORY,
             max_metric_tenants: 1_000,
         }
     }
@@ -327,9 +336,46 @@ impl EngineConfig {
             seq_timeout_ms: var("LORAPLEX_SEQ_TIMEOUT_MS", d.seq_timeout_ms),
             retry_after_ms: var("LORAPLEX_RETRY_AFTER_MS", d.retry_after_ms),
             max_metric_tenants: var("LORAPLEX_MAX_METRIC_TENANTS", d.max_metric_tenants).max(1),
+            adapter_memory: std::env::var("LORAPLEX_ADAPTER_MEMORY")
+                .ok()
+                .and_then(|v| parse_bytes(&v).ok())
+                .unwrap_or(d.adapter_memory),
             quotas: QuotaConfig::from_env(),
         }
     }
+}
+
+/// The default adapter-memory budget: 4 GiB.
+pub const DEFAULT_ADAPTER_MEMORY: u64 = 4 << 30;
+
+/// A byte count: plain (`1048576`) or with a suffix, binary (`KiB`, `MiB`, `GiB`, `TiB`)
+/// or decimal (`KB`, `MB`, `GB`, `TB`; `K`, `M`, `G`, `T` are binary). Case-insensitive;
+/// overflow is refused.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (like 4GiB or 536870912)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -562,5 +608,22 @@ impl ServeConfig {
             max_metric_points: 10_000,
             console_login_ttl_s: 43_200,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512mib"), Ok(512 << 20));
+        assert_eq!(parse_bytes("100MB"), Ok(100_000_000));
+        assert_eq!(parse_bytes("12345"), Ok(12345));
+        assert_eq!(parse_bytes("1 G"), Ok(1 << 30));
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 }

@@ -78,6 +78,10 @@ enum BenchCmd {
     /// loopback for a bounded time: throughput, latency, answers, RSS; fails on any
     /// failed good request, 5xx or accepted bad request.
     Load(loraplex::bench::load::LoadBenchArgs),
+    /// Thousands of adapters in bounded memory: N adapters trained one step each by
+    /// concurrent clients within `--adapter-memory`, then sampled; peak RSS against base +
+    /// budget, throughput against all-resident adapters, cold-load p50/p99, restart time.
+    Adapters(loraplex::bench::AdaptersBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,6 +127,11 @@ fn main() -> anyhow::Result<()> {
             which: BenchCmd::Sampling(args),
         } => {
             print!("{}", loraplex::bench::sampling(&args)?);
+        }
+        Cmd::Bench {
+            which: BenchCmd::Adapters(args),
+        } => {
+            print!("{}", loraplex::bench::adapters(&args)?);
         }
         Cmd::Bench {
             which: BenchCmd::Load(args),

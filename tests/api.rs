@@ -742,6 +742,13 @@ async fn openapi_lists_every_route_and_each_is_routed() {
         "loraplex_plugin_failures_total 0",
         "loraplex_models 1",
         "loraplex_tokens_per_second",
+        "loraplex_resident_adapters ",
+        "loraplex_resident_adapter_bytes ",
+        "loraplex_adapter_memory_budget_bytes ",
+        "loraplex_adapter_loads_total ",
+        "loraplex_adapter_evictions_total ",
+        "loraplex_adapter_load_seconds_bucket{le=\"+Inf\"} ",
+        "loraplex_adapter_load_seconds_count ",
     ] {
         assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
     }

@@ -177,7 +177,12 @@ async fn tenants_training_at_once_equal_each_run_alone() {
                 losses.push(fb_loss(&e.result(&t, &f1, T).await.unwrap()));
                 e.result(&t, &f2, T).await.unwrap();
             }
-            let w = e.registry().adapter(&t, &id).unwrap().weights();
+            let w = e
+                .registry()
+                .adapter(&t, &id)
+                .unwrap()
+                .weights()
+                .expect("resident");
             (losses, w)
         }));
     }
@@ -445,13 +450,25 @@ async fn a_failing_job_fails_alone() {
         fb_loss(&r)
     );
     // The failed models got no gradient: a step leaves their weights unchanged.
-    let before = weights_of(&e.registry().adapter(&ts[1], &ids[1]).unwrap().weights());
+    let before = weights_of(
+        &e.registry()
+            .adapter(&ts[1], &ids[1])
+            .unwrap()
+            .weights()
+            .expect("resident"),
+    );
     let s = e
         .submit(&ts[1], &ids[1], Some(2), Op::OptimStep(adam()))
         .await
         .unwrap();
     e.result(&ts[1], &s, T).await.unwrap();
-    let after = weights_of(&e.registry().adapter(&ts[1], &ids[1]).unwrap().weights());
+    let after = weights_of(
+        &e.registry()
+            .adapter(&ts[1], &ids[1])
+            .unwrap()
+            .weights()
+            .expect("resident"),
+    );
     assert_eq!(max_abs_diff(&before, &after), 0.0);
     assert_eq!(e.tenant_metrics(&ts[1]).failed, 1);
 }
@@ -528,7 +545,12 @@ async fn a_huge_request_is_split_and_does_not_starve_others() {
         .await
         .unwrap();
     e.result(&tbig, &s, T).await.unwrap();
-    let got = e.registry().adapter(&tbig, &big).unwrap().weights();
+    let got = e
+        .registry()
+        .adapter(&tbig, &big)
+        .unwrap()
+        .weights()
+        .expect("resident");
     assert!(max_abs_diff(&weights_of(&got), &weights_of(&a.weights)) < 1e-5);
 }
 

@@ -646,9 +646,10 @@ async fn checkpoints_publish_copy_and_download_by_signed_links() {
         .registry()
         .checkpoint_entry(&tenant, ext_key)
         .unwrap();
-    assert_eq!(tensors.len(), c.state.weights.pairs.len() * 2);
+    let cs = state.engine.checkpoint_state(c).await.unwrap();
+    assert_eq!(tensors.len(), cs.weights.pairs.len() * 2);
     let mut trained = 0;
-    for (site, p) in &c.state.weights.pairs {
+    for (site, p) in &cs.weights.pairs {
         for (is_b, want) in [(false, &p.a), (true, &p.b)] {
             let got = &tensors[&peft_tensor_name(*site, is_b)];
             let diff = (got - want)
@@ -676,7 +677,7 @@ async fn checkpoints_publish_copy_and_download_by_signed_links() {
     }
     assert!(trained > 0, "B matrices moved off zero after a step");
     assert!(matches!(
-        c.state.weights.pairs.keys().next(),
+        cs.weights.pairs.keys().next(),
         Some(Site::Layer(0, _))
     ));
     // Tampered, for another file, unknown file: refused.

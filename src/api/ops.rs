@@ -170,9 +170,39 @@ pub(crate) async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     let _ = writeln!(o, "# HELP loraplex_tokens_per_second Tokens processed per second since the previous scrape.\n# TYPE loraplex_tokens_per_second gauge\nloraplex_tokens_per_second {rate:.3}");
     let _ = writeln!(o, "# HELP loraplex_plugin_failures_total Jobs failed by a tenant's plugin.\n# TYPE loraplex_plugin_failures_total counter\nloraplex_plugin_failures_total {}", s.engine.plugin_failures());
     let _ = writeln!(o, "# HELP loraplex_models Training models held.\n# TYPE loraplex_models gauge\nloraplex_models {}", s.engine.registry().num_adapters());
+    residency_metrics(&mut o, &s);
     base_metrics(&mut o, &s);
     let _ = writeln!(o, "# HELP loraplex_sessions Open Tinker sessions.\n# TYPE loraplex_sessions gauge\nloraplex_sessions {}", s.tinker.sessions.len());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o)
+}
+
+/// The adapter residency manager: what is in memory against the budget, loads and
+/// evictions, how long loads take.
+fn residency_metrics(o: &mut String, s: &Shared) {
+    let res = s.engine.registry().residency();
+    let snap = res.snapshot();
+    let st = &res.stats;
+    let _ = writeln!(o, "# HELP loraplex_resident_adapters Training runs whose adapter is in memory.\n# TYPE loraplex_resident_adapters gauge\nloraplex_resident_adapters {}", snap.resident);
+    let _ = writeln!(o, "# HELP loraplex_resident_adapter_bytes Bytes of resident adapters (weights, moments, gradients), loads in progress included.\n# TYPE loraplex_resident_adapter_bytes gauge\nloraplex_resident_adapter_bytes {}", snap.bytes);
+    let _ = writeln!(o, "# HELP loraplex_adapter_memory_budget_bytes The adapter-memory budget (--adapter-memory).\n# TYPE loraplex_adapter_memory_budget_bytes gauge\nloraplex_adapter_memory_budget_bytes {}", snap.budget);
+    let _ = writeln!(o, "# HELP loraplex_pinned_adapters Resident adapters in use by queued or running work.\n# TYPE loraplex_pinned_adapters gauge\nloraplex_pinned_adapters {}", snap.pinned);
+    let _ = writeln!(o, "# HELP loraplex_adapter_loads_total Adapters loaded from disk.\n# TYPE loraplex_adapter_loads_total counter\nloraplex_adapter_loads_total {}", st.loads.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP loraplex_adapter_evictions_total Adapters evicted from memory.\n# TYPE loraplex_adapter_evictions_total counter\nloraplex_adapter_evictions_total {}", st.evictions.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP loraplex_adapter_write_backs_total Evictions that wrote steps not yet in an automatic checkpoint.\n# TYPE loraplex_adapter_write_backs_total counter\nloraplex_adapter_write_backs_total {}", st.write_backs.load(std::sync::atomic::Ordering::Relaxed));
+    let (buckets, sum) = st.load_histogram();
+    let _ = writeln!(o, "# HELP loraplex_adapter_load_seconds Time to load a cold adapter (waiting for memory included).\n# TYPE loraplex_adapter_load_seconds histogram");
+    for (le, n) in crate::jobs::residency::LOAD_BUCKETS.iter().zip(&buckets) {
+        let _ = writeln!(o, "loraplex_adapter_load_seconds_bucket{{le=\"{le}\"}} {n}");
+    }
+    let count = buckets.last().copied().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "loraplex_adapter_load_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        o,
+        "loraplex_adapter_load_seconds_sum {sum:.6}\nloraplex_adapter_load_seconds_count {count}"
+    );
 }
 
 /// Per served base model: the memory its frozen weights take (0 until loaded), and the

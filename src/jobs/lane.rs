@@ -176,11 +176,24 @@ fn run_items(
     let mut guards: Vec<MutexGuard<AdapterState>> =
         items.iter().map(|it| it.entry.state.lock()).collect();
     crate::failpoint::hit("job.batch");
+    // The scheduler pins every model of a batch in memory; one that is not (a bug) fails
+    // its own jobs, not the batch.
+    let cold: Vec<bool> = guards.iter().map(|g| g.train.is_none()).collect();
+    for (i, it) in items.iter().enumerate().filter(|(i, _)| cold[*i]) {
+        let e = Error::Unavailable(format!("model {} is not in memory", it.entry.id));
+        for j in it.pieces.iter().map(|p| &p.job).chain(it.after.iter()) {
+            if !finished[i].contains(&j.future) {
+                finish(ctx, j, Err(e.clone_shallow()));
+                finished[i].push(j.future.clone());
+            }
+        }
+    }
     for forward_only in [true, false] {
         // (item, piece, request)
         let sel: Vec<(usize, &Piece, &FbRequest<CheckedDatum>)> = items
             .iter()
             .enumerate()
+            .filter(|(i, _)| !cold[*i])
             .flat_map(|(i, it)| it.pieces.iter().map(move |p| (i, p)))
             .filter_map(|(i, p)| match &*p.job.op {
                 Op::Forward(r) if forward_only => Some((i, p, r)),
@@ -195,7 +208,7 @@ fn run_items(
         let outcome = {
             let weights: Vec<&LoraWeights> = sel
                 .iter()
-                .map(|(i, _, _)| &guards[*i].train.weights)
+                .filter_map(|(i, _, _)| guards[*i].train.as_ref().map(|t| &t.weights))
                 .collect();
             let work: Vec<Work> = sel
                 .iter()
@@ -234,7 +247,7 @@ fn run_items(
                         ctx.history.record(MetricPoint::forward_backward(
                             &p.job.tenant,
                             &it.entry.id,
-                            st.train.optim.step,
+                            st.step,
                             wr,
                         ));
                     }
@@ -246,7 +259,7 @@ fn run_items(
             }
         }
     }
-    for (i, it) in items.iter().enumerate() {
+    for (i, it) in items.iter().enumerate().filter(|(i, _)| !cold[*i]) {
         for j in &it.after {
             let _e = j.span.enter();
             let r = barrier(registry, &it.entry, &mut guards[i], j);
@@ -285,9 +298,12 @@ fn piece_done(
     };
     ctx.futures.add_progress(fut, p.tokens as u64);
     ctx.metrics.train_tokens(&p.job.tenant, p.tokens as u64);
+    let Some(train) = st.train.as_mut() else {
+        return Some(Err(Error::Unavailable("the model is not in memory".into())));
+    };
     if p.first && p.last {
         if !forward_only {
-            if let Err(e) = st.train.accumulate(g) {
+            if let Err(e) = train.accumulate(g) {
                 return Some(Err(e));
             }
         }
@@ -316,7 +332,10 @@ fn piece_done(
     }
     let acc = st.partial.take()?;
     if !forward_only {
-        if let Err(e) = st.train.accumulate(acc.grads) {
+        let Some(train) = st.train.as_mut() else {
+            return Some(Err(Error::Unavailable("the model is not in memory".into())));
+        };
+        if let Err(e) = train.accumulate(acc.grads) {
             return Some(Err(e));
         }
     }
@@ -356,13 +375,22 @@ fn barrier(
     st: &mut AdapterState,
     j: &JobRef,
 ) -> Result<JobOutput> {
+    let Some(train) = st.train.as_mut() else {
+        return Err(Error::Unavailable("the model is not in memory".into()));
+    };
     match &*j.op {
         Op::OptimStep(p) => {
-            let report = st.train.optim_step(p)?;
+            let report = train.optim_step(p)?;
+            st.step = train.optim.step;
             if let Some(persist) = registry.persist() {
-                // The step happened either way; a failed automatic checkpoint is logged.
-                if let Err(e) = persist.stepped(&j.tenant, &entry.id, &st.train) {
-                    tracing::error!(model = %entry.id, error = %e, "automatic checkpoint failed");
+                // The step happened either way; a failed automatic checkpoint is logged,
+                // and the adapter stays dirty: evicting it writes it back first.
+                match persist.stepped(&j.tenant, &entry.id, train) {
+                    Ok(wrote) => st.dirty = !wrote,
+                    Err(e) => {
+                        st.dirty = true;
+                        tracing::error!(model = %entry.id, error = %e, "automatic checkpoint failed");
+                    }
                 }
             }
             Ok(JobOutput::OptimStep(report))
@@ -377,7 +405,7 @@ fn barrier(
                 name,
                 &entry.id,
                 &entry.base,
-                Arc::new(st.train.clone()),
+                Arc::new(train.clone()),
                 *ttl,
                 user_metadata.clone(),
             )?;
@@ -394,18 +422,21 @@ fn barrier(
                     ),
                 ));
             }
-            let c = ck.state.clone();
-            if c.weights.config != st.train.weights.config {
+            if ck.config != train.weights.config {
                 return Err(Error::invalid(
                     "name",
                     format!("checkpoint {name:?} has a different LoRA configuration"),
                 ));
             }
-            st.train = if *optimizer {
+            let c = registry.checkpoint_state(&ck)?;
+            *train = if *optimizer {
                 (*c).clone()
             } else {
                 TrainableAdapter::new(c.weights.clone())
             };
+            st.step = train.optim.step;
+            // Not in the run's durable state until its next automatic checkpoint.
+            st.dirty = true;
             st.partial = None;
             Ok(JobOutput::Loaded {
                 name: name.clone(),
@@ -418,7 +449,7 @@ fn barrier(
                 tenant: j.tenant.clone(),
                 base: entry.base.clone(),
                 adapter: Some(entry.id.clone()),
-                weights: Some(Arc::new(st.train.weights.clone())),
+                weights: Some(Arc::new(train.weights.clone())),
                 owner: entry.session.clone(),
             })?;
             Ok(JobOutput::SamplingSession(id))

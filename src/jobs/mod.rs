@@ -23,14 +23,17 @@
 //! [`registry`] (base model once, models with a lock each, checkpoints, sessions),
 //! [`job`] (the operations), [`scheduler`], [`lane`], [`sampling`], [`metrics`],
 //! [`metadata`] (clients' `user_metadata`), [`history`] (every training result's metrics,
-//! per run and step).
+//! per run and step), [`residency`] (which adapters are in memory, within
+//! `--adapter-memory`: the scheduler loads a cold adapter on a blocking thread as soon as
+//! work for it is queued, and only resident adapters join batches).
 //! Model work never runs on tokio's workers: lanes are dedicated threads.
 //!
 //! Nothing here grows with the number of requests served: futures expire and are capped
 //! ([`future::FutureStoreConfig`]), long-poll wake-ups exist only while someone waits,
 //! the scheduler keeps one queue per live model, the sampler only what is decoding
 //! and a prefix cache of at most `prefix_cache_bytes`,
-//! per-tenant counters are capped (`max_metric_tenants`), and the registry holds live
+//! per-tenant counters are capped (`max_metric_tenants`), adapters in memory by
+//! `adapter_memory` (with a store; the rest wait on disk), and the registry holds live
 //! models, sampling sessions (removed by whoever made them, or with their Tinker session)
 //! and checkpoints (deleted, or expired by their time to live).
 
@@ -43,6 +46,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod output;
 pub mod registry;
+pub mod residency;
 pub mod sampling;
 pub(crate) mod scheduler;
 
@@ -151,7 +155,11 @@ impl Engine {
         persist: Option<Arc<dyn registry::Persist>>,
     ) -> Result<Engine> {
         let quotas = Arc::new(crate::quota::Quotas::new(&cfg.quotas));
-        let registry = Arc::new(Registry::with_bases(bases, persist)?.with_quotas(quotas));
+        let registry = Arc::new(
+            Registry::with_bases(bases, persist)?
+                .with_quotas(quotas)
+                .with_adapter_memory(cfg.adapter_memory),
+        );
         let samplers = registry
             .base_names()
             .iter()
@@ -278,20 +286,35 @@ impl Engine {
         let model = self.base_model_named(&base).await?;
         meta.base = Some(base);
         config.validate()?;
-        let cfg = config.clone();
-        let weights = tokio::task::spawn_blocking(move || {
-            LoraWeights::init(&cfg, &model.config, &model.device)
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
-        let entry = AdapterEntry::new(
-            id.clone(),
-            tenant.clone(),
-            config,
-            first_seq,
-            meta.clone(),
-            TrainableAdapter::new(weights),
-        );
+        let entry = if self.inner.registry.residency().spills() {
+            // Its initial weights come from its seed: made on its first job, like a
+            // reload, so a new run takes no adapter memory until it is used.
+            let bytes = residency::entry_bytes(&config, &model.config);
+            AdapterEntry::cold(
+                id.clone(),
+                tenant.clone(),
+                config,
+                first_seq,
+                meta.clone(),
+                bytes,
+                0,
+            )
+        } else {
+            let cfg = config.clone();
+            let weights = tokio::task::spawn_blocking(move || {
+                LoraWeights::init(&cfg, &model.config, &model.device)
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("adapter init panicked: {e}")))??;
+            AdapterEntry::new(
+                id.clone(),
+                tenant.clone(),
+                config,
+                first_seq,
+                meta.clone(),
+                TrainableAdapter::new(weights),
+            )
+        };
         if let Some(p) = self.inner.registry.persist().cloned() {
             let (t, i, c) = (tenant.clone(), entry.id.clone(), entry.config.clone());
             tokio::task::spawn_blocking(move || p.model_created(&t, &i, &c, &meta, true))
@@ -455,17 +478,19 @@ impl Engine {
                     session,
                     user_metadata: None,
                 };
-                p.model_created(&t, &d, &source.state.weights.config, &meta, false)?;
+                p.model_created(&t, &d, &source.config, &meta, false)?;
             }
-            let saved = registry.save_checkpoint(
-                &t,
-                &n,
-                &d,
-                &source.base,
-                source.state.clone(),
-                ttl,
-                source.user_metadata.clone(),
-            );
+            let saved = registry.checkpoint_state(&source).and_then(|state| {
+                registry.save_checkpoint(
+                    &t,
+                    &n,
+                    &d,
+                    &source.base,
+                    state,
+                    ttl,
+                    source.user_metadata.clone(),
+                )
+            });
             if saved.is_err() {
                 // No copy (over quota, say): no run for it either.
                 if let Some(p) = registry.persist() {
@@ -481,18 +506,60 @@ impl Engine {
     }
 
     /// A sampling session on a checkpoint's weights (frozen at save time), on the base its
-    /// run trained on: the tenant's own checkpoint or a published one.
-    pub fn checkpoint_sampling_session(&self, tenant: &TenantId, name: &str) -> Result<SessionId> {
+    /// run trained on: the tenant's own checkpoint or a published one. Its files are read
+    /// (off tokio's workers).
+    pub async fn checkpoint_sampling_session(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> Result<SessionId> {
         let c = self.inner.registry.readable_checkpoint(tenant, name)?;
         self.inner.registry.resolve_base(Some(&c.base))?;
+        let state = self.checkpoint_state(c.clone()).await?;
         self.inner.registry.insert_session(Session {
             id: SessionId::generate(),
             tenant: tenant.clone(),
             base: c.base.clone(),
             adapter: Some(c.model.clone()),
-            weights: Some(Arc::new(c.state.weights.clone())),
+            weights: Some(Arc::new(state.weights.clone())),
             owner: None,
         })
+    }
+
+    /// A checkpoint's state, read from disk on a blocking thread (see
+    /// [`Registry::checkpoint_state`]).
+    pub async fn checkpoint_state(
+        &self,
+        c: Arc<registry::Checkpoint>,
+    ) -> Result<Arc<TrainableAdapter>> {
+        let registry = self.inner.registry.clone();
+        tokio::task::spawn_blocking(move || registry.checkpoint_state(&c))
+            .await
+            .map_err(|e| Error::Unavailable(format!("checkpoint read panicked: {e}")))?
+    }
+
+    /// A training run's current weights, loaded from disk for the moment if it is cold
+    /// (it stays resident as the most recently used).
+    pub async fn adapter_weights(&self, tenant: &TenantId, id: &AdapterId) -> Result<LoraWeights> {
+        let entry = self.inner.registry.adapter(tenant, id)?;
+        if let Some(w) = entry.weights() {
+            return Ok(w);
+        }
+        let base = self.base_model_named(&entry.base).await?;
+        let res = self.inner.registry.residency().clone();
+        tokio::task::spawn_blocking(move || {
+            res.load_pinned(&entry, &base)?;
+            let w = entry.weights();
+            res.unpin(&entry.id);
+            w.ok_or_else(|| Error::Unavailable("the adapter left memory while read".into()))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("adapter load panicked: {e}")))?
+    }
+
+    /// The residency manager's view: adapters and bytes in memory, the budget.
+    pub fn residency(&self) -> residency::ResidencySnapshot {
+        self.inner.registry.residency().snapshot()
     }
 
     /// The future's record now.

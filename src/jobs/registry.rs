@@ -5,7 +5,8 @@
 //! (dashmap) and a lane holds only the locks of the adapters in its batch.
 //!
 //! The registry stores state; it never decides order (the scheduler does) and never runs
-//! model work.
+//! model work. A training run's adapter may be cold (on disk only): which ones are in
+//! memory is the [`Residency`] manager's decision, within the adapter-memory budget.
 //!
 //! Bounds: a model stays until deleted or unloaded (with its Tinker session, or by the
 //! session reaper after `LORAPLEX_SESSION_TIMEOUT_S`); a sampling session until whoever
@@ -22,6 +23,7 @@
 
 use super::ids::{AdapterId, SessionId, TenantId};
 use super::metadata::UserMetadata;
+use super::residency::Residency;
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, LoraGrads, LoraWeights};
 use crate::model::BaseModel;
@@ -33,19 +35,55 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// The adapter-memory budget of a registry built without one
+/// ([`crate::config::EngineConfig::adapter_memory`]'s default).
+const DEFAULT_BUDGET: u64 = crate::config::DEFAULT_ADAPTER_MEMORY;
+
 /// Where the registry's state persists (the store, [`crate::store::Durable`]); the
 /// registry itself is the in-memory cache. Every method may block on disk: call it from a
 /// lane or a blocking thread, never on tokio's workers.
 pub trait Persist: Send + Sync {
     /// Write a checkpoint durably; the save is acknowledged only after this returns.
-    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
+    fn save_checkpoint(
+        &self,
+        tenant: &TenantId,
+        c: &Checkpoint,
+        state: &TrainableAdapter,
+    ) -> Result<()>;
+    /// Read a checkpoint's state back from disk (the files mapped, not copied), checked
+    /// against `base`.
+    fn read_checkpoint(&self, c: &Checkpoint, base: &BaseModel) -> Result<TrainableAdapter>;
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     fn set_checkpoint_expiry(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     /// Record whether other tenants may read the checkpoint.
     fn set_checkpoint_public(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()>;
     /// After an optimizer step: record the step; write the automatic checkpoint when due.
-    fn stepped(&self, tenant: &TenantId, model: &AdapterId, state: &TrainableAdapter)
-        -> Result<()>;
+    /// Returns whether it wrote one (the durable state is then the adapter's state).
+    fn stepped(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<bool>;
+    /// Make `state` the run's newest durable state (an automatic checkpoint, written
+    /// atomically): an adapter leaving memory with steps not yet written.
+    fn write_back(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<()>;
+    /// The run's newest durable state (its newest automatic or explicit checkpoint, or
+    /// its initial weights from the seed), and whether it is *clean*: what a later call
+    /// would return again as long as nothing new is written (an automatic checkpoint or
+    /// the initial weights; an explicit checkpoint can be deleted).
+    fn load_adapter(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        config: &LoraConfig,
+        base: &BaseModel,
+    ) -> Result<(TrainableAdapter, bool)>;
     /// A new training run's record; `loaded: false` for one that never trains (a copy).
     fn model_created(
         &self,
@@ -107,12 +145,23 @@ pub struct AdapterEntry {
     pub created: std::time::SystemTime,
     /// When it last got work (ms since the epoch; 0: never), for training run listings.
     last_request_ms: std::sync::atomic::AtomicU64,
+    /// Bytes it takes when resident ([`super::residency::entry_bytes`]).
+    pub bytes: u64,
+    /// Set once the run is deleted or unloaded: a load in flight is dropped.
+    removed: std::sync::atomic::AtomicBool,
     /// Held by the one lane that runs this adapter's work, and briefly by readers.
     pub(crate) state: Mutex<AdapterState>,
 }
 
 pub(crate) struct AdapterState {
-    pub train: TrainableAdapter,
+    /// Weights, optimizer state and gradients while resident; `None`: cold (on disk
+    /// only, loaded back by [`super::residency::Residency::load_pinned`]).
+    pub train: Option<TrainableAdapter>,
+    /// Optimizer steps taken, known while cold too.
+    pub step: u64,
+    /// A change not yet in the durable state (a step between automatic checkpoints, a
+    /// `load_state`): eviction writes it back first.
+    pub dirty: bool,
     /// A request split across batches: its results and gradients so far. Gradients join
     /// the adapter's only when the last piece succeeds, so a failure leaves no trace.
     pub partial: Option<Partial>,
@@ -135,6 +184,45 @@ impl AdapterEntry {
         meta: RunMeta,
         train: TrainableAdapter,
     ) -> Self {
+        let bytes = (train.weights.num_params() as u64) * 16;
+        let step = train.optim.step;
+        Self::build(
+            id,
+            tenant,
+            config,
+            first_seq,
+            meta,
+            bytes,
+            step,
+            Some(train),
+        )
+    }
+
+    /// A training run whose adapter is on disk only (`bytes` when resident, see
+    /// [`super::residency::entry_bytes`]); its first job loads it.
+    pub fn cold(
+        id: AdapterId,
+        tenant: TenantId,
+        config: LoraConfig,
+        first_seq: Option<u64>,
+        meta: RunMeta,
+        bytes: u64,
+        step: u64,
+    ) -> Self {
+        Self::build(id, tenant, config, first_seq, meta, bytes, step, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        id: AdapterId,
+        tenant: TenantId,
+        config: LoraConfig,
+        first_seq: Option<u64>,
+        meta: RunMeta,
+        bytes: u64,
+        step: u64,
+        train: Option<TrainableAdapter>,
+    ) -> Self {
         AdapterEntry {
             id,
             tenant,
@@ -145,16 +233,26 @@ impl AdapterEntry {
             user_metadata: meta.user_metadata,
             created: std::time::SystemTime::now(),
             last_request_ms: Default::default(),
+            bytes,
+            removed: Default::default(),
             state: Mutex::new(AdapterState {
                 train,
+                step,
+                dirty: false,
                 partial: None,
             }),
         }
     }
 
-    /// A copy of the current weights (cheap: tensors are shared, updates replace them).
-    pub fn weights(&self) -> LoraWeights {
-        self.state.lock().train.weights.clone()
+    /// A copy of the current weights if resident (cheap: tensors are shared, updates
+    /// replace them); `None` when cold ([`super::Engine::adapter_weights`] loads them).
+    pub fn weights(&self) -> Option<LoraWeights> {
+        self.state.lock().train.as_ref().map(|t| t.weights.clone())
+    }
+
+    /// Whether the run was deleted or unloaded.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// Note that work arrived for it now.
@@ -175,17 +273,27 @@ impl AdapterEntry {
 
     /// Optimizer steps taken so far.
     pub fn step(&self) -> u64 {
-        self.state.lock().train.optim.step
+        self.state.lock().step
     }
 }
 
-/// A named copy of a model's weights and optimizer state.
+/// A named copy of a model's weights and optimizer state: what describes it. With a
+/// store the state itself is on disk only, read when used ([`Registry::checkpoint_state`]).
 pub struct Checkpoint {
     pub name: String,
     pub model: AdapterId,
+    /// The tenant that owns it.
+    pub owner: TenantId,
     /// The base model its run trained on: it loads and samples only on that base.
     pub base: String,
-    pub state: Arc<TrainableAdapter>,
+    /// Its adapter's configuration (what a load checks before reading any file).
+    pub config: LoraConfig,
+    /// Optimizer steps of the saved state.
+    pub step: u64,
+    /// Bytes of weights plus optimizer moments, as f32 (what listings and quotas count).
+    pub size: u64,
+    /// The state, in memory only for a registry without a store.
+    pub held: Option<Arc<TrainableAdapter>>,
     pub created: SystemTime,
     pub expires: Option<SystemTime>,
     /// Readable (load, sample) by every tenant; only its owner changes or deletes it.
@@ -199,8 +307,12 @@ impl Checkpoint {
         Checkpoint {
             name: self.name.clone(),
             model: self.model.clone(),
+            owner: self.owner.clone(),
             base: self.base.clone(),
-            state: self.state.clone(),
+            config: self.config.clone(),
+            step: self.step,
+            size: self.size,
+            held: self.held.clone(),
             created: self.created,
             expires,
             public,
@@ -210,14 +322,12 @@ impl Checkpoint {
 
     /// Bytes of weights plus optimizer moments, as f32.
     pub fn size_bytes(&self) -> u64 {
-        let n: usize = self
-            .state
-            .weights
-            .pairs
-            .values()
-            .map(|p| p.a.elem_count() + p.b.elem_count())
-            .sum();
-        (n as u64) * 4 * 3
+        self.size
+    }
+
+    /// [`Self::size`] of a state of `params` LoRA parameters.
+    pub fn size_of(params: usize) -> u64 {
+        (params as u64) * 4 * 3
     }
 
     fn expired(&self, now: SystemTime) -> bool {
@@ -297,6 +407,8 @@ pub struct Registry {
     /// with the run's id), so another tenant finds one by its path alone.
     published: DashMap<String, TenantId>,
     persist: Option<Arc<dyn Persist>>,
+    /// Which adapters are in memory, within the adapter-memory budget.
+    residency: Arc<Residency>,
     quotas: Arc<Quotas>,
     held: Arc<HeldMap>,
 }
@@ -304,9 +416,24 @@ pub struct Registry {
 impl Registry {
     pub fn with_persist(loader: ModelLoader, persist: Option<Arc<dyn Persist>>) -> Self {
         Registry {
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, persist.clone())),
             persist,
             ..Self::new(loader)
         }
+    }
+
+    /// The same registry with an adapter-memory budget of `bytes`. Call before any
+    /// training run is inserted.
+    pub fn with_adapter_memory(self, bytes: u64) -> Self {
+        Registry {
+            residency: Arc::new(Residency::new(bytes, self.persist.clone())),
+            ..self
+        }
+    }
+
+    /// The residency manager: what is in memory, the budget, loads and evictions.
+    pub fn residency(&self) -> &Arc<Residency> {
+        &self.residency
     }
 
     /// A registry serving several base models, `(name, loader)` in order (the first is the
@@ -338,6 +465,7 @@ impl Registry {
         }
         Ok(Registry {
             bases: slots,
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, persist.clone())),
             persist,
             ..Self::empty()
         })
@@ -377,6 +505,7 @@ impl Registry {
             checkpoints: DashMap::new(),
             published: DashMap::new(),
             persist: None,
+            residency: Arc::new(Residency::new(DEFAULT_BUDGET, None)),
             quotas: Arc::new(Quotas::default()),
             held: Arc::new(DashMap::new()),
         }
@@ -492,6 +621,11 @@ impl Registry {
             adjust(&self.held, &old.tenant, |h| {
                 h.runs = h.runs.saturating_sub(1)
             });
+            old.removed.store(true, Ordering::Release);
+            self.residency.forget(&old.id);
+        }
+        if e.state.lock().train.is_some() {
+            self.residency.admit_resident(&e);
         }
         e
     }
@@ -581,6 +715,8 @@ impl Registry {
             adjust(&self.held, &old.tenant, |h| {
                 h.runs = h.runs.saturating_sub(1)
             });
+            old.removed.store(true, Ordering::Release);
+            self.residency.forget(id);
         }
         let ephemeral: Vec<SessionId> = self
             .sessions
@@ -666,8 +802,13 @@ impl Registry {
         let c = Arc::new(Checkpoint {
             name: name.to_owned(),
             model: model.clone(),
+            owner: tenant.clone(),
             base: base.to_owned(),
-            state,
+            config: state.weights.config.clone(),
+            step: state.optim.step,
+            size: Checkpoint::size_of(state.weights.num_params()),
+            // With a store the files are the copy; the state goes with this call.
+            held: self.persist.is_none().then(|| state.clone()),
             created,
             expires: ttl.map(|d| created + d),
             public: false,
@@ -696,7 +837,7 @@ impl Registry {
             });
         }
         let written = match &self.persist {
-            Some(p) => p.save_checkpoint(tenant, &c),
+            Some(p) => p.save_checkpoint(tenant, &c, &state),
             None => Ok(()),
         };
         if written.is_ok() {
@@ -719,9 +860,26 @@ impl Registry {
             .insert((tenant.clone(), c.name.clone()), Arc::new(c));
     }
 
-    /// A checkpoint of `tenant`'s, unless it expired.
-    pub fn checkpoint(&self, tenant: &TenantId, name: &str) -> Result<Arc<TrainableAdapter>> {
-        Ok(self.checkpoint_entry(tenant, name)?.state.clone())
+    /// A checkpoint's state: in memory without a store, else read from its files (mapped;
+    /// no copy is kept). Blocking: call from a lane or a blocking thread.
+    pub fn checkpoint_state(&self, c: &Checkpoint) -> Result<Arc<TrainableAdapter>> {
+        if let Some(s) = &c.held {
+            return Ok(s.clone());
+        }
+        let p = self
+            .persist
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable("a checkpoint without its state".into()))?;
+        let base = self.base_now_named(&c.base).ok_or_else(|| {
+            Error::invalid(
+                "path",
+                format!(
+                    "checkpoint {:?} is on base model {:?}, not loaded",
+                    c.name, c.base
+                ),
+            )
+        })?;
+        Ok(Arc::new(p.read_checkpoint(c, &base)?))
     }
 
     /// A checkpoint of `tenant`'s, unless it expired: what its owner may change or delete.

@@ -13,6 +13,14 @@
 //! requests leave the queue strictly in `seq_id` order; a missing `seq_id` holds back only
 //! that model and fails its waiting work after `seq_timeout_ms`.
 //!
+//! Residency ([`super::residency`]): a model queue holds one pin on its adapter while it
+//! has work outstanding, and only a pinned (resident) model is ready. Work queued for a
+//! cold adapter starts its load at once on a blocking thread (at most `MAX_LOADS` at a
+//! time, the rest in arrival order), so the load overlaps other tenants' batches; the
+//! loaded adapter comes back pinned. When pinned adapters fill the budget a load waits,
+//! and so does its work, in the queue (the queue depth shows it); nothing fails for lack
+//! of memory.
+//!
 //! The actor never runs model work: lanes do, on their own threads.
 //!
 //! Bounds: one queue per live model (removed when the model is deleted or unloaded); per
@@ -42,6 +50,10 @@ async fn sleep_until(t: Option<Instant>) {
 
 /// The longest a free lane waits for more work to join a batch.
 const MAX_GATHER: Duration = Duration::from_millis(250);
+
+/// Adapter loads running at once; more wait their turn in arrival order. Each holds a
+/// blocking thread while it waits for memory, so this bounds those threads too.
+const MAX_LOADS: usize = 4;
 
 /// How many recent seq_ids per model a retry can still find its future by. Older retries
 /// are refused as "before the next expected seq_id".
@@ -80,12 +92,22 @@ struct ModelQueue {
     in_flight: bool,
     /// Since when the next seq_id has been missing while later ones wait.
     blocked_since: Option<Instant>,
+    /// This queue holds a pin on its adapter: it is resident until released.
+    pinned: bool,
+    /// A load of its adapter is queued or running.
+    loading: bool,
 }
 
 impl ModelQueue {
     fn ready(&self) -> bool {
-        !self.in_flight && self.pending.contains_key(&self.next_seq)
+        self.pinned && !self.in_flight && self.pending.contains_key(&self.next_seq)
     }
+}
+
+/// A finished adapter load: the adapter is resident and pinned for its queue, or why not.
+pub(crate) struct Loaded {
+    adapter: AdapterId,
+    result: Result<()>,
 }
 
 pub(crate) struct Scheduler {
@@ -110,6 +132,11 @@ pub(crate) struct Scheduler {
     /// them are back and nothing arrived for `batch_wait_ms`, the wait ends early.
     last_models: Vec<AdapterId>,
     last_arrival: Instant,
+    /// Cold adapters waiting for a load slot, in arrival order, and loads running.
+    load_queue: std::collections::VecDeque<Arc<AdapterEntry>>,
+    loads_running: usize,
+    loaded_tx: mpsc::UnboundedSender<Loaded>,
+    loaded_rx: Option<mpsc::UnboundedReceiver<Loaded>>,
 }
 
 /// How an adapter's turn in a round ended.
@@ -130,7 +157,12 @@ impl Scheduler {
         lanes: Vec<std::sync::mpsc::Sender<Batch>>,
     ) -> Self {
         let free = (0..lanes.len()).rev().collect();
+        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
         Scheduler {
+            load_queue: Default::default(),
+            loads_running: 0,
+            loaded_tx,
+            loaded_rx: Some(loaded_rx),
             cfg,
             registry,
             futures,
@@ -155,6 +187,9 @@ impl Scheduler {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut loaded) = self.loaded_rx.take() else {
+            return;
+        };
         loop {
             tokio::select! {
                 c = cmds.recv() => match c {
@@ -162,6 +197,7 @@ impl Scheduler {
                     None => break,
                 },
                 Some(r) = reports.recv() => self.lane_done(r),
+                Some(l) = loaded.recv() => self.load_done(l),
                 _ = tick.tick() => self.expire_missing(),
                 _ = sleep_until(self.gather_until), if self.gather_until.is_some() => {}
             }
@@ -172,6 +208,11 @@ impl Scheduler {
             while let Ok(r) = reports.try_recv() {
                 self.lane_done(r);
             }
+            while let Ok(l) = loaded.try_recv() {
+                self.load_done(l);
+            }
+            self.want_loads();
+            self.start_loads();
             self.dispatch();
         }
         tracing::debug!("scheduler stopped");
@@ -186,11 +227,18 @@ impl Scheduler {
                 op,
                 reply,
             } => {
+                let id = entry.id.clone();
                 let r = self.submit(tenant, entry, seq_id, op);
+                if r.is_ok() {
+                    self.want_resident(&id);
+                }
                 let _ = reply.send(r);
             }
             Cmd::Delete { adapter, reply } => {
                 if let Some(q) = self.queues.remove(&adapter) {
+                    if q.pinned {
+                        self.registry.residency().unpin(&adapter);
+                    }
                     let e = Error::NotFound {
                         kind: "model",
                         id: adapter.to_string(),
@@ -231,6 +279,8 @@ impl Scheduler {
                 outstanding: 0,
                 in_flight: false,
                 blocked_since: None,
+                pinned: false,
+                loading: false,
             });
         let seq = match seq_id {
             Some(s) => {
@@ -316,6 +366,113 @@ impl Scheduler {
         Ok(future)
     }
 
+    /// Pin the queue's adapter if it is resident, else queue its load.
+    fn want_resident(&mut self, id: &AdapterId) {
+        let Some(q) = self.queues.get_mut(id) else {
+            return;
+        };
+        if q.pinned || q.loading || q.outstanding == 0 {
+            return;
+        }
+        if self.registry.residency().try_pin(id) {
+            q.pinned = true;
+        } else {
+            q.loading = true;
+            self.load_queue.push_back(q.entry.clone());
+        }
+    }
+
+    /// Every queue with work and neither a pin nor a load gets one (work that arrived
+    /// while its adapter was leaving memory, say).
+    fn want_loads(&mut self) {
+        let want: Vec<AdapterId> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.outstanding > 0 && !q.pinned && !q.loading)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in want {
+            self.want_resident(&id);
+        }
+    }
+
+    /// Start queued loads while fewer than `MAX_LOADS` run: each on a blocking thread.
+    fn start_loads(&mut self) {
+        while self.loads_running < MAX_LOADS {
+            let Some(entry) = self.load_queue.pop_front() else {
+                return;
+            };
+            let still_wanted = self
+                .queues
+                .get(&entry.id)
+                .is_some_and(|q| q.loading && Arc::ptr_eq(&q.entry, &entry));
+            if !still_wanted {
+                continue;
+            }
+            self.loads_running += 1;
+            let res = self.registry.residency().clone();
+            let base = self.registry.base_now_named(&entry.base);
+            let tx = self.loaded_tx.clone();
+            let adapter = entry.id.clone();
+            tokio::spawn(async move {
+                let result = match base {
+                    Some(base) => tokio::task::spawn_blocking(move || {
+                        let _span = tracing::info_span!("load", model = %entry.id).entered();
+                        res.load_pinned(&entry, &base)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Panic(format!("adapter load panicked: {e}")))),
+                    None => Err(Error::Unavailable("the base model is not loaded".into())),
+                };
+                let _ = tx.send(Loaded { adapter, result });
+            });
+        }
+    }
+
+    /// A load finished: its queue holds the pin now (or releases it if its work is gone);
+    /// a failed load fails the work waiting for it.
+    fn load_done(&mut self, l: Loaded) {
+        self.loads_running = self.loads_running.saturating_sub(1);
+        let residency = self.registry.residency().clone();
+        let Some(q) = self.queues.get_mut(&l.adapter) else {
+            if l.result.is_ok() {
+                residency.unpin(&l.adapter);
+            }
+            return;
+        };
+        q.loading = false;
+        match l.result {
+            Ok(()) => {
+                if q.pinned || q.outstanding == 0 {
+                    residency.unpin(&l.adapter);
+                } else {
+                    q.pinned = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(model = %l.adapter, error = %e, "adapter load failed");
+                let pending = std::mem::take(&mut q.pending);
+                for (seq, j) in pending {
+                    self.metrics.finished(&j.job.tenant, false, j.started);
+                    self.futures.fail(&j.job.future, &e);
+                    q.outstanding = q.outstanding.saturating_sub(1);
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                    q.next_seq = q.next_seq.max(seq + 1);
+                }
+            }
+        }
+    }
+
+    /// Release the queue's pin once it has nothing outstanding.
+    fn release_idle(&mut self, id: &AdapterId) {
+        if let Some(q) = self.queues.get_mut(id) {
+            if q.pinned && q.outstanding == 0 && !q.in_flight {
+                q.pinned = false;
+                self.registry.residency().unpin(id);
+            }
+        }
+    }
+
     fn lane_done(&mut self, r: LaneReport) {
         self.free.push(r.lane);
         self.last_pass = r.elapsed;
@@ -340,6 +497,7 @@ impl Scheduler {
             }
             q.outstanding = q.outstanding.saturating_sub(finished.len());
             self.outstanding = self.outstanding.saturating_sub(finished.len());
+            self.release_idle(&adapter);
         }
     }
 
@@ -355,6 +513,7 @@ impl Scheduler {
                 self.queues.values().map(|q| &q.entry.tenant).collect();
             self.served.retain(|t, _| live.contains(t));
         }
+        let mut emptied = Vec::new();
         for q in self.queues.values_mut() {
             // Remember only the recent seq_ids for retries: bounded memory per model.
             if q.seen.len() > 2 * SEEN_WINDOW {
@@ -388,6 +547,10 @@ impl Scheduler {
             }
             q.next_seq = last + 1;
             q.blocked_since = None;
+            emptied.push(q.entry.id.clone());
+        }
+        for id in emptied {
+            self.release_idle(&id);
         }
     }
 

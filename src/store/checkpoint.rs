@@ -400,14 +400,20 @@ fn read_tensors(
             ),
         ));
     }
-    let bytes = fs::read(&path).map_err(StoreError::io("read", &path))?;
+    let file = fs::File::open(&path).map_err(StoreError::io("read", &path))?;
+    // Mapped, not read: the pages are the page cache's, dropped with the map, so loading
+    // a checkpoint leaves no second copy of the file in the process.
+    // SAFETY: checkpoint files are written once under a temporary name and renamed into
+    // place; nothing writes to a file under its final name, and a delete only unlinks it
+    // (the mapping stays valid). A file changed behind our back fails the hash below.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(StoreError::io("map", &path))?;
     if bytes.len() as u64 != fe.size_bytes || hex::encode(Sha256::digest(&bytes)) != fe.sha256 {
         return Err(StoreError::corrupt(
             &path,
             "size or SHA-256 differs from checkpoint.json",
         ));
     }
-    let map = candle_core::safetensors::load_buffer(&bytes, device)
+    let map = candle_core::safetensors::load_buffer(&bytes[..], device)
         .map_err(|e| StoreError::corrupt(&path, e))?;
     Ok(Some(map.into_iter().collect()))
 }

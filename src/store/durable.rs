@@ -287,9 +287,10 @@ impl Durable {
         Ok(out)
     }
 
-    /// Rebuild the registry after a restart: every loaded model at its newest checkpoint
-    /// (automatic or explicit; a model never stepped is re-initialised from its seed, which
-    /// gives the same weights), on the base model its record names, every checkpoint (on
+    /// Rebuild the registry after a restart: every loaded model, listed cold (its first
+    /// job loads its newest checkpoint, automatic or explicit; a model never stepped is
+    /// re-initialised from its seed, which gives the same weights), on the base model its
+    /// record names, every checkpoint (on
     /// its run's base), and the open sessions. Unloaded runs stay records in the database
     /// (listed, never loaded); so does a run whose base is not served now (it comes back
     /// when that base is served again). Call with every served base loaded. Blocking.
@@ -310,9 +311,11 @@ impl Durable {
             .map_err(store_err)?;
         let mut out = Restored::default();
         let reg = engine.registry();
-        let default = reg
-            .base_now()
-            .ok_or_else(|| Error::Unavailable("restore before the base model loaded".into()))?;
+        if reg.base_now().is_none() {
+            return Err(Error::Unavailable(
+                "restore before the base model loaded".into(),
+            ));
+        }
         for (t, (models, cks, sessions)) in tenants.iter().zip(per_tenant) {
             // Every run's base, for its checkpoints (copies have runs of their own too).
             let bases: std::collections::HashMap<AdapterId, String> = models
@@ -328,11 +331,13 @@ impl Durable {
                     );
                     continue;
                 };
-                let state = self.model_state(&t.id, &m, &model)?;
                 if let Some(s) = &m.session {
                     out.model_sessions.push((m.id.clone(), s.0.clone()));
                 }
-                reg.insert_adapter(AdapterEntry::new(
+                // Listed now, loaded on its first job (the residency manager reads its
+                // newest durable state then): restart time does not grow with adapters.
+                let bytes = crate::jobs::residency::entry_bytes(&m.lora_config, &model.config);
+                reg.insert_adapter(AdapterEntry::cold(
                     m.id.clone(),
                     t.id.clone(),
                     m.lora_config.clone(),
@@ -342,7 +347,8 @@ impl Durable {
                         session: m.session.as_ref().map(|s| s.0.clone()),
                         user_metadata: m.user_metadata.clone(),
                     },
-                    state,
+                    bytes,
+                    m.step,
                 ));
                 out.models += 1;
             }
@@ -355,18 +361,20 @@ impl Durable {
                     .get(&c.model)
                     .cloned()
                     .unwrap_or_else(|| self.base_model.clone());
-                let device = reg
-                    .base_now_named(&base)
-                    .map_or_else(|| default.device.clone(), |m| m.device.clone());
-                match super::checkpoint::read_checkpoint(&c.dir, &device) {
-                    Ok(ck) => {
+                // Listed from its small manifest; its tensors stay on disk until used.
+                match super::checkpoint::read_meta(&c.dir) {
+                    Ok(meta) => {
                         reg.restore_checkpoint(
                             &t.id,
                             Checkpoint {
                                 name,
                                 model: c.model.clone(),
+                                owner: t.id.clone(),
                                 base,
-                                state: Arc::new(ck.into_trainable()),
+                                config: meta.lora_config,
+                                step: meta.step,
+                                size: Checkpoint::size_of(meta.num_params),
+                                held: None,
                                 created: c.created,
                                 expires: c.expires,
                                 public: c.public,
@@ -383,59 +391,102 @@ impl Durable {
         Ok(out)
     }
 
-    fn model_state(
+    /// A run's newest durable state: the newest of its automatic checkpoint and its
+    /// newest explicit training checkpoint (by when they were written, then by step; an
+    /// unreadable explicit one is skipped), or its initial weights from the seed. Clean
+    /// (see [`Persist::load_adapter`]) unless it came from an explicit checkpoint.
+    fn latest_state(
         &self,
         tenant: &TenantId,
-        m: &ModelRecord,
+        id: &AdapterId,
+        config: &LoraConfig,
+        newest_explicit: Option<&str>,
         model: &BaseModel,
-    ) -> Result<TrainableAdapter> {
-        // The newest of the automatic checkpoint and the explicit ones (by step).
+    ) -> Result<(TrainableAdapter, bool)> {
         let auto = self
             .checkpoints
-            .list(tenant, &m.id, CheckpointKind::Training)
+            .list(tenant, id, CheckpointKind::Training)
             .map_err(store_err)?
             .into_iter()
             .filter(|(n, _)| n.starts_with(AUTO_CHECKPOINT))
-            .max_by_key(|(_, meta)| meta.step);
-        let explicit = match &m.newest_checkpoint {
-            Some(p) => Some(split_name(p.strip_prefix("tinker://").unwrap_or(p))?),
-            None => None,
-        };
+            .max_by(|a, b| {
+                (a.1.created_unix_ms, a.1.step, &a.0).cmp(&(b.1.created_unix_ms, b.1.step, &b.0))
+            })
+            .map(|(n, meta)| ((id.clone(), CheckpointKind::Training, n), meta));
+        let explicit = newest_explicit
+            .and_then(|p| split_name(p.strip_prefix("tinker://").unwrap_or(p)).ok())
+            .and_then(|e| {
+                let dir = self.checkpoints.dir_of(tenant, &e.0, e.1, &e.2).ok()?;
+                let meta = super::checkpoint::read_meta(&dir).ok()?;
+                Some((e, meta))
+            });
         let pick = match (auto, explicit) {
-            (Some((n, meta)), Some(e)) => {
-                let e_step = self
-                    .checkpoints
-                    .load(tenant, &e.0, e.1, &e.2, &model.device)
-                    .map(|c| c.meta.step)
-                    .unwrap_or(0);
-                if meta.step >= e_step {
-                    Some((m.id.clone(), CheckpointKind::Training, n))
+            (Some(a), Some(e)) => {
+                if (e.1.created_unix_ms, e.1.step) > (a.1.created_unix_ms, a.1.step) {
+                    Some((e.0, false))
                 } else {
-                    Some(e)
+                    Some((a.0, true))
                 }
             }
-            (Some((n, _)), None) => Some((m.id.clone(), CheckpointKind::Training, n)),
-            (None, e) => e,
+            (Some(a), None) => Some((a.0, true)),
+            (None, Some(e)) => Some((e.0, false)),
+            (None, None) => None,
         };
-        let ck = match pick {
-            Some((mid, kind, name)) => Some(
-                self.checkpoints
+        match pick {
+            Some(((mid, kind, name), clean)) => {
+                let c = self
+                    .checkpoints
                     .load(tenant, &mid, kind, &name, &model.device)
-                    .map_err(store_err)?,
-            ),
-            None => None,
-        };
-        match ck {
-            Some(c) => {
+                    .map_err(store_err)?;
                 c.check_model(&model.config).map_err(store_err)?;
-                Ok(c.into_trainable())
+                Ok((c.into_trainable(), clean))
             }
-            None => Ok(TrainableAdapter::new(LoraWeights::init(
-                &m.lora_config,
-                &model.config,
-                &model.device,
-            )?)),
+            None => Ok((
+                TrainableAdapter::new(LoraWeights::init(config, &model.config, &model.device)?),
+                true,
+            )),
         }
+    }
+
+    /// Write `state` as the run's automatic checkpoint (`auto-<step>`, or with the time
+    /// appended when one of that step exists already: its weights may differ after a
+    /// `load_state`), then remove the older ones. Atomic: until the new one is complete,
+    /// the old one is the newest.
+    fn write_auto(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<()> {
+        let step = state.optim.step;
+        let mut name = auto_name(step);
+        if self
+            .checkpoints
+            .dir_of(tenant, model, CheckpointKind::Training, &name)
+            .map_err(store_err)?
+            .exists()
+        {
+            let ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            name = format!("{name}-{ms}");
+        }
+        self.checkpoints
+            .save(tenant, model, CheckpointKind::Training, &name, state)
+            .map_err(store_err)?;
+        // The new one is complete: older automatic checkpoints can go.
+        for (old, _) in self
+            .checkpoints
+            .list(tenant, model, CheckpointKind::Training)
+            .map_err(store_err)?
+        {
+            if old.starts_with(AUTO_CHECKPOINT) && old != name {
+                let _ = self
+                    .checkpoints
+                    .delete(tenant, model, CheckpointKind::Training, &old);
+            }
+        }
+        Ok(())
     }
 
     fn auto_every(&self, state: &TrainableAdapter) -> u64 {
@@ -476,7 +527,12 @@ fn split_name(name: &str) -> Result<(AdapterId, CheckpointKind, String)> {
 }
 
 impl Persist for Durable {
-    fn save_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
+    fn save_checkpoint(
+        &self,
+        tenant: &TenantId,
+        c: &Checkpoint,
+        state: &TrainableAdapter,
+    ) -> Result<()> {
         let (model, kind, name) = split_name(&c.name)?;
         // Overwrite: the old files go first (a crash in between loses the old copy, never
         // leaves a half-written one).
@@ -492,7 +548,7 @@ impl Persist for Durable {
         }
         let (dir, meta) = self
             .checkpoints
-            .save(tenant, &model, kind, &name, &c.state)
+            .save(tenant, &model, kind, &name, state)
             .map_err(store_err)?;
         let rec = CheckpointRecord {
             path: format!("tinker://{}", c.name),
@@ -501,7 +557,7 @@ impl Persist for Durable {
             kind,
             dir,
             size_bytes: meta.size_bytes,
-            step: c.state.optim.step,
+            step: c.step,
             created: c.created,
             expires: c.expires,
             public: c.public,
@@ -528,6 +584,16 @@ impl Persist for Durable {
             Ok(())
         })
         .map_err(store_err)
+    }
+
+    fn read_checkpoint(&self, c: &Checkpoint, base: &BaseModel) -> Result<TrainableAdapter> {
+        let (model, kind, name) = split_name(&c.name)?;
+        let ck = self
+            .checkpoints
+            .load(&c.owner, &model, kind, &name, &base.device)
+            .map_err(store_err)?;
+        ck.check_model(&base.config).map_err(store_err)?;
+        Ok(ck.into_trainable())
     }
 
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
@@ -577,26 +643,11 @@ impl Persist for Durable {
         tenant: &TenantId,
         model: &AdapterId,
         state: &TrainableAdapter,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let step = state.optim.step;
         let auto = step % self.auto_every(state) == 0;
         if auto {
-            let name = auto_name(step);
-            self.checkpoints
-                .save(tenant, model, CheckpointKind::Training, &name, state)
-                .map_err(store_err)?;
-            // The new one is complete: older automatic checkpoints can go.
-            for (old, _) in self
-                .checkpoints
-                .list(tenant, model, CheckpointKind::Training)
-                .map_err(store_err)?
-            {
-                if old.starts_with(AUTO_CHECKPOINT) && old != name {
-                    let _ = self
-                        .checkpoints
-                        .delete(tenant, model, CheckpointKind::Training, &old);
-                }
-            }
+            self.write_auto(tenant, model, state)?;
         }
         let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
         self.block(async move {
@@ -604,7 +655,44 @@ impl Persist for Durable {
             db.update_model_progress(&t, &m, step, newest.as_deref())
                 .await
         })
+        .map_err(store_err)?;
+        Ok(auto)
+    }
+
+    fn write_back(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        state: &TrainableAdapter,
+    ) -> Result<()> {
+        self.write_auto(tenant, model, state)?;
+        let (db, t, m, step) = (
+            self.db.clone(),
+            tenant.clone(),
+            model.clone(),
+            state.optim.step,
+        );
+        self.block(async move {
+            let newest = db.get_model(&t, &m).await?.newest_checkpoint;
+            db.update_model_progress(&t, &m, step, newest.as_deref())
+                .await
+        })
         .map_err(store_err)
+    }
+
+    fn load_adapter(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        config: &LoraConfig,
+        base: &BaseModel,
+    ) -> Result<(TrainableAdapter, bool)> {
+        let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
+        let newest = self
+            .block(async move { db.get_model(&t, &m).await })
+            .map_err(store_err)?
+            .newest_checkpoint;
+        self.latest_state(tenant, model, config, newest.as_deref(), base)
     }
 
     fn model_created(

@@ -593,7 +593,8 @@ pub async fn playground(
     let path = crate::api::tinker::TinkerPath::parse(f.checkpoint.trim())?;
     let session = s
         .engine
-        .checkpoint_sampling_session(&l.tenant, &path.key())?;
+        .checkpoint_sampling_session(&l.tenant, &path.key())
+        .await?;
     let out = sample_once(&s, &l, &session, &f.prompt, max_tokens, temperature, seed).await;
     let _ = s.engine.registry().remove_session(&l.tenant, &session);
     let (text, tokens, stop) = out?;

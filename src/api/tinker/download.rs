@@ -223,8 +223,9 @@ pub async fn download(
     let (tenant, name) = s.url_signer.verify(&token, file, SystemTime::now())?;
     let c = s.engine.registry().checkpoint_entry(&tenant, &name)?;
     let base = c.base.clone();
+    let state = s.engine.checkpoint_state(c).await?;
     let bytes = tokio::task::spawn_blocking(move || {
-        crate::store::peft::peft_files(&c.state.weights, &base).map(|files| {
+        crate::store::peft::peft_files(&state.weights, &base).map(|files| {
             files
                 .into_iter()
                 .find(|(n, _)| *n == file)

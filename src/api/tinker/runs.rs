@@ -476,7 +476,7 @@ pub async fn weights_info(
 ) -> ApiResult<axum::Json<Value>> {
     let p = TinkerPath::parse(&req.tinker_path)?;
     let c = s.engine.registry().readable_checkpoint(&tenant, &p.key())?;
-    let cfg = &c.state.weights.config;
+    let cfg = &c.config;
     let has = |t: crate::lora::Target| cfg.targets.contains(&t);
     use crate::lora::Target;
     Ok(axum::Json(json!({
@@ -503,9 +503,10 @@ pub async fn download_peft(
         .registry()
         .checkpoint_entry(&tenant, &format!("{id}/{kind}/{name}"))?;
     let base = c.base.clone();
+    let state = s.engine.checkpoint_state(c).await?;
     let bytes = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        crate::store::peft::export_peft_tar(&c.state.weights, &base, &mut out).map(|_| out)
+        crate::store::peft::export_peft_tar(&state.weights, &base, &mut out).map(|_| out)
     })
     .await
     .map_err(|e| crate::Error::Unavailable(format!("export panicked: {e}")))?

@@ -54,7 +54,9 @@ pub async fn create_sampling_session(
     let id = match (&req.model_path, &req.base_model) {
         (Some(p), _) => {
             let path = TinkerPath::parse(p)?;
-            s.engine.checkpoint_sampling_session(&tenant, &path.key())?
+            s.engine
+                .checkpoint_sampling_session(&tenant, &path.key())
+                .await?
         }
         (None, Some(b)) => s.engine.base_sampling_session_on(&tenant, Some(b)).await?,
         (None, None) => {
@@ -327,7 +329,9 @@ pub async fn asample(
             let session = match (&req.model_path, &req.base_model) {
                 (Some(p), _) => {
                     let path = TinkerPath::parse(p)?;
-                    s.engine.checkpoint_sampling_session(&tenant, &path.key())?
+                    s.engine
+                        .checkpoint_sampling_session(&tenant, &path.key())
+                        .await?
                 }
                 (None, Some(b)) => s.engine.base_sampling_session_on(&tenant, Some(b)).await?,
                 _ => {

@@ -843,7 +843,7 @@ pub async fn load_weights(
                 }
                 sess.models.lock().push(model_id.clone());
             }
-            let config = ckpt.state.weights.config.clone();
+            let config = ckpt.config.clone();
             // The load below is a job: a tenant at its queued-jobs quota is refused before
             // the model exists, so its retry does not find the id taken.
             if let Err(e) = s.engine.admit_job(&tenant) {
