@@ -478,7 +478,15 @@ fn the_console_shows_a_tenant_only_its_own_and_guards_every_change() {
         assert_eq!(r.status, StatusCode::OK);
         let ops = html(&r);
         assert!(ops.contains("<th scope=\"row\">alice</th>") && ops.contains("Batch composition"), "{ops}");
-        assert!(ops.contains("id=\"no-residency\""));
+        // Residency figures (#15): alice's run is in memory, within the budget.
+        let resident: usize = ops
+            .split("<th scope=\"row\">resident adapters</th><td>")
+            .nth(1)
+            .and_then(|t| t.split('<').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no resident-adapters row: {ops}"));
+        assert!(resident >= 1, "{ops}");
+        assert!(ops.contains("cold load p99") && !ops.contains("id=\"no-residency\""));
         // The refused forms above are among the recent failed requests.
         assert!(
             ops.contains("<td>POST &#x2f;console&#x2f;*</td><td>403</td>"),

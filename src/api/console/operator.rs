@@ -101,11 +101,42 @@ pub async fn sample_throughput(s: Shared) {
     }
 }
 
-/// Adapter residency and memory per base (#15). This build's engine does not report
-/// them yet: when `crate::jobs::metrics` gains residency figures, read them here; until
-/// then the view says they are not reported rather than showing made-up numbers.
-fn residency(_s: &Shared) -> Option<Vec<Value>> {
-    None
+/// Adapter residency (#15): what is in memory against `--adapter-memory`, loads,
+/// evictions and write-backs, and cold-load latency percentiles over the latest loads.
+fn residency(s: &Shared) -> Option<Vec<Value>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let res = s.engine.registry().residency();
+    let snap = res.snapshot();
+    let st = &res.stats;
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let mut loads = st.recent_loads();
+    loads.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> String {
+        if loads.is_empty() {
+            return "-".into();
+        }
+        let i = ((loads.len() - 1) as f64 * q).round() as usize;
+        format!("{:.3} s", loads[i.min(loads.len() - 1)])
+    };
+    let row = |name: &str, value: String| json!({ "name": name, "value": value });
+    Some(vec![
+        row("resident adapters", snap.resident.to_string()),
+        row("in use (pinned)", snap.pinned.to_string()),
+        row(
+            "resident bytes / budget",
+            format!("{} / {}", mib(snap.bytes), mib(snap.budget)),
+        ),
+        row("peak resident bytes", mib(snap.peak_bytes)),
+        row(
+            "evicts to disk",
+            if res.spills() { "yes" } else { "no (no store)" }.into(),
+        ),
+        row("loads from disk", st.loads.load(Relaxed).to_string()),
+        row("evictions", st.evictions.load(Relaxed).to_string()),
+        row("write-backs", st.write_backs.load(Relaxed).to_string()),
+        row("cold load p50", pct(0.5)),
+        row("cold load p99", pct(0.99)),
+    ])
 }
 
 /// `GET /console/operator`.
