@@ -5,7 +5,9 @@
 //! (`/metrics`) show no 5xx answer at all. tests/fuzz/hooks.py encodes the protobuf and
 //! wasm bodies, adds hostile tensors, and puts real ids (a session, a training model,
 //! checkpoints, plugins) into most requests so they reach the handlers; a per-operation
-//! table of answers shows how deep the run got.
+//! table of answers shows how deep the run got. A crash inside schemathesis's own data
+//! generation (Hypothesis `FlakyFailure`, no request sent) is reported but is not a finding
+//! ([`classify`]).
 //!
 //! Settings: `LORAPLEX_FUZZ_SECONDS` (time budget, default 150), `LORAPLEX_FUZZ_SEED`,
 //! `LORAPLEX_FUZZ_WORKERS` (default 2), `LORAPLEX_FUZZ_PYTHON` (else the virtualenv that
@@ -72,7 +74,7 @@ fn schemathesis_finds_no_server_error_and_no_crash() {
     let stats = dir.join("fuzz-stats.txt");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let t = Instant::now();
-    let status = Command::new(&python)
+    let out = Command::new(&python)
         .args(["-m", "schemathesis.cli", "run"])
         .arg(format!("http://127.0.0.1:{port}/openapi.json"))
         .args([
@@ -98,9 +100,14 @@ fn schemathesis_finds_no_server_error_and_no_crash() {
         .env("LORAPLEX_FUZZ_STATS", &stats)
         .env("LORAPLEX_PLUGIN_DIST", common::dist_dir())
         .current_dir(&dir)
-        .status()
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .expect("run schemathesis");
     let took = t.elapsed().as_secs_f64();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    let status = out.status;
+    let (findings, tool_errors) = classify(&report);
 
     // Per operation: requests, 2xx, 4xx, 5xx.
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
@@ -162,13 +169,78 @@ fn schemathesis_finds_no_server_error_and_no_crash() {
         "the server answered with 5xx:\n{}",
         errors.join("\n")
     );
-    assert!(status.success(), "schemathesis found failures: {status}");
+    for op in &tool_errors {
+        eprintln!("schemathesis failed inside its own data generation for {op} (hypothesis FlakyFailure); not a finding about the server");
+    }
+    assert!(
+        status.success() || (findings.is_empty() && !tool_errors.is_empty()),
+        "schemathesis found failures ({status}): {findings:?}"
+    );
     assert_eq!(covered, ops.len(), "operations never requested");
     assert!(
         with_2xx * 4 >= ops.len() * 3,
         "only {with_2xx} of {} operations got a 2xx answer",
         ops.len()
     );
+}
+
+/// Split schemathesis's report into findings (every FAILURES entry, and every ERRORS entry
+/// but one kind) and its own generation crashes: a `Runtime Error` that is Hypothesis's
+/// `FlakyFailure` while drawing a test case, raised in schemathesis's coverage phase with
+/// two workers (seen once in CI, seed 103712310, not reproducible with the same seed). Such
+/// an entry sent no request, so it says nothing about the server; network errors and
+/// timeouts stay findings.
+fn classify(report: &str) -> (Vec<String>, Vec<String>) {
+    let mut findings = Vec::new();
+    let mut tool = Vec::new();
+    let mut section = "";
+    let mut entry: Option<(String, String)> = None;
+    let mut flush = |section: &str, entry: Option<(String, String)>| {
+        if let Some((op, body)) = entry {
+            let generation_crash = section == "ERRORS"
+                && body.contains("Runtime Error")
+                && body.contains("hypothesis.errors.FlakyFailure")
+                && !body.contains("Network Error")
+                && !body.contains("timed out");
+            if generation_crash {
+                tool.push(op);
+            } else {
+                findings.push(format!("{section}: {op}"));
+            }
+        }
+    };
+    for line in report.lines() {
+        let t = line.trim();
+        if t.starts_with("====") && t.ends_with("====") {
+            flush(section, entry.take());
+            section = t.trim_matches('=').trim();
+            section = match section {
+                "ERRORS" => "ERRORS",
+                "FAILURES" => "FAILURES",
+                _ => "",
+            };
+        } else if t.starts_with("____") && t.ends_with("____") && !section.is_empty() {
+            flush(section, entry.take());
+            entry = Some((t.trim_matches('_').trim().to_owned(), String::new()));
+        } else if let Some((_, body)) = entry.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    flush(section, entry.take());
+    (findings, tool)
+}
+
+#[test]
+fn a_generation_crash_is_told_apart_from_a_finding() {
+    let crash = "==== ERRORS ====\n____ POST /api/v1/asample ____\nRuntime Error\nInconsistent results\n  | hypothesis.errors.FlakyFailure: x\n==== SUMMARY ====\n";
+    assert_eq!(classify(crash), (vec![], vec!["POST /api/v1/asample".to_owned()]));
+    let timeout = "==== ERRORS ====\n____ POST /a ____\nNetwork Error\nRead timed out\n";
+    assert_eq!(classify(timeout).0, vec!["ERRORS: POST /a".to_owned()]);
+    let failure = "==== FAILURES ====\n____ GET /b ____\n1. Undocumented HTTP status code\n==== ERRORS ====\n____ POST /c ____\nRuntime Error\nhypothesis.errors.FlakyFailure\n";
+    let (f, t) = classify(failure);
+    assert_eq!(f, vec!["FAILURES: GET /b".to_owned()]);
+    assert_eq!(t, vec!["POST /c".to_owned()]);
 }
 
 /// A seed that differs between runs (printed, so a failure can be replayed).
