@@ -234,7 +234,10 @@ fn classify(report: &str) -> (Vec<String>, Vec<String>) {
 #[test]
 fn a_generation_crash_is_told_apart_from_a_finding() {
     let crash = "==== ERRORS ====\n____ POST /api/v1/asample ____\nRuntime Error\nInconsistent results\n  | hypothesis.errors.FlakyFailure: x\n==== SUMMARY ====\n";
-    assert_eq!(classify(crash), (vec![], vec!["POST /api/v1/asample".to_owned()]));
+    assert_eq!(
+        classify(crash),
+        (vec![], vec!["POST /api/v1/asample".to_owned()])
+    );
     let timeout = "==== ERRORS ====\n____ POST /a ____\nNetwork Error\nRead timed out\n";
     assert_eq!(classify(timeout).0, vec!["ERRORS: POST /a".to_owned()]);
     let failure = "==== FAILURES ====\n____ GET /b ____\n1. Undocumented HTTP status code\n==== ERRORS ====\n____ POST /c ____\nRuntime Error\nhypothesis.errors.FlakyFailure\n";

@@ -3,7 +3,8 @@
 //! checkpoint every step, and every third step, where eviction writes back); the budget is
 //! never exceeded; when pinned adapters fill it, new work waits and then completes; a
 //! tenant whose adapter is cold does not hold up another tenant's resident work; after a
-//! restart, runs are listed without loading any adapter, and continue exactly.
+//! restart, runs are listed without loading any adapter, and continue exactly; sampling
+//! snapshots share the budget, leave memory to disk and sample identically when read back.
 
 mod common;
 
@@ -387,4 +388,89 @@ async fn after_a_restart_runs_are_listed_without_loading_and_continue_exactly() 
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// Greedy continuation of a fixed prompt on session `s`: tokens and their logprobs' bits.
+async fn greedy(e: &Engine, t: &TenantId, s: &SessionId) -> (Vec<u32>, Vec<u32>) {
+    use loraplex::sample::SamplingParams;
+    let params = SamplingParams {
+        max_tokens: 6,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let req = SampleRequest::new(vec![1, 2, 3, 4, 5], params);
+    let f = e.sample(t, s, req).await.expect("sample");
+    match &*e.result(t, &f, T).await.expect("sampled") {
+        JobOutput::Sample(o) => (
+            o.sequences[0].tokens.clone(),
+            o.sequences[0]
+                .logprobs
+                .iter()
+                .map(|x| x.to_bits())
+                .collect(),
+        ),
+        o => panic!("not a sample: {o:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_snapshots_share_the_budget_leave_memory_and_sample_identically() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    // Room for one training adapter; a snapshot (weights only) takes a quarter of that.
+    let budget = one_adapter(&m);
+    let e = engine(&m, dir.path(), budget, None);
+    let t = TenantId::from("ann");
+    let a = e.create_model(&t, lora(3)).await.unwrap();
+    let v = m.config.vocab_size;
+    let mut rng = SplitMix64::new(4);
+    step(&e, &t, &a, batch(&mut rng, v)).await;
+    let s1 = e.sampling_session(&t, &a, None, T).await.unwrap();
+    let res = e.registry().residency().clone();
+    let first = greedy(&e, &t, &s1).await;
+    assert_eq!(first.0.len(), 6);
+    assert!(res.is_snapshot_resident(&s1));
+    assert_eq!(e.residency().snapshots, 1);
+    let snapshot_of = |s: &SessionId| {
+        e.registry()
+            .session(&t, s)
+            .unwrap()
+            .weights
+            .clone()
+            .unwrap()
+    };
+    let before = bits(&snapshot_of(&s1).resident_weights().unwrap());
+
+    // Training again needs the adapter's memory: the idle snapshot leaves, written to disk.
+    step(&e, &t, &a, batch(&mut rng, v)).await;
+    step(&e, &t, &a, batch(&mut rng, v)).await;
+    assert!(!res.is_snapshot_resident(&s1), "{:?}", e.residency());
+    let spilled = dir.path().join("snapshots").join("ann").join(s1.as_str());
+    assert!(spilled.exists(), "no spilled copy at {}", spilled.display());
+
+    // Read back, its weights are bit-identical and it samples as before (the prompt's
+    // KV now comes from the prefix cache, so logprobs may differ in the last bit).
+    let again = greedy(&e, &t, &s1).await;
+    assert!(res.is_snapshot_resident(&s1));
+    assert_eq!(bits(&snapshot_of(&s1).resident_weights().unwrap()), before);
+    assert_eq!(again.0, first.0);
+    for (x, y) in again.1.iter().zip(&first.1) {
+        let (x, y) = (f32::from_bits(*x), f32::from_bits(*y));
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    let s2 = e.sampling_session(&t, &a, None, T).await.unwrap();
+    let newer = greedy(&e, &t, &s2).await;
+    assert_ne!(
+        newer.1, first.1,
+        "the second session samples the trained weights"
+    );
+    let snap = e.residency();
+    assert!(snap.peak_bytes <= budget, "{snap:?}");
+
+    // Ending the session deletes its spilled copy and frees its memory.
+    e.registry().remove_session(&t, &s1).unwrap();
+    assert!(!spilled.exists());
+    assert!(!res.is_snapshot_resident(&s1));
+    let r = e.residency();
+    assert!(r.bytes <= budget, "{r:?}");
 }

@@ -422,6 +422,8 @@ async fn cached_prompt_kv_never_crosses_sessions_tenants_or_weights() {
         .unwrap()
         .weights
         .clone()
+        .unwrap()
+        .resident_weights()
         .unwrap();
     let want = full_logprobs(&m, Some(&w2), &p);
     let last = want[38][p[39] as usize];

@@ -183,12 +183,13 @@ fn residency_metrics(o: &mut String, s: &Shared) {
     let snap = res.snapshot();
     let st = &res.stats;
     let _ = writeln!(o, "# HELP loraplex_resident_adapters Training runs whose adapter is in memory.\n# TYPE loraplex_resident_adapters gauge\nloraplex_resident_adapters {}", snap.resident);
-    let _ = writeln!(o, "# HELP loraplex_resident_adapter_bytes Bytes of resident adapters (weights, moments, gradients), loads in progress included.\n# TYPE loraplex_resident_adapter_bytes gauge\nloraplex_resident_adapter_bytes {}", snap.bytes);
+    let _ = writeln!(o, "# HELP loraplex_resident_snapshots Sampling sessions whose weights (snapshot) are in memory.\n# TYPE loraplex_resident_snapshots gauge\nloraplex_resident_snapshots {}", snap.snapshots);
+    let _ = writeln!(o, "# HELP loraplex_resident_adapter_bytes Bytes of resident adapters (weights, moments, gradients) and sampling snapshots, loads in progress included.\n# TYPE loraplex_resident_adapter_bytes gauge\nloraplex_resident_adapter_bytes {}", snap.bytes);
     let _ = writeln!(o, "# HELP loraplex_adapter_memory_budget_bytes The adapter-memory budget (--adapter-memory).\n# TYPE loraplex_adapter_memory_budget_bytes gauge\nloraplex_adapter_memory_budget_bytes {}", snap.budget);
     let _ = writeln!(o, "# HELP loraplex_pinned_adapters Resident adapters in use by queued or running work.\n# TYPE loraplex_pinned_adapters gauge\nloraplex_pinned_adapters {}", snap.pinned);
-    let _ = writeln!(o, "# HELP loraplex_adapter_loads_total Adapters loaded from disk.\n# TYPE loraplex_adapter_loads_total counter\nloraplex_adapter_loads_total {}", st.loads.load(std::sync::atomic::Ordering::Relaxed));
-    let _ = writeln!(o, "# HELP loraplex_adapter_evictions_total Adapters evicted from memory.\n# TYPE loraplex_adapter_evictions_total counter\nloraplex_adapter_evictions_total {}", st.evictions.load(std::sync::atomic::Ordering::Relaxed));
-    let _ = writeln!(o, "# HELP loraplex_adapter_write_backs_total Evictions that wrote steps not yet in an automatic checkpoint.\n# TYPE loraplex_adapter_write_backs_total counter\nloraplex_adapter_write_backs_total {}", st.write_backs.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP loraplex_adapter_loads_total Adapters and sampling snapshots loaded from disk.\n# TYPE loraplex_adapter_loads_total counter\nloraplex_adapter_loads_total {}", st.loads.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP loraplex_adapter_evictions_total Adapters and sampling snapshots evicted from memory.\n# TYPE loraplex_adapter_evictions_total counter\nloraplex_adapter_evictions_total {}", st.evictions.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP loraplex_adapter_write_backs_total Evictions that wrote state first: steps not yet in an automatic checkpoint, or a sampling snapshot on its first eviction.\n# TYPE loraplex_adapter_write_backs_total counter\nloraplex_adapter_write_backs_total {}", st.write_backs.load(std::sync::atomic::Ordering::Relaxed));
     let (buckets, sum) = st.load_histogram();
     let _ = writeln!(o, "# HELP loraplex_adapter_load_seconds Time to load a cold adapter (waiting for memory included).\n# TYPE loraplex_adapter_load_seconds histogram");
     for (le, n) in crate::jobs::residency::LOAD_BUCKETS.iter().zip(&buckets) {

@@ -14,6 +14,7 @@ use super::ids::{AdapterId, FutureId, SessionId};
 use super::job::{FbRequest, JobRef, Op};
 use super::metrics::Metrics;
 use super::registry::{AdapterEntry, AdapterState, Partial, Registry, Session};
+use super::snapshot::Snapshot;
 use crate::error::{Error, Result};
 use crate::lora::LoraWeights;
 use crate::model::BaseModel;
@@ -444,12 +445,14 @@ fn barrier(
             })
         }
         Op::SamplingSession => {
+            let sid = SessionId::generate();
+            let snap = Snapshot::new(sid.clone(), j.tenant.clone(), train.weights.clone());
             let id = registry.insert_session(Session {
-                id: SessionId::generate(),
+                id: sid,
                 tenant: j.tenant.clone(),
                 base: entry.base.clone(),
                 adapter: Some(entry.id.clone()),
-                weights: Some(Arc::new(train.weights.clone())),
+                weights: Some(snap),
                 owner: entry.session.clone(),
             })?;
             Ok(JobOutput::SamplingSession(id))

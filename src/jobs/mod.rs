@@ -49,6 +49,7 @@ pub mod registry;
 pub mod residency;
 pub mod sampling;
 pub(crate) mod scheduler;
+pub mod snapshot;
 
 pub use future::{
     FutureRecord, FutureStore, FutureStoreConfig, JobFailure, JobKind, JobOutput, JobState,
@@ -516,14 +517,21 @@ impl Engine {
         let c = self.inner.registry.readable_checkpoint(tenant, name)?;
         self.inner.registry.resolve_base(Some(&c.base))?;
         let state = self.checkpoint_state(c.clone()).await?;
-        self.inner.registry.insert_session(Session {
-            id: SessionId::generate(),
+        let sid = SessionId::generate();
+        let snap = snapshot::Snapshot::new(sid.clone(), tenant.clone(), state.weights.clone());
+        let session = Session {
+            id: sid,
             tenant: tenant.clone(),
             base: c.base.clone(),
             adapter: Some(c.model.clone()),
-            weights: Some(Arc::new(state.weights.clone())),
+            weights: Some(snap),
             owner: None,
-        })
+        };
+        // Inserting may write the snapshot to disk (memory full).
+        let registry = self.inner.registry.clone();
+        tokio::task::spawn_blocking(move || registry.insert_session(session))
+            .await
+            .map_err(|e| Error::Unavailable(format!("session insert panicked: {e}")))?
     }
 
     /// A checkpoint's state, read from disk on a blocking thread (see
@@ -661,6 +669,21 @@ impl Engine {
         }
         self.admit_job(tenant)?;
         let tx = self.sampler(&s.base, &model).await?;
+        // Its snapshot in memory and pinned until the request ends (read back from disk
+        // if it was evicted).
+        let pin = match s.weights.clone() {
+            None => None,
+            Some(snap) => {
+                let (res, base) = (self.inner.registry.residency().clone(), model.clone());
+                Some(
+                    tokio::task::spawn_blocking(move || res.pin_snapshot(&snap, &base))
+                        .await
+                        .map_err(|e| {
+                            Error::Unavailable(format!("snapshot load panicked: {e}"))
+                        })??,
+                )
+            }
+        };
         let n = self
             .inner
             .sampling_outstanding
@@ -690,6 +713,7 @@ impl Engine {
             future: future.clone(),
             tenant: tenant.clone(),
             session: s,
+            pin,
             req: Arc::new(req),
             span,
         };

@@ -73,6 +73,23 @@ pub trait Persist: Send + Sync {
         model: &AdapterId,
         state: &TrainableAdapter,
     ) -> Result<()>;
+    /// Write a sampling snapshot's weights to the store's snapshot folder (it is leaving
+    /// memory; atomically: a reader sees the whole file or none).
+    fn spill_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        weights: &LoraWeights,
+    ) -> Result<()>;
+    /// Read a spilled snapshot back (mapped, checked against `base`).
+    fn read_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        base: &BaseModel,
+    ) -> Result<LoraWeights>;
+    /// Delete a spilled snapshot (its session ended); none there is not an error.
+    fn drop_snapshot(&self, tenant: &TenantId, session: &SessionId) -> Result<()>;
     /// The run's newest durable state (its newest automatic or explicit checkpoint, or
     /// its initial weights from the seed), and whether it is *clean*: what a later call
     /// would return again as long as nothing new is written (an automatic checkpoint or
@@ -342,7 +359,9 @@ pub struct Session {
     /// The base model it samples from (by name).
     pub base: String,
     pub adapter: Option<AdapterId>,
-    pub weights: Option<Arc<LoraWeights>>,
+    /// The frozen LoRA weights it samples with (`None`: the base alone), managed by the
+    /// residency manager from the moment the session is inserted.
+    pub weights: Option<Arc<super::snapshot::Snapshot>>,
     /// The Tinker session it is released with ([`Registry::remove_sessions_owned_by`]);
     /// `None`: its creator removes it.
     pub owner: Option<String>,
@@ -747,7 +766,9 @@ impl Registry {
         self.adapters.len()
     }
 
-    /// Insert a sampling session, refused at the tenant's `sampling_sessions` quota.
+    /// Insert a sampling session, refused at the tenant's `sampling_sessions` quota. Its
+    /// snapshot joins the residency manager (written to disk at once if memory is full:
+    /// call this where blocking is allowed).
     pub(crate) fn insert_session(&self, s: Session) -> Result<SessionId> {
         let limit = self.quotas.limit(&s.tenant, Quota::SamplingSessions);
         let mut refused = None;
@@ -767,10 +788,16 @@ impl Registry {
             });
         }
         let id = s.id.clone();
+        if let Some(snap) = &s.weights {
+            if let Err(e) = self.residency.admit_snapshot(snap) {
+                adjust(&self.held, &s.tenant, |h| {
+                    h.sessions = h.sessions.saturating_sub(1)
+                });
+                return Err(e);
+            }
+        }
         if let Some(old) = self.sessions.insert(id.clone(), Arc::new(s)) {
-            adjust(&self.held, &old.tenant, |h| {
-                h.sessions = h.sessions.saturating_sub(1)
-            });
+            self.session_gone(&old);
         }
         Ok(id)
     }
@@ -1018,12 +1045,20 @@ impl Registry {
             .collect();
         for id in &ids {
             if let Some((_, old)) = self.sessions.remove(id) {
-                adjust(&self.held, &old.tenant, |h| {
-                    h.sessions = h.sessions.saturating_sub(1)
-                });
+                self.session_gone(&old);
             }
         }
         ids
+    }
+
+    /// A removed session's counts and snapshot.
+    fn session_gone(&self, old: &Session) {
+        adjust(&self.held, &old.tenant, |h| {
+            h.sessions = h.sessions.saturating_sub(1)
+        });
+        if let Some(snap) = &old.weights {
+            self.residency.forget_snapshot(snap);
+        }
     }
 
     /// Sampling sessions held now.
@@ -1034,9 +1069,7 @@ impl Registry {
     pub fn remove_session(&self, tenant: &TenantId, id: &SessionId) -> Result<()> {
         self.session(tenant, id)?;
         if let Some((_, old)) = self.sessions.remove(id) {
-            adjust(&self.held, &old.tenant, |h| {
-                h.sessions = h.sessions.saturating_sub(1)
-            });
+            self.session_gone(&old);
         }
         Ok(())
     }

@@ -17,11 +17,16 @@
 //! bigger than the whole budget is refused. Without a store to spill to (an engine with no
 //! [`Persist`]) nothing is evicted and the budget is only counted.
 //!
+//! Sampling snapshots ([`super::snapshot`]) are entries too: pinned while a sampling
+//! request uses them, counted against the same budget, written to the store the first
+//! time they leave memory and read back by [`Residency::pin_snapshot`].
+//!
 //! This module decides what is in memory; it never decides order (the scheduler does) and
 //! never runs model work.
 
-use super::ids::AdapterId;
+use super::ids::{AdapterId, SessionId};
 use super::registry::{AdapterEntry, Persist};
+use super::snapshot::{Snapshot, SnapshotPin};
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, ModelShape};
 use crate::model::BaseModel;
@@ -108,7 +113,11 @@ impl ResidencyStats {
 /// A point-in-time view, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResidencySnapshot {
+    /// Training runs whose adapter is in memory.
     pub resident: usize,
+    /// Sampling snapshots in memory.
+    pub snapshots: usize,
+    /// Bytes of both, loads in progress included.
     pub bytes: u64,
     pub budget: u64,
     /// Most bytes ever resident (or reserved by a load) at once.
@@ -125,8 +134,65 @@ enum Phase {
     Evicting,
 }
 
+/// What entries are keyed by: a training run's adapter or a session's snapshot.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Key {
+    Adapter(AdapterId),
+    Snapshot(SessionId),
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Adapter(id) => write!(f, "adapter {id}"),
+            Key::Snapshot(id) => write!(f, "snapshot of {id}"),
+        }
+    }
+}
+
+/// A resident entry's owner.
+#[derive(Clone)]
+enum Held {
+    Adapter(Arc<AdapterEntry>),
+    Snapshot(Arc<Snapshot>),
+}
+
+impl Held {
+    fn key(&self) -> Key {
+        match self {
+            Held::Adapter(e) => Key::Adapter(e.id.clone()),
+            Held::Snapshot(s) => Key::Snapshot(s.session.clone()),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Held::Adapter(e) => e.bytes,
+            Held::Snapshot(s) => s.bytes,
+        }
+    }
+
+    fn is_removed(&self) -> bool {
+        match self {
+            Held::Adapter(e) => e.is_removed(),
+            Held::Snapshot(s) => s.is_removed(),
+        }
+    }
+
+    /// Whether it may leave memory now: no gradients not yet applied (they exist only
+    /// here), nobody reading it this instant.
+    fn idle(&self) -> bool {
+        match self {
+            Held::Adapter(e) => e.state.try_lock().is_some_and(|st| {
+                st.partial.is_none() && st.train.as_ref().is_none_or(|t| t.grads.pairs.is_empty())
+            }),
+            Held::Snapshot(s) => s.weights.try_lock().is_some(),
+        }
+    }
+}
+
 struct Slot {
-    entry: Arc<AdapterEntry>,
+    entry: Held,
     bytes: u64,
     pins: u32,
     /// Its key in `lru` while unpinned and resident.
@@ -137,9 +203,9 @@ struct Slot {
 #[derive(Default)]
 struct Inner {
     tick: u64,
-    slots: HashMap<AdapterId, Slot>,
+    slots: HashMap<Key, Slot>,
     /// Unpinned resident entries, least recently used first.
-    lru: BTreeMap<u64, AdapterId>,
+    lru: BTreeMap<u64, Key>,
     bytes: u64,
     peak: u64,
 }
@@ -150,14 +216,26 @@ impl Inner {
         self.peak = self.peak.max(self.bytes);
     }
 
-    fn touch_lru(&mut self, id: &AdapterId) {
+    fn touch_lru(&mut self, key: &Key) {
         self.tick += 1;
         let t = self.tick;
-        if let Some(s) = self.slots.get_mut(id) {
+        if let Some(s) = self.slots.get_mut(key) {
             self.lru.remove(&s.tick);
             s.tick = t;
-            self.lru.insert(t, id.clone());
+            self.lru.insert(t, key.clone());
         }
+    }
+
+    /// The least recently used entry that may go (unpinned, idle), marked `Evicting`.
+    fn take_victim(&mut self) -> Option<Held> {
+        let (tick, key) = self.lru.iter().find_map(|(t, key)| {
+            let s = self.slots.get(key)?;
+            s.entry.idle().then(|| (*t, key.clone()))
+        })?;
+        self.lru.remove(&tick);
+        let s = self.slots.get_mut(&key)?;
+        s.phase = Phase::Evicting;
+        Some(s.entry.clone())
     }
 }
 
@@ -193,12 +271,16 @@ impl Residency {
 
     pub fn snapshot(&self) -> ResidencySnapshot {
         let g = self.inner.lock();
-        ResidencySnapshot {
-            resident: g
-                .slots
+        let resident = |snap: bool| {
+            g.slots
                 .values()
                 .filter(|s| matches!(s.phase, Phase::Resident))
-                .count(),
+                .filter(|s| matches!(s.entry, Held::Snapshot(_)) == snap)
+                .count()
+        };
+        ResidencySnapshot {
+            resident: resident(false),
+            snapshots: resident(true),
             bytes: g.bytes,
             budget: self.budget,
             peak_bytes: g.peak,
@@ -208,39 +290,62 @@ impl Residency {
 
     /// Whether `id` is in memory now.
     pub fn is_resident(&self, id: &AdapterId) -> bool {
+        self.is_resident_key(&Key::Adapter(id.clone()))
+    }
+
+    /// Whether the snapshot of sampling session `id` is in memory now.
+    pub fn is_snapshot_resident(&self, id: &SessionId) -> bool {
+        self.is_resident_key(&Key::Snapshot(id.clone()))
+    }
+
+    fn is_resident_key(&self, key: &Key) -> bool {
         self.inner
             .lock()
             .slots
-            .get(id)
+            .get(key)
             .is_some_and(|s| matches!(s.phase, Phase::Resident))
     }
 
     /// Count an entry that is in memory already (created, or restored without a store),
     /// unpinned. Without a store this never waits nor evicts.
     pub(crate) fn admit_resident(&self, entry: &Arc<AdapterEntry>) {
+        self.admit(Held::Adapter(entry.clone()));
+    }
+
+    fn admit(&self, held: Held) {
         let mut g = self.inner.lock();
-        if g.slots.contains_key(&entry.id) {
+        Self::admit_locked(&mut g, held);
+    }
+
+    fn admit_locked(g: &mut Inner, held: Held) {
+        let key = held.key();
+        if g.slots.contains_key(&key) {
             return;
         }
-        g.add_bytes(entry.bytes);
+        let bytes = held.bytes();
+        g.add_bytes(bytes);
         g.slots.insert(
-            entry.id.clone(),
+            key.clone(),
             Slot {
-                entry: entry.clone(),
-                bytes: entry.bytes,
+                entry: held,
+                bytes,
                 pins: 0,
                 tick: 0,
                 phase: Phase::Resident,
             },
         );
-        g.touch_lru(&entry.id);
+        g.touch_lru(&key);
     }
 
     /// Pin `id` if it is resident (then it stays until [`Self::unpin`]). False: it is cold
     /// (or being evicted); load it with [`Self::load_pinned`].
     pub fn try_pin(&self, id: &AdapterId) -> bool {
+        self.try_pin_key(&Key::Adapter(id.clone()))
+    }
+
+    fn try_pin_key(&self, key: &Key) -> bool {
         let mut g = self.inner.lock();
-        let Some(s) = g.slots.get_mut(id) else {
+        let Some(s) = g.slots.get_mut(key) else {
             return false;
         };
         if !matches!(s.phase, Phase::Resident) {
@@ -255,18 +360,27 @@ impl Residency {
     /// Release one pin; the entry becomes the most recently used. An entry whose run was
     /// removed meanwhile leaves memory once its last pin goes.
     pub fn unpin(&self, id: &AdapterId) {
+        self.unpin_key(&Key::Adapter(id.clone()));
+    }
+
+    /// Release a sampling request's pin on a snapshot ([`SnapshotPin`] does on drop).
+    pub(crate) fn unpin_snapshot(&self, id: &SessionId) {
+        self.unpin_key(&Key::Snapshot(id.clone()));
+    }
+
+    fn unpin_key(&self, key: &Key) {
         let mut g = self.inner.lock();
-        let Some(s) = g.slots.get_mut(id) else {
+        let Some(s) = g.slots.get_mut(key) else {
             return;
         };
         s.pins = s.pins.saturating_sub(1);
         if s.pins == 0 {
             if s.entry.is_removed() {
                 let b = s.bytes;
-                g.slots.remove(id);
+                g.slots.remove(key);
                 g.bytes = g.bytes.saturating_sub(b);
             } else if matches!(s.phase, Phase::Resident) {
-                g.touch_lru(id);
+                g.touch_lru(key);
             }
         }
         drop(g);
@@ -275,16 +389,141 @@ impl Residency {
 
     /// The run is gone (deleted or unloaded): forget it now, or when its last pin goes.
     pub(crate) fn forget(&self, id: &AdapterId) {
+        self.forget_key(&Key::Adapter(id.clone()));
+    }
+
+    /// The session is gone: its snapshot leaves memory (now, or when the last request
+    /// using it ends) and its spilled copy is deleted.
+    pub(crate) fn forget_snapshot(&self, snap: &Snapshot) {
+        snap.mark_removed();
+        self.forget_key(&Key::Snapshot(snap.session.clone()));
+        if snap.spilled.load(Ordering::SeqCst) {
+            if let Some(p) = &self.persist {
+                if let Err(e) = p.drop_snapshot(&snap.tenant, &snap.session) {
+                    tracing::warn!(session = %snap.session, error = %e, "deleting a spilled snapshot failed");
+                }
+            }
+        }
+    }
+
+    fn forget_key(&self, key: &Key) {
         let mut g = self.inner.lock();
-        let pinned = g.slots.get(id).is_some_and(|s| s.pins > 0);
+        let pinned = g.slots.get(key).is_some_and(|s| s.pins > 0);
         if !pinned {
-            if let Some(s) = g.slots.remove(id) {
+            if let Some(s) = g.slots.remove(key) {
                 g.lru.remove(&s.tick);
                 g.bytes = g.bytes.saturating_sub(s.bytes);
             }
         }
         drop(g);
         self.freed.notify_all();
+    }
+
+    /// Count a new snapshot (its weights are in memory already), unpinned and most
+    /// recently used, if it fits in the budget now. It never waits or evicts (its caller
+    /// may be a lane): one that does not fit goes straight to disk, and the first request
+    /// on it reads it back. Without a store it is only counted.
+    pub fn admit_snapshot(&self, snap: &Arc<Snapshot>) -> Result<()> {
+        let Some(persist) = &self.persist else {
+            self.admit(Held::Snapshot(snap.clone()));
+            return Ok(());
+        };
+        {
+            let mut g = self.inner.lock();
+            if g.bytes + snap.bytes <= self.budget {
+                Self::admit_locked(&mut g, Held::Snapshot(snap.clone()));
+                return Ok(());
+            }
+        }
+        let mut w = snap.weights.lock();
+        if let Some(weights) = w.as_ref() {
+            persist.spill_snapshot(&snap.tenant, &snap.session, weights)?;
+            snap.spilled.store(true, Ordering::SeqCst);
+            self.stats.write_backs.fetch_add(1, Ordering::Relaxed);
+        }
+        *w = None;
+        Ok(())
+    }
+
+    /// Make a session's snapshot resident and pinned for one request, reading its spilled
+    /// copy if it is cold. Blocks like [`Self::load_pinned`]: run it on a blocking thread.
+    pub fn pin_snapshot(
+        self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
+        base: &BaseModel,
+    ) -> Result<SnapshotPin> {
+        let pin = |weights| SnapshotPin {
+            residency: self.clone(),
+            session: snap.session.clone(),
+            weights,
+        };
+        let key = Key::Snapshot(snap.session.clone());
+        let Some(persist) = self.persist.clone() else {
+            if !self.try_pin_key(&key) {
+                self.admit(Held::Snapshot(snap.clone()));
+                self.try_pin_key(&key);
+            }
+            let w = snap.resident_weights();
+            return w.map(pin).ok_or_else(|| {
+                self.unpin_key(&key);
+                Error::Unavailable("a sampling snapshot without its weights".into())
+            });
+        };
+        if snap.bytes > self.budget {
+            return Err(Error::invalid(
+                "sampling_session_id",
+                format!(
+                    "its weights need {} bytes of adapter memory; the server's budget \
+                     (--adapter-memory) is {}",
+                    snap.bytes, self.budget
+                ),
+            ));
+        }
+        let t = Instant::now();
+        let held = Held::Snapshot(snap.clone());
+        if !self.reserve(&held)? {
+            return match snap.resident_weights() {
+                Some(w) => Ok(pin(w)),
+                None => {
+                    self.unpin_key(&key);
+                    Err(Error::Unavailable(
+                        "a resident snapshot without weights".into(),
+                    ))
+                }
+            };
+        }
+        // Loading: nobody else touches the cell until the phase says resident.
+        let loaded = match snap.resident_weights() {
+            Some(w) => Ok(w),
+            None if snap.is_removed() => Err(Error::NotFound {
+                kind: "sampling session",
+                id: snap.session.to_string(),
+            }),
+            None => persist
+                .read_snapshot(&snap.tenant, &snap.session, base)
+                .map(Arc::new),
+        };
+        let mut g = self.inner.lock();
+        match loaded {
+            Ok(w) => {
+                *snap.weights.lock() = Some(w.clone());
+                if let Some(s) = g.slots.get_mut(&key) {
+                    s.phase = Phase::Resident;
+                }
+                drop(g);
+                self.freed.notify_all();
+                self.stats.observe_load(t.elapsed().as_secs_f64());
+                Ok(pin(w))
+            }
+            Err(e) => {
+                if let Some(s) = g.slots.remove(&key) {
+                    g.bytes = g.bytes.saturating_sub(s.bytes);
+                }
+                drop(g);
+                self.freed.notify_all();
+                Err(e)
+            }
+        }
     }
 
     /// Make `entry` resident and pinned once, reading its newest durable state from the
@@ -312,7 +551,8 @@ impl Residency {
         }
         // Load latency as a job sees it: waiting for memory and write-backs included.
         let t = Instant::now();
-        if !self.reserve(entry)? {
+        let key = Key::Adapter(entry.id.clone());
+        if !self.reserve(&Held::Adapter(entry.clone()))? {
             // It was resident already: pinned.
             return Ok(());
         }
@@ -333,7 +573,7 @@ impl Residency {
                     st.dirty = !clean;
                 }
                 let mut g = self.inner.lock();
-                if let Some(s) = g.slots.get_mut(&entry.id) {
+                if let Some(s) = g.slots.get_mut(&key) {
                     s.phase = Phase::Resident;
                 }
                 drop(g);
@@ -344,7 +584,7 @@ impl Residency {
             }
             Err(e) => {
                 let mut g = self.inner.lock();
-                if let Some(s) = g.slots.remove(&entry.id) {
+                if let Some(s) = g.slots.remove(&key) {
                     g.bytes = g.bytes.saturating_sub(s.bytes);
                 }
                 drop(g);
@@ -354,15 +594,17 @@ impl Residency {
         }
     }
 
-    /// Claim `entry.bytes` for a load of `entry`, evicting least recently used entries or
+    /// Claim the bytes of a load of `held`, evicting least recently used entries or
     /// waiting for pins to go. Returns false (and pins it) if it is resident already.
-    fn reserve(&self, entry: &Arc<AdapterEntry>) -> Result<bool> {
+    fn reserve(&self, held: &Held) -> Result<bool> {
+        let key = held.key();
+        let bytes = held.bytes();
         let mut g = self.inner.lock();
         loop {
-            match g.slots.get(&entry.id).map(|s| s.phase) {
+            match g.slots.get(&key).map(|s| s.phase) {
                 Some(Phase::Resident) => {
                     drop(g);
-                    if self.try_pin(&entry.id) {
+                    if self.try_pin_key(&key) {
                         return Ok(false);
                     }
                     g = self.inner.lock();
@@ -375,13 +617,13 @@ impl Residency {
                 }
                 None => {}
             }
-            if g.bytes + entry.bytes <= self.budget {
-                g.add_bytes(entry.bytes);
+            if g.bytes + bytes <= self.budget {
+                g.add_bytes(bytes);
                 g.slots.insert(
-                    entry.id.clone(),
+                    key.clone(),
                     Slot {
-                        entry: entry.clone(),
-                        bytes: entry.bytes,
+                        entry: held.clone(),
+                        bytes,
                         pins: 1,
                         tick: 0,
                         phase: Phase::Loading,
@@ -389,69 +631,84 @@ impl Residency {
                 );
                 return Ok(true);
             }
-            // The least recently used entry that may go: unpinned, no pending gradients,
-            // nobody reading it right now.
-            let victim = g.lru.iter().find_map(|(t, id)| {
-                let s = g.slots.get(id)?;
-                let st = s.entry.state.try_lock()?;
-                let idle = st.partial.is_none()
-                    && st.train.as_ref().is_none_or(|t| t.grads.pairs.is_empty());
-                idle.then(|| (*t, id.clone()))
-            });
-            let Some((tick, vid)) = victim else {
+            let Some(victim) = g.take_victim() else {
                 // A reader holding a candidate's lock does not signal: look again soon.
                 self.freed.wait_for(&mut g, Duration::from_millis(20));
                 continue;
             };
-            g.lru.remove(&tick);
-            let Some(s) = g.slots.get_mut(&vid) else {
-                continue;
-            };
-            s.phase = Phase::Evicting;
-            let victim = s.entry.clone();
             drop(g);
-            let r = self.evict(&victim);
+            self.finish_eviction(&victim)?;
             g = self.inner.lock();
-            match r {
-                Ok(()) => {
-                    if let Some(s) = g.slots.remove(&vid) {
-                        g.bytes = g.bytes.saturating_sub(s.bytes);
-                    }
-                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    // It stays (its state is not on disk); this load fails rather than
-                    // lose an acknowledged step.
-                    if let Some(s) = g.slots.get_mut(&vid) {
-                        s.phase = Phase::Resident;
-                    }
-                    g.touch_lru(&vid);
-                    drop(g);
-                    self.freed.notify_all();
-                    tracing::error!(model = %vid, error = %e, "adapter write-back failed");
-                    return Err(Error::Unavailable(format!(
-                        "no adapter memory: writing back {vid} failed: {e}"
-                    )));
-                }
-            }
-            self.freed.notify_all();
         }
     }
 
-    /// Drop a victim's state, writing it back first if it is dirty.
-    fn evict(&self, victim: &AdapterEntry) -> Result<()> {
-        let mut st = victim.state.lock();
-        if st.dirty {
-            if let (Some(p), Some(t)) = (&self.persist, &st.train) {
-                if !victim.is_removed() {
-                    p.write_back(&victim.tenant, &victim.id, t)?;
-                    self.stats.write_backs.fetch_add(1, Ordering::Relaxed);
+    /// Evict a victim `take_victim` marked: its bytes are freed, or (a failed write-back)
+    /// it stays resident and the error says why.
+    fn finish_eviction(&self, victim: &Held) -> Result<()> {
+        let key = victim.key();
+        let r = self.evict(victim);
+        let mut g = self.inner.lock();
+        match r {
+            Ok(()) => {
+                if let Some(s) = g.slots.remove(&key) {
+                    g.bytes = g.bytes.saturating_sub(s.bytes);
                 }
+                drop(g);
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                self.freed.notify_all();
+                Ok(())
+            }
+            Err(e) => {
+                // It stays (its state is not on disk); the load fails rather than lose
+                // an acknowledged step.
+                if let Some(s) = g.slots.get_mut(&key) {
+                    s.phase = Phase::Resident;
+                }
+                g.touch_lru(&key);
+                drop(g);
+                self.freed.notify_all();
+                tracing::error!(entry = %key, error = %e, "write-back failed");
+                Err(Error::Unavailable(format!(
+                    "no adapter memory: writing back {key} failed: {e}"
+                )))
             }
         }
-        st.train = None;
-        st.dirty = false;
-        tracing::debug!(model = %victim.id, "adapter evicted");
+    }
+
+    /// Drop a victim's state, writing it back first if it is not on disk yet.
+    fn evict(&self, victim: &Held) -> Result<()> {
+        match victim {
+            Held::Adapter(victim) => {
+                let mut st = victim.state.lock();
+                if st.dirty {
+                    if let (Some(p), Some(t)) = (&self.persist, &st.train) {
+                        if !victim.is_removed() {
+                            p.write_back(&victim.tenant, &victim.id, t)?;
+                            self.stats.write_backs.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                st.train = None;
+                st.dirty = false;
+                tracing::debug!(model = %victim.id, "adapter evicted");
+            }
+            Held::Snapshot(snap) => {
+                let mut w = snap.weights.lock();
+                if !snap.spilled.load(Ordering::SeqCst) && !snap.is_removed() {
+                    if let (Some(p), Some(weights)) = (&self.persist, w.as_ref()) {
+                        p.spill_snapshot(&snap.tenant, &snap.session, weights)?;
+                        snap.spilled.store(true, Ordering::SeqCst);
+                        self.stats.write_backs.fetch_add(1, Ordering::Relaxed);
+                        if snap.is_removed() {
+                            // Its session went while it was written.
+                            let _ = p.drop_snapshot(&snap.tenant, &snap.session);
+                        }
+                    }
+                }
+                *w = None;
+                tracing::debug!(session = %snap.session, "snapshot evicted");
+            }
+        }
         Ok(())
     }
 }

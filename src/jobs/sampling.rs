@@ -217,6 +217,8 @@ pub(crate) struct SampleJob {
     pub future: FutureId,
     pub tenant: TenantId,
     pub session: Arc<Session>,
+    /// Its snapshot's weights, pinned in memory until the job is dropped.
+    pub pin: Option<super::snapshot::SnapshotPin>,
     pub req: Arc<SampleRequest>,
     pub span: tracing::Span,
 }
@@ -565,7 +567,7 @@ impl Sampler {
                 tenant: job.tenant.clone(),
                 index,
                 req: job.req.clone(),
-                weights: job.session.weights.clone(),
+                weights: job.pin.as_ref().map(|p| p.weights.clone()),
                 owner: owner.clone(),
                 seq: Sequence::new(SplitMix64::new(base_seed.wrapping_add(index as u64))),
                 deferred: false,

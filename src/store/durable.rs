@@ -15,7 +15,7 @@ use super::error::StoreError;
 use crate::error::{Error, Result};
 use crate::jobs::history::{HistorySink, MetricPoint};
 use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist, RunMeta};
-use crate::jobs::{AdapterId, Engine, TenantId, UserMetadata};
+use crate::jobs::{AdapterId, Engine, SessionId, TenantId, UserMetadata};
 use crate::lora::{LoraConfig, LoraWeights};
 use crate::model::BaseModel;
 use crate::train::TrainableAdapter;
@@ -41,6 +41,9 @@ pub struct Durable {
     db: Db,
     checkpoints: CheckpointStore,
     plugin_dir: PathBuf,
+    /// Spilled sampling snapshots, `<tenant>/<session>` (cleared when the store opens:
+    /// sessions do not outlive the process).
+    snapshot_dir: PathBuf,
     /// The default base's name: a run created without one is recorded on it.
     base_model: String,
     /// Automatic checkpoint every this many optimizer steps (`None`: by adapter size).
@@ -97,11 +100,19 @@ impl Durable {
             CheckpointStore::open(data_dir.join("checkpoints")).map_err(store_err)?;
         let plugin_dir = data_dir.join("plugins");
         std::fs::create_dir_all(&plugin_dir)?;
+        let snapshot_dir = data_dir.join("snapshots");
+        match std::fs::remove_dir_all(&snapshot_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Arc::new(Durable {
             rt,
             db,
             checkpoints,
             plugin_dir,
+            snapshot_dir,
             base_model: base_model.to_owned(),
             auto_every,
         }))
@@ -596,6 +607,42 @@ impl Persist for Durable {
         Ok(ck.into_trainable())
     }
 
+    fn spill_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        weights: &LoraWeights,
+    ) -> Result<()> {
+        let dir = self.snapshot_path(tenant, session)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        super::checkpoint::write_checkpoint(&dir, CheckpointKind::Sampler, weights, None)
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    fn read_snapshot(
+        &self,
+        tenant: &TenantId,
+        session: &SessionId,
+        base: &BaseModel,
+    ) -> Result<LoraWeights> {
+        let dir = self.snapshot_path(tenant, session)?;
+        let ck = super::checkpoint::read_checkpoint(&dir, &base.device).map_err(store_err)?;
+        ck.check_model(&base.config).map_err(store_err)?;
+        Ok(ck.weights)
+    }
+
+    fn drop_snapshot(&self, tenant: &TenantId, session: &SessionId) -> Result<()> {
+        let dir = self.snapshot_path(tenant, session)?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
         let (model, kind, name) = split_name(&c.name)?;
         let (db, t, path) = (
@@ -785,6 +832,16 @@ impl HistorySink for DurableHistory {
 }
 
 impl Durable {
+    /// Where a session's spilled snapshot lives (whether or not it exists).
+    fn snapshot_path(&self, tenant: &TenantId, session: &SessionId) -> Result<PathBuf> {
+        super::checkpoint::check_name("tenant", tenant.as_str()).map_err(store_err)?;
+        super::checkpoint::check_name("session", session.as_str()).map_err(store_err)?;
+        Ok(self
+            .snapshot_dir
+            .join(tenant.as_str())
+            .join(session.as_str()))
+    }
+
     /// A model's automatic checkpoints: they only bring a loaded model back after a
     /// restart, so they go when it is unloaded or deleted.
     fn delete_auto_checkpoints(&self, tenant: &TenantId, model: &AdapterId) -> Result<()> {

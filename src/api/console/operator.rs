@@ -121,6 +121,7 @@ fn residency(s: &Shared) -> Option<Vec<Value>> {
     let row = |name: &str, value: String| json!({ "name": name, "value": value });
     Some(vec![
         row("resident adapters", snap.resident.to_string()),
+        row("resident sampling snapshots", snap.snapshots.to_string()),
         row("in use (pinned)", snap.pinned.to_string()),
         row(
             "resident bytes / budget",
