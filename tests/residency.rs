@@ -4,7 +4,8 @@
 //! never exceeded; when pinned adapters fill it, new work waits and then completes; a
 //! tenant whose adapter is cold does not hold up another tenant's resident work; after a
 //! restart, runs are listed without loading any adapter, and continue exactly; sampling
-//! snapshots share the budget, leave memory to disk and sample identically when read back.
+//! snapshots share the budget, leave memory to disk and sample identically when read back;
+//! gradients not yet applied leave memory with their adapter and come back exactly.
 
 mod common;
 
@@ -473,4 +474,62 @@ async fn sampling_snapshots_share_the_budget_leave_memory_and_sample_identically
     assert!(!res.is_snapshot_resident(&s1));
     let r = e.residency();
     assert!(r.bytes <= budget, "{r:?}");
+}
+
+/// Two tenants interleave forward_backward calls and apply them with one optim_step each
+/// at the end: with room for one adapter, each call evicts the other adapter holding
+/// gradients not yet applied. Returns the losses and the final weights.
+async fn accumulate_in_turns(e: &Engine) -> Vec<(Vec<f64>, Vec<u32>)> {
+    let m = e.base_model().await.unwrap();
+    let ts = [TenantId::from("ann"), TenantId::from("bob")];
+    let mut ids = Vec::new();
+    for (i, t) in ts.iter().enumerate() {
+        ids.push(e.create_model(t, lora(21 + i as u64)).await.unwrap());
+    }
+    let mut rngs = [SplitMix64::new(7), SplitMix64::new(8)];
+    let mut losses = vec![Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for i in 0..2 {
+            let d = batch(&mut rngs[i], m.config.vocab_size);
+            let f = e.submit(&ts[i], &ids[i], None, fb(d)).await.unwrap();
+            losses[i].push(loss_of(&e.result(&ts[i], &f, T).await.expect("fb")));
+        }
+    }
+    let mut out = Vec::new();
+    for i in 0..2 {
+        let f = e
+            .submit(&ts[i], &ids[i], None, Op::OptimStep(adam()))
+            .await
+            .unwrap();
+        e.result(&ts[i], &f, T).await.expect("step");
+        let w = e.adapter_weights(&ts[i], &ids[i]).await.unwrap();
+        out.push((std::mem::take(&mut losses[i]), bits(&w)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gradients_not_yet_applied_leave_memory_with_their_adapter() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let resident = engine(&m, &dir.path().join("a"), 1 << 30, None);
+    let want = accumulate_in_turns(&resident).await;
+    let budget = one_adapter(&m);
+    let tight = engine(&m, &dir.path().join("b"), budget, None);
+    let got = accumulate_in_turns(&tight).await;
+    assert_eq!(got, want, "losses and weights with and without eviction");
+    let res = tight.registry().residency();
+    let evictions = res
+        .stats
+        .evictions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(evictions >= 5, "evictions {evictions}");
+    let snap = tight.residency();
+    assert!(snap.peak_bytes <= budget, "{snap:?}");
+    // Nothing is left in the gradient folder once they were applied.
+    let left = std::fs::read_dir(dir.path().join("b").join("grads"))
+        .unwrap()
+        .flat_map(|t| std::fs::read_dir(t.unwrap().path()).unwrap())
+        .count();
+    assert_eq!(left, 0);
 }

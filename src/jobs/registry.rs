@@ -73,6 +73,22 @@ pub trait Persist: Send + Sync {
         model: &AdapterId,
         state: &TrainableAdapter,
     ) -> Result<()>;
+    /// Write an adapter's accumulated gradients (not yet applied by an optim_step) to the
+    /// store's gradient folder: the adapter is leaving memory with them.
+    fn spill_grads(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        weights: &LoraWeights,
+        grads: &LoraGrads,
+    ) -> Result<()>;
+    /// Spilled gradients of `model`, read back and removed from disk (`None`: none there).
+    fn take_grads(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        base: &BaseModel,
+    ) -> Result<Option<LoraGrads>>;
     /// Write a sampling snapshot's weights to the store's snapshot folder (it is leaving
     /// memory; atomically: a reader sees the whole file or none).
     fn spill_snapshot(

@@ -4,7 +4,9 @@
 //!
 //! Entries are kept in LRU order of last use. An entry is *pinned* while a job uses it (the
 //! scheduler holds one pin per model queue with outstanding work); only unpinned entries
-//! are evicted, and never one holding gradients not yet applied (they exist only here).
+//! are evicted. Gradients accumulated by forward_backward and not yet applied leave with
+//! their adapter ([`Persist::spill_grads`]) and come back with it, so a tenant holding
+//! gradients on many runs cannot fill the budget for everyone else.
 //! Evicting an entry whose durable state is current writes nothing; a *dirty* one (a step
 //! acknowledged but not yet in its automatic checkpoint, `LORAPLEX_AUTO_CHECKPOINT_STEPS`
 //! above 1, or weights replaced by `load_state`) is written back first, atomically, through
@@ -179,12 +181,17 @@ impl Held {
         }
     }
 
-    /// Whether it may leave memory now: no gradients not yet applied (they exist only
-    /// here), nobody reading it this instant.
-    fn idle(&self) -> bool {
+    /// Whether it may leave memory now: nobody reading it this instant, no request split
+    /// across batches half done, and gradients not yet applied either absent or (with a
+    /// store, `spills`) complete, so eviction can write them too.
+    fn idle(&self, spills: bool) -> bool {
         match self {
             Held::Adapter(e) => e.state.try_lock().is_some_and(|st| {
-                st.partial.is_none() && st.train.as_ref().is_none_or(|t| t.grads.pairs.is_empty())
+                st.partial.is_none()
+                    && st.train.as_ref().is_none_or(|t| {
+                        t.grads.pairs.is_empty()
+                            || (spills && t.grads.pairs.len() == t.weights.pairs.len())
+                    })
             }),
             Held::Snapshot(s) => s.weights.try_lock().is_some(),
         }
@@ -227,10 +234,10 @@ impl Inner {
     }
 
     /// The least recently used entry that may go (unpinned, idle), marked `Evicting`.
-    fn take_victim(&mut self) -> Option<Held> {
+    fn take_victim(&mut self, spills: bool) -> Option<Held> {
         let (tick, key) = self.lru.iter().find_map(|(t, key)| {
             let s = self.slots.get(key)?;
-            s.entry.idle().then(|| (*t, key.clone()))
+            s.entry.idle(spills).then(|| (*t, key.clone()))
         })?;
         self.lru.remove(&tick);
         let s = self.slots.get_mut(&key)?;
@@ -562,7 +569,15 @@ impl Residency {
                 id: entry.id.to_string(),
             })
         } else {
-            persist.load_adapter(&entry.tenant, &entry.id, &entry.config, base)
+            persist
+                .load_adapter(&entry.tenant, &entry.id, &entry.config, base)
+                .and_then(|(mut train, clean)| {
+                    // Gradients it left memory with come back with it.
+                    if let Some(g) = persist.take_grads(&entry.tenant, &entry.id, base)? {
+                        train.grads = g;
+                    }
+                    Ok((train, clean))
+                })
         };
         match loaded {
             Ok((train, clean)) => {
@@ -631,7 +646,7 @@ impl Residency {
                 );
                 return Ok(true);
             }
-            let Some(victim) = g.take_victim() else {
+            let Some(victim) = g.take_victim(self.persist.is_some()) else {
                 // A reader holding a candidate's lock does not signal: look again soon.
                 self.freed.wait_for(&mut g, Duration::from_millis(20));
                 continue;
@@ -680,6 +695,12 @@ impl Residency {
         match victim {
             Held::Adapter(victim) => {
                 let mut st = victim.state.lock();
+                if let (Some(p), Some(t)) = (&self.persist, &st.train) {
+                    if !t.grads.pairs.is_empty() && !victim.is_removed() {
+                        p.spill_grads(&victim.tenant, &victim.id, &t.weights, &t.grads)?;
+                        self.stats.write_backs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if st.dirty {
                     if let (Some(p), Some(t)) = (&self.persist, &st.train) {
                         if !victim.is_removed() {

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::jobs::history::{HistorySink, MetricPoint};
 use crate::jobs::registry::{AdapterEntry, Checkpoint, Persist, RunMeta};
 use crate::jobs::{AdapterId, Engine, SessionId, TenantId, UserMetadata};
-use crate::lora::{LoraConfig, LoraWeights};
+use crate::lora::{LoraConfig, LoraGrads, LoraWeights};
 use crate::model::BaseModel;
 use crate::train::TrainableAdapter;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,9 @@ pub struct Durable {
     /// Spilled sampling snapshots, `<tenant>/<session>` (cleared when the store opens:
     /// sessions do not outlive the process).
     snapshot_dir: PathBuf,
+    /// Spilled gradients of evicted adapters, `<tenant>/<model>` (cleared when the store
+    /// opens: gradients not yet applied were never durable).
+    grads_dir: PathBuf,
     /// The default base's name: a run created without one is recorded on it.
     base_model: String,
     /// Automatic checkpoint every this many optimizer steps (`None`: by adapter size).
@@ -101,18 +104,22 @@ impl Durable {
         let plugin_dir = data_dir.join("plugins");
         std::fs::create_dir_all(&plugin_dir)?;
         let snapshot_dir = data_dir.join("snapshots");
-        match std::fs::remove_dir_all(&snapshot_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        let grads_dir = data_dir.join("grads");
+        for dir in [&snapshot_dir, &grads_dir] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            std::fs::create_dir_all(dir)?;
         }
-        std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Arc::new(Durable {
             rt,
             db,
             checkpoints,
             plugin_dir,
             snapshot_dir,
+            grads_dir,
             base_model: base_model.to_owned(),
             auto_every,
         }))
@@ -607,6 +614,65 @@ impl Persist for Durable {
         Ok(ck.into_trainable())
     }
 
+    fn spill_grads(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        weights: &LoraWeights,
+        grads: &LoraGrads,
+    ) -> Result<()> {
+        let dir = self.grads_path(tenant, model)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        remove_dir_if_there(&dir)?;
+        // Stored like a sampler checkpoint: the same sites and shapes as the weights.
+        let as_weights = LoraWeights {
+            config: weights.config.clone(),
+            scale: weights.scale,
+            pairs: grads
+                .pairs
+                .iter()
+                .map(|(site, (a, b))| {
+                    (
+                        *site,
+                        crate::lora::LoraPair {
+                            a: a.clone(),
+                            b: b.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        super::checkpoint::write_checkpoint(&dir, CheckpointKind::Sampler, &as_weights, None)
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    fn take_grads(
+        &self,
+        tenant: &TenantId,
+        model: &AdapterId,
+        base: &BaseModel,
+    ) -> Result<Option<LoraGrads>> {
+        let dir = self.grads_path(tenant, model)?;
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let ck = super::checkpoint::read_checkpoint(&dir, &base.device).map_err(store_err)?;
+        ck.check_model(&base.config).map_err(store_err)?;
+        let grads = LoraGrads {
+            pairs: ck
+                .weights
+                .pairs
+                .into_iter()
+                .map(|(site, p)| (site, (p.a, p.b)))
+                .collect(),
+        };
+        remove_dir_if_there(&dir)?;
+        Ok(Some(grads))
+    }
+
     fn spill_snapshot(
         &self,
         tenant: &TenantId,
@@ -635,12 +701,7 @@ impl Persist for Durable {
     }
 
     fn drop_snapshot(&self, tenant: &TenantId, session: &SessionId) -> Result<()> {
-        let dir = self.snapshot_path(tenant, session)?;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        remove_dir_if_there(&self.snapshot_path(tenant, session)?)
     }
 
     fn delete_checkpoint(&self, tenant: &TenantId, c: &Checkpoint) -> Result<()> {
@@ -785,6 +846,7 @@ impl Persist for Durable {
         let (db, t, m) = (self.db.clone(), tenant.clone(), model.clone());
         self.block(async move { db.mark_model_unloaded(&t, &m, step, last_request).await })
             .map_err(store_err)?;
+        remove_dir_if_there(&self.grads_path(tenant, model)?)?;
         self.delete_auto_checkpoints(tenant, model)
     }
 
@@ -801,6 +863,7 @@ impl Persist for Durable {
             })
             .map_err(store_err)?;
         drop(cks);
+        remove_dir_if_there(&self.grads_path(tenant, model)?)?;
         self.delete_auto_checkpoints(tenant, model)?;
         let dir = self
             .checkpoints
@@ -831,7 +894,23 @@ impl HistorySink for DurableHistory {
     }
 }
 
+/// Remove a directory tree; one that is not there is fine.
+fn remove_dir_if_there(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Durable {
+    /// Where a model's spilled gradients live (whether or not they exist).
+    fn grads_path(&self, tenant: &TenantId, model: &AdapterId) -> Result<PathBuf> {
+        super::checkpoint::check_name("tenant", tenant.as_str()).map_err(store_err)?;
+        let m = model_dir_name(model).map_err(store_err)?;
+        Ok(self.grads_dir.join(tenant.as_str()).join(m))
+    }
+
     /// Where a session's spilled snapshot lives (whether or not it exists).
     fn snapshot_path(&self, tenant: &TenantId, session: &SessionId) -> Result<PathBuf> {
         super::checkpoint::check_name("tenant", tenant.as_str()).map_err(store_err)?;
