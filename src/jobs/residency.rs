@@ -476,16 +476,7 @@ impl Residency {
                 Error::Unavailable("a sampling snapshot without its weights".into())
             });
         };
-        if snap.bytes > self.budget {
-            return Err(Error::invalid(
-                "sampling_session_id",
-                format!(
-                    "its weights need {} bytes of adapter memory; the server's budget \
-                     (--adapter-memory) is {}",
-                    snap.bytes, self.budget
-                ),
-            ));
-        }
+        self.fits("sampling_session_id", "its weights need", snap.bytes)?;
         let t = Instant::now();
         let held = Held::Snapshot(snap.clone());
         if !self.reserve(&held)? {
@@ -510,26 +501,29 @@ impl Residency {
                 .read_snapshot(&snap.tenant, &snap.session, base)
                 .map(Arc::new),
         };
+        if let Ok(w) = &loaded {
+            *snap.weights.lock() = Some(w.clone());
+        }
+        self.settle_load(&key, loaded.is_ok(), t);
+        loaded.map(pin)
+    }
+
+    /// A load reserved by [`Self::reserve`] ended: resident (and pinned), or its bytes
+    /// freed after a failure. Wakes whoever waits for memory or for this entry.
+    fn settle_load(&self, key: &Key, ok: bool, started: Instant) {
         let mut g = self.inner.lock();
-        match loaded {
-            Ok(w) => {
-                *snap.weights.lock() = Some(w.clone());
-                if let Some(s) = g.slots.get_mut(&key) {
-                    s.phase = Phase::Resident;
-                }
-                drop(g);
-                self.freed.notify_all();
-                self.stats.observe_load(t.elapsed().as_secs_f64());
-                Ok(pin(w))
+        if ok {
+            if let Some(s) = g.slots.get_mut(key) {
+                s.phase = Phase::Resident;
             }
-            Err(e) => {
-                if let Some(s) = g.slots.remove(&key) {
-                    g.bytes = g.bytes.saturating_sub(s.bytes);
-                }
-                drop(g);
-                self.freed.notify_all();
-                Err(e)
-            }
+        } else if let Some(s) = g.slots.remove(key) {
+            g.bytes = g.bytes.saturating_sub(s.bytes);
+        }
+        drop(g);
+        self.freed.notify_all();
+        if ok {
+            self.stats.observe_load(started.elapsed().as_secs_f64());
+            tracing::debug!(entry = %key, seconds = started.elapsed().as_secs_f32(), "loaded");
         }
     }
 
@@ -546,16 +540,7 @@ impl Residency {
             self.try_pin(&entry.id);
             return Ok(());
         };
-        if entry.bytes > self.budget {
-            return Err(Error::invalid(
-                "model_id",
-                format!(
-                    "this adapter needs {} bytes of adapter memory; the server's budget \
-                     (--adapter-memory) is {}",
-                    entry.bytes, self.budget
-                ),
-            ));
-        }
+        self.fits("model_id", "this adapter needs", entry.bytes)?;
         // Load latency as a job sees it: waiting for memory and write-backs included.
         let t = Instant::now();
         let key = Key::Adapter(entry.id.clone());
@@ -579,34 +564,30 @@ impl Residency {
                     Ok((train, clean))
                 })
         };
-        match loaded {
-            Ok((train, clean)) => {
-                {
-                    let mut st = entry.state.lock();
-                    st.step = train.optim.step;
-                    st.train = Some(train);
-                    st.dirty = !clean;
-                }
-                let mut g = self.inner.lock();
-                if let Some(s) = g.slots.get_mut(&key) {
-                    s.phase = Phase::Resident;
-                }
-                drop(g);
-                self.freed.notify_all();
-                self.stats.observe_load(t.elapsed().as_secs_f64());
-                tracing::debug!(model = %entry.id, seconds = t.elapsed().as_secs_f32(), "adapter loaded");
-                Ok(())
-            }
-            Err(e) => {
-                let mut g = self.inner.lock();
-                if let Some(s) = g.slots.remove(&key) {
-                    g.bytes = g.bytes.saturating_sub(s.bytes);
-                }
-                drop(g);
-                self.freed.notify_all();
-                Err(e)
-            }
+        let ok = loaded.is_ok();
+        let r = loaded.map(|(train, clean)| {
+            let mut st = entry.state.lock();
+            st.step = train.optim.step;
+            st.train = Some(train);
+            st.dirty = !clean;
+        });
+        self.settle_load(&key, ok, t);
+        r
+    }
+
+    /// Refuse an entry bigger than the whole budget (it could never be loaded).
+    fn fits(&self, field: &'static str, what: &str, bytes: u64) -> Result<()> {
+        if bytes <= self.budget {
+            return Ok(());
         }
+        Err(Error::invalid(
+            field,
+            format!(
+                "{what} {bytes} bytes of adapter memory; the server's budget \
+                 (--adapter-memory) is {}",
+                self.budget
+            ),
+        ))
     }
 
     /// Claim the bytes of a load of `held`, evicting least recently used entries or

@@ -10,6 +10,7 @@
 
 pub mod http;
 pub mod server;
+pub mod wire;
 
 use candle_core::{DType, Device, Tensor};
 use loraplex::lora::{LoraConfig, LoraWeights, Target};
