@@ -11,50 +11,13 @@ mod common;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
+use common::http::durable_app as server;
 use common::http::*;
 use http_body_util::BodyExt;
-use loraplex::api::Shared;
-use loraplex::config::{EngineConfig, ModelArgs, ServeConfig, DEFAULT_MODEL_NAME};
+use loraplex::config::DEFAULT_MODEL_NAME;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tower::ServiceExt;
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "loraplex-console-{tag}-{}-{}",
-        std::process::id(),
-        loraplex::jobs::FutureId::generate()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A server on a data directory, as `loraplex serve` builds it, on a runtime of its own so
-/// that it can be dropped and built again (a restart).
-struct Server {
-    rt: tokio::runtime::Runtime,
-    app: Router,
-    state: Shared,
-}
-
-fn server(data: &Path, f: impl FnOnce(&mut ServeConfig)) -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut serve = ServeConfig::for_tests(data.to_owned());
-    serve.long_poll_ms = 2_000;
-    f(&mut serve);
-    let model = ModelArgs {
-        model_path: common::model_path(),
-        model_name: DEFAULT_MODEL_NAME.into(),
-    };
-    let (state, app) = rt
-        .block_on(loraplex::api::build(serve, model, EngineConfig::default()))
-        .expect("build");
-    Server { rt, app, state }
-}
 
 /// Keys with tenants `alice` and `bob`, and an operator key.
 const KEYS: &str = "tml-alice alice\ntml-bob bob\ntml-root ops operator\n";

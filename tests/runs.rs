@@ -11,53 +11,16 @@ mod common;
 
 use axum::http::{Method, StatusCode};
 use axum::Router;
+use common::http::durable_app as durable;
 use common::http::*;
 use loraplex::api::proto;
-use loraplex::api::Shared;
-use loraplex::config::{EngineConfig, ModelArgs, ServeConfig, DEFAULT_MODEL_NAME};
+use loraplex::config::DEFAULT_MODEL_NAME;
 use loraplex::jobs::AdapterId;
 use loraplex::lora::Site;
 use loraplex::store::peft::peft_tensor_name;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "loraplex-runs-{tag}-{}-{}",
-        std::process::id(),
-        loraplex::jobs::FutureId::generate()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A server on a data directory (database, checkpoint files), as `loraplex serve` builds
-/// it, on a runtime of its own so that it can be dropped and built again (a restart).
-struct Durable {
-    rt: tokio::runtime::Runtime,
-    app: Router,
-    state: Shared,
-}
-
-fn durable(data: &Path, f: impl FnOnce(&mut ServeConfig)) -> Durable {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut serve = ServeConfig::for_tests(data.to_owned());
-    serve.long_poll_ms = 2_000;
-    f(&mut serve);
-    let model = ModelArgs {
-        model_path: common::model_path(),
-        model_name: DEFAULT_MODEL_NAME.into(),
-    };
-    let (state, app) = rt
-        .block_on(loraplex::api::build(serve, model, EngineConfig::default()))
-        .expect("build");
-    Durable { rt, app, state }
-}
 
 async fn session(app: &Router, key: &str, meta: Value) -> String {
     post(

@@ -341,3 +341,41 @@ pub async fn tinker_model(app: &Router, key: &str) -> (String, String) {
     assert_eq!(model, format!("{session}:train:0"));
     (session, model)
 }
+
+/// A fresh directory under the system's temp dir, unique per process and call.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "loraplex-{tag}-{}-{}",
+        std::process::id(),
+        loraplex::jobs::FutureId::generate()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A server on a data directory (database, checkpoint files), as `loraplex serve` builds
+/// it, on a runtime of its own so that it can be dropped and built again (a restart).
+pub struct DurableApp {
+    pub rt: tokio::runtime::Runtime,
+    pub app: Router,
+    pub state: Shared,
+}
+
+pub fn durable_app(data: &std::path::Path, f: impl FnOnce(&mut ServeConfig)) -> DurableApp {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut serve = ServeConfig::for_tests(data.to_owned());
+    serve.long_poll_ms = 2_000;
+    f(&mut serve);
+    let model = loraplex::config::ModelArgs {
+        model_path: super::model_path(),
+        model_name: loraplex::config::DEFAULT_MODEL_NAME.into(),
+    };
+    let (state, app) = rt
+        .block_on(loraplex::api::build(serve, model, EngineConfig::default()))
+        .expect("build");
+    DurableApp { rt, app, state }
+}
