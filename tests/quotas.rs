@@ -462,6 +462,7 @@ fn usage_is_right_after_a_restart_and_a_refused_save_writes_nothing() {
     let model_args = ModelArgs {
         model_path: common::model_path(),
         model_name: MODEL.into(),
+        base_dtype: Default::default(),
     };
     let run = |phase: u8| {
         let (serve, model_args) = (serve.clone(), model_args.clone());

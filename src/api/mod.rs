@@ -202,6 +202,7 @@ pub async fn build(
         .iter()
         .map(|spec| {
             let (path, name) = (spec.path.clone(), spec.name.clone());
+            let base_dtype = spec.base_dtype.unwrap_or_default();
             let loader: ModelLoader = Arc::new(move || {
                 let t = Instant::now();
                 tracing::info!(base = %name, path = %path.display(), "loading a base model");
@@ -209,7 +210,7 @@ pub async fn build(
                 let bar = Arc::new(crate::progress::Bar::new(format!("loading {name}")));
                 let b = bar.clone();
                 crate::model::weights::on_layer_loading(Some(Box::new(move |i, n| b.set(i, n))));
-                let loaded = BaseModel::load(&path, &name, &dev, dt);
+                let loaded = BaseModel::load_as(&path, &name, &dev, dt, base_dtype);
                 crate::model::weights::on_layer_loading(None);
                 let m = loaded?;
                 bar.finish(m.config.num_layers);
@@ -221,6 +222,7 @@ pub async fn build(
                     layers = m.config.num_layers,
                     vocab = m.config.vocab_size,
                     weight_bytes = m.weight_bytes(),
+                    weights = %m.weights.layout(),
                     "base model loaded"
                 );
                 Ok(Arc::new(m))

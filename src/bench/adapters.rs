@@ -240,13 +240,8 @@ pub fn adapters(args: &AdaptersBenchArgs) -> Result<String> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (dev, dt) = crate::model::default_device();
-    let model = Arc::new(BaseModel::load(
-        &args.model.model_path,
-        &args.model.model_name,
-        &dev,
-        dt,
-    )?);
+    let (dev, _) = crate::model::default_device();
+    let model = Arc::new(BaseModel::open(&args.model)?);
     let vocab = model.config.vocab_size;
     let per_entry = entry_bytes(&lora(0), &model.config);
     // On disk: weights and two moments (the automatic checkpoint), plus one being written.

@@ -123,13 +123,8 @@ pub fn sampling(args: &SamplingBenchArgs) -> Result<String> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (dev, dt) = crate::model::default_device();
-    let model = Arc::new(BaseModel::load(
-        &args.model.model_path,
-        &args.model.model_name,
-        &dev,
-        dt,
-    )?);
+    let (dev, _) = crate::model::default_device();
+    let model = Arc::new(BaseModel::open(&args.model)?);
     let n = args.samples.max(1);
     let unshared = EngineConfig {
         share_prompt_kv: false,

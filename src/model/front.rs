@@ -155,7 +155,7 @@ impl BaseModel {
         xf: &Tensor,
         lora: Option<(&LoraPair, f64)>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut logits = self.backend.linear(xf, &self.weights.lm_head)?;
+        let mut logits = self.backend.linear(self, xf, &self.weights.lm_head)?;
         let mut xa = None;
         if let Some((p, scale)) = lora {
             let a = xf.matmul(&p.a.to_dtype(xf.dtype())?.t()?)?;

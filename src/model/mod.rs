@@ -19,7 +19,8 @@ pub use config::{Arch, LlamaConfig};
 pub use front::{InferRow, KvCache, Tape};
 pub use tokenizer::TextTokenizer;
 pub use train_rows::{CheckedRow, TrainBatch, TrainRow};
-pub use weights::BaseWeights;
+pub use backend::cpu::quant::{Act, Packed, QKind, QMatrix};
+pub use weights::{BaseDtype, BaseWeights, Weight};
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -44,6 +45,11 @@ pub struct BaseModel {
     /// Softmax probabilities of a training pass are kept for its backward pass while they
     /// fit in this many bytes; beyond it backward recomputes the logits.
     pub(crate) probs_budget: usize,
+    /// How inference (prefill and decode, never training) reads activations into packed
+    /// layer weights (the LM head always reads them exactly): int16 blocks for few rows,
+    /// unless
+    /// `LORAPLEX_DECODE_ACTIVATIONS=exact` (see [`backend::cpu::quant::Act`]).
+    pub(crate) decode_act: backend::cpu::quant::Act,
 }
 
 impl std::fmt::Debug for BaseModel {
@@ -70,13 +76,34 @@ pub fn default_device() -> (Device, DType) {
 }
 
 impl BaseModel {
-    /// Load a `.gguf` file or a Hugging Face directory.
+    /// Load the model `args` name on the default device (see [`default_device`]), its
+    /// matrices kept as `--base-dtype` says.
+    pub fn open(args: &crate::config::ModelArgs) -> Result<Self> {
+        let (dev, dt) = default_device();
+        Self::load_as(&args.model_path, &args.model_name, &dev, dt, args.base_dtype)
+    }
+
+    /// Load a `.gguf` file or a Hugging Face directory with every base matrix expanded to
+    /// `dtype` (the reference path; [`BaseModel::load_as`] keeps them as stored).
     pub fn load(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_as(path, name, device, dtype, BaseDtype::F32)
+    }
+
+    /// Load a `.gguf` file or a Hugging Face directory, its base matrices kept as `base`
+    /// says (packed formats apply to a CPU model in f32, which the cpu backend runs; on a
+    /// GPU the matrices are dense in `dtype`).
+    pub fn load_as(
+        path: &Path,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        base: BaseDtype,
+    ) -> Result<Self> {
         crate::config::init_compute_threads();
         let (cfg, weights, tok_src) = if path.is_dir() {
-            weights::load_hf_dir(path, device, dtype)?
+            weights::load_hf_dir(path, device, dtype, base)?
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            weights::load_gguf(path, device, dtype)?
+            weights::load_gguf(path, device, dtype, base)?
         } else {
             return Err(Error::load(
                 path,
@@ -111,6 +138,13 @@ impl BaseModel {
         crate::config::init_compute_threads();
         config.validate()?;
         let (cos, sin) = rope_tables(&config, device, dtype)?;
+        let backend = backend::choose(device, dtype);
+        if weights.any_packed() && backend.name() != "cpu" {
+            return Err(Error::Unsupported(format!(
+                "packed base weights ({}) are read by the cpu backend only: a CPU model in f32",
+                weights.layout()
+            )));
+        }
         Ok(BaseModel {
             name: name.to_owned(),
             sin_neg: sin.neg()?,
@@ -122,18 +156,32 @@ impl BaseModel {
             chat_template,
             device: device.clone(),
             dtype,
-            backend: backend::choose(device, dtype),
+            backend,
             probs_budget: front::KEEP_PROBS_BYTES,
+            decode_act: crate::config::decode_activations(),
         })
     }
 
     /// The same model (sharing its weights) on the candle backend: the reference the cpu
-    /// backend is tested and benchmarked against.
+    /// backend is tested and benchmarked against. Packed weights get a dense copy (the
+    /// candle backend reads only dense ones).
     pub fn with_candle_backend(&self) -> BaseModel {
         BaseModel {
             backend: std::sync::Arc::new(backend::Candle::default()),
+            weights: self.dense_weights(),
             ..self.clone()
         }
+    }
+
+    /// Its weights, with a dense copy of any packed matrix.
+    fn dense_weights(&self) -> BaseWeights {
+        if !self.weights.any_packed() {
+            return self.weights.clone();
+        }
+        // Packed weights were read from a file already; expanding them only allocates.
+        self.weights
+            .to_dense(&self.device, self.dtype)
+            .expect("expanding packed base weights for the candle backend")
     }
 
     /// The same model on the candle backend with at most `bytes` of attention scores per
@@ -144,6 +192,7 @@ impl BaseModel {
             backend: std::sync::Arc::new(backend::Candle {
                 scores_budget: bytes,
             }),
+            weights: self.dense_weights(),
             ..self.clone()
         }
     }
@@ -151,6 +200,16 @@ impl BaseModel {
     /// Which backend runs its passes: `cpu` or `candle`.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// The same model with inference reading packed weights' activations exactly (f32)
+    /// or not (int16 blocks for few rows): see [`backend::cpu::quant::Act`].
+    pub fn with_exact_decode(&self, exact: bool) -> BaseModel {
+        use backend::cpu::quant::Act;
+        BaseModel {
+            decode_act: if exact { Act::Exact } else { Act::Int16 },
+            ..self.clone()
+        }
     }
 
     /// The same model with another budget for kept softmax probabilities (0: backward

@@ -5,12 +5,14 @@
 //! matrices, q/k/v biases stacked the same way, GGUF's llama RoPE row permutation undone)
 //! and refuses any tensor or type it would not use. Never computes.
 
+use super::backend::cpu::quant::{Packed, QKind, QMatrix};
 use super::config::{Arch, LlamaConfig};
 use crate::error::{Error, Result};
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// What is told, on the loading thread, as each layer starts loading.
 type LayerHook = Box<dyn FnMut(usize, usize)>;
@@ -33,17 +35,134 @@ fn layer_loading(i: usize, n: usize) {
     });
 }
 
+/// How base weight matrices are kept in memory (`--base-dtype`). Norms, biases and
+/// everything trained (LoRA weights, their gradients, optimizer state) stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseDtype {
+    /// As the file stores them: GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), bf16 or
+    /// f16 read in place by the cpu backend; f32 stays f32. On a GPU: bf16.
+    #[default]
+    AsStored,
+    /// Every matrix in bf16 (quantized blocks are expanded to bf16 at load).
+    Bf16,
+    /// Every matrix expanded to f32 at load (the reference path).
+    F32,
+}
+
+impl BaseDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDtype::AsStored => "as-stored",
+            BaseDtype::Bf16 => "bf16",
+            BaseDtype::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for BaseDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "as-stored" => Ok(BaseDtype::AsStored),
+            "bf16" => Ok(BaseDtype::Bf16),
+            "f32" => Ok(BaseDtype::F32),
+            other => Err(format!(
+                "base dtype {other:?}: expected as-stored, bf16 or f32"
+            )),
+        }
+    }
+}
+
+/// One frozen weight matrix `[out, in]`: a dense tensor (f32 or bf16, on any device), or
+/// packed blocks that only the cpu backend reads ([`Packed`]: GGUF quantized, bf16, f16).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Packed(Arc<Packed>),
+}
+
+impl From<Tensor> for Weight {
+    fn from(t: Tensor) -> Self {
+        Weight::Dense(t)
+    }
+}
+
+impl Weight {
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Weight::Dense(t) => Ok(t.dims2()?),
+            Weight::Packed(p) => Ok((p.rows(), p.cols())),
+        }
+    }
+
+    /// The dense tensor; packed weights are refused (the candle backend reads only dense
+    /// ones: [`BaseWeights::to_dense`] makes a dense copy).
+    pub fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t),
+            Weight::Packed(p) => Err(Error::Unsupported(format!(
+                "a packed {} base weight on a backend that reads only dense ones",
+                p.layout()
+            ))),
+        }
+    }
+
+    /// Bytes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Packed(p) => p.bytes(),
+        }
+    }
+
+    /// How it is kept: `f32`, `bf16`, `Q4_1`, ...
+    pub fn layout(&self) -> String {
+        match self {
+            Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Weight::Packed(p) => p.layout(),
+        }
+    }
+
+    /// Whether both are the same storage (a tied LM head).
+    pub fn same(&self, other: &Weight) -> bool {
+        match (self, other) {
+            (Weight::Dense(a), Weight::Dense(b)) => a.id() == b.id(),
+            (Weight::Packed(a), Weight::Packed(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// A dense copy (packed blocks expanded), on `device` in `dtype`.
+    pub fn to_dense(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.to_dtype(dtype)?.to_device(device)?),
+            Weight::Packed(p) => Ok(Tensor::from_vec(p.to_f32(), (p.rows(), p.cols()), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?),
+        }
+    }
+
+    /// Rows `start..start + len` as a dense f32 tensor on the CPU (exports).
+    fn rows_f32(&self, start: usize, len: usize) -> Result<Tensor> {
+        Ok(self
+            .to_dense(&Device::Cpu, DType::F32)?
+            .narrow(0, start, len)?
+            .contiguous()?)
+    }
+}
+
 /// One transformer block's frozen weights. Matrices are `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub attn_norm: Tensor,
     /// q, k and v stacked along the output dimension: `[q_dim + 2 kv_dim, hidden]`.
-    pub wqkv: Tensor,
-    pub wo: Tensor,
+    pub wqkv: Weight,
+    pub wo: Weight,
     pub mlp_norm: Tensor,
     /// gate and up stacked: `[2 intermediate, hidden]`.
-    pub wgate_up: Tensor,
-    pub wdown: Tensor,
+    pub wgate_up: Weight,
+    pub wdown: Weight,
     /// Biases of q, k and v stacked like `wqkv`: `[q_dim + 2 kv_dim]` (Qwen2).
     pub bqkv: Option<Tensor>,
     /// Per-head RMSNorm weights of queries and keys, `[head_dim]` each (Qwen3).
@@ -53,16 +172,16 @@ pub struct LayerWeights {
 
 #[derive(Debug, Clone)]
 pub struct BaseWeights {
-    pub embed: Tensor,
+    pub embed: Weight,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     /// `[vocab, hidden]`; the same storage as `embed` when embeddings are tied.
-    pub lm_head: Tensor,
+    pub lm_head: Weight,
 }
 
 impl BaseWeights {
     /// Bytes the weights take in memory: every tensor's elements times its dtype's size,
-    /// a tied LM head (the embedding's own tensor) counted once.
+    /// packed blocks as stored, a tied LM head (the embedding's own storage) counted once.
     pub fn bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let opt = |t: &Option<Tensor>| t.as_ref().map_or(0, size);
@@ -71,22 +190,83 @@ impl BaseWeights {
             .iter()
             .map(|l| {
                 size(&l.attn_norm)
-                    + size(&l.wqkv)
-                    + size(&l.wo)
+                    + l.wqkv.bytes()
+                    + l.wo.bytes()
                     + size(&l.mlp_norm)
-                    + size(&l.wgate_up)
-                    + size(&l.wdown)
+                    + l.wgate_up.bytes()
+                    + l.wdown.bytes()
                     + opt(&l.bqkv)
                     + opt(&l.q_norm)
                     + opt(&l.k_norm)
             })
             .sum();
-        let head = if self.lm_head.id() == self.embed.id() {
+        let head = if self.lm_head.same(&self.embed) {
             0
         } else {
-            size(&self.lm_head)
+            self.lm_head.bytes()
         };
-        size(&self.embed) + layers + size(&self.final_norm) + head
+        self.embed.bytes() + layers + size(&self.final_norm) + head
+    }
+
+    /// Whether any matrix is packed (then only the cpu backend can run it).
+    pub fn any_packed(&self) -> bool {
+        let p = |w: &Weight| matches!(w, Weight::Packed(_));
+        p(&self.embed)
+            || p(&self.lm_head)
+            || self
+                .layers
+                .iter()
+                .any(|l| p(&l.wqkv) || p(&l.wo) || p(&l.wgate_up) || p(&l.wdown))
+    }
+
+    /// How the matrices are kept, e.g. `q4_1` or `Q4_1, f32` when mixed.
+    pub fn layout(&self) -> String {
+        let mut seen: Vec<String> = Vec::new();
+        let mut add = |w: &Weight| {
+            let l = w.layout();
+            if !seen.contains(&l) {
+                seen.push(l);
+            }
+        };
+        add(&self.embed);
+        for l in &self.layers {
+            for w in [&l.wqkv, &l.wo, &l.wgate_up, &l.wdown] {
+                add(w);
+            }
+        }
+        add(&self.lm_head);
+        seen.join(", ")
+    }
+
+    /// A copy with every matrix dense on `device` in `dtype` (what the candle backend
+    /// reads), a tied LM head kept tied.
+    pub fn to_dense(&self, device: &Device, dtype: DType) -> Result<BaseWeights> {
+        let d = |w: &Weight| -> Result<Weight> { Ok(Weight::Dense(w.to_dense(device, dtype)?)) };
+        let embed = d(&self.embed)?;
+        let lm_head = if self.lm_head.same(&self.embed) {
+            embed.clone()
+        } else {
+            d(&self.lm_head)?
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    wqkv: d(&l.wqkv)?,
+                    wo: d(&l.wo)?,
+                    wgate_up: d(&l.wgate_up)?,
+                    wdown: d(&l.wdown)?,
+                    ..l.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BaseWeights {
+            embed,
+            layers,
+            final_norm: self.final_norm.clone(),
+            lm_head,
+        })
     }
 }
 
@@ -208,12 +388,11 @@ impl GgufFile {
     }
 
     /// One 2-D tensor's blocks as stored, without dequantizing: `None` when its type is not
-    /// a block layout the cpu backend reads in place (F32, F16, BF16 and the rest).
+    /// a layout the cpu backend reads in place (F32 and the rest).
     pub(crate) fn quantized(
         &mut self,
         name: &str,
     ) -> Result<Option<crate::model::backend::cpu::quant::QMatrix>> {
-        use crate::model::backend::cpu::quant::{QKind, QMatrix};
         let info = self
             .content
             .tensor_infos
@@ -226,6 +405,8 @@ impl GgufFile {
             GgmlDType::Q4K => QKind::Q4K,
             GgmlDType::Q5K => QKind::Q5K,
             GgmlDType::Q6K => QKind::Q6K,
+            GgmlDType::BF16 => QKind::BF16,
+            GgmlDType::F16 => QKind::F16,
             _ => return Ok(None),
         };
         let q = self
@@ -281,6 +462,60 @@ impl GgufFile {
     }
 }
 
+/// The row order that undoes llama.cpp's Q/K permutation for `n_head` heads of `rows`:
+/// row `(h, j, i)` of the result is row `(h, i, j)` of the file (`j < 2`, `i < hd / 2`).
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head.max(1);
+    let half = hd / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, rest) = (r / hd, r % hd);
+            let (j, i) = (rest / half.max(1), rest % half.max(1));
+            h * hd + i * 2 + j
+        })
+        .collect()
+}
+
+/// One base matrix as read: dense, or packed blocks for the cpu backend.
+enum Part {
+    Dense(Tensor),
+    Packed(QMatrix),
+}
+
+/// Stack parts along the rows into one weight: packed when every part is, else dense
+/// (packed parts expanded) in `dtype` on `device`.
+fn stack(parts: Vec<Part>, device: &Device, dtype: DType) -> Result<Weight> {
+    if parts.iter().all(|p| matches!(p, Part::Packed(_))) {
+        let qs = parts
+            .into_iter()
+            .filter_map(|p| match p {
+                Part::Packed(q) => Some(q),
+                Part::Dense(_) => None,
+            })
+            .collect();
+        return Ok(Weight::Packed(Arc::new(Packed::new(qs)?)));
+    }
+    let dense = parts
+        .into_iter()
+        .map(|p| match p {
+            Part::Dense(t) => Ok(t),
+            Part::Packed(q) => Ok(Tensor::from_vec(q.to_f32(), (q.rows(), q.cols()), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if dense.len() == 1 {
+        return Ok(Weight::Dense(dense.into_iter().next().expect("one part")));
+    }
+    Ok(Weight::Dense(Tensor::cat(&dense.iter().collect::<Vec<_>>(), 0)?))
+}
+
+/// Whether base matrices may be kept packed: only for the cpu backend (a CPU model in
+/// f32), and not when f32 is asked for.
+fn packs(device: &Device, dtype: DType, base: BaseDtype) -> bool {
+    device.is_cpu() && dtype == DType::F32 && base != BaseDtype::F32
+}
+
 /// Load a GGUF file of architecture llama, qwen2 or qwen3, dequantizing every tensor to
 /// `dtype`. Llama's Q/K rows are un-permuted (llama.cpp permutes them for its interleaved
 /// RoPE); qwen2/qwen3 are converted with NEOX RoPE, which is Hugging Face's, so their rows
@@ -289,6 +524,7 @@ pub fn load_gguf(
     path: &Path,
     device: &Device,
     dtype: DType,
+    base: BaseDtype,
 ) -> Result<(LlamaConfig, BaseWeights, TokenizerSource)> {
     let mut g = GgufFile::open(path)?;
     let arch_name = g
@@ -388,24 +624,52 @@ pub fn load_gguf(
     };
     cfg.validate()?;
 
-    let mut get = |name: &str| -> Result<Tensor> {
-        used.insert(name.to_owned());
-        g.tensor(name, device, dtype)
+    let packing = packs(device, dtype, base);
+    let used = std::cell::RefCell::new(used);
+    let g = std::cell::RefCell::new(g);
+    let get = |name: &str| -> Result<Tensor> {
+        used.borrow_mut().insert(name.to_owned());
+        g.borrow_mut().tensor(name, device, dtype)
     };
-    let embed = get("token_embd.weight")?;
+    // A base matrix, its Q/K rows un-permuted for `heads` heads: packed as stored (or as
+    // bf16) when the cpu backend will read it and its rows hold whole blocks, else dense.
+    let matrix = |name: &str, heads: Option<usize>| -> Result<Part> {
+        if packing {
+            let q = match base {
+                BaseDtype::AsStored => g.borrow_mut().quantized(name)?,
+                _ => {
+                    let t = g.borrow_mut().tensor(name, &Device::Cpu, DType::F32)?;
+                    let (r, c) = t.dims2()?;
+                    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    QMatrix::from_f32(QKind::BF16, r, c, &v).ok()
+                }
+            };
+            if let Some(q) = q {
+                used.borrow_mut().insert(name.to_owned());
+                return Ok(Part::Packed(match heads {
+                    Some(h) => q.permute_rows(&unpermute_order(q.rows(), h))?,
+                    None => q,
+                }));
+            }
+        }
+        let t = get(name)?;
+        Ok(Part::Dense(match heads {
+            Some(h) => unpermute_rows(&t, h)?,
+            None => t,
+        }))
+    };
+    let llama = arch == Arch::Llama;
+    let one = |name: &str| -> Result<Weight> { stack(vec![matrix(name, None)?], device, dtype) };
+    let embed = one("token_embd.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         layer_loading(i, cfg.num_layers);
         let p = |s: &str| format!("blk.{i}.{s}");
-        let mut q = get(&p("attn_q.weight"))?;
-        let mut k = get(&p("attn_k.weight"))?;
-        if arch == Arch::Llama {
-            q = unpermute_rows(&q, cfg.num_heads)?;
-            k = unpermute_rows(&k, cfg.num_kv_heads)?;
-        }
-        let v = get(&p("attn_v.weight"))?;
-        let gate = get(&p("ffn_gate.weight"))?;
-        let up = get(&p("ffn_up.weight"))?;
+        let q = matrix(&p("attn_q.weight"), llama.then_some(cfg.num_heads))?;
+        let k = matrix(&p("attn_k.weight"), llama.then_some(cfg.num_kv_heads))?;
+        let v = matrix(&p("attn_v.weight"), None)?;
+        let gate = matrix(&p("ffn_gate.weight"), None)?;
+        let up = matrix(&p("ffn_up.weight"), None)?;
         let bqkv = if cfg.attention_bias {
             let (bq, bk, bv) = (
                 get(&p("attn_q.bias"))?,
@@ -426,11 +690,11 @@ pub fn load_gguf(
         };
         layers.push(LayerWeights {
             attn_norm: get(&p("attn_norm.weight"))?,
-            wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
-            wo: get(&p("attn_output.weight"))?,
+            wqkv: stack(vec![q, k, v], device, dtype)?,
+            wo: one(&p("attn_output.weight"))?,
             mlp_norm: get(&p("ffn_norm.weight"))?,
-            wgate_up: Tensor::cat(&[&gate, &up], 0)?,
-            wdown: get(&p("ffn_down.weight"))?,
+            wgate_up: stack(vec![gate, up], device, dtype)?,
+            wdown: one(&p("ffn_down.weight"))?,
             bqkv,
             q_norm,
             k_norm,
@@ -438,10 +702,11 @@ pub fn load_gguf(
     }
     let final_norm = get("output_norm.weight")?;
     let lm_head = if has_output {
-        get("output.weight")?
+        one("output.weight")?
     } else {
         embed.clone()
     };
+    let (g, used) = (g.into_inner(), used.into_inner());
     if let Some(extra) = g.names().into_iter().find(|n| !used.contains(n)) {
         return Err(Error::Unsupported(format!(
             "GGUF tensor {extra} is not part of the {arch_name} architecture as implemented \
@@ -530,10 +795,13 @@ fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 
 /// Read safetensors files, converting f32, bf16 and f16 tensors to `dtype`; any other
 /// stored dtype is refused naming it and the tensor.
+/// Every tensor of `files` in `dtype` on `device`; with `keep_half`, bf16 and f16 ones stay
+/// as stored, on the CPU (for packing).
 fn read_safetensors(
     files: &[std::path::PathBuf],
     device: &Device,
     dtype: DType,
+    keep_half: bool,
 ) -> Result<HashMap<String, Tensor>> {
     use candle_core::safetensors::Load;
     use safetensors::Dtype;
@@ -555,7 +823,12 @@ fn read_safetensors(
             let t = view
                 .load(&Device::Cpu)
                 .map_err(|e| Error::load(f, format!("tensor {name}: {e}")))?;
-            tensors.insert(name.to_owned(), t.to_dtype(dtype)?.to_device(device)?);
+            let t = if keep_half && matches!(t.dtype(), DType::BF16 | DType::F16) {
+                t
+            } else {
+                t.to_dtype(dtype)?.to_device(device)?
+            };
+            tensors.insert(name.to_owned(), t);
         }
     }
     Ok(tensors)
@@ -568,6 +841,7 @@ pub fn load_hf_dir(
     dir: &Path,
     device: &Device,
     dtype: DType,
+    base: BaseDtype,
 ) -> Result<(LlamaConfig, BaseWeights, TokenizerSource)> {
     let cfg_text =
         std::fs::read_to_string(dir.join("config.json")).map_err(|e| Error::load(dir, e))?;
@@ -575,22 +849,45 @@ pub fn load_hf_dir(
         serde_json::from_str(&cfg_text).map_err(|e| Error::load(dir, e))?;
     let cfg = hf.into_config()?;
     let files = safetensors_files(dir)?;
-    let mut tensors = read_safetensors(&files, device, dtype)?;
-    let mut get = |name: &str| -> Result<Tensor> {
+    let packing = packs(device, dtype, base);
+    let tensors = std::cell::RefCell::new(read_safetensors(&files, device, dtype, packing)?);
+    let raw = |name: &str| -> Result<Tensor> {
         tensors
+            .borrow_mut()
             .remove(name)
             .ok_or_else(|| Error::load(dir, format!("missing tensor {name}")))
     };
-    let embed = get("model.embed_tokens.weight")?;
+    let get = |name: &str| -> Result<Tensor> { Ok(raw(name)?.to_dtype(dtype)?.to_device(device)?) };
+    // A base matrix: bf16/f16 kept packed as stored (or everything as bf16) when the cpu
+    // backend will read it and its rows hold whole 32-value blocks, else dense.
+    let matrix = |name: &str| -> Result<Part> {
+        let t = raw(name)?;
+        let kind = match (base, t.dtype()) {
+            _ if !packing => None,
+            (BaseDtype::Bf16, _) | (_, DType::BF16) => Some(QKind::BF16),
+            (_, DType::F16) => Some(QKind::F16),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let (r, c) = t.dims2()?;
+            let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if let Ok(q) = QMatrix::from_f32(kind, r, c, &v) {
+                return Ok(Part::Packed(q));
+            }
+        }
+        Ok(Part::Dense(t.to_dtype(dtype)?.to_device(device)?))
+    };
+    let one = |name: &str| -> Result<Weight> { stack(vec![matrix(name)?], device, dtype) };
+    let embed = one("model.embed_tokens.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         layer_loading(i, cfg.num_layers);
         let p = |s: &str| format!("model.layers.{i}.{s}");
-        let q = get(&p("self_attn.q_proj.weight"))?;
-        let k = get(&p("self_attn.k_proj.weight"))?;
-        let v = get(&p("self_attn.v_proj.weight"))?;
-        let gate = get(&p("mlp.gate_proj.weight"))?;
-        let up = get(&p("mlp.up_proj.weight"))?;
+        let q = matrix(&p("self_attn.q_proj.weight"))?;
+        let k = matrix(&p("self_attn.k_proj.weight"))?;
+        let v = matrix(&p("self_attn.v_proj.weight"))?;
+        let gate = matrix(&p("mlp.gate_proj.weight"))?;
+        let up = matrix(&p("mlp.up_proj.weight"))?;
         let bqkv = if cfg.attention_bias {
             let (bq, bk, bv) = (
                 get(&p("self_attn.q_proj.bias"))?,
@@ -611,11 +908,11 @@ pub fn load_hf_dir(
         };
         layers.push(LayerWeights {
             attn_norm: get(&p("input_layernorm.weight"))?,
-            wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
-            wo: get(&p("self_attn.o_proj.weight"))?,
+            wqkv: stack(vec![q, k, v], device, dtype)?,
+            wo: one(&p("self_attn.o_proj.weight"))?,
             mlp_norm: get(&p("post_attention_layernorm.weight"))?,
-            wgate_up: Tensor::cat(&[&gate, &up], 0)?,
-            wdown: get(&p("mlp.down_proj.weight"))?,
+            wgate_up: stack(vec![gate, up], device, dtype)?,
+            wdown: one(&p("mlp.down_proj.weight"))?,
             bqkv,
             q_norm,
             k_norm,
@@ -624,11 +921,12 @@ pub fn load_hf_dir(
     let final_norm = get("model.norm.weight")?;
     let lm_head = if cfg.tie_word_embeddings {
         // transformers ties a stored lm_head to the embeddings anyway.
-        tensors.remove("lm_head.weight");
+        tensors.borrow_mut().remove("lm_head.weight");
         embed.clone()
     } else {
-        get("lm_head.weight")?
+        one("lm_head.weight")?
     };
+    let mut tensors = tensors.into_inner();
     // Old checkpoints store RoPE's inverse frequencies; they are recomputed from the config.
     tensors.retain(|n, _| !n.ends_with("rotary_emb.inv_freq"));
     if let Some(extra) = tensors.keys().min() {
@@ -681,7 +979,8 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
     std::fs::create_dir_all(dir)?;
     let mut out: HashMap<String, Tensor> = HashMap::new();
     let f32c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
-    out.insert("model.embed_tokens.weight".into(), f32c(&w.embed)?);
+    let all = |x: &Weight| -> Result<Tensor> { x.rows_f32(0, x.dims2()?.0) };
+    out.insert("model.embed_tokens.weight".into(), all(&w.embed)?);
     let (q, kv, i) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
     for (l, lw) in w.layers.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{l}.{s}");
@@ -689,7 +988,7 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
         for (name, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
             out.insert(
                 p(&format!("self_attn.{name}_proj.weight")),
-                f32c(&lw.wqkv.narrow(0, start, len)?)?,
+                lw.wqkv.rows_f32(start, len)?,
             );
             if let Some(b) = &lw.bqkv {
                 out.insert(
@@ -704,21 +1003,21 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
         if let Some(n) = &lw.k_norm {
             out.insert(p("self_attn.k_norm.weight"), f32c(n)?);
         }
-        out.insert(p("self_attn.o_proj.weight"), f32c(&lw.wo)?);
+        out.insert(p("self_attn.o_proj.weight"), all(&lw.wo)?);
         out.insert(p("post_attention_layernorm.weight"), f32c(&lw.mlp_norm)?);
         out.insert(
             p("mlp.gate_proj.weight"),
-            f32c(&lw.wgate_up.narrow(0, 0, i)?)?,
+            lw.wgate_up.rows_f32(0, i)?,
         );
         out.insert(
             p("mlp.up_proj.weight"),
-            f32c(&lw.wgate_up.narrow(0, i, i)?)?,
+            lw.wgate_up.rows_f32(i, i)?,
         );
-        out.insert(p("mlp.down_proj.weight"), f32c(&lw.wdown)?);
+        out.insert(p("mlp.down_proj.weight"), all(&lw.wdown)?);
     }
     out.insert("model.norm.weight".into(), f32c(&w.final_norm)?);
     if !cfg.tie_word_embeddings {
-        out.insert("lm_head.weight".into(), f32c(&w.lm_head)?);
+        out.insert("lm_head.weight".into(), all(&w.lm_head)?);
     }
     candle_core::safetensors::save(&out, dir.join("model.safetensors"))?;
     save_hf_config(cfg, dir)
@@ -785,15 +1084,16 @@ pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Re
         let s = 1.0 / (h as f32).sqrt();
         layers.push(LayerWeights {
             attn_norm: (mat(1, h, 0.1)? + 1.0)?.reshape(h)?,
-            wqkv: mat(cfg.q_dim() + 2 * cfg.kv_dim(), h, s)?,
-            wo: mat(h, cfg.q_dim(), s)?,
+            wqkv: mat(cfg.q_dim() + 2 * cfg.kv_dim(), h, s)?.into(),
+            wo: mat(h, cfg.q_dim(), s)?.into(),
             mlp_norm: (mat(1, h, 0.1)? + 1.0)?.reshape(h)?,
-            wgate_up: mat(2 * cfg.intermediate_size, h, s)?,
+            wgate_up: mat(2 * cfg.intermediate_size, h, s)?.into(),
             wdown: mat(
                 h,
                 cfg.intermediate_size,
                 1.0 / (cfg.intermediate_size as f32).sqrt(),
-            )?,
+            )?
+            .into(),
             bqkv: cfg
                 .attention_bias
                 .then(|| {
@@ -814,10 +1114,11 @@ pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Re
         });
     }
     let final_norm = (mat(1, h, 0.1)? + 1.0)?.reshape(h)?;
+    let embed = Weight::from(embed);
     let lm_head = if cfg.tie_word_embeddings {
         embed.clone()
     } else {
-        mat(cfg.vocab_size, h, 1.0 / (h as f32).sqrt())?
+        mat(cfg.vocab_size, h, 1.0 / (h as f32).sqrt())?.into()
     };
     Ok(BaseWeights {
         embed,
@@ -838,23 +1139,28 @@ fn check_shapes(cfg: &LlamaConfig, w: &BaseWeights) -> std::result::Result<(), S
             Ok(())
         }
     };
+    let want_w = |name: &str, t: &Weight, dims: &[usize]| match t.dims2() {
+        Ok((r, c)) if [r, c] == dims => Ok(()),
+        Ok((r, c)) => Err(format!("{name} has shape [{r}, {c}], expected {dims:?}")),
+        Err(e) => Err(format!("{name}: {e}")),
+    };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    want("embeddings", &w.embed, &[v, h])?;
-    want("lm_head", &w.lm_head, &[v, h])?;
+    want_w("embeddings", &w.embed, &[v, h])?;
+    want_w("lm_head", &w.lm_head, &[v, h])?;
     want("final norm", &w.final_norm, &[h])?;
     for (i, l) in w.layers.iter().enumerate() {
-        want(
+        want_w(
             &format!("layer {i} qkv"),
             &l.wqkv,
             &[cfg.q_dim() + 2 * cfg.kv_dim(), h],
         )?;
-        want(&format!("layer {i} o"), &l.wo, &[h, cfg.q_dim()])?;
-        want(
+        want_w(&format!("layer {i} o"), &l.wo, &[h, cfg.q_dim()])?;
+        want_w(
             &format!("layer {i} gate/up"),
             &l.wgate_up,
             &[2 * cfg.intermediate_size, h],
         )?;
-        want(
+        want_w(
             &format!("layer {i} down"),
             &l.wdown,
             &[h, cfg.intermediate_size],

@@ -373,6 +373,7 @@ pub fn durable_app(data: &std::path::Path, f: impl FnOnce(&mut ServeConfig)) -> 
     let model = loraplex::config::ModelArgs {
         model_path: super::model_path(),
         model_name: loraplex::config::DEFAULT_MODEL_NAME.into(),
+        base_dtype: Default::default(),
     };
     let (state, app) = rt
         .block_on(loraplex::api::build(serve, model, EngineConfig::default()))

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod passes;
 pub mod server;
 pub mod wire;
 

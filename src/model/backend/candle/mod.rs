@@ -86,7 +86,8 @@ impl Backend for Candle {
         m.rms(&x, &m.weights.final_norm)
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn linear(&self, _m: &BaseModel, x: &Tensor, w: &crate::model::Weight) -> Result<Tensor> {
+        let w = w.dense()?;
         Ok(x.matmul(&w.t()?)?)
     }
 }
@@ -193,13 +194,13 @@ impl BaseModel {
         let (dq, dkv, di) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut lora = LoraPlan::new(b, adapters, &self.device, self.dtype);
         let ids = Tensor::from_slice(&b.tokens, n, &self.device)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut x = self.weights.embed.dense()?.index_select(&ids, 0)?;
         for (l, lw) in self.weights.layers.iter().enumerate() {
             let keep = tape.is_some();
             let mut xs = Vec::new();
             let mut save = keep.then_some(&mut xs);
             let h = self.rms(&x, &lw.attn_norm)?;
-            let qkv = h.matmul(&lw.wqkv.t()?)?;
+            let qkv = h.matmul(&lw.wqkv.dense()?.t()?)?;
             let qkv = match &lw.bqkv {
                 Some(bias) => qkv.broadcast_add(bias)?,
                 None => qkv,
@@ -217,7 +218,7 @@ impl BaseModel {
             let [q, k, v] = &parts;
             let cache = caches.as_deref_mut().map(|cs| (cs, l));
             let (o, attn) = self.attention(lw, plan, [q, k, v], cache, keep)?;
-            let ao = o.matmul(&lw.wo.t()?)?;
+            let ao = o.matmul(&lw.wo.dense()?.t()?)?;
             let ao = self.with_lora(
                 ao,
                 &o,
@@ -227,7 +228,7 @@ impl BaseModel {
             )?;
             let x_mid = (&x + ao)?;
             let h2 = self.rms(&x_mid, &lw.mlp_norm)?;
-            let gu = h2.matmul(&lw.wgate_up.t()?)?;
+            let gu = h2.matmul(&lw.wgate_up.dense()?.t()?)?;
             let g = gu.narrow(1, 0, di)?;
             let u = gu.narrow(1, di, di)?;
             let g = self.with_lora(
@@ -245,7 +246,7 @@ impl BaseModel {
                 save.as_deref_mut(),
             )?;
             let a = (g.silu()? * &u)?;
-            let m = a.matmul(&lw.wdown.t()?)?;
+            let m = a.matmul(&lw.wdown.dense()?.t()?)?;
             let m = self.with_lora(m, &a, &mut lora, Site::Layer(l, Target::Down), save)?;
             let x_out = (&x_mid + m)?;
             if let (Some(tape), Some(attn)) = (tape.as_deref_mut(), attn) {
@@ -280,7 +281,7 @@ impl BaseModel {
         start: usize,
         stack: Option<&Stack>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut logits = xf.matmul(&self.weights.lm_head.t()?)?;
+        let mut logits = xf.matmul(&self.weights.lm_head.dense()?.t()?)?;
         let mut xs = None;
         if let Some(stack) = stack {
             let (d, s) = stack.forward(xf, start)?;
@@ -394,7 +395,7 @@ impl BaseModel {
                 .broadcast_mul(&gsum.neg()?)?
                 .scatter_add(&tg, &gc, 1)?;
             let dlogits = dlogits.to_dtype(self.dtype)?;
-            let mut dx = dlogits.matmul(&self.weights.lm_head)?;
+            let mut dx = dlogits.matmul(self.weights.lm_head.dense()?)?;
             if let (Some(st), Some(xs)) = (st, xs) {
                 let e = st.backward(&xf_c, &dlogits, &xs, ch.start, Site::LmHead, &mut grads)?;
                 dx = (dx + e)?;
@@ -420,7 +421,7 @@ impl BaseModel {
                 }
             };
             // MLP
-            let mut da = dx.matmul(&lw.wdown)?;
+            let mut da = dx.matmul(lw.wdown.dense()?)?;
             if let Some(e) = lora_bwd(&t.a, &dx, Target::Down, &mut grads)? {
                 da = (da + e)?;
             }
@@ -429,7 +430,7 @@ impl BaseModel {
             let dsilu = (&sg * ((&t.g * (1.0 - &sg)?)? + 1.0)?)?;
             let dg = (&da * &t.u)?.mul(&dsilu)?;
             let du = (&da * silu)?;
-            let mut dh2 = Tensor::cat(&[&dg, &du], 1)?.matmul(&lw.wgate_up)?;
+            let mut dh2 = Tensor::cat(&[&dg, &du], 1)?.matmul(lw.wgate_up.dense()?)?;
             if let Some(e) = lora_bwd(&t.h2, &dg, Target::Gate, &mut grads)? {
                 dh2 = (dh2 + e)?;
             }
@@ -438,12 +439,12 @@ impl BaseModel {
             }
             let dx_mid = (&dx + self.rms_backward(&t.x_mid, &lw.mlp_norm, &dh2)?)?;
             // Attention
-            let mut d_o = dx_mid.matmul(&lw.wo)?;
+            let mut d_o = dx_mid.matmul(lw.wo.dense()?)?;
             if let Some(e) = lora_bwd(&t.o, &dx_mid, Target::O, &mut grads)? {
                 d_o = (d_o + e)?;
             }
             let [dq, dk, dv] = self.attention_backward(lw, &plan, &d_o, &t.attn)?;
-            let mut dh = Tensor::cat(&[&dq, &dk, &dv], 1)?.matmul(&lw.wqkv)?;
+            let mut dh = Tensor::cat(&[&dq, &dk, &dv], 1)?.matmul(lw.wqkv.dense()?)?;
             for (target, dy) in [(Target::Q, &dq), (Target::K, &dk), (Target::V, &dv)] {
                 if let Some(e) = lora_bwd(&t.h, dy, target, &mut grads)? {
                     dh = (dh + e)?;

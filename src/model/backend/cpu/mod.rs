@@ -20,12 +20,13 @@
 pub(crate) mod kernels;
 pub mod quant;
 
+use quant::Act;
 use super::{own_tape, Backend, Cpu, PassTape, TrainOut};
 use crate::error::Result;
 use crate::lora::{LoraGrads, Site, Target};
 use crate::model::batch::{PackedBatch, Segment};
 use crate::model::front::{pair, Adapters, KvCache, LM_CHUNK};
-use crate::model::BaseModel;
+use crate::model::{BaseModel, Weight};
 use crate::view::HostView;
 use candle_core::{DType, Tensor};
 use gemm::Parallelism;
@@ -91,8 +92,19 @@ impl Backend for Cpu {
         Ok(Tensor::from_vec(xf, (batch.num_tokens(), hid), &m.device)?)
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    /// The LM head reads activations exactly even when decoding: int8 blocks of the final
+    /// hidden state (whose few large dimensions set each block's scale) moved SmolLM2's
+    /// logits by several nats and changed its first greedy token (`tests/quant_base.rs`).
+    fn linear(&self, _m: &BaseModel, x: &Tensor, w: &Weight) -> Result<Tensor> {
         let m = x.dim(0)?;
+        let w = match w {
+            Weight::Packed(p) => {
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let out = p.nt(HostView::new(&x)?.slice(), m, Act::Exact);
+                return Ok(Tensor::from_vec(out, (m, p.rows()), x.device())?);
+            }
+            Weight::Dense(w) => w,
+        };
         if m > SMALL_M || x.dtype() != DType::F32 {
             return Ok(x.matmul(&w.t()?)?);
         }
@@ -222,6 +234,58 @@ fn gemm(
 }
 
 /// Run `f(row index, row)` over the `width`-wide rows of `out`, in parallel when big.
+/// `x · Wᵀ` of a frozen base weight as a new `[n, W rows]` buffer, for `x: [n, W cols]`:
+/// packed blocks read in place, a dense weight through the streaming kernel for few rows
+/// (unless `gemm_only`) or the GEMM. `act` says how packed weights read `x` ([`Act`]).
+fn base_nt(w: &Weight, x: &[f32], n: usize, gemm_only: bool, act: Act) -> Result<Vec<f32>> {
+    let (width, k) = w.dims2()?;
+    let t = match w {
+        Weight::Packed(p) => return Ok(p.nt(x, n, act)),
+        Weight::Dense(t) => t,
+    };
+    let wv = HostView::new(t)?;
+    if n <= SMALL_M && !gemm_only {
+        return Ok(matmul_nt(x, n, k, wv.slice(), width));
+    }
+    let mut out = vec![0f32; n * width];
+    gemm(
+        (n, width, k),
+        &mut out,
+        0,
+        width,
+        false,
+        Mat::rows(x, 0, k),
+        Mat::t(wv.slice(), 0, k),
+        1.0,
+        true,
+    );
+    Ok(out)
+}
+
+/// `dx += dy · W` of a frozen base weight (`dy: [n, W rows]`, `dx: [n, W cols]`): the input
+/// gradient of [`base_nt`].
+fn base_nn_acc(w: &Weight, dy: &[f32], n: usize, dx: &mut [f32]) -> Result<()> {
+    let (width, k) = w.dims2()?;
+    match w {
+        Weight::Packed(p) => p.nn_acc(dy, n, dx),
+        Weight::Dense(t) => {
+            let wv = HostView::new(t)?;
+            gemm(
+                (n, k, width),
+                dx,
+                0,
+                k,
+                true,
+                Mat::rows(dy, 0, width),
+                Mat::rows(wv.slice(), 0, k),
+                1.0,
+                true,
+            );
+        }
+    }
+    Ok(())
+}
+
 fn for_rows<F>(out: &mut [f32], width: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
@@ -415,19 +479,8 @@ impl BaseModel {
         adapters: &Adapters,
     ) -> Result<(Vec<f32>, Vec<LmLora>)> {
         let (hid, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let e = HostView::new(&self.weights.lm_head)?;
-        let mut logits = vec![0f32; len * vocab];
-        gemm(
-            (len, vocab, hid),
-            &mut logits,
-            0,
-            vocab,
-            false,
-            Mat::rows(xf, start * hid, hid),
-            Mat::t(e.slice(), 0, hid),
-            1.0,
-            true,
-        );
+        let xs = &xf[start * hid..(start + len) * hid];
+        let mut logits = base_nt(&self.weights.lm_head, xs, len, true, Act::Exact)?;
         let mut loras = Vec::new();
         for s in &b.segments {
             let (lo, hi) = (s.start.max(start), (s.start + s.len).min(start + len));
@@ -480,34 +533,18 @@ impl BaseModel {
         &self,
         x: &[f32],
         n: usize,
-        w: &Tensor,
+        w: &Weight,
         bias: Option<&Tensor>,
         parts: &[Target],
         layer: usize,
         segs: &[Segment],
         adapters: &Adapters,
         save: bool,
+        act: Act,
     ) -> Result<(Vec<f32>, SavedXa)> {
         let (width, k) = w.dims2()?;
-        let wv = HostView::new(w)?;
         let small = n <= SMALL_M;
-        let mut out = if small {
-            matmul_nt(x, n, k, wv.slice(), width)
-        } else {
-            let mut out = vec![0f32; n * width];
-            gemm(
-                (n, width, k),
-                &mut out,
-                0,
-                width,
-                false,
-                Mat::rows(x, 0, k),
-                Mat::t(wv.slice(), 0, k),
-                1.0,
-                true,
-            );
-            out
-        };
+        let mut out = base_nt(w, x, n, false, act)?;
         if let Some(bias) = bias {
             let bv = HostView::new(bias)?;
             let bs = bv.slice();
@@ -623,11 +660,20 @@ impl BaseModel {
     /// The embeddings of a batch's tokens, `[N, hidden]`.
     fn embed_rows(&self, b: &PackedBatch) -> Result<Vec<f32>> {
         let hid = self.config.hidden_size;
-        let embed = HostView::new(&self.weights.embed)?;
-        let e = embed.slice();
-        let mut x = Vec::with_capacity(b.num_tokens() * hid);
-        for &t in &b.tokens {
-            x.extend_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
+        let mut x = vec![0f32; b.num_tokens() * hid];
+        match &self.weights.embed {
+            Weight::Dense(t) => {
+                let embed = HostView::new(t)?;
+                let e = embed.slice();
+                for (row, &t) in x.chunks_exact_mut(hid).zip(&b.tokens) {
+                    row.copy_from_slice(&e[t as usize * hid..(t as usize + 1) * hid]);
+                }
+            }
+            Weight::Packed(p) => {
+                for (row, &t) in x.chunks_exact_mut(hid).zip(&b.tokens) {
+                    p.row(t as usize, row);
+                }
+            }
         }
         Ok(x)
     }
@@ -681,6 +727,12 @@ impl BaseModel {
         let di = c.intermediate_size;
         let eps = c.rms_norm_eps as f32;
         let segs = &b.segments;
+        // Inference (with caches) reads packed weights as the model says; training exactly.
+        let act = if caches.is_some() {
+            self.decode_act
+        } else {
+            Act::Exact
+        };
         let (h, rinv1) = rms_fwd(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
         let (mut qkv, mut xa) = self.project(
             &h,
@@ -692,6 +744,7 @@ impl BaseModel {
             segs,
             adapters,
             keep,
+            act,
         )?;
         // Qwen3: RMSNorm over each query and key head (before RoPE).
         let qk_pre = match (&lw.q_norm, &lw.k_norm) {
@@ -859,7 +912,7 @@ impl BaseModel {
         }
         drop(cached);
         let (ao, xa_o) =
-            self.project(&o, n, &lw.wo, None, &[Target::O], l, segs, adapters, keep)?;
+            self.project(&o, n, &lw.wo, None, &[Target::O], l, segs, adapters, keep, act)?;
         xa.extend(xa_o);
         let mut x_mid = ao;
         for_rows(&mut x_mid, hid, |i, r| {
@@ -878,6 +931,7 @@ impl BaseModel {
             segs,
             adapters,
             keep,
+            act,
         )?;
         xa.extend(xa_gu);
         let mut a = vec![0f32; n * di];
@@ -897,6 +951,7 @@ impl BaseModel {
             segs,
             adapters,
             keep,
+            act,
         )?;
         xa.extend(xa_d);
         let mut x_out = m;
@@ -950,7 +1005,6 @@ impl BaseModel {
             kmax,
         } = tape;
         let mut site_grads: Vec<(Site, SiteGrad)> = Vec::new();
-        let e = HostView::new(&self.weights.lm_head)?;
         let mut dxf = vec![0f32; n * hid];
         for ch in lm {
             let (mut d, loras) = match ch.probs {
@@ -977,17 +1031,8 @@ impl BaseModel {
                     row[t as usize] += gv;
                 }
             });
-            gemm(
-                (ch.len, hid, vocab),
-                &mut dxf,
-                ch.start * hid,
-                hid,
-                false,
-                Mat::rows(&d, 0, vocab),
-                Mat::rows(e.slice(), 0, hid),
-                1.0,
-                true,
-            );
+            let dst = &mut dxf[ch.start * hid..(ch.start + ch.len) * hid];
+            base_nn_acc(&self.weights.lm_head, &d, ch.len, dst)?;
             for LmLora { seg, xa } in loras {
                 let (Some((p, scale)), Some(ai)) =
                     (pair(adapters, &seg, Site::LmHead), seg.adapter)
@@ -1282,7 +1327,7 @@ impl BaseModel {
     fn project_back(
         &self,
         dy: &[f32],
-        w: &Tensor,
+        w: &Weight,
         x: &[f32],
         parts: &[Target],
         layer: usize,
@@ -1292,20 +1337,9 @@ impl BaseModel {
         site_grads: &mut Vec<(Site, SiteGrad)>,
     ) -> Result<Vec<f32>> {
         let (width, k) = w.dims2()?;
-        let wv = HostView::new(w)?;
         let n = dy.len() / width;
         let mut dx = vec![0f32; n * k];
-        gemm(
-            (n, k, width),
-            &mut dx,
-            0,
-            k,
-            false,
-            Mat::rows(dy, 0, width),
-            Mat::rows(wv.slice(), 0, k),
-            1.0,
-            true,
-        );
+        base_nn_acc(w, dy, n, &mut dx)?;
         let mut col0 = 0;
         for &t in parts {
             let xas = saved

@@ -26,23 +26,35 @@ pub enum QKind {
     Q4K,
     Q5K,
     Q6K,
+    /// Plain bf16 values (safetensors, GGUF BF16, or `--base-dtype bf16`), in "blocks" of
+    /// 32 values so that they share the products' code.
+    BF16,
+    /// Plain f16 values, likewise.
+    F16,
 }
 
 impl QKind {
     #[cfg(test)]
-    pub const ALL: [QKind; 6] = [
+    pub const ALL: [QKind; 8] = [
         QKind::Q8_0,
         QKind::Q4_0,
         QKind::Q4_1,
         QKind::Q4K,
         QKind::Q5K,
         QKind::Q6K,
+        QKind::BF16,
+        QKind::F16,
     ];
+
+    /// Whether the fused AVX2 kernel reads it (32-value blocks).
+    fn fused(self) -> bool {
+        !matches!(self, QKind::Q4K | QKind::Q5K | QKind::Q6K)
+    }
 
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
-            QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1 => 32,
+            QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1 | QKind::BF16 | QKind::F16 => 32,
             QKind::Q4K | QKind::Q5K | QKind::Q6K => 256,
         }
     }
@@ -56,6 +68,7 @@ impl QKind {
             QKind::Q4K => 144,
             QKind::Q5K => 176,
             QKind::Q6K => 210,
+            QKind::BF16 | QKind::F16 => 64,
         }
     }
 
@@ -68,6 +81,8 @@ impl QKind {
             QKind::Q4K => "Q4_K",
             QKind::Q5K => "Q5_K",
             QKind::Q6K => "Q6_K",
+            QKind::BF16 => "BF16",
+            QKind::F16 => "F16",
         }
     }
 }
@@ -247,6 +262,16 @@ fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
                 }
             }
         }
+        QKind::BF16 => {
+            for (o, v) in y.iter_mut().zip(b.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([v[0], v[1]]).to_f32();
+            }
+        }
+        QKind::F16 => {
+            for (o, v) in y.iter_mut().zip(b.chunks_exact(2)) {
+                *o = f16::from_le_bytes([v[0], v[1]]).to_f32();
+            }
+        }
         QKind::Q6K => {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let d = f16_at(b, 208);
@@ -345,6 +370,22 @@ mod avx2 {
                     }
                     v
                 }
+                QKind::BF16 => {
+                    let mut v = [_mm256_setzero_ps(); 4];
+                    for (i, o) in v.iter_mut().enumerate() {
+                        let raw = _mm_loadu_si128(q.add(16 * i) as *const __m128i);
+                        let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+                        *o = _mm256_castsi256_ps(wide);
+                    }
+                    v
+                }
+                QKind::F16 => {
+                    let mut v = [_mm256_setzero_ps(); 4];
+                    for (i, o) in v.iter_mut().enumerate() {
+                        *o = _mm256_cvtph_ps(_mm_loadu_si128(q.add(16 * i) as *const __m128i));
+                    }
+                    v
+                }
                 _ => {
                     let (d, m, qs) = if kind == QKind::Q4_0 {
                         let d = f16_x86(q);
@@ -379,6 +420,69 @@ mod avx2 {
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
             *o = _mm_cvtss_f32(h);
+        }
+    }
+
+    /// `out[r] = Σₖ x_{row0+r}[k] · W[k]` for one weight row `w` of Q8_0 (`L` = 0), Q4_0
+    /// (1) or Q4_1 (2) blocks against `R` rows of int16-quantized activations: per block,
+    /// the weight's 32 values widened to int16 once, then for each row two `madd` integer
+    /// products, scaled by both blocks' scales (Q4_1's offset times the block's exact sum).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_row_i16<const R: usize, const L: u8>(
+        w: &[u8],
+        x: &super::I16Rows,
+        row0: usize,
+        k: usize,
+        out: &mut [f32; 4],
+    ) {
+        let bb = [34usize, 18, 20][L as usize];
+        let nb = k / 32;
+        assert!(w.len() >= nb * bb && x.q.len() >= (row0 + R) * k);
+        assert!(x.d.len() >= (row0 + R) * nb && x.sum.len() >= (row0 + R) * nb);
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut offs = [0f32; R];
+        let wp = w.as_ptr();
+        let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.sum.as_ptr());
+        for b in 0..nb {
+            let q = wp.add(b * bb);
+            let dw = f16_x86(q);
+            // The weight's 32 values in order, as two vectors of 16 int16.
+            let (w0, w1) = if L == 0 {
+                let a = _mm_loadu_si128(q.add(2) as *const __m128i);
+                let c = _mm_loadu_si128(q.add(18) as *const __m128i);
+                (_mm256_cvtepi8_epi16(a), _mm256_cvtepi8_epi16(c))
+            } else {
+                let raw = _mm_loadu_si128(q.add(if L == 1 { 2 } else { 4 }) as *const __m128i);
+                let lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+                let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+                if L == 1 {
+                    let eight = _mm256_set1_epi16(8);
+                    (_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight))
+                } else {
+                    (lo, hi)
+                }
+            };
+            let m_w = if L == 2 { f16_x86(q.add(2)) } else { 0.0 };
+            for r in 0..R {
+                let row = row0 + r;
+                let xp = xq.add(row * k + b * 32);
+                let x0 = _mm256_loadu_si256(xp as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+                let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                let scale = _mm256_set1_ps(dw * *xd.add(row * nb + b));
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r]);
+                if L == 2 {
+                    offs[r] += m_w * *xs.add(row * nb + b);
+                }
+            }
+        }
+        for r in 0..R {
+            let s = acc[r];
+            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            out[r] = _mm_cvtss_f32(h) + offs[r];
         }
     }
 
@@ -440,6 +544,78 @@ pub fn qmatmul_nt_acc(
     ldo: usize,
     col0: usize,
 ) {
+    qmatmul_nt_acc_act(x, m, w, alpha, out, ldo, col0, Act::Exact)
+}
+
+/// How `x · Wᵀ` treats the activations `x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// In f32: the result is the f32 product with the dequantized weight, up to
+    /// accumulation order (training, prefill, and decode unless told otherwise).
+    Exact,
+    /// For few rows (at most [`I16_MAX_M`]) of a Q8_0, Q4_0 or Q4_1 weight on AVX2, each
+    /// 32-value block of `x` quantized to int16 with its own scale, and the block products
+    /// taken in integers (llama.cpp does this with int8, which moved SmolLM2's top
+    /// log-probabilities by up to 2 nats; int16 moves them by hundredths): about half the
+    /// instructions per weight byte of `Exact`, for decoding, which is bound by them. The
+    /// error this adds is bounded by [`I16_REL_BOUND`]; anything else falls back to `Exact`.
+    Int16,
+}
+
+/// Rows of `x` up to which [`Act::Int16`] applies.
+pub const I16_MAX_M: usize = 8;
+
+/// `|int16 product − exact product| ≤ I16_REL_BOUND · Σ_blocks max|x| · Σ|W|` over the
+/// 32-value blocks of each output (the bound the tests hold [`Act::Int16`] to: rounding `x`
+/// to steps of 1/32767 of its block's largest magnitude moves each value by at most half a
+/// step; the rest is f32 accumulation).
+#[cfg_attr(not(test), allow(dead_code))]
+pub const I16_REL_BOUND: f32 = 1.0 / 65534.0 + 1e-6;
+
+/// Activations quantized for [`Act::Int16`]: per row and 32-value block an int16 vector,
+/// its scale, and the exact sum of the block's values (the Q4_1 offset term uses it).
+struct I16Rows {
+    q: Vec<i16>,
+    d: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+fn quantize_rows_i16(x: &[f32], m: usize, k: usize) -> I16Rows {
+    let nb = k / 32;
+    let mut r = I16Rows {
+        q: vec![0i16; m * k],
+        d: vec![0f32; m * nb],
+        sum: vec![0f32; m * nb],
+    };
+    for (b, (xs, qs)) in x[..m * k]
+        .chunks_exact(32)
+        .zip(r.q.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 32767.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, v) in qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i16;
+        }
+        r.d[b] = d;
+        r.sum[b] = xs.iter().sum();
+    }
+    r
+}
+
+/// [`qmatmul_nt_acc`] with a choice of how activations are read ([`Act`]).
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_nt_acc_act(
+    x: &[f32],
+    m: usize,
+    w: &QMatrix,
+    alpha: f32,
+    out: &mut [f32],
+    ldo: usize,
+    col0: usize,
+    act: Act,
+) {
     let (n, k) = (w.rows, w.cols);
     assert!(x.len() >= m * k && col0 + n <= ldo);
     assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
@@ -452,15 +628,44 @@ pub fn qmatmul_nt_acc(
     let fused = m <= ROW_AT_A_TIME_M
         && super::kernels::has_avx2_fma()
         && std::arch::is_x86_feature_detected!("f16c")
-        && matches!(w.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
+        && w.kind.fused();
     #[cfg(not(target_arch = "x86_64"))]
     let fused = false;
+    let int16 = fused
+        && act == Act::Int16
+        && m <= I16_MAX_M
+        && matches!(w.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
+    let xq = int16.then(|| quantize_rows_i16(x, m, k));
     let rb = w.row_bytes();
     // Weight row `j` against every row of `x`, into `dst[i · ld]`.
     let fused_row = |j: usize, dst: &mut [f32], ld: usize| {
         #[cfg(target_arch = "x86_64")]
         {
             let wr = &w.data[j * rb..(j + 1) * rb];
+            if let Some(xq) = &xq {
+                let mut i = 0;
+                while i < m {
+                    let step = if m - i >= 4 { 4 } else { 1 };
+                    let mut o = [0f32; 4];
+                    // SAFETY: AVX2, FMA and F16C were detected (`fused`); `xq` holds `m`
+                    // rows of `k` values, as many as the weight row has.
+                    unsafe {
+                        match (w.kind, step) {
+                            (QKind::Q8_0, 4) => avx2::dot_row_i16::<4, 0>(wr, xq, i, k, &mut o),
+                            (QKind::Q4_0, 4) => avx2::dot_row_i16::<4, 1>(wr, xq, i, k, &mut o),
+                            (_, 4) => avx2::dot_row_i16::<4, 2>(wr, xq, i, k, &mut o),
+                            (QKind::Q8_0, _) => avx2::dot_row_i16::<1, 0>(wr, xq, i, k, &mut o),
+                            (QKind::Q4_0, _) => avx2::dot_row_i16::<1, 1>(wr, xq, i, k, &mut o),
+                            _ => avx2::dot_row_i16::<1, 2>(wr, xq, i, k, &mut o),
+                        }
+                    }
+                    for (r, val) in o.iter().take(step).enumerate() {
+                        dst[(i + r) * ld] = *val;
+                    }
+                    i += step;
+                }
+                return;
+            }
             let mut i = 0;
             while i < m {
                 let step = if m - i >= 4 {
@@ -574,8 +779,21 @@ pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
 /// gradient of `x · Wᵀ`. Column blocks of `out` are split across the pool; each
 /// dequantizes its blocks of every weight row, 64 rows at a time, and runs the GEMM on them.
 pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    qmatmul_nn_acc_cols(dy, w.rows, 0, m, w, out)
+}
+
+/// [`qmatmul_nn_acc`] with `dy`'s columns `dcol0..dcol0 + W rows` of rows `ldy` wide.
+fn qmatmul_nn_acc_cols(
+    dy: &[f32],
+    ldy: usize,
+    dcol0: usize,
+    m: usize,
+    w: &QMatrix,
+    out: &mut [f32],
+) {
     let (n, k) = (w.rows, w.cols);
-    assert!(dy.len() >= m * n && out.len() >= m * k);
+    assert!(dcol0 + n <= ldy && out.len() >= m * k);
+    assert!(m == 0 || dy.len() >= (m - 1) * ldy + dcol0 + n);
     if m == 0 || n == 0 {
         return;
     }
@@ -605,7 +823,7 @@ pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
                 0,
                 width,
                 true,
-                Mat::rows(dy, j0, n),
+                Mat::rows(dy, dcol0 + j0, ldy),
                 Mat::rows(&wt, 0, width),
                 1.0,
                 false,
@@ -629,6 +847,149 @@ pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     }
 }
 
+/// A frozen `[rows, cols]` weight kept packed: one or more [`QMatrix`] parts stacked along
+/// the rows (a fused q/k/v or gate/up weight whose parts a file stores in different
+/// layouts, as llama.cpp's mixed `_M` files do).
+#[derive(Clone, Debug)]
+pub struct Packed {
+    parts: Vec<QMatrix>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Packed {
+    /// Stack `parts` (at least one, all with the same row length).
+    pub fn new(parts: Vec<QMatrix>) -> Result<Self> {
+        let cols = parts.first().map(|p| p.cols).ok_or_else(|| {
+            Error::Unsupported("a packed weight needs at least one part".into())
+        })?;
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(Error::Unsupported(format!(
+                "stacked weight parts have row lengths {cols} and {}",
+                p.cols
+            )));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Ok(Packed { parts, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of its blocks.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.bytes()).sum()
+    }
+    /// Its layouts, e.g. `Q4_1` or `Q4_K+Q6_K`.
+    pub fn layout(&self) -> String {
+        let mut names: Vec<&str> = self.parts.iter().map(|p| p.kind.name()).collect();
+        names.dedup();
+        names.join("+")
+    }
+
+    /// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` (see [`qmatmul_nt_acc`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn nt_acc(
+        &self,
+        x: &[f32],
+        m: usize,
+        alpha: f32,
+        out: &mut [f32],
+        ldo: usize,
+        col0: usize,
+        act: Act,
+    ) {
+        let mut r0 = 0;
+        for p in &self.parts {
+            qmatmul_nt_acc_act(x, m, p, alpha, out, ldo, col0 + r0, act);
+            r0 += p.rows;
+        }
+    }
+
+    /// `x · Wᵀ` as a new `[m, rows]` buffer.
+    pub fn nt(&self, x: &[f32], m: usize, act: Act) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.rows];
+        self.nt_acc(x, m, 1.0, &mut out, self.rows, 0, act);
+        out
+    }
+
+    /// `out[i][k] += Σⱼ dy[i][j] · W[j][k]` for `dy: [m, rows]`, `out: [m, cols]`.
+    pub fn nn_acc(&self, dy: &[f32], m: usize, out: &mut [f32]) {
+        let mut r0 = 0;
+        for p in &self.parts {
+            qmatmul_nn_acc_cols(dy, self.rows, r0, m, p, out);
+            r0 += p.rows;
+        }
+    }
+
+    /// Row `r` in f32 into `out` (`cols` values): an embedding lookup.
+    pub fn row(&self, mut r: usize, out: &mut [f32]) {
+        for p in &self.parts {
+            if r < p.rows {
+                return p.dequantize_rows(r, r + 1, out);
+            }
+            r -= p.rows;
+        }
+        panic!("row {r} past the end of a packed weight");
+    }
+
+    /// The whole weight in f32, row-major (references, exports and the candle backend's
+    /// dense copy: the products never call it).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for p in &self.parts {
+            out.extend(p.to_f32());
+        }
+        out
+    }
+}
+
+impl QMatrix {
+    /// The same weight with its rows reordered: row `i` of the result is row `from[i]`.
+    pub fn permute_rows(&self, from: &[usize]) -> Result<QMatrix> {
+        let rb = self.row_bytes();
+        if from.len() != self.rows || from.iter().any(|&r| r >= self.rows) {
+            return Err(Error::Unsupported(format!(
+                "a row permutation of {} entries for a weight of {} rows",
+                from.len(),
+                self.rows
+            )));
+        }
+        let mut data = Vec::with_capacity(self.data.len());
+        for &r in from {
+            data.extend_from_slice(&self.data[r * rb..(r + 1) * rb]);
+        }
+        QMatrix::new(self.kind, self.rows, self.cols, data)
+    }
+
+    /// Plain values packed as a [`QKind::BF16`] or [`QKind::F16`] matrix.
+    pub fn from_f32(kind: QKind, rows: usize, cols: usize, v: &[f32]) -> Result<QMatrix> {
+        if v.len() != rows.saturating_mul(cols) {
+            return Err(Error::Unsupported(format!(
+                "{} values for a [{rows}, {cols}] weight",
+                v.len()
+            )));
+        }
+        let data: Vec<u8> = match kind {
+            QKind::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            QKind::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "packing plain values as {}",
+                    other.name()
+                )))
+            }
+        };
+        QMatrix::new(kind, rows, cols, data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,6 +1005,8 @@ mod tests {
             QKind::Q4K => GgmlDType::Q4K,
             QKind::Q5K => GgmlDType::Q5K,
             QKind::Q6K => GgmlDType::Q6K,
+            QKind::BF16 => GgmlDType::BF16,
+            QKind::F16 => GgmlDType::F16,
         }
     }
 
@@ -741,6 +1104,46 @@ mod tests {
                         assert!(
                             (g - w).abs() <= tol,
                             "{} dy·W m={m} n={n} ({i},{c}): {g} vs {w}",
+                            kind.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int16_activations_stay_within_their_bound() {
+        for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4_1, QKind::Q4K, QKind::BF16] {
+            let k = if kind.block_values() == 32 { 96 } else { 512 };
+            for &(m, n) in &[(1, 1), (1, 67), (2, 33), (3, 130), (5, 9), (8, 70), (9, 17)] {
+                let (q, wf) = quantized(kind, n, k, (m * 77 + n) as u64);
+                let mut x = rand(m * k, 3 + m as u64);
+                // One block of zeros and one tiny block: scales of 0 and near 0.
+                x[..32].fill(0.0);
+                x[32..64].iter_mut().for_each(|v| *v *= 1e-30);
+                let want = matmul_ref(&x, m, &wf, n, k);
+                let mut got = vec![0f32; m * n];
+                qmatmul_nt_acc_act(&x, m, &q, 1.0, &mut got, n, 0, Act::Int16);
+                for i in 0..m {
+                    for j in 0..n {
+                        // Σ over 32-value blocks of max|x| · Σ|W|.
+                        let mag: f64 = (0..k / 32)
+                            .map(|b| {
+                                let r = b * 32..(b + 1) * 32;
+                                let amax = x[i * k..][r.clone()]
+                                    .iter()
+                                    .fold(0f64, |a, v| a.max(v.abs() as f64));
+                                let wsum: f64 =
+                                    wf[j * k..][r].iter().map(|v| v.abs() as f64).sum();
+                                amax * wsum
+                            })
+                            .sum();
+                        let (g, w) = (got[i * n + j] as f64, want[i * n + j]);
+                        let tol = I16_REL_BOUND as f64 * mag + 1e-5 * (1.0 + w.abs());
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{} m={m} n={n} ({i},{j}): {g} vs {w} (bound {tol})",
                             kind.name()
                         );
                     }

@@ -1,0 +1,299 @@
+//! Base weights kept packed (`--base-dtype as-stored` or `bf16`: GGUF blocks, bf16, f16)
+//! against the same values expanded to f32 (the path every other test checks against
+//! transformers and finite differences).
+//!
+//! - Every layout (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, BF16, F16), on a tiny random model
+//!   whose matrices are quantized by candle (an independent implementation): logprobs and
+//!   every LoRA gradient match the dequantized f32 model to accumulation order, and greedy
+//!   decoding with the KV cache gives the same tokens and logits. Qwen2 (q/k/v biases) and
+//!   Qwen3 (q/k norms) run through the same check in Q4_1.
+//! - Decoding with int16 activations (`Act::Int16`, the default for inference) stays within a
+//!   pinned distance of the exact logits.
+//! - The shipped SmolLM2 GGUF loaded as stored (Q4_1 layers, Q8_0 embeddings) against the
+//!   same file expanded to f32: the same logprobs and gradients, the same greedy tokens,
+//!   and memory at most the file's size.
+
+mod common;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::passes::{compare, Case};
+use common::*;
+use loraplex::lora::LoraWeights;
+use loraplex::model::{
+    Arch, BaseDtype, BaseModel, BaseWeights, InferRow, KvCache, LlamaConfig, Packed, QKind,
+    QMatrix, Weight,
+};
+use std::sync::Arc;
+
+const KINDS: [QKind; 8] = [
+    QKind::Q8_0,
+    QKind::Q4_0,
+    QKind::Q4_1,
+    QKind::Q4K,
+    QKind::Q5K,
+    QKind::Q6K,
+    QKind::BF16,
+    QKind::F16,
+];
+
+/// A tiny model whose every matrix dimension holds whole 256-value blocks (the K layouts').
+fn config(arch: Arch) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 96,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        max_position_embeddings: 64,
+        arch,
+        attention_bias: arch == Arch::Qwen2,
+        qk_norm: arch == Arch::Qwen3,
+        ..LlamaConfig::tiny()
+    }
+}
+
+fn ggml(kind: QKind) -> Option<GgmlDType> {
+    Some(match kind {
+        QKind::Q8_0 => GgmlDType::Q8_0,
+        QKind::Q4_0 => GgmlDType::Q4_0,
+        QKind::Q4_1 => GgmlDType::Q4_1,
+        QKind::Q4K => GgmlDType::Q4K,
+        QKind::Q5K => GgmlDType::Q5K,
+        QKind::Q6K => GgmlDType::Q6K,
+        QKind::BF16 | QKind::F16 => return None,
+    })
+}
+
+/// One matrix in `kind`, packed, and its dequantized values as a dense f32 weight.
+fn pack(w: &Weight, kind: QKind) -> (Weight, Weight) {
+    let t = w.dense().expect("dense source");
+    let (r, c) = t.dims2().unwrap();
+    let q = match ggml(kind) {
+        Some(g) => {
+            let bytes = QTensor::quantize(t, g).unwrap().data().unwrap().to_vec();
+            QMatrix::new(kind, r, c, bytes).unwrap()
+        }
+        None => {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            QMatrix::from_f32(kind, r, c, &v).unwrap()
+        }
+    };
+    let dense = Tensor::from_vec(q.to_f32(), (r, c), &Device::Cpu).unwrap();
+    (
+        Weight::Packed(Arc::new(Packed::new(vec![q]).unwrap())),
+        Weight::Dense(dense),
+    )
+}
+
+/// `model` with every matrix in `kind`: packed, and expanded to f32 (the reference).
+fn packed_pair(model: &BaseModel, kind: QKind) -> (BaseModel, BaseModel) {
+    let w = &model.weights;
+    let mut packed = w.clone();
+    let mut dense = w.clone();
+    (packed.embed, dense.embed) = pack(&w.embed, kind);
+    (packed.lm_head, dense.lm_head) = pack(&w.lm_head, kind);
+    for (l, lw) in w.layers.iter().enumerate() {
+        (packed.layers[l].wqkv, dense.layers[l].wqkv) = pack(&lw.wqkv, kind);
+        (packed.layers[l].wo, dense.layers[l].wo) = pack(&lw.wo, kind);
+        (packed.layers[l].wgate_up, dense.layers[l].wgate_up) = pack(&lw.wgate_up, kind);
+        (packed.layers[l].wdown, dense.layers[l].wdown) = pack(&lw.wdown, kind);
+    }
+    let build = |weights: BaseWeights| {
+        BaseModel::from_parts(
+            "packed",
+            model.config.clone(),
+            weights,
+            None,
+            None,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap()
+    };
+    (build(packed), build(dense))
+}
+
+/// Greedy decoding of `steps` tokens after `prompt` (with adapter 0 when given): the
+/// tokens and each step's logits.
+fn greedy(
+    model: &BaseModel,
+    prompt: &[u32],
+    steps: usize,
+    ads: &[&LoraWeights],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let adapter = (!ads.is_empty()).then_some(0);
+    let mut cache = KvCache::default();
+    let mut toks = Vec::new();
+    let mut all = Vec::new();
+    let mut next: Vec<u32> = prompt.to_vec();
+    for _ in 0..steps {
+        let rows = [InferRow {
+            tokens: &next,
+            adapter,
+        }];
+        let (logits, _) = model
+            .forward_infer(&rows, &mut [&mut cache], ads, false)
+            .unwrap();
+        let l = flat(&logits);
+        let t = l
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        toks.push(t);
+        all.push(l);
+        next = vec![t];
+    }
+    (toks, all)
+}
+
+/// The largest change of a log-probability among the reference's 20 likeliest tokens,
+/// over steps: what sampling reports and what its choices depend on.
+fn top_logprob_diff(a: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
+    let log_softmax = |l: &[f32]| {
+        let m = l.iter().fold(f32::NEG_INFINITY, |a, v| a.max(*v));
+        let z = l.iter().map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32 + m;
+        l.iter().map(|v| v - z).collect::<Vec<f32>>()
+    };
+    let mut worst = 0f32;
+    for (x, r) in a.iter().zip(reference) {
+        let (x, r) = (log_softmax(x), log_softmax(r));
+        let mut idx: Vec<usize> = (0..r.len()).collect();
+        idx.sort_by(|i, j| r[*j].total_cmp(&r[*i]));
+        for &t in idx.iter().take(20) {
+            worst = worst.max((x[t] - r[t]).abs());
+        }
+    }
+    worst
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0f32, f32::max)
+}
+
+/// The packed model against its dequantized twin: training pass, and decoding exact and
+/// with int16 activations. Returns the int16 decode's largest top-20 logprob difference.
+fn packed_matches_dequantized(model: &BaseModel, kind: QKind, label: &str) -> f32 {
+    let (packed, dense) = packed_pair(model, kind);
+    let v = model.config.vocab_size;
+    let ads = [
+        random_adapter(model, 1, 4, true),
+        random_adapter(model, 2, 2, false),
+    ];
+    let refs: Vec<&LoraWeights> = ads.iter().collect();
+    // Rows that take the streaming kernel (few tokens) and the tiled GEMM (many).
+    let case = Case::new(
+        &[(3, 1, Some(0)), (40, 2, Some(1)), (7, 1, None)],
+        v,
+        11,
+    );
+    let (lp_err, g_err) = compare(&case.run(&packed, &refs), &case.run(&dense, &refs));
+    eprintln!("{label} {}: logprobs {lp_err:.2e}, gradients {g_err:.2e}", kind.name());
+    assert!(lp_err < 1e-4, "{label} {}: logprobs differ by {lp_err}", kind.name());
+    assert!(g_err < 1e-4, "{label} {}: gradients differ by {g_err}", kind.name());
+
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % v as u32).collect();
+    let exact = packed.with_exact_decode(true);
+    let (t_ref, l_ref) = greedy(&dense, &prompt, 6, &refs[..1]);
+    let (t_pk, l_pk) = greedy(&exact, &prompt, 6, &refs[..1]);
+    let d_exact = max_diff(&l_pk, &l_ref);
+    assert_eq!(t_pk, t_ref, "{label} {}: greedy tokens", kind.name());
+    assert!(d_exact < 1e-4, "{label} {}: decode logits differ by {d_exact}", kind.name());
+    // Int8 activations: teacher-forced on the reference tokens, so that one flipped
+    // near-tie does not change every later step.
+    let q8 = packed.with_exact_decode(false);
+    let mut cache = KvCache::default();
+    let mut l_q8 = Vec::new();
+    let mut next = prompt.clone();
+    for step in 0..l_ref.len() {
+        let rows = [InferRow {
+            tokens: &next,
+            adapter: Some(0),
+        }];
+        let (logits, _) = q8
+            .forward_infer(&rows, &mut [&mut cache], &refs[..1], false)
+            .unwrap();
+        l_q8.push(flat(&logits));
+        next = vec![t_ref[step]];
+    }
+    let d_q8 = top_logprob_diff(&l_q8, &l_ref);
+    eprintln!(
+        "{label} {}: decode logits exact {d_exact:.2e}; int16 activations: top-20 logprobs {d_q8:.2e}",
+        kind.name()
+    );
+    d_q8
+}
+
+#[test]
+fn every_layout_trains_and_decodes_like_its_dequantized_weights() {
+    let model = BaseModel::random(config(Arch::Llama), 3, DType::F32).unwrap();
+    for kind in KINDS {
+        let d = packed_matches_dequantized(&model, kind, "llama");
+        assert!(d < 2e-3, "{}: int16-activation logprobs differ by {d}", kind.name());
+    }
+}
+
+#[test]
+fn qwen_families_run_packed() {
+    for arch in [Arch::Qwen2, Arch::Qwen3] {
+        let model = BaseModel::random(config(arch), 4, DType::F32).unwrap();
+        let d = packed_matches_dequantized(&model, QKind::Q4_1, arch.name());
+        assert!(d < 2e-3, "{}: int16-activation logprobs differ by {d}", arch.name());
+    }
+}
+
+#[test]
+fn smollm2_as_stored_matches_smollm2_expanded() {
+    let f32m = smollm2();
+    let path = model_path();
+    let stored = BaseModel::load_as(
+        &path,
+        loraplex::config::DEFAULT_MODEL_NAME,
+        &Device::Cpu,
+        DType::F32,
+        BaseDtype::AsStored,
+    )
+    .unwrap();
+    assert_eq!(stored.weights.layout(), "Q8_0, Q4_1");
+    let file = std::fs::metadata(&path).unwrap().len() as usize;
+    eprintln!(
+        "weights: as stored {} bytes, f32 {} bytes, file {file} bytes",
+        stored.weight_bytes(),
+        f32m.weight_bytes()
+    );
+    assert!(stored.weight_bytes() <= file, "packed weights outgrow their file");
+    assert!(f32m.weight_bytes() > 4 * file);
+
+    let ads = [random_adapter(f32m, 5, 8, false)];
+    let refs: Vec<&LoraWeights> = ads.iter().collect();
+    let case = Case::new(&[(5, 1, Some(0)), (60, 1, Some(0))], f32m.config.vocab_size, 2);
+    let (lp_err, g_err) = compare(&case.run(&stored, &refs), &case.run(f32m, &refs));
+    eprintln!("SmolLM2 as stored vs f32: logprobs {lp_err:.2e}, gradients {g_err:.2e}");
+    assert!(lp_err < 1e-3 && g_err < 1e-3, "{lp_err} {g_err}");
+
+    let tok = stored.tokenizer().unwrap();
+    let prompt = tok.encode("The capital of France is").unwrap();
+    let (t_ref, l_ref) = greedy(f32m, &prompt, 12, &[]);
+    let (t_exact, l_exact) = greedy(&stored.with_exact_decode(true), &prompt, 12, &[]);
+    assert_eq!(t_exact, t_ref, "exact decoding as stored");
+    let d_exact = max_diff(&l_exact, &l_ref);
+    let (t_q8, l_q8) = greedy(&stored.with_exact_decode(false), &prompt, 12, &[]);
+    let agree = t_q8.iter().zip(&t_ref).take_while(|(a, b)| a == b).count();
+    let d_q8 = top_logprob_diff(&l_q8[..agree.max(1)], &l_ref[..agree.max(1)]);
+    eprintln!(
+        "SmolLM2 greedy: {:?} ({:?}); exact decode logits {d_exact:.2e}; int16 activations \
+         agree for {agree} of 12 tokens, top-20 logprobs within {d_q8:.2e} while they agree",
+        tok.decode(&t_ref, false).unwrap_or_default(),
+        tok.decode(&t_q8, false).unwrap_or_default(),
+    );
+    assert!(d_exact < 1e-3, "exact decode logits differ by {d_exact}");
+    assert_eq!(agree, 12, "int16 activations left greedy decoding after {agree} tokens");
+    assert!(d_q8 < 0.05, "int16-activation logprobs differ by {d_q8}");
+}
