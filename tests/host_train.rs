@@ -12,9 +12,8 @@ mod common;
 use candle_core::DType;
 use common::passes::{compare, Case};
 use common::*;
-use loraplex::lora::{LoraGrads, LoraWeights};
-use loraplex::model::{BaseModel, TrainRow};
-use loraplex::util::SplitMix64;
+use loraplex::lora::LoraWeights;
+use loraplex::model::BaseModel;
 
 #[test]
 fn host_pass_equals_candle_pass_on_a_tiny_model() {

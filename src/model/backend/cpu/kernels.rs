@@ -238,6 +238,71 @@ mod avx {
         }
     }
 
+    /// One query head `q` (`hd` values, a multiple of 8 up to 128) against keys and values
+    /// at column `koff` of rows `kvd` wide: scores into `p` (one per row), softmax, and the
+    /// weighted sum of values into `o`, kept in registers across rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attend_head(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        kvd: usize,
+        koff: usize,
+        scale: f32,
+        p: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let hd = q.len();
+        let len = p.len();
+        assert!(hd % 8 == 0 && hd <= 128 && o.len() == hd && koff + hd <= kvd);
+        assert!(keys.len() >= len * kvd && values.len() >= len * kvd);
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = dot8(q, &keys[j * kvd + koff..j * kvd + koff + hd]) * scale;
+            max = max.max(*pj);
+        }
+        let mut sum = 0f32;
+        for pj in p.iter_mut() {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        let inv = 1.0 / sum;
+        let mut acc = [_mm256_setzero_ps(); 16];
+        let n8 = hd / 8;
+        let vp = values.as_ptr();
+        for (j, pj) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(pj * inv);
+            let row = vp.add(j * kvd + koff);
+            for (c, a) in acc.iter_mut().take(n8).enumerate() {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().take(n8).enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
+        }
+    }
+
+    /// `Σ a[i] · b[i]` for equal lengths that are a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
+        assert!(a.len() == b.len() && a.len() % 8 == 0);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i < a.len() {
+            let s = &mut acc[(i / 8) & 1];
+            *s = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), *s);
+            i += 8;
+        }
+        let s = _mm256_add_ps(acc[0], acc[1]);
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        _mm_cvtss_f32(h)
+    }
+
     /// # Safety
     /// AVX2 and FMA must be available; `x: [m, k]`, `w: [≥ j1, k]`; `out` as for
     /// [`super::dot_block`].
@@ -319,36 +384,58 @@ pub struct AttnShape {
 /// One new token's attention over a host cache. `q: [heads · head_dim]` (RoPE applied),
 /// `keys`, `values`: `[len, kv_heads · head_dim]` including this token. Writes
 /// `o: [heads · head_dim]`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn attend_one(s: AttnShape, q: &[f32], keys: &[f32], values: &[f32], o: &mut [f32]) {
+    let hd = s.head_dim;
+    for (h, oh) in o[..s.heads * hd].chunks_exact_mut(hd).enumerate() {
+        attend_head(s, h, &q[h * hd..(h + 1) * hd], keys, values, oh);
+    }
+}
+
+/// [`attend_one`] for query head `h` alone (`q`, `o`: that head's `head_dim` values), so
+/// that one decoding row's heads can run in parallel.
+pub fn attend_head(s: AttnShape, h: usize, q: &[f32], keys: &[f32], values: &[f32], o: &mut [f32]) {
     let hd = s.head_dim;
     let kvd = s.kv_heads * hd;
     let len = keys.len() / kvd;
-    let group = s.heads / s.kv_heads;
+    let kh = h / (s.heads / s.kv_heads);
     let mut p = vec![0f32; len];
-    for h in 0..s.heads {
-        let kh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, pj) in p.iter_mut().enumerate() {
-            let kj = &keys[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-            *pj = dot_portable(qh, kj) * s.scale;
-            max = max.max(*pj);
-        }
-        let mut sum = 0f32;
-        for pj in p.iter_mut() {
-            *pj = (*pj - max).exp();
-            sum += *pj;
-        }
-        let oh = &mut o[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        for (j, pj) in p.iter().enumerate() {
-            let w = pj / sum;
-            let vj = &values[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-            for (od, vd) in oh.iter_mut().zip(vj) {
-                *od += w * vd;
-            }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && hd % 8 == 0 && hd <= 128 && q.len() == hd && o.len() == hd {
+        // SAFETY: AVX2 and FMA were detected; `q` and `o` hold `hd` values, and every
+        // key and value row `j < len` holds `kvd ≥ (kh + 1) · hd` values.
+        unsafe { avx::attend_head(q, keys, values, kvd, kh * hd, s.scale, &mut p, o) };
+        return;
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate() {
+        let kj = &keys[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+        *pj = dot(q, kj) * s.scale;
+        max = max.max(*pj);
+    }
+    let mut sum = 0f32;
+    for pj in p.iter_mut() {
+        *pj = (*pj - max).exp();
+        sum += *pj;
+    }
+    o.fill(0.0);
+    for (j, pj) in p.iter().enumerate() {
+        let w = pj / sum;
+        let vj = &values[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+        for (od, vd) in o.iter_mut().zip(vj) {
+            *od += w * vd;
         }
     }
+}
+
+/// `Σ a[i] · b[i]`, with AVX2 and FMA when present and the length is a multiple of 8.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && a.len() % 8 == 0 && a.len() == b.len() {
+        // SAFETY: AVX2 and FMA were detected; both slices hold `a.len()` values.
+        return unsafe { avx::dot8(a, b) };
+    }
+    dot_portable(a, b)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::view::HostView;
 use candle_core::{DType, Tensor};
 use gemm::Parallelism;
 use kernels::{
-    attend_one, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, PAR_MIN_WORK, SMALL_M,
+    attend_head, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, PAR_MIN_WORK, SMALL_M,
 };
 use rayon::prelude::*;
 
@@ -92,15 +92,13 @@ impl Backend for Cpu {
         Ok(Tensor::from_vec(xf, (batch.num_tokens(), hid), &m.device)?)
     }
 
-    /// The LM head reads activations exactly even when decoding: int8 blocks of the final
-    /// hidden state (whose few large dimensions set each block's scale) moved SmolLM2's
-    /// logits by several nats and changed its first greedy token (`tests/quant_base.rs`).
-    fn linear(&self, _m: &BaseModel, x: &Tensor, w: &Weight) -> Result<Tensor> {
+    /// The LM head of inference: packed weights read activations as the model says.
+    fn linear(&self, model: &BaseModel, x: &Tensor, w: &Weight) -> Result<Tensor> {
         let m = x.dim(0)?;
         let w = match w {
             Weight::Packed(p) => {
                 let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let out = p.nt(HostView::new(&x)?.slice(), m, Act::Exact);
+                let out = p.nt(HostView::new(&x)?.slice(), m, model.decode_act);
                 return Ok(Tensor::from_vec(out, (m, p.rows()), x.device())?);
             }
             Weight::Dense(w) => w,
@@ -826,10 +824,13 @@ impl BaseModel {
             head_dim: hd,
             scale: 1.0,
         };
-        let one = |(i, oi): (usize, &mut [f32])| {
+        // A task per (token, query head): one decoding sequence still uses every core.
+        let one = |(ih, oh): (usize, &mut [f32])| {
+            let (i, h) = (ih / h_n, ih % h_n);
             if let Some(ri) = single[i] {
                 let (keys, values, _, _, _) = kv_of(ri);
-                attend_one(shape, &qkv[i * w3..i * w3 + dq], keys, values, oi);
+                let q = &qkv[i * w3 + h * hd..i * w3 + (h + 1) * hd];
+                attend_head(shape, h, q, keys, values, oh);
             }
         };
         let work: usize = b
@@ -839,9 +840,9 @@ impl BaseModel {
             .map(|r| 2 * (r.pos0 + 1) * dq)
             .sum();
         if work < PAR_MIN_WORK {
-            o.chunks_mut(dq).enumerate().for_each(one);
+            o.chunks_mut(hd).enumerate().for_each(one);
         } else {
-            o.par_chunks_mut(dq).enumerate().for_each(one);
+            o.par_chunks_mut(hd).enumerate().for_each(one);
         }
         // Other rows: a task per (row, kv head), each owning its group's query heads.
         // Query block i0..i1 (positions pos0+i0..) meets keys 0..pos0+i1 only.

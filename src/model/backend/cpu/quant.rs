@@ -427,8 +427,32 @@ mod avx2 {
     /// (1) or Q4_1 (2) blocks against `R` rows of int16-quantized activations: per block,
     /// the weight's 32 values widened to int16 once, then for each row two `madd` integer
     /// products, scaled by both blocks' scales (Q4_1's offset times the block's exact sum).
+    /// [`dot_row_i16`] for every weight row of `w` (rows `rb` bytes apart): output row
+    /// `r`'s value for weight row `j` goes to `out[r · ld + j]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_row_i16<const R: usize, const L: u8>(
+    pub(super) unsafe fn dot_rows_i16<const R: usize, const L: u8>(
+        w: &[u8],
+        rb: usize,
+        x: &super::I16Rows,
+        row0: usize,
+        k: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let rows = w.len() / rb;
+        assert!(rows == 0 || out.len() >= (R - 1) * ld + rows);
+        for (j, wr) in w.chunks_exact(rb).enumerate() {
+            let mut o = [0f32; 4];
+            dot_row_i16::<R, L>(wr, x, row0, k, &mut o);
+            for (r, v) in o.iter().take(R).enumerate() {
+                *out.get_unchecked_mut(r * ld + j) = *v;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_row_i16<const R: usize, const L: u8>(
         w: &[u8],
         x: &super::I16Rows,
         row0: usize,
@@ -440,11 +464,14 @@ mod avx2 {
         assert!(w.len() >= nb * bb && x.q.len() >= (row0 + R) * k);
         assert!(x.d.len() >= (row0 + R) * nb && x.sum.len() >= (row0 + R) * nb);
         let mask = _mm_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut offs = [0f32; R];
+        // Two accumulators per row, alternating by block: one row's chain of FMAs would
+        // otherwise wait on the previous block's.
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut offs = [[0f32; 2]; R];
         let wp = w.as_ptr();
         let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.sum.as_ptr());
         for b in 0..nb {
+            let par = b & 1;
             let q = wp.add(b * bb);
             let dw = f16_x86(q);
             // The weight's 32 values in order, as two vectors of 16 int16.
@@ -471,18 +498,18 @@ mod avx2 {
                 let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
                 let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                 let scale = _mm256_set1_ps(dw * *xd.add(row * nb + b));
-                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r]);
+                acc[r][par] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][par]);
                 if L == 2 {
-                    offs[r] += m_w * *xs.add(row * nb + b);
+                    offs[r][par] += m_w * *xs.add(row * nb + b);
                 }
             }
         }
         for r in 0..R {
-            let s = acc[r];
+            let s = _mm256_add_ps(acc[r][0], acc[r][1]);
             let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            out[r] = _mm_cvtss_f32(h) + offs[r];
+            out[r] = _mm_cvtss_f32(h) + offs[r][0] + offs[r][1];
         }
     }
 
@@ -596,7 +623,9 @@ fn quantize_rows_i16(x: &[f32], m: usize, k: usize) -> I16Rows {
         let d = amax / 32767.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (q, v) in qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i16;
+            // Round half away from zero, without a libm call (|v · id| ≤ 32767).
+            let t = v * id;
+            *q = (t + 0.5f32.copysign(t)) as i16;
         }
         r.d[b] = d;
         r.sum[b] = xs.iter().sum();
@@ -642,30 +671,6 @@ pub fn qmatmul_nt_acc_act(
         #[cfg(target_arch = "x86_64")]
         {
             let wr = &w.data[j * rb..(j + 1) * rb];
-            if let Some(xq) = &xq {
-                let mut i = 0;
-                while i < m {
-                    let step = if m - i >= 4 { 4 } else { 1 };
-                    let mut o = [0f32; 4];
-                    // SAFETY: AVX2, FMA and F16C were detected (`fused`); `xq` holds `m`
-                    // rows of `k` values, as many as the weight row has.
-                    unsafe {
-                        match (w.kind, step) {
-                            (QKind::Q8_0, 4) => avx2::dot_row_i16::<4, 0>(wr, xq, i, k, &mut o),
-                            (QKind::Q4_0, 4) => avx2::dot_row_i16::<4, 1>(wr, xq, i, k, &mut o),
-                            (_, 4) => avx2::dot_row_i16::<4, 2>(wr, xq, i, k, &mut o),
-                            (QKind::Q8_0, _) => avx2::dot_row_i16::<1, 0>(wr, xq, i, k, &mut o),
-                            (QKind::Q4_0, _) => avx2::dot_row_i16::<1, 1>(wr, xq, i, k, &mut o),
-                            _ => avx2::dot_row_i16::<1, 2>(wr, xq, i, k, &mut o),
-                        }
-                    }
-                    for (r, val) in o.iter().take(step).enumerate() {
-                        dst[(i + r) * ld] = *val;
-                    }
-                    i += step;
-                }
-                return;
-            }
             let mut i = 0;
             while i < m {
                 let step = if m - i >= 4 {
@@ -718,8 +723,32 @@ pub fn qmatmul_nt_acc_act(
     let work = |blk: usize| -> (usize, Vec<f32>) {
         let (j0, j1) = (blk * per, ((blk + 1) * per).min(n));
         let cols = j1 - j0;
-        let mut wt = vec![0f32; if fused { 0 } else { tile * k }];
         let mut prod = vec![0f32; m * cols];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(xq) = &xq {
+            let wr = &w.data[j0 * rb..j1 * rb];
+            let mut i = 0;
+            while i < m {
+                let step = if m - i >= 4 { 4 } else { 1 };
+                let dst = &mut prod[i * cols..];
+                // SAFETY: AVX2, FMA and F16C were detected (`fused`); `xq` holds `m` rows
+                // of `k` values, as many as each of the `cols` weight rows in `wr`; `dst`
+                // holds `step` rows of `cols` outputs.
+                unsafe {
+                    match (w.kind, step) {
+                        (QKind::Q8_0, 4) => avx2::dot_rows_i16::<4, 0>(wr, rb, xq, i, k, dst, cols),
+                        (QKind::Q4_0, 4) => avx2::dot_rows_i16::<4, 1>(wr, rb, xq, i, k, dst, cols),
+                        (_, 4) => avx2::dot_rows_i16::<4, 2>(wr, rb, xq, i, k, dst, cols),
+                        (QKind::Q8_0, _) => avx2::dot_rows_i16::<1, 0>(wr, rb, xq, i, k, dst, cols),
+                        (QKind::Q4_0, _) => avx2::dot_rows_i16::<1, 1>(wr, rb, xq, i, k, dst, cols),
+                        _ => avx2::dot_rows_i16::<1, 2>(wr, rb, xq, i, k, dst, cols),
+                    }
+                }
+                i += step;
+            }
+            return (j0, prod);
+        }
+        let mut wt = vec![0f32; if fused { 0 } else { tile * k }];
         for t0 in (j0..j1).step_by(tile) {
             let rows = tile.min(j1 - t0);
             if fused {
