@@ -297,3 +297,34 @@ fn smollm2_as_stored_matches_smollm2_expanded() {
     assert_eq!(agree, 12, "int16 activations left greedy decoding after {agree} tokens");
     assert!(d_q8 < 0.05, "int16-activation logprobs differ by {d_q8}");
 }
+
+/// The official SDK against a real `loraplex serve` serving SmolLM2 as stored and in f32
+/// side by side (`--model NAME=PATH@DTYPE`): adapters trained on each follow the same loss
+/// curve and decode the same tokens (tests/sdk/quant_base.py).
+#[test]
+fn official_sdk_trains_and_samples_on_smollm2_as_stored_as_on_f32() {
+    let python = common::server::sdk_python();
+    assert!(
+        python.exists(),
+        "no Python with the tinker SDK at {}: run ./scripts/setup-sdk.sh or set LORAPLEX_SDK_PYTHON",
+        python.display()
+    );
+    let path = model_path();
+    let data = common::http::temp_dir("sdk-quant");
+    let stored = format!("smol-stored={}@as-stored", path.display());
+    let f32s = format!("smol-f32={}@f32", path.display());
+    let (_server, port) =
+        common::server::start_server_cmd(&data, &["--model", &stored, "--model", &f32s], &[]);
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/quant_base.py");
+    let file = std::fs::metadata(&path).unwrap().len();
+    let status = std::process::Command::new(&python)
+        .arg(&script)
+        .env("LORAPLEX_URL", format!("http://127.0.0.1:{port}"))
+        .env("LORAPLEX_FILE_BYTES", file.to_string())
+        .env("TINKER_TELEMETRY", "0")
+        .status()
+        .expect("run the SDK script");
+    let _ = std::fs::remove_dir_all(&data);
+    assert!(status.success(), "the SDK script failed: {status}");
+}
