@@ -3,7 +3,7 @@
 //! the backward pass), reading the quantized blocks directly. Nothing here builds a
 //! dequantized copy of a whole weight: a product dequantizes a few weight rows at a time
 //! into a tile that stays in cache (one row at a time for few rows of `x`, as in a decode
-//! step, where the product is bound by the bytes read; 64-row tiles for many, which then
+//! step, where the product is bound by the bytes read; tiles of about 1 MiB for many, which then
 //! go through the `gemm` crate like the f32 weights do).
 //!
 //! Layouts are llama.cpp's (ggml-quants.c), byte for byte: Q8_0, Q4_0, Q4_1 (32 values per
@@ -177,9 +177,12 @@ fn dequantize(kind: QKind, src: &[u8], out: &mut [f32]) {
     let (bb, bv) = (kind.block_bytes(), kind.block_values());
     debug_assert_eq!(src.len() / bb * bv, out.len());
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2_fma() && matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1) {
+    if super::kernels::has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("f16c")
+        && matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1)
+    {
         for (b, o) in src.chunks_exact(bb).zip(out.chunks_exact_mut(bv)) {
-            // SAFETY: AVX2 and FMA were detected; `b` and `o` hold one block each.
+            // SAFETY: AVX2, FMA and F16C were detected; `b` and `o` hold one block each.
             unsafe { avx2::dequant_block(kind, b, o) };
         }
         return;
@@ -298,18 +301,18 @@ fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, QKind};
+    use super::QKind;
     use std::arch::x86_64::*;
 
     /// One block of Q8_0, Q4_0 or Q4_1 (any other layout: the portable path).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
         assert!(y.len() >= 32);
         let out = y.as_mut_ptr();
         match kind {
             QKind::Q8_0 => {
                 assert!(b.len() >= 34);
-                let d = _mm256_set1_ps(f16_at(b, 0));
+                let d = _mm256_set1_ps(f16_x86(b.as_ptr()));
                 let q = b.as_ptr().add(2);
                 for i in 0..4 {
                     let v = _mm_loadl_epi64(q.add(8 * i) as *const __m128i);
@@ -320,11 +323,11 @@ mod avx2 {
             QKind::Q4_0 | QKind::Q4_1 => {
                 let (d, m, q) = if kind == QKind::Q4_0 {
                     assert!(b.len() >= 18);
-                    let d = f16_at(b, 0);
+                    let d = f16_x86(b.as_ptr());
                     (d, -8.0 * d, b.as_ptr().add(2))
                 } else {
                     assert!(b.len() >= 20);
-                    (f16_at(b, 0), f16_at(b, 2), b.as_ptr().add(4))
+                    (f16_x86(b.as_ptr()), f16_x86(b.as_ptr().add(2)), b.as_ptr().add(4))
                 };
                 let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                 let bytes = _mm_loadu_si128(q as *const __m128i);
@@ -552,9 +555,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Rows of `x` up to which `x · Wᵀ` dequantizes one weight row at a time and dots it with
-/// every row of `x`; beyond, 64-row tiles go through the GEMM.
+/// every row of `x`; beyond, tiles of about 1 MiB go through the GEMM.
 pub const ROW_AT_A_TIME_M: usize = 16;
 const TILE_ROWS: usize = 64;
+/// Bytes of a dequantized tile beyond few rows: big enough that the GEMM's packing of the
+/// other operand, repeated per tile, stays small against the tile's own work (64-row tiles
+/// made the LM head of a training pass 30% slower than in f32), small enough for L2.
+const TILE_BYTES: usize = 1 << 20;
+
+/// Weight rows per dequantized tile for rows of `width` values (a multiple of 64).
+fn tile_rows(width: usize) -> usize {
+    (TILE_BYTES / (4 * width.max(1))).clamp(TILE_ROWS, 4096) / TILE_ROWS * TILE_ROWS
+}
 
 /// Multiply-adds below which a product runs on the calling thread.
 const PAR_MIN_WORK: usize = super::kernels::PAR_MIN_WORK;
@@ -651,7 +663,7 @@ pub fn qmatmul_nt_acc_act(
     if m == 0 || n == 0 {
         return;
     }
-    let tile = if m <= ROW_AT_A_TIME_M { 4 } else { TILE_ROWS };
+    let tile = if m <= ROW_AT_A_TIME_M { 4 } else { tile_rows(k) };
     // Few rows of a 32-value layout on AVX2: blocks dequantized in registers, no buffer.
     #[cfg(target_arch = "x86_64")]
     let fused = m <= ROW_AT_A_TIME_M
@@ -806,7 +818,7 @@ pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
 
 /// `out[i][k] += Σⱼ dy[i][j] · W[j][k]` for `dy: [m, rows]`, `out: [m, cols]`: the input
 /// gradient of `x · Wᵀ`. Column blocks of `out` are split across the pool; each
-/// dequantizes its blocks of every weight row, 64 rows at a time, and runs the GEMM on them.
+/// dequantizes its blocks of every weight row, a tile of about 1 MiB at a time, and runs the GEMM on them.
 pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     qmatmul_nn_acc_cols(dy, w.rows, 0, m, w, out)
 }
@@ -839,9 +851,10 @@ fn qmatmul_nn_acc_cols(
     let work = |&(b0, b1): &(usize, usize)| -> Vec<f32> {
         let width = (b1 - b0) * bv;
         let mut acc = vec![0f32; m * width];
-        let mut wt = vec![0f32; TILE_ROWS * width];
-        for j0 in (0..n).step_by(TILE_ROWS) {
-            let rows = TILE_ROWS.min(n - j0);
+        let tile = tile_rows(width);
+        let mut wt = vec![0f32; tile.min(n) * width];
+        for j0 in (0..n).step_by(tile) {
+            let rows = tile.min(n - j0);
             for r in 0..rows {
                 let src = &w.data[(j0 + r) * row_bytes + b0 * bb..(j0 + r) * row_bytes + b1 * bb];
                 dequantize(w.kind, src, &mut wt[r * width..(r + 1) * width]);
