@@ -77,7 +77,10 @@ pub fn decode_activations() -> crate::model::backend::cpu::quant::Act {
         Ok("exact") => Act::Exact,
         Ok("int16") | Err(_) => Act::Int16,
         Ok(other) => {
-            tracing::warn!(value = other, "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using int16");
+            tracing::warn!(
+                value = other,
+                "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using int16"
+            );
             Act::Int16
         }
     }

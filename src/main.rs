@@ -156,8 +156,7 @@ fn main() -> anyhow::Result<()> {
             out,
             tokenizer_only,
         } => {
-            let m =
-                loraplex::model::BaseModel::open(&model)?;
+            let m = loraplex::model::BaseModel::open(&model)?;
             if tokenizer_only {
                 m.save_tokenizer_files(&out)?;
             } else {
@@ -172,8 +171,7 @@ fn main() -> anyhow::Result<()> {
             temperature,
             stop,
         } => {
-            let m =
-                loraplex::model::BaseModel::open(&model)?;
+            let m = loraplex::model::BaseModel::open(&model)?;
             let tok = m.tokenizer()?;
             let msgs = [loraplex::model::Message {
                 role: "user".into(),

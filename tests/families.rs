@@ -336,16 +336,40 @@ fn assert_same_weights(a: &BaseModel, b: &BaseModel, what: &str) {
         assert_eq!(x.dims(), y.dims(), "{what}: {name} shape");
         assert_eq!(flat(x), flat(y), "{what}: {name}");
     };
-    eq("embed", wa.embed.dense().unwrap(), wb.embed.dense().unwrap());
-    eq("lm_head", wa.lm_head.dense().unwrap(), wb.lm_head.dense().unwrap());
+    eq(
+        "embed",
+        wa.embed.dense().unwrap(),
+        wb.embed.dense().unwrap(),
+    );
+    eq(
+        "lm_head",
+        wa.lm_head.dense().unwrap(),
+        wb.lm_head.dense().unwrap(),
+    );
     eq("final_norm", &wa.final_norm, &wb.final_norm);
     for (i, (la, lb)) in wa.layers.iter().zip(&wb.layers).enumerate() {
         eq(&format!("{i}.attn_norm"), &la.attn_norm, &lb.attn_norm);
-        eq(&format!("{i}.wqkv"), la.wqkv.dense().unwrap(), lb.wqkv.dense().unwrap());
-        eq(&format!("{i}.wo"), la.wo.dense().unwrap(), lb.wo.dense().unwrap());
+        eq(
+            &format!("{i}.wqkv"),
+            la.wqkv.dense().unwrap(),
+            lb.wqkv.dense().unwrap(),
+        );
+        eq(
+            &format!("{i}.wo"),
+            la.wo.dense().unwrap(),
+            lb.wo.dense().unwrap(),
+        );
         eq(&format!("{i}.mlp_norm"), &la.mlp_norm, &lb.mlp_norm);
-        eq(&format!("{i}.wgate_up"), la.wgate_up.dense().unwrap(), lb.wgate_up.dense().unwrap());
-        eq(&format!("{i}.wdown"), la.wdown.dense().unwrap(), lb.wdown.dense().unwrap());
+        eq(
+            &format!("{i}.wgate_up"),
+            la.wgate_up.dense().unwrap(),
+            lb.wgate_up.dense().unwrap(),
+        );
+        eq(
+            &format!("{i}.wdown"),
+            la.wdown.dense().unwrap(),
+            lb.wdown.dense().unwrap(),
+        );
         for (name, x, y) in [
             ("bqkv", &la.bqkv, &lb.bqkv),
             ("q_norm", &la.q_norm, &lb.q_norm),

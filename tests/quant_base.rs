@@ -189,15 +189,22 @@ fn packed_matches_dequantized(model: &BaseModel, kind: QKind, label: &str) -> f3
     ];
     let refs: Vec<&LoraWeights> = ads.iter().collect();
     // Rows that take the streaming kernel (few tokens) and the tiled GEMM (many).
-    let case = Case::new(
-        &[(3, 1, Some(0)), (40, 2, Some(1)), (7, 1, None)],
-        v,
-        11,
-    );
+    let case = Case::new(&[(3, 1, Some(0)), (40, 2, Some(1)), (7, 1, None)], v, 11);
     let (lp_err, g_err) = compare(&case.run(&packed, &refs), &case.run(&dense, &refs));
-    eprintln!("{label} {}: logprobs {lp_err:.2e}, gradients {g_err:.2e}", kind.name());
-    assert!(lp_err < 1e-4, "{label} {}: logprobs differ by {lp_err}", kind.name());
-    assert!(g_err < 1e-4, "{label} {}: gradients differ by {g_err}", kind.name());
+    eprintln!(
+        "{label} {}: logprobs {lp_err:.2e}, gradients {g_err:.2e}",
+        kind.name()
+    );
+    assert!(
+        lp_err < 1e-4,
+        "{label} {}: logprobs differ by {lp_err}",
+        kind.name()
+    );
+    assert!(
+        g_err < 1e-4,
+        "{label} {}: gradients differ by {g_err}",
+        kind.name()
+    );
 
     let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % v as u32).collect();
     let exact = packed.with_exact_decode(true);
@@ -205,7 +212,11 @@ fn packed_matches_dequantized(model: &BaseModel, kind: QKind, label: &str) -> f3
     let (t_pk, l_pk) = greedy(&exact, &prompt, 6, &refs[..1]);
     let d_exact = max_diff(&l_pk, &l_ref);
     assert_eq!(t_pk, t_ref, "{label} {}: greedy tokens", kind.name());
-    assert!(d_exact < 1e-4, "{label} {}: decode logits differ by {d_exact}", kind.name());
+    assert!(
+        d_exact < 1e-4,
+        "{label} {}: decode logits differ by {d_exact}",
+        kind.name()
+    );
     // Int8 activations: teacher-forced on the reference tokens, so that one flipped
     // near-tie does not change every later step.
     let q8 = packed.with_exact_decode(false);
@@ -236,7 +247,11 @@ fn every_layout_trains_and_decodes_like_its_dequantized_weights() {
     let model = BaseModel::random(config(Arch::Llama), 3, DType::F32).unwrap();
     for kind in KINDS {
         let d = packed_matches_dequantized(&model, kind, "llama");
-        assert!(d < 2e-3, "{}: int16-activation logprobs differ by {d}", kind.name());
+        assert!(
+            d < 2e-3,
+            "{}: int16-activation logprobs differ by {d}",
+            kind.name()
+        );
     }
 }
 
@@ -245,7 +260,11 @@ fn qwen_families_run_packed() {
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let model = BaseModel::random(config(arch), 4, DType::F32).unwrap();
         let d = packed_matches_dequantized(&model, QKind::Q4_1, arch.name());
-        assert!(d < 2e-3, "{}: int16-activation logprobs differ by {d}", arch.name());
+        assert!(
+            d < 2e-3,
+            "{}: int16-activation logprobs differ by {d}",
+            arch.name()
+        );
     }
 }
 
@@ -268,12 +287,19 @@ fn smollm2_as_stored_matches_smollm2_expanded() {
         stored.weight_bytes(),
         f32m.weight_bytes()
     );
-    assert!(stored.weight_bytes() <= file, "packed weights outgrow their file");
+    assert!(
+        stored.weight_bytes() <= file,
+        "packed weights outgrow their file"
+    );
     assert!(f32m.weight_bytes() > 4 * file);
 
     let ads = [random_adapter(f32m, 5, 8, false)];
     let refs: Vec<&LoraWeights> = ads.iter().collect();
-    let case = Case::new(&[(5, 1, Some(0)), (60, 1, Some(0))], f32m.config.vocab_size, 2);
+    let case = Case::new(
+        &[(5, 1, Some(0)), (60, 1, Some(0))],
+        f32m.config.vocab_size,
+        2,
+    );
     let (lp_err, g_err) = compare(&case.run(&stored, &refs), &case.run(f32m, &refs));
     eprintln!("SmolLM2 as stored vs f32: logprobs {lp_err:.2e}, gradients {g_err:.2e}");
     assert!(lp_err < 1e-3 && g_err < 1e-3, "{lp_err} {g_err}");
@@ -294,7 +320,10 @@ fn smollm2_as_stored_matches_smollm2_expanded() {
         tok.decode(&t_q8, false).unwrap_or_default(),
     );
     assert!(d_exact < 1e-3, "exact decode logits differ by {d_exact}");
-    assert_eq!(agree, 12, "int16 activations left greedy decoding after {agree} tokens");
+    assert_eq!(
+        agree, 12,
+        "int16 activations left greedy decoding after {agree} tokens"
+    );
     assert!(d_q8 < 0.05, "int16-activation logprobs differ by {d_q8}");
 }
 

@@ -13,13 +13,13 @@ pub mod tokenizer;
 pub mod train_rows;
 pub mod weights;
 
+pub use backend::cpu::quant::{Act, Packed, QKind, QMatrix};
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, LlamaConfig};
 pub use front::{InferRow, KvCache, Tape};
 pub use tokenizer::TextTokenizer;
 pub use train_rows::{CheckedRow, TrainBatch, TrainRow};
-pub use backend::cpu::quant::{Act, Packed, QKind, QMatrix};
 pub use weights::{BaseDtype, BaseWeights, Weight};
 
 use crate::error::{Error, Result};
@@ -80,7 +80,13 @@ impl BaseModel {
     /// matrices kept as `--base-dtype` says.
     pub fn open(args: &crate::config::ModelArgs) -> Result<Self> {
         let (dev, dt) = default_device();
-        Self::load_as(&args.model_path, &args.model_name, &dev, dt, args.base_dtype)
+        Self::load_as(
+            &args.model_path,
+            &args.model_name,
+            &dev,
+            dt,
+            args.base_dtype,
+        )
     }
 
     /// Load a `.gguf` file or a Hugging Face directory with every base matrix expanded to

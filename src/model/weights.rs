@@ -137,9 +137,13 @@ impl Weight {
     pub fn to_dense(&self, device: &Device, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(t) => Ok(t.to_dtype(dtype)?.to_device(device)?),
-            Weight::Packed(p) => Ok(Tensor::from_vec(p.to_f32(), (p.rows(), p.cols()), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?),
+            Weight::Packed(p) => {
+                Ok(
+                    Tensor::from_vec(p.to_f32(), (p.rows(), p.cols()), &Device::Cpu)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                )
+            }
         }
     }
 
@@ -499,15 +503,22 @@ fn stack(parts: Vec<Part>, device: &Device, dtype: DType) -> Result<Weight> {
         .into_iter()
         .map(|p| match p {
             Part::Dense(t) => Ok(t),
-            Part::Packed(q) => Ok(Tensor::from_vec(q.to_f32(), (q.rows(), q.cols()), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?),
+            Part::Packed(q) => {
+                Ok(
+                    Tensor::from_vec(q.to_f32(), (q.rows(), q.cols()), &Device::Cpu)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                )
+            }
         })
         .collect::<Result<Vec<_>>>()?;
     if dense.len() == 1 {
         return Ok(Weight::Dense(dense.into_iter().next().expect("one part")));
     }
-    Ok(Weight::Dense(Tensor::cat(&dense.iter().collect::<Vec<_>>(), 0)?))
+    Ok(Weight::Dense(Tensor::cat(
+        &dense.iter().collect::<Vec<_>>(),
+        0,
+    )?))
 }
 
 /// Whether base matrices may be kept packed: only for the cpu backend (a CPU model in
@@ -1005,14 +1016,8 @@ pub fn save_hf_dir(cfg: &LlamaConfig, w: &BaseWeights, dir: &Path) -> Result<()>
         }
         out.insert(p("self_attn.o_proj.weight"), all(&lw.wo)?);
         out.insert(p("post_attention_layernorm.weight"), f32c(&lw.mlp_norm)?);
-        out.insert(
-            p("mlp.gate_proj.weight"),
-            lw.wgate_up.rows_f32(0, i)?,
-        );
-        out.insert(
-            p("mlp.up_proj.weight"),
-            lw.wgate_up.rows_f32(i, i)?,
-        );
+        out.insert(p("mlp.gate_proj.weight"), lw.wgate_up.rows_f32(0, i)?);
+        out.insert(p("mlp.up_proj.weight"), lw.wgate_up.rows_f32(i, i)?);
         out.insert(p("mlp.down_proj.weight"), all(&lw.wdown)?);
     }
     out.insert("model.norm.weight".into(), f32c(&w.final_norm)?);

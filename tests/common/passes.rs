@@ -89,4 +89,3 @@ pub fn compare(
     }
     (lp_err, g_err)
 }
-

@@ -20,7 +20,6 @@
 pub(crate) mod kernels;
 pub mod quant;
 
-use quant::Act;
 use super::{own_tape, Backend, Cpu, PassTape, TrainOut};
 use crate::error::Result;
 use crate::lora::{LoraGrads, Site, Target};
@@ -33,6 +32,7 @@ use gemm::Parallelism;
 use kernels::{
     attend_head, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, PAR_MIN_WORK, SMALL_M,
 };
+use quant::Act;
 use rayon::prelude::*;
 
 impl Backend for Cpu {
@@ -912,8 +912,18 @@ impl BaseModel {
             }
         }
         drop(cached);
-        let (ao, xa_o) =
-            self.project(&o, n, &lw.wo, None, &[Target::O], l, segs, adapters, keep, act)?;
+        let (ao, xa_o) = self.project(
+            &o,
+            n,
+            &lw.wo,
+            None,
+            &[Target::O],
+            l,
+            segs,
+            adapters,
+            keep,
+            act,
+        )?;
         xa.extend(xa_o);
         let mut x_mid = ao;
         for_rows(&mut x_mid, hid, |i, r| {

@@ -327,7 +327,11 @@ mod avx2 {
                     (d, -8.0 * d, b.as_ptr().add(2))
                 } else {
                     assert!(b.len() >= 20);
-                    (f16_x86(b.as_ptr()), f16_x86(b.as_ptr().add(2)), b.as_ptr().add(4))
+                    (
+                        f16_x86(b.as_ptr()),
+                        f16_x86(b.as_ptr().add(2)),
+                        b.as_ptr().add(4),
+                    )
                 };
                 let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                 let bytes = _mm_loadu_si128(q as *const __m128i);
@@ -663,7 +667,11 @@ pub fn qmatmul_nt_acc_act(
     if m == 0 || n == 0 {
         return;
     }
-    let tile = if m <= ROW_AT_A_TIME_M { 4 } else { tile_rows(k) };
+    let tile = if m <= ROW_AT_A_TIME_M {
+        4
+    } else {
+        tile_rows(k)
+    };
     // Few rows of a 32-value layout on AVX2: blocks dequantized in registers, no buffer.
     #[cfg(target_arch = "x86_64")]
     let fused = m <= ROW_AT_A_TIME_M
@@ -902,9 +910,10 @@ pub struct Packed {
 impl Packed {
     /// Stack `parts` (at least one, all with the same row length).
     pub fn new(parts: Vec<QMatrix>) -> Result<Self> {
-        let cols = parts.first().map(|p| p.cols).ok_or_else(|| {
-            Error::Unsupported("a packed weight needs at least one part".into())
-        })?;
+        let cols = parts
+            .first()
+            .map(|p| p.cols)
+            .ok_or_else(|| Error::Unsupported("a packed weight needs at least one part".into()))?;
         if let Some(p) = parts.iter().find(|p| p.cols != cols) {
             return Err(Error::Unsupported(format!(
                 "stacked weight parts have row lengths {cols} and {}",
@@ -1020,7 +1029,10 @@ impl QMatrix {
                 .iter()
                 .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
                 .collect(),
-            QKind::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+            QKind::F16 => v
+                .iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect(),
             other => {
                 return Err(Error::Unsupported(format!(
                     "packing plain values as {}",
@@ -1156,7 +1168,13 @@ mod tests {
 
     #[test]
     fn int16_activations_stay_within_their_bound() {
-        for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4_1, QKind::Q4K, QKind::BF16] {
+        for kind in [
+            QKind::Q8_0,
+            QKind::Q4_0,
+            QKind::Q4_1,
+            QKind::Q4K,
+            QKind::BF16,
+        ] {
             let k = if kind.block_values() == 32 { 96 } else { 512 };
             for &(m, n) in &[(1, 1), (1, 67), (2, 33), (3, 130), (5, 9), (8, 70), (9, 17)] {
                 let (q, wf) = quantized(kind, n, k, (m * 77 + n) as u64);
@@ -1176,8 +1194,7 @@ mod tests {
                                 let amax = x[i * k..][r.clone()]
                                     .iter()
                                     .fold(0f64, |a, v| a.max(v.abs() as f64));
-                                let wsum: f64 =
-                                    wf[j * k..][r].iter().map(|v| v.abs() as f64).sum();
+                                let wsum: f64 = wf[j * k..][r].iter().map(|v| v.abs() as f64).sum();
                                 amax * wsum
                             })
                             .sum();
