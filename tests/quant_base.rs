@@ -26,17 +26,6 @@ use loraplex::model::{
 };
 use std::sync::Arc;
 
-const KINDS: [QKind; 8] = [
-    QKind::Q8_0,
-    QKind::Q4_0,
-    QKind::Q4_1,
-    QKind::Q4K,
-    QKind::Q5K,
-    QKind::Q6K,
-    QKind::BF16,
-    QKind::F16,
-];
-
 /// A tiny model whose every matrix dimension holds whole 256-value blocks (the K layouts').
 fn config(arch: Arch) -> LlamaConfig {
     LlamaConfig {
@@ -245,7 +234,7 @@ fn packed_matches_dequantized(model: &BaseModel, kind: QKind, label: &str) -> f3
 #[test]
 fn every_layout_trains_and_decodes_like_its_dequantized_weights() {
     let model = BaseModel::random(config(Arch::Llama), 3, DType::F32).unwrap();
-    for kind in KINDS {
+    for kind in QKind::ALL {
         let d = packed_matches_dequantized(&model, kind, "llama");
         assert!(
             d < 2e-3,

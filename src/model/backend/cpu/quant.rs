@@ -34,7 +34,7 @@ pub enum QKind {
 }
 
 impl QKind {
-    #[cfg(test)]
+    /// Every layout.
     pub const ALL: [QKind; 8] = [
         QKind::Q8_0,
         QKind::Q4_0,
@@ -575,21 +575,6 @@ fn tile_rows(width: usize) -> usize {
 /// Multiply-adds below which a product runs on the calling thread.
 const PAR_MIN_WORK: usize = super::kernels::PAR_MIN_WORK;
 
-/// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo`
-/// wide: the quantized counterpart of [`super::kernels::matmul_nt_acc`].
-#[allow(clippy::too_many_arguments)]
-pub fn qmatmul_nt_acc(
-    x: &[f32],
-    m: usize,
-    w: &QMatrix,
-    alpha: f32,
-    out: &mut [f32],
-    ldo: usize,
-    col0: usize,
-) {
-    qmatmul_nt_acc_act(x, m, w, alpha, out, ldo, col0, Act::Exact)
-}
-
 /// How `x · Wᵀ` treats the activations `x`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
@@ -649,9 +634,11 @@ fn quantize_rows_i16(x: &[f32], m: usize, k: usize) -> I16Rows {
     r
 }
 
-/// [`qmatmul_nt_acc`] with a choice of how activations are read ([`Act`]).
+/// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo`
+/// wide, activations read as `act` says: the quantized counterpart of
+/// [`super::kernels::matmul_nt_acc`].
 #[allow(clippy::too_many_arguments)]
-pub fn qmatmul_nt_acc_act(
+pub fn qmatmul_nt_acc(
     x: &[f32],
     m: usize,
     w: &QMatrix,
@@ -820,7 +807,7 @@ pub fn qmatmul_nt_acc_act(
 /// `x · Wᵀ` as a new `[m, rows]` buffer.
 pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
     let mut out = vec![0f32; m * w.rows];
-    qmatmul_nt_acc(x, m, w, 1.0, &mut out, w.rows, 0);
+    qmatmul_nt_acc(x, m, w, 1.0, &mut out, w.rows, 0, Act::Exact);
     out
 }
 
@@ -955,7 +942,7 @@ impl Packed {
     ) {
         let mut r0 = 0;
         for p in &self.parts {
-            qmatmul_nt_acc_act(x, m, p, alpha, out, ldo, col0 + r0, act);
+            qmatmul_nt_acc(x, m, p, alpha, out, ldo, col0 + r0, act);
             r0 += p.rows;
         }
     }
@@ -1184,7 +1171,7 @@ mod tests {
                 x[32..64].iter_mut().for_each(|v| *v *= 1e-30);
                 let want = matmul_ref(&x, m, &wf, n, k);
                 let mut got = vec![0f32; m * n];
-                qmatmul_nt_acc_act(&x, m, &q, 1.0, &mut got, n, 0, Act::Int16);
+                qmatmul_nt_acc(&x, m, &q, 1.0, &mut got, n, 0, Act::Int16);
                 for i in 0..m {
                     for j in 0..n {
                         // Σ over 32-value blocks of max|x| · Σ|W|.
