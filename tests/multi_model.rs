@@ -25,7 +25,7 @@ use common::http::{f32_tensor, Resp};
 use common::http::{fb_result, get, i64_tensor, post, retrieve, send_fb, text_datum, A};
 use loraplex::api::proto;
 use loraplex::api::Shared;
-use loraplex::config::{EngineConfig, ModelArgs, ModelSpec, ServeConfig, ServedModels};
+use loraplex::config::{BaseDtype, EngineConfig, ModelArgs, ModelSpec, ServeConfig, ServedModels};
 use loraplex::jobs::{AdapterId, Engine, FbRequest, JobOutput, Op, TenantId};
 use loraplex::lora::LoraConfig;
 use loraplex::model::weights::TokenizerSource;
@@ -299,12 +299,17 @@ fn served_models_come_from_repeated_flags_or_the_single_model() {
         #[command(flatten)]
         models: ServedModels,
     }
+    // A dtype after `@` is the model's own; the others take --base-dtype.
     let cli = Cli::try_parse_from([
         "serve",
+        "--base-dtype",
+        "f32",
         "--model",
-        "a=/m/a.gguf",
+        "a=/m/a.gguf@bf16",
         "--model",
         "org/b=/m/b dir",
+        "--model",
+        "c=/m/c@home.gguf",
     ])
     .expect("parse");
     let specs = cli.models.specs().expect("specs");
@@ -313,13 +318,18 @@ fn served_models_come_from_repeated_flags_or_the_single_model() {
         vec![
             ModelSpec {
                 name: "a".into(),
-                path: "/m/a.gguf".into()
-                base_dtype: None,
+                path: "/m/a.gguf".into(),
+                base_dtype: Some(BaseDtype::Bf16),
             },
             ModelSpec {
                 name: "org/b".into(),
-                path: "/m/b dir".into()
-                base_dtype: None,
+                path: "/m/b dir".into(),
+                base_dtype: Some(BaseDtype::F32),
+            },
+            ModelSpec {
+                name: "c".into(),
+                path: "/m/c@home.gguf".into(),
+                base_dtype: Some(BaseDtype::F32),
             },
         ]
     );
@@ -330,8 +340,8 @@ fn served_models_come_from_repeated_flags_or_the_single_model() {
         cli.models.specs().expect("specs"),
         vec![ModelSpec {
             name: "x".into(),
-            path: "/m/x.gguf".into()
-            base_dtype: None,
+            path: "/m/x.gguf".into(),
+            base_dtype: Some(BaseDtype::AsStored),
         }]
     );
     // A name twice, or no `=`, is refused.
