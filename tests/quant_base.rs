@@ -15,7 +15,7 @@
 
 mod common;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use common::passes::{compare, Case};
 use common::*;
@@ -44,32 +44,16 @@ fn config(arch: Arch) -> LlamaConfig {
     }
 }
 
-fn ggml(kind: QKind) -> Option<GgmlDType> {
-    Some(match kind {
-        QKind::Q8_0 => GgmlDType::Q8_0,
-        QKind::Q4_0 => GgmlDType::Q4_0,
-        QKind::Q4_1 => GgmlDType::Q4_1,
-        QKind::Q4K => GgmlDType::Q4K,
-        QKind::Q5K => GgmlDType::Q5K,
-        QKind::Q6K => GgmlDType::Q6K,
-        QKind::BF16 | QKind::F16 => return None,
-    })
-}
-
 /// One matrix in `kind`, packed, and its dequantized values as a dense f32 weight.
 fn pack(w: &Weight, kind: QKind) -> (Weight, Weight) {
     let t = w.dense().expect("dense source");
     let (r, c) = t.dims2().unwrap();
-    let q = match ggml(kind) {
-        Some(g) => {
-            let bytes = QTensor::quantize(t, g).unwrap().data().unwrap().to_vec();
-            QMatrix::new(kind, r, c, bytes).unwrap()
-        }
-        None => {
-            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            QMatrix::from_f32(kind, r, c, &v).unwrap()
-        }
-    };
+    let bytes = QTensor::quantize(t, kind.ggml())
+        .unwrap()
+        .data()
+        .unwrap()
+        .to_vec();
+    let q = QMatrix::new(kind, r, c, bytes).unwrap();
     let dense = Tensor::from_vec(q.to_f32(), (r, c), &Device::Cpu).unwrap();
     (
         Weight::Packed(Arc::new(Packed::new(vec![q]).unwrap())),

@@ -402,16 +402,8 @@ impl GgufFile {
             .tensor_infos
             .get(name)
             .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name}")))?;
-        let kind = match info.ggml_dtype {
-            GgmlDType::Q8_0 => QKind::Q8_0,
-            GgmlDType::Q4_0 => QKind::Q4_0,
-            GgmlDType::Q4_1 => QKind::Q4_1,
-            GgmlDType::Q4K => QKind::Q4K,
-            GgmlDType::Q5K => QKind::Q5K,
-            GgmlDType::Q6K => QKind::Q6K,
-            GgmlDType::BF16 => QKind::BF16,
-            GgmlDType::F16 => QKind::F16,
-            _ => return Ok(None),
+        let Some(kind) = QKind::from_ggml(info.ggml_dtype) else {
+            return Ok(None);
         };
         let q = self
             .content

@@ -14,6 +14,7 @@
 
 use super::{gemm, Mat};
 use crate::error::{Error, Result};
+use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
@@ -45,6 +46,25 @@ impl QKind {
         QKind::BF16,
         QKind::F16,
     ];
+
+    /// candle's name of the GGUF tensor type.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QKind::Q8_0 => GgmlDType::Q8_0,
+            QKind::Q4_0 => GgmlDType::Q4_0,
+            QKind::Q4_1 => GgmlDType::Q4_1,
+            QKind::Q4K => GgmlDType::Q4K,
+            QKind::Q5K => GgmlDType::Q5K,
+            QKind::Q6K => GgmlDType::Q6K,
+            QKind::BF16 => GgmlDType::BF16,
+            QKind::F16 => GgmlDType::F16,
+        }
+    }
+
+    /// The layout of a GGUF tensor type, if the cpu backend reads it in place.
+    pub fn from_ggml(d: GgmlDType) -> Option<QKind> {
+        QKind::ALL.into_iter().find(|k| k.ggml() == d)
+    }
 
     /// Whether the fused AVX2 kernel reads it (32-value blocks).
     fn fused(self) -> bool {
@@ -1035,21 +1055,8 @@ impl QMatrix {
 mod tests {
     use super::*;
     use crate::util::SplitMix64;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-
-    fn ggml(kind: QKind) -> GgmlDType {
-        match kind {
-            QKind::Q8_0 => GgmlDType::Q8_0,
-            QKind::Q4_0 => GgmlDType::Q4_0,
-            QKind::Q4_1 => GgmlDType::Q4_1,
-            QKind::Q4K => GgmlDType::Q4K,
-            QKind::Q5K => GgmlDType::Q5K,
-            QKind::Q6K => GgmlDType::Q6K,
-            QKind::BF16 => GgmlDType::BF16,
-            QKind::F16 => GgmlDType::F16,
-        }
-    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = SplitMix64::new(seed);
@@ -1062,7 +1069,7 @@ mod tests {
     /// own dequantization.
     fn quantized(kind: QKind, rows: usize, cols: usize, seed: u64) -> (QMatrix, Vec<f32>) {
         let t = Tensor::from_vec(rand(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, ggml(kind)).unwrap();
+        let q = QTensor::quantize(&t, kind.ggml()).unwrap();
         let bytes = q.data().unwrap().to_vec();
         let reference = q
             .dequantize(&Device::Cpu)
