@@ -198,37 +198,65 @@ fn gemm(
     }
     a.check(m, k);
     b.check(k, n);
+    // SAFETY: every element read or written lies inside its slice (checked above), and
+    // `dst` is borrowed mutably for the call, so nothing else aliases it.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr().add(doff),
+            ldd,
+            acc,
+            a,
+            b,
+            alpha,
+            par,
+        )
+    }
+}
+
+/// [`gemm`] into a raw destination: `dst[i·ldd + j]` for `i < m`, `j < n`.
+///
+/// # Safety
+/// Those elements of `dst` must be valid for reads and writes and touched by nothing else
+/// during the call; `a` and `b` must hold their `m x k` and `k x n` views ([`Mat::check`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    acc: bool,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    par: bool,
+) {
     let threads = rayon::current_num_threads();
     let parallelism = if par && threads > 1 && m * n * k >= PAR_GEMM {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
-    // SAFETY: every element read or written lies inside its slice (checked above), and
-    // `dst` is borrowed mutably for the call, so nothing else aliases it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(doff),
-            1,
-            ldd as isize,
-            acc,
-            a.data.as_ptr().add(a.off),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr().add(b.off),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        acc,
+        a.data.as_ptr().add(a.off),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr().add(b.off),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// Run `f(row index, row)` over the `width`-wide rows of `out`, in parallel when big.

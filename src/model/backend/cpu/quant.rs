@@ -12,7 +12,7 @@
 //! dequantization (an independent implementation) and the products to f32 products of the
 //! dequantized weights.
 
-use super::{gemm, Mat};
+use super::{gemm_raw, Mat};
 use crate::error::{Error, Result};
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -455,7 +455,8 @@ mod avx2 {
     /// the weight's 32 values widened to int16 once, then for each row two `madd` integer
     /// products, scaled by both blocks' scales (Q4_1's offset times the block's exact sum).
     /// [`dot_row_i16`] for every weight row of `w` (rows `rb` bytes apart): output row
-    /// `r`'s value for weight row `j` goes to `out[r · ld + j]`.
+    /// `r`'s value for weight row `j` goes to `out[r · ld + j]`, which must be writable
+    /// for every `r < R` and weight row `j`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_i16<const R: usize, const L: u8>(
         w: &[u8],
@@ -463,16 +464,14 @@ mod avx2 {
         x: &super::I16Rows,
         row0: usize,
         k: usize,
-        out: &mut [f32],
+        out: *mut f32,
         ld: usize,
     ) {
-        let rows = w.len() / rb;
-        assert!(rows == 0 || out.len() >= (R - 1) * ld + rows);
         for (j, wr) in w.chunks_exact(rb).enumerate() {
             let mut o = [0f32; 4];
             dot_row_i16::<R, L>(wr, x, row0, k, &mut o);
             for (r, v) in o.iter().take(R).enumerate() {
-                *out.get_unchecked_mut(r * ld + j) = *v;
+                *out.add(r * ld + j) = *v;
             }
         }
     }
@@ -654,26 +653,82 @@ fn quantize_rows_i16(x: &[f32], m: usize, k: usize) -> I16Rows {
     r
 }
 
-/// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo`
-/// wide, activations read as `act` says: the quantized counterpart of
-/// [`super::kernels::matmul_nt_acc`].
+/// Disjoint column ranges of one row-major output, written from several threads at once:
+/// each worker of a product writes only the columns it owns (the products below split
+/// their output by columns, which slices of rows cannot express).
+#[derive(Clone, Copy)]
+struct SharedCols<'a> {
+    ptr: *mut f32,
+    len: usize,
+    ld: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the pointer comes from a `&'a mut [f32]` held for `'a`; workers sharing it write
+// disjoint elements (their own columns), which is what the products guarantee.
+unsafe impl Send for SharedCols<'_> {}
+unsafe impl Sync for SharedCols<'_> {}
+
+impl<'a> SharedCols<'a> {
+    /// `out` as rows `ld` apart, with `m` rows and columns `c0..c1` checked to lie inside.
+    fn new(out: &'a mut [f32], ld: usize, m: usize, (c0, c1): (usize, usize)) -> Self {
+        assert!(c0 <= c1 && c1 <= ld && (m == 0 || (m - 1) * ld + c1 <= out.len()));
+        SharedCols {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            ld,
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// Pointer to element `(i, j)`, checked to lie inside.
+    fn at(&self, i: usize, j: usize) -> *mut f32 {
+        assert!(j < self.ld && i * self.ld + j < self.len);
+        // SAFETY: in bounds (asserted).
+        unsafe { self.ptr.add(i * self.ld + j) }
+    }
+}
+
+thread_local! {
+    /// Each thread's dequantized tile, kept between products (a fresh 1 MiB buffer per
+    /// tile costs page faults and a memset).
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's tile buffer of at least `len` values (a fresh one if the
+/// thread's own is in use).
+fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    TILE.with(|t| match t.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo` wide,
+/// activations read as `act` says: the quantized counterpart of
+/// [`super::kernels::matmul_nt`]. Column blocks of the output go to the pool, each written
+/// in place.
 #[allow(clippy::too_many_arguments)]
-pub fn qmatmul_nt_acc(
+pub fn qmatmul_nt_to(
     x: &[f32],
     m: usize,
     w: &QMatrix,
-    alpha: f32,
     out: &mut [f32],
     ldo: usize,
     col0: usize,
     act: Act,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k && col0 + n <= ldo);
-    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
+    assert!(x.len() >= m * k);
     if m == 0 || n == 0 {
         return;
     }
+    let dst = SharedCols::new(out, ldo, m, (col0, col0 + n));
     let tile = if m <= ROW_AT_A_TIME_M {
         4
     } else {
@@ -693,8 +748,8 @@ pub fn qmatmul_nt_acc(
         && matches!(w.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
     let xq = int16.then(|| quantize_rows_i16(x, m, k));
     let rb = w.row_bytes();
-    // Weight row `j` against every row of `x`, into `dst[i · ld]`.
-    let fused_row = |j: usize, dst: &mut [f32], ld: usize| {
+    // Weight row `j` against every row of `x`, into column `col0 + j` of `out`.
+    let fused_row = |j: usize| {
         #[cfg(target_arch = "x86_64")]
         {
             let wr = &w.data[j * rb..(j + 1) * rb];
@@ -708,132 +763,115 @@ pub fn qmatmul_nt_acc(
                     1
                 };
                 let xp = x[i * k..].as_ptr();
+                let mut o = [0f32; 4];
                 // SAFETY: AVX2 and FMA were detected (`fused`); rows i..i+step of `x` hold
                 // `k` values each (asserted on entry), as many as the weight row has.
-                let v: [f32; 8] = unsafe {
+                unsafe {
                     match step {
-                        8 => {
-                            let mut o = [0f32; 8];
-                            avx2::dot_row_q32::<8>(w.kind, wr, xp, k, &mut o);
-                            o
-                        }
-                        4 => {
-                            let mut o = [0f32; 4];
-                            avx2::dot_row_q32::<4>(w.kind, wr, xp, k, &mut o);
-                            [o[0], o[1], o[2], o[3], 0.0, 0.0, 0.0, 0.0]
-                        }
+                        4 => avx2::dot_row_q32::<4>(w.kind, wr, xp, k, &mut o),
                         2 => {
-                            let mut o = [0f32; 2];
-                            avx2::dot_row_q32::<2>(w.kind, wr, xp, k, &mut o);
-                            [o[0], o[1], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+                            let mut o2 = [0f32; 2];
+                            avx2::dot_row_q32::<2>(w.kind, wr, xp, k, &mut o2);
+                            o[..2].copy_from_slice(&o2);
                         }
                         _ => {
-                            let mut o = [0f32; 1];
-                            avx2::dot_row_q32::<1>(w.kind, wr, xp, k, &mut o);
-                            [o[0], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+                            let mut o1 = [0f32; 1];
+                            avx2::dot_row_q32::<1>(w.kind, wr, xp, k, &mut o1);
+                            o[0] = o1[0];
                         }
                     }
-                };
-                for (r, val) in v.iter().take(step).enumerate() {
-                    dst[(i + r) * ld] = *val;
+                }
+                for (r, val) in o.iter().take(step).enumerate() {
+                    // SAFETY: `at` checks the bounds; column `col0 + j` is this worker's.
+                    unsafe { *dst.at(i + r, col0 + j) = *val };
                 }
                 i += step;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (j, dst, ld, rb);
+        let _ = (j, rb);
     };
     // Column blocks of whole tiles, a few per thread; each dequantizes its weight rows a
-    // tile at a time into one buffer and returns its products `[m, j1 - j0]`.
+    // tile at a time (or reads them in registers) and writes its own columns of `out`.
     let threads = rayon::current_num_threads();
     let per = n.div_ceil(threads * 4).next_multiple_of(tile);
-    let work = |blk: usize| -> (usize, Vec<f32>) {
+    let work = |blk: usize| {
         let (j0, j1) = (blk * per, ((blk + 1) * per).min(n));
-        let cols = j1 - j0;
-        let mut prod = vec![0f32; m * cols];
         #[cfg(target_arch = "x86_64")]
         if let Some(xq) = &xq {
             let wr = &w.data[j0 * rb..j1 * rb];
             let mut i = 0;
             while i < m {
                 let step = if m - i >= 4 { 4 } else { 1 };
-                let dst = &mut prod[i * cols..];
+                let (o, ld) = (dst.at(i + step - 1, col0 + j1 - 1), ldo);
+                // Rows i..i+step, columns col0+j0..col0+j1 lie inside `out` (its last
+                // element was just checked); they are this worker's columns.
+                let o = o.wrapping_sub((step - 1) * ld + (j1 - 1 - j0));
                 // SAFETY: AVX2, FMA and F16C were detected (`fused`); `xq` holds `m` rows
-                // of `k` values, as many as each of the `cols` weight rows in `wr`; `dst`
-                // holds `step` rows of `cols` outputs.
+                // of `k` values, as many as each weight row in `wr`; `o` is as above.
                 unsafe {
                     match (w.kind, step) {
-                        (QKind::Q8_0, 4) => avx2::dot_rows_i16::<4, 0>(wr, rb, xq, i, k, dst, cols),
-                        (QKind::Q4_0, 4) => avx2::dot_rows_i16::<4, 1>(wr, rb, xq, i, k, dst, cols),
-                        (_, 4) => avx2::dot_rows_i16::<4, 2>(wr, rb, xq, i, k, dst, cols),
-                        (QKind::Q8_0, _) => avx2::dot_rows_i16::<1, 0>(wr, rb, xq, i, k, dst, cols),
-                        (QKind::Q4_0, _) => avx2::dot_rows_i16::<1, 1>(wr, rb, xq, i, k, dst, cols),
-                        _ => avx2::dot_rows_i16::<1, 2>(wr, rb, xq, i, k, dst, cols),
+                        (QKind::Q8_0, 4) => avx2::dot_rows_i16::<4, 0>(wr, rb, xq, i, k, o, ld),
+                        (QKind::Q4_0, 4) => avx2::dot_rows_i16::<4, 1>(wr, rb, xq, i, k, o, ld),
+                        (_, 4) => avx2::dot_rows_i16::<4, 2>(wr, rb, xq, i, k, o, ld),
+                        (QKind::Q8_0, _) => avx2::dot_rows_i16::<1, 0>(wr, rb, xq, i, k, o, ld),
+                        (QKind::Q4_0, _) => avx2::dot_rows_i16::<1, 1>(wr, rb, xq, i, k, o, ld),
+                        _ => avx2::dot_rows_i16::<1, 2>(wr, rb, xq, i, k, o, ld),
                     }
                 }
                 i += step;
             }
-            return (j0, prod);
+            return;
         }
-        let mut wt = vec![0f32; if fused { 0 } else { tile * k }];
-        for t0 in (j0..j1).step_by(tile) {
-            let rows = tile.min(j1 - t0);
-            if fused {
-                for j in t0..t0 + rows {
-                    fused_row(j, &mut prod[j - j0..], cols);
-                }
-                continue;
-            }
-            w.dequantize_rows(t0, t0 + rows, &mut wt);
-            if m <= ROW_AT_A_TIME_M {
-                for (jj, wr) in wt[..rows * k].chunks_exact(k).enumerate() {
-                    for i in 0..m {
-                        prod[i * cols + t0 - j0 + jj] = dot(&x[i * k..(i + 1) * k], wr);
+        if fused {
+            (j0..j1).for_each(fused_row);
+            return;
+        }
+        with_tile(tile * k, |wt| {
+            for t0 in (j0..j1).step_by(tile) {
+                let rows = tile.min(j1 - t0);
+                w.dequantize_rows(t0, t0 + rows, wt);
+                if m <= ROW_AT_A_TIME_M {
+                    for (jj, wr) in wt[..rows * k].chunks_exact(k).enumerate() {
+                        for i in 0..m {
+                            let v = dot(&x[i * k..(i + 1) * k], wr);
+                            // SAFETY: `at` checks the bounds; the column is this worker's.
+                            unsafe { *dst.at(i, col0 + t0 + jj) = v };
+                        }
                     }
+                } else {
+                    let (a, b) = (Mat::rows(x, 0, k), Mat::t(wt, 0, k));
+                    a.check(m, k);
+                    b.check(k, rows);
+                    let o = dst.at(m - 1, col0 + t0 + rows - 1);
+                    let o = o.wrapping_sub((m - 1) * ldo + rows - 1);
+                    // SAFETY: rows 0..m, columns col0+t0..col0+t0+rows of `out` lie inside
+                    // it (their last element was just checked) and are this worker's; the
+                    // operands hold their views (checked).
+                    unsafe { gemm_raw((m, rows, k), o, ldo, false, a, b, 1.0, false) };
                 }
-            } else {
-                gemm(
-                    (m, rows, k),
-                    &mut prod,
-                    t0 - j0,
-                    cols,
-                    false,
-                    Mat::rows(x, 0, k),
-                    Mat::t(&wt, 0, k),
-                    1.0,
-                    false,
-                );
             }
-        }
-        (j0, prod)
+        });
     };
     let blocks = n.div_ceil(per);
-    let parts: Vec<(usize, Vec<f32>)> = if m * n * k < PAR_MIN_WORK || threads == 1 {
-        (0..blocks).map(work).collect()
+    if m * n * k < PAR_MIN_WORK || threads == 1 {
+        (0..blocks).for_each(work);
     } else {
-        (0..blocks).into_par_iter().map(work).collect()
-    };
-    for (j0, prod) in parts {
-        let cols = prod.len() / m;
-        for i in 0..m {
-            let dst = &mut out[i * ldo + col0 + j0..i * ldo + col0 + j0 + cols];
-            for (o, p) in dst.iter_mut().zip(&prod[i * cols..(i + 1) * cols]) {
-                *o += alpha * p;
-            }
-        }
+        (0..blocks).into_par_iter().for_each(work);
     }
 }
 
 /// `x · Wᵀ` as a new `[m, rows]` buffer.
 pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
     let mut out = vec![0f32; m * w.rows];
-    qmatmul_nt_acc(x, m, w, 1.0, &mut out, w.rows, 0, Act::Exact);
+    qmatmul_nt_to(x, m, w, &mut out, w.rows, 0, Act::Exact);
     out
 }
 
 /// `out[i][k] += Σⱼ dy[i][j] · W[j][k]` for `dy: [m, rows]`, `out: [m, cols]`: the input
 /// gradient of `x · Wᵀ`. Column blocks of `out` are split across the pool; each
-/// dequantizes its blocks of every weight row, a tile of about 1 MiB at a time, and runs the GEMM on them.
+/// dequantizes its blocks of every weight row, a tile of about 1 MiB at a time, and runs
+/// the GEMM on them into its own columns of `out`.
 pub fn qmatmul_nn_acc(dy: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     qmatmul_nn_acc_cols(dy, w.rows, 0, m, w, out)
 }
@@ -848,11 +886,12 @@ fn qmatmul_nn_acc_cols(
     out: &mut [f32],
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(dcol0 + n <= ldy && out.len() >= m * k);
+    assert!(dcol0 + n <= ldy);
     assert!(m == 0 || dy.len() >= (m - 1) * ldy + dcol0 + n);
     if m == 0 || n == 0 {
         return;
     }
+    let dst = SharedCols::new(out, k, m, (0, k));
     let bv = w.kind.block_values();
     let bb = w.kind.block_bytes();
     let row_bytes = w.row_bytes();
@@ -863,44 +902,33 @@ fn qmatmul_nn_acc_cols(
     let chunks: Vec<(usize, usize)> = (0..blocks.div_ceil(per))
         .map(|c| (c * per, ((c + 1) * per).min(blocks)))
         .collect();
-    let work = |&(b0, b1): &(usize, usize)| -> Vec<f32> {
-        let width = (b1 - b0) * bv;
-        let mut acc = vec![0f32; m * width];
-        let tile = tile_rows(width);
-        let mut wt = vec![0f32; tile.min(n) * width];
-        for j0 in (0..n).step_by(tile) {
-            let rows = tile.min(n - j0);
-            for r in 0..rows {
-                let src = &w.data[(j0 + r) * row_bytes + b0 * bb..(j0 + r) * row_bytes + b1 * bb];
-                dequantize(w.kind, src, &mut wt[r * width..(r + 1) * width]);
-            }
-            gemm(
-                (m, width, rows),
-                &mut acc,
-                0,
-                width,
-                true,
-                Mat::rows(dy, dcol0 + j0, ldy),
-                Mat::rows(&wt, 0, width),
-                1.0,
-                false,
-            );
-        }
-        acc
-    };
-    let parts: Vec<Vec<f32>> = if m * n * k < PAR_MIN_WORK || threads == 1 {
-        chunks.iter().map(work).collect()
-    } else {
-        chunks.par_iter().map(work).collect()
-    };
-    for (&(b0, b1), acc) in chunks.iter().zip(parts) {
+    let work = |&(b0, b1): &(usize, usize)| {
         let (c0, width) = (b0 * bv, (b1 - b0) * bv);
-        for i in 0..m {
-            let dst = &mut out[i * k + c0..i * k + c0 + width];
-            for (o, a) in dst.iter_mut().zip(&acc[i * width..(i + 1) * width]) {
-                *o += a;
+        let tile = tile_rows(width);
+        with_tile(tile.min(n) * width, |wt| {
+            for j0 in (0..n).step_by(tile) {
+                let rows = tile.min(n - j0);
+                for r in 0..rows {
+                    let src =
+                        &w.data[(j0 + r) * row_bytes + b0 * bb..(j0 + r) * row_bytes + b1 * bb];
+                    dequantize(w.kind, src, &mut wt[r * width..(r + 1) * width]);
+                }
+                let (a, b) = (Mat::rows(dy, dcol0 + j0, ldy), Mat::rows(wt, 0, width));
+                a.check(m, rows);
+                b.check(rows, width);
+                let o = dst.at(m - 1, c0 + width - 1);
+                let o = o.wrapping_sub((m - 1) * k + width - 1);
+                // SAFETY: rows 0..m, columns c0..c0+width of `out` lie inside it (their
+                // last element was just checked) and are this worker's; the operands hold
+                // their views (checked).
+                unsafe { gemm_raw((m, width, rows), o, k, true, a, b, 1.0, false) };
             }
-        }
+        });
+    };
+    if m * n * k < PAR_MIN_WORK || threads == 1 {
+        chunks.iter().for_each(work);
+    } else {
+        chunks.par_iter().for_each(work);
     }
 }
 
@@ -948,21 +976,12 @@ impl Packed {
         names.join("+")
     }
 
-    /// `out[i][col0 + j] += alpha · Σₖ x[i][k] · W[j][k]` (see [`qmatmul_nt_acc`]).
+    /// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` (see [`qmatmul_nt_to`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn nt_acc(
-        &self,
-        x: &[f32],
-        m: usize,
-        alpha: f32,
-        out: &mut [f32],
-        ldo: usize,
-        col0: usize,
-        act: Act,
-    ) {
+    pub fn nt_to(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, col0: usize, act: Act) {
         let mut r0 = 0;
         for p in &self.parts {
-            qmatmul_nt_acc(x, m, p, alpha, out, ldo, col0 + r0, act);
+            qmatmul_nt_to(x, m, p, out, ldo, col0 + r0, act);
             r0 += p.rows;
         }
     }
@@ -970,7 +989,7 @@ impl Packed {
     /// `x · Wᵀ` as a new `[m, rows]` buffer.
     pub fn nt(&self, x: &[f32], m: usize, act: Act) -> Vec<f32> {
         let mut out = vec![0f32; m * self.rows];
-        self.nt_acc(x, m, 1.0, &mut out, self.rows, 0, act);
+        self.nt_to(x, m, &mut out, self.rows, 0, act);
         out
     }
 
@@ -1161,6 +1180,53 @@ mod tests {
     }
 
     #[test]
+    fn stacked_parts_write_their_own_columns_of_a_wider_output() {
+        // Two layouts stacked along the rows, enough rows for several column blocks per
+        // thread, written into columns 3.. of an output 7 columns wider than the weight:
+        // the columns around stay as they were, and `dy · W` accumulates onto `out`.
+        let k = 64;
+        let (q1, w1) = quantized(QKind::Q4_1, 4100, k, 5);
+        let (q2, w2) = quantized(QKind::Q8_0, 70, k, 6);
+        let p = Packed::new(vec![q1, q2]).unwrap();
+        let n = p.rows();
+        let wf: Vec<f32> = w1.iter().chain(&w2).copied().collect();
+        for m in [1, 5, 17, 40] {
+            let x = rand(m * k, 9 + m as u64);
+            let want = matmul_ref(&x, m, &wf, n, k);
+            let ldo = n + 7;
+            let mut out = vec![-3.0f32; m * ldo];
+            p.nt_to(&x, m, &mut out, ldo, 3, Act::Exact);
+            for i in 0..m {
+                let row = &out[i * ldo..(i + 1) * ldo];
+                assert!(row[..3].iter().chain(&row[3 + n..]).all(|&v| v == -3.0));
+                for j in 0..n {
+                    let (g, w) = (row[3 + j] as f64, want[i * n + j]);
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * 8.0,
+                        "m={m} ({i},{j}): {g} vs {w}"
+                    );
+                }
+            }
+            let dy = rand(m * n, 21 + m as u64);
+            let mut got = vec![0.25f32; m * k];
+            p.nn_acc(&dy, m, &mut got);
+            for i in 0..m {
+                for c in 0..k {
+                    let w: f64 = 0.25
+                        + (0..n)
+                            .map(|j| dy[i * n + j] as f64 * wf[j * k + c] as f64)
+                            .sum::<f64>();
+                    let g = got[i * k + c] as f64;
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (n as f64).sqrt(),
+                        "dy·W m={m} ({i},{c}): {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn int16_activations_stay_within_their_bound() {
         for kind in [
             QKind::Q8_0,
@@ -1178,7 +1244,7 @@ mod tests {
                 x[32..64].iter_mut().for_each(|v| *v *= 1e-30);
                 let want = matmul_ref(&x, m, &wf, n, k);
                 let mut got = vec![0f32; m * n];
-                qmatmul_nt_acc(&x, m, &q, 1.0, &mut got, n, 0, Act::Int16);
+                qmatmul_nt_to(&x, m, &q, &mut got, n, 0, Act::Int16);
                 for i in 0..m {
                     for j in 0..n {
                         // Σ over 32-value blocks of max|x| · Σ|W|.
