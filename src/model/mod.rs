@@ -121,7 +121,7 @@ impl BaseModel {
             .chat_template
             .clone()
             .map(|t| ChatTemplate::new(t, &tokenizer));
-        Self::from_parts(
+        let model = Self::from_parts(
             name,
             cfg,
             weights,
@@ -129,7 +129,9 @@ impl BaseModel {
             chat_template,
             device,
             dtype,
-        )
+        );
+        crate::util::trim_heap();
+        model
     }
 
     pub fn from_parts(

@@ -713,7 +713,6 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// activations read as `act` says: the quantized counterpart of
 /// [`super::kernels::matmul_nt`]. Column blocks of the output go to the pool, each written
 /// in place.
-#[allow(clippy::too_many_arguments)]
 pub fn qmatmul_nt_to(
     x: &[f32],
     m: usize,
@@ -723,12 +722,31 @@ pub fn qmatmul_nt_to(
     col0: usize,
     act: Act,
 ) {
-    let (n, k) = (w.rows, w.cols);
-    assert!(x.len() >= m * k);
-    if m == 0 || n == 0 {
+    nt_parts(x, m, &[(w, col0)], out, ldo, act)
+}
+
+/// [`qmatmul_nt_to`] for several weights with the same row length, each `(W, col0)` into
+/// its own columns of `out`, as one split across the pool (a decode step then waits for
+/// the pool once per stacked weight, not once per part).
+fn nt_parts(
+    x: &[f32],
+    m: usize,
+    parts: &[(&QMatrix, usize)],
+    out: &mut [f32],
+    ldo: usize,
+    act: Act,
+) {
+    let Some(k) = parts.first().map(|(w, _)| w.cols) else {
+        return;
+    };
+    assert!(parts.iter().all(|(w, _)| w.cols == k) && x.len() >= m * k);
+    let ntot: usize = parts.iter().map(|(w, _)| w.rows).sum();
+    if m == 0 || ntot == 0 {
         return;
     }
-    let dst = SharedCols::new(out, ldo, m, (col0, col0 + n));
+    let c0 = parts.iter().map(|&(_, c)| c).min().unwrap_or(0);
+    let c1 = parts.iter().map(|(w, c)| c + w.rows).max().unwrap_or(0);
+    let dst = SharedCols::new(out, ldo, m, (c0, c1));
     let tile = if m <= ROW_AT_A_TIME_M {
         4
     } else {
@@ -736,22 +754,21 @@ pub fn qmatmul_nt_to(
     };
     // Few rows of a 32-value layout on AVX2: blocks dequantized in registers, no buffer.
     #[cfg(target_arch = "x86_64")]
-    let fused = m <= ROW_AT_A_TIME_M
+    let simd = m <= ROW_AT_A_TIME_M
         && super::kernels::has_avx2_fma()
-        && std::arch::is_x86_feature_detected!("f16c")
-        && w.kind.fused();
+        && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
-    let fused = false;
-    let int16 = fused
-        && act == Act::Int16
-        && m <= I16_MAX_M
-        && matches!(w.kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
-    let xq = int16.then(|| quantize_rows_i16(x, m, k));
-    let rb = w.row_bytes();
-    // Weight row `j` against every row of `x`, into column `col0 + j` of `out`.
-    let fused_row = |j: usize| {
+    let simd = false;
+    let int16_kind = |kind: QKind| matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
+    let xq = (simd && act == Act::Int16 && m <= I16_MAX_M)
+        .then_some(())
+        .filter(|_| parts.iter().any(|(w, _)| int16_kind(w.kind)))
+        .map(|_| quantize_rows_i16(x, m, k));
+    // Weight `w`'s row `j` against every row of `x`, into column `col0 + j` of `out`.
+    let fused_row = |w: &QMatrix, col0: usize, j: usize| {
         #[cfg(target_arch = "x86_64")]
         {
+            let rb = w.row_bytes();
             let wr = &w.data[j * rb..(j + 1) * rb];
             let mut i = 0;
             while i < m {
@@ -764,7 +781,7 @@ pub fn qmatmul_nt_to(
                 };
                 let xp = x[i * k..].as_ptr();
                 let mut o = [0f32; 4];
-                // SAFETY: AVX2 and FMA were detected (`fused`); rows i..i+step of `x` hold
+                // SAFETY: AVX2 and FMA were detected (`simd`); rows i..i+step of `x` hold
                 // `k` values each (asserted on entry), as many as the weight row has.
                 unsafe {
                     match step {
@@ -789,16 +806,27 @@ pub fn qmatmul_nt_to(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (j, rb);
+        let _ = (w, col0, j);
     };
-    // Column blocks of whole tiles, a few per thread; each dequantizes its weight rows a
-    // tile at a time (or reads them in registers) and writes its own columns of `out`.
+    // Row blocks of whole tiles of every part, a few per thread; each dequantizes its
+    // weight rows a tile at a time (or reads them in registers) and writes its own columns
+    // of `out`.
     let threads = rayon::current_num_threads();
-    let per = n.div_ceil(threads * 4).next_multiple_of(tile);
-    let work = |blk: usize| {
-        let (j0, j1) = (blk * per, ((blk + 1) * per).min(n));
+    let per = ntot.div_ceil(threads * 4).next_multiple_of(tile);
+    let items: Vec<(usize, usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, (w, _))| {
+            (0..w.rows)
+                .step_by(per)
+                .map(move |j0| (pi, j0, (j0 + per).min(w.rows)))
+        })
+        .collect();
+    let work = |&(pi, j0, j1): &(usize, usize, usize)| {
+        let (w, col0) = parts[pi];
         #[cfg(target_arch = "x86_64")]
-        if let Some(xq) = &xq {
+        if let Some(xq) = xq.as_ref().filter(|_| int16_kind(w.kind)) {
+            let rb = w.row_bytes();
             let wr = &w.data[j0 * rb..j1 * rb];
             let mut i = 0;
             while i < m {
@@ -807,7 +835,7 @@ pub fn qmatmul_nt_to(
                 // Rows i..i+step, columns col0+j0..col0+j1 lie inside `out` (its last
                 // element was just checked); they are this worker's columns.
                 let o = o.wrapping_sub((step - 1) * ld + (j1 - 1 - j0));
-                // SAFETY: AVX2, FMA and F16C were detected (`fused`); `xq` holds `m` rows
+                // SAFETY: AVX2, FMA and F16C were detected (`simd`); `xq` holds `m` rows
                 // of `k` values, as many as each weight row in `wr`; `o` is as above.
                 unsafe {
                     match (w.kind, step) {
@@ -823,8 +851,8 @@ pub fn qmatmul_nt_to(
             }
             return;
         }
-        if fused {
-            (j0..j1).for_each(fused_row);
+        if simd && w.kind.fused() {
+            (j0..j1).for_each(|j| fused_row(w, col0, j));
             return;
         }
         with_tile(tile * k, |wt| {
@@ -853,11 +881,10 @@ pub fn qmatmul_nt_to(
             }
         });
     };
-    let blocks = n.div_ceil(per);
-    if m * n * k < PAR_MIN_WORK || threads == 1 {
-        (0..blocks).for_each(work);
+    if m * ntot * k < PAR_MIN_WORK || threads == 1 {
+        items.iter().for_each(work);
     } else {
-        (0..blocks).into_par_iter().for_each(work);
+        items.par_iter().for_each(work);
     }
 }
 
@@ -979,11 +1006,16 @@ impl Packed {
     /// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` (see [`qmatmul_nt_to`]).
     #[allow(clippy::too_many_arguments)]
     pub fn nt_to(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, col0: usize, act: Act) {
-        let mut r0 = 0;
-        for p in &self.parts {
-            qmatmul_nt_to(x, m, p, out, ldo, col0 + r0, act);
-            r0 += p.rows;
-        }
+        let mut r0 = col0;
+        let parts: Vec<(&QMatrix, usize)> = self
+            .parts
+            .iter()
+            .map(|p| {
+                r0 += p.rows;
+                (p, r0 - p.rows)
+            })
+            .collect();
+        nt_parts(x, m, &parts, out, ldo, act);
     }
 
     /// `x · Wᵀ` as a new `[m, rows]` buffer.
