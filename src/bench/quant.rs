@@ -32,9 +32,15 @@ pub struct QuantBenchArgs {
     /// Tokens decoded per sequence and round.
     #[arg(long, default_value_t = 128)]
     pub tokens: usize,
-    /// Rounds per measure (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    /// Rounds per measure and sitting (the median is taken).
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Sittings: every dtype's process, then llama.cpp, this many times in turn. The table
+    /// gives medians over sittings, and each ratio is the median of the ratios within a
+    /// sitting (this machine's speed drifts by 20% over minutes, more than the engines
+    /// differ, so only measures taken side by side compare).
+    #[arg(long, default_value_t = 3)]
+    pub sittings: usize,
     /// Timed training steps (1 row of 128 tokens, rank 8 on all targets), after a warm-up.
     #[arg(long, default_value_t = 5)]
     pub train_steps: usize,
@@ -49,7 +55,7 @@ pub struct QuantBenchArgs {
 }
 
 /// What one child measured.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Measured {
     dtype: String,
     layout: String,
@@ -82,8 +88,7 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
     let file_mb = std::fs::metadata(&args.model.model_path)
         .map(|m| m.len() as f64 / 1e6)
         .unwrap_or(f64::NAN);
-    let mut rows = Vec::new();
-    for d in &args.dtypes {
+    let child = |d: &BaseDtype| -> Result<Measured> {
         let out = std::process::Command::new(&exe)
             .args(["bench", "quant", "--child", "--base-dtype", d.name()])
             .arg("--model-path")
@@ -95,16 +100,40 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or_default();
-        let m: Measured = serde_json::from_str(line).map_err(|e| {
+        serde_json::from_str(line).map_err(|e| {
             Error::Unavailable(format!("the {} child printed {text:?}: {e}", d.name()))
-        })?;
-        rows.push(m);
+        })
+    };
+    // Per sitting: each dtype's measures, and llama.cpp's (1 seq, 8 seqs) tok/s.
+    let mut sat: Vec<(Vec<Measured>, Option<(f64, f64)>)> = Vec::new();
+    let mut llama: std::result::Result<String, String> = Err("not run".into());
+    for s in 0..args.sittings.max(1) {
+        let rows = args.dtypes.iter().map(child).collect::<Result<Vec<_>>>()?;
+        let l = if s == 0 || llama.is_ok() {
+            match llama_cpp(args, threads) {
+                Ok((v1, v8, version)) => {
+                    llama = Ok(version);
+                    Some((v1, v8))
+                }
+                Err(why) => {
+                    llama = Err(why);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        sat.push((rows, l));
     }
+    let rows: Vec<Measured> = (0..args.dtypes.len())
+        .map(|i| median_measured(sat.iter().map(|(r, _)| &r[i])))
+        .collect();
+    let llama_v: Vec<(f64, f64)> = sat.iter().filter_map(|(_, l)| *l).collect();
     let mut out = format!(
         "Base weights as stored vs expanded: {} ({file_mb:.1} MB file), {threads} threads, \
          greedy decoding of {} tokens after a {}-character chat prompt, median of {} rounds; \
          training step: 1 row x 128 tokens, rank 8 on all targets, median of {} steps. \
-         Each dtype in its own process.\n\n\
+         Each dtype in its own process; {} sittings in turn, medians over them.\n\n\
          | engine | weights | weights MB | model RSS MB | decode 1 seq tok/s | 1 seq + adapter tok/s | 8 seqs, 8 adapters tok/s | train step s | peak RSS MB |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         args.model.model_path.display(),
@@ -112,6 +141,7 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
         PROMPT.len(),
         args.rounds,
         args.train_steps,
+        sat.len(),
     );
     for m in &rows {
         out.push_str(&format!(
@@ -127,36 +157,76 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
             m.peak_rss_mb
         ));
     }
-    let llama = llama_cpp(args, threads);
     match &llama {
-        Ok((v1, v8, version)) => out.push_str(&format!(
-            "| llama.cpp {version} | as stored | | | {v1:.1} | | {v8:.1} | | |\n"
+        Ok(version) => out.push_str(&format!(
+            "| llama.cpp {version} | as stored | | | {:.1} | | {:.1} | | |\n",
+            median(&mut llama_v.iter().map(|l| l.0).collect::<Vec<_>>()),
+            median(&mut llama_v.iter().map(|l| l.1).collect::<Vec<_>>()),
         )),
         Err(why) => out.push_str(&format!("\nllama.cpp not measured: {why}\n")),
     }
     out.push('\n');
-    if let Some(stored) = rows.iter().find(|m| m.dtype == "as-stored") {
-        if let Ok((v1, v8, _)) = &llama {
-            out.push_str(&format!(
-                "Single-sequence decode, as stored vs llama.cpp: {:.2}x; 8 sequences: {:.2}x.\n",
-                stored.decode1_tok_s / v1,
-                stored.decode8_tok_s / v8
-            ));
+    // A ratio within each sitting, then their median (and each sitting's, to show spread).
+    let ratio = |name: &str, f: &dyn Fn(&[Measured], Option<(f64, f64)>) -> Option<f64>| {
+        let mut r: Vec<f64> = sat.iter().filter_map(|(m, l)| f(m, *l)).collect();
+        if r.is_empty() {
+            return String::new();
         }
-        out.push_str(&format!(
-            "Model RSS as stored / file size: {:.2}x.\n",
-            stored.model_rss_mb / file_mb
-        ));
-        if let Some(f32s) = rows.iter().find(|m| m.dtype == "f32") {
-            out.push_str(&format!(
-                "As stored vs f32: decode {:.2}x, training step time {:.2}x, model RSS {:.2}x.\n",
-                stored.decode1_tok_s / f32s.decode1_tok_s,
-                stored.train_step_s / f32s.train_step_s,
-                stored.model_rss_mb / f32s.model_rss_mb
-            ));
-        }
-    }
+        let each: Vec<String> = r.iter().map(|v| format!("{v:.2}x")).collect();
+        format!(
+            "{name}: {:.2}x (sittings: {}).\n",
+            median(&mut r),
+            each.join(", ")
+        )
+    };
+    let find = |m: &[Measured], d: &str| m.iter().find(|x| x.dtype == d).cloned();
+    out.push_str(&ratio(
+        "Single-sequence decode, as stored / llama.cpp",
+        &|m, l| Some(find(m, "as-stored")?.decode1_tok_s / l?.0),
+    ));
+    out.push_str(&ratio("8 sequences, as stored / llama.cpp", &|m, l| {
+        Some(find(m, "as-stored")?.decode8_tok_s / l?.1)
+    }));
+    out.push_str(&ratio("Model RSS as stored / file size", &|m, _| {
+        Some(find(m, "as-stored")?.model_rss_mb / file_mb)
+    }));
+    out.push_str(&ratio("Decode, as stored / f32", &|m, _| {
+        Some(find(m, "as-stored")?.decode1_tok_s / find(m, "f32")?.decode1_tok_s)
+    }));
+    out.push_str(&ratio("Training step time, as stored / f32", &|m, _| {
+        Some(find(m, "as-stored")?.train_step_s / find(m, "f32")?.train_step_s)
+    }));
+    out.push_str(&ratio("Model RSS, as stored / f32", &|m, _| {
+        Some(find(m, "as-stored")?.model_rss_mb / find(m, "f32")?.model_rss_mb)
+    }));
     Ok(out)
+}
+
+/// Field by field, the median of several sittings' measures of one dtype.
+fn median_measured<'a>(ms: impl Iterator<Item = &'a Measured> + Clone) -> Measured {
+    let first = ms.clone().next().cloned();
+    let med = |f: fn(&Measured) -> f64| median(&mut ms.clone().map(f).collect::<Vec<_>>());
+    Measured {
+        model_rss_mb: med(|m| m.model_rss_mb),
+        load_s: med(|m| m.load_s),
+        decode1_tok_s: med(|m| m.decode1_tok_s),
+        decode1_lora_tok_s: med(|m| m.decode1_lora_tok_s),
+        decode8_tok_s: med(|m| m.decode8_tok_s),
+        train_step_s: med(|m| m.train_step_s),
+        peak_rss_mb: med(|m| m.peak_rss_mb),
+        ..first.unwrap_or_else(|| Measured {
+            dtype: String::new(),
+            layout: String::new(),
+            weight_mb: f64::NAN,
+            model_rss_mb: f64::NAN,
+            load_s: f64::NAN,
+            decode1_tok_s: f64::NAN,
+            decode1_lora_tok_s: f64::NAN,
+            decode8_tok_s: f64::NAN,
+            train_step_s: f64::NAN,
+            peak_rss_mb: f64::NAN,
+        })
+    }
 }
 
 /// llama.cpp's single- and 8-sequence decode speed on the same file, or why not.
