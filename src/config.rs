@@ -68,20 +68,25 @@ pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 pub use crate::model::weights::BaseDtype;
 
-/// How inference reads activations into packed base weights: `LORAPLEX_DECODE_ACTIVATIONS`
-/// `exact` (f32) or `int16` (int16 blocks, the default; see
-/// [`crate::model::backend::cpu::quant::Act`]). Anything else is `int16`, with a warning.
+/// How decode steps read activations into packed base weights:
+/// `LORAPLEX_DECODE_ACTIVATIONS` `exact` (f32, the default) or `int16` (int16 blocks; see
+/// [`crate::model::backend::cpu::quant::Act`]). Anything else is `exact`, with a warning.
+///
+/// Why exact by default: int16 applies to steps of at most 8 decoding rows with no prompt
+/// tokens, so a sequence's logprobs would move (by up to about 7e-3 nats on SmolLM2) with
+/// what else shares its batch: under load, or when a group's members prefill from the
+/// prefix cache at different steps. `int16` is for those who take that for the speed.
 pub fn decode_activations() -> crate::model::backend::cpu::quant::Act {
     use crate::model::backend::cpu::quant::Act;
     match std::env::var("LORAPLEX_DECODE_ACTIVATIONS").as_deref() {
-        Ok("exact") => Act::Exact,
-        Ok("int16") | Err(_) => Act::Int16,
+        Ok("int16") => Act::Int16,
+        Ok("exact") | Err(_) => Act::Exact,
         Ok(other) => {
             tracing::warn!(
                 value = other,
-                "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using int16"
+                "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using exact"
             );
-            Act::Int16
+            Act::Exact
         }
     }
 }

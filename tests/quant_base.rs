@@ -106,6 +106,7 @@ fn greedy(
         let rows = [InferRow {
             tokens: &next,
             adapter,
+            prompt: false,
         }];
         let (logits, _) = model
             .forward_infer(&rows, &mut [&mut cache], ads, false)
@@ -200,6 +201,7 @@ fn packed_matches_dequantized(model: &BaseModel, kind: QKind, label: &str) -> f3
         let rows = [InferRow {
             tokens: &next,
             adapter: Some(0),
+            prompt: false,
         }];
         let (logits, _) = q8
             .forward_infer(&rows, &mut [&mut cache], &refs[..1], false)

@@ -45,10 +45,8 @@ pub struct BaseModel {
     /// Softmax probabilities of a training pass are kept for its backward pass while they
     /// fit in this many bytes; beyond it backward recomputes the logits.
     pub(crate) probs_budget: usize,
-    /// How inference (prefill and decode, never training) reads activations into packed
-    /// layer weights (the LM head always reads them exactly): int16 blocks for few rows,
-    /// unless
-    /// `LORAPLEX_DECODE_ACTIVATIONS=exact` (see [`backend::cpu::quant::Act`]).
+    /// How decode steps (never prefill or training) read activations into packed weights:
+    /// f32 unless `LORAPLEX_DECODE_ACTIVATIONS=int16` (see [`backend::cpu::quant::Act`]).
     pub(crate) decode_act: backend::cpu::quant::Act,
 }
 

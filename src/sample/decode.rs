@@ -190,19 +190,21 @@ pub fn step<S: Decoding>(
     if slots.len() != live.len() {
         return Err(Error::invalid("slots", "one entry per sequence"));
     }
-    let inputs: Vec<Vec<u32>> = live
+    // Each sequence's input, and whether it is (the rest of) its prompt.
+    let inputs: Vec<(Vec<u32>, bool)> = live
         .iter_mut()
         .map(|l| {
             let (ask, seq) = l.parts();
-            seq.input(ask.prompt).to_vec()
+            (seq.input(ask.prompt).to_vec(), seq.prefilling())
         })
         .collect();
     let rows: Vec<InferRow> = inputs
         .iter()
         .zip(slots)
-        .map(|(t, a)| InferRow {
+        .map(|((t, prompt), a)| InferRow {
             tokens: t,
             adapter: *a,
+            prompt: *prompt,
         })
         .collect();
     let logits = {

@@ -753,8 +753,9 @@ impl BaseModel {
         let di = c.intermediate_size;
         let eps = c.rms_norm_eps as f32;
         let segs = &b.segments;
-        // Inference (with caches) reads packed weights as the model says; training exactly.
-        let act = if caches.is_some() {
+        // A decode step (with caches, no prompt tokens) reads packed weights as the model
+        // says; training and prefill exactly.
+        let act = if caches.is_some() && !b.prompt {
             self.decode_act
         } else {
             Act::Exact

@@ -1259,6 +1259,27 @@ mod tests {
     }
 
     #[test]
+    fn products_are_deterministic_across_calls() {
+        let k = 576;
+        let (q, _) = quantized(QKind::Q4_1, 3000, k, 41);
+        for (m, act) in [
+            (1, Act::Int16),
+            (4, Act::Int16),
+            (1, Act::Exact),
+            (60, Act::Exact),
+        ] {
+            let x = rand(m * k, 5 + m as u64);
+            let mut first = vec![0f32; m * 3000];
+            qmatmul_nt_to(&x, m, &q, &mut first, 3000, 0, act);
+            for _ in 0..20 {
+                let mut again = vec![0f32; m * 3000];
+                qmatmul_nt_to(&x, m, &q, &mut again, 3000, 0, act);
+                assert!(first == again, "m={m} {act:?}: a repeat gave other bits");
+            }
+        }
+    }
+
+    #[test]
     fn int16_activations_stay_within_their_bound() {
         for kind in [
             QKind::Q8_0,
