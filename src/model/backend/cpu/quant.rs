@@ -1171,6 +1171,20 @@ mod tests {
         out
     }
 
+    /// `base + dy · W` in f64 for `dy: [m, n]`, `W: [n, k]`.
+    fn matmul_nn_ref(dy: &[f32], m: usize, w: &[f32], n: usize, k: usize, base: f64) -> Vec<f64> {
+        let mut out = vec![base; m * k];
+        for i in 0..m {
+            for j in 0..n {
+                let d = dy[i * n + j] as f64;
+                for c in 0..k {
+                    out[i * k + c] += d * w[j * k + c] as f64;
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn products_match_the_dequantized_weight_at_odd_shapes() {
         for kind in QKind::ALL {
@@ -1192,12 +1206,10 @@ mod tests {
                 let dy = rand(m * n, 11 + n as u64);
                 let mut got = vec![0.5f32; m * k];
                 qmatmul_nn_acc(&dy, m, &q, &mut got);
+                let want = matmul_nn_ref(&dy, m, &wf, n, k, 0.5);
                 for i in 0..m {
                     for c in 0..k {
-                        let w: f64 = 0.5
-                            + (0..n)
-                                .map(|j| dy[i * n + j] as f64 * wf[j * k + c] as f64)
-                                .sum::<f64>();
+                        let w = want[i * k + c];
                         let g = got[i * k + c] as f64;
                         let tol = 1e-5 * (1.0 + w.abs()) * (n as f64).sqrt();
                         assert!(
@@ -1242,12 +1254,10 @@ mod tests {
             let dy = rand(m * n, 21 + m as u64);
             let mut got = vec![0.25f32; m * k];
             p.nn_acc(&dy, m, &mut got);
+            let want = matmul_nn_ref(&dy, m, &wf, n, k, 0.25);
             for i in 0..m {
                 for c in 0..k {
-                    let w: f64 = 0.25
-                        + (0..n)
-                            .map(|j| dy[i * n + j] as f64 * wf[j * k + c] as f64)
-                            .sum::<f64>();
+                    let w = want[i * k + c];
                     let g = got[i * k + c] as f64;
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (n as f64).sqrt(),
