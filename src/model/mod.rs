@@ -45,8 +45,9 @@ pub struct BaseModel {
     /// Softmax probabilities of a training pass are kept for its backward pass while they
     /// fit in this many bytes; beyond it backward recomputes the logits.
     pub(crate) probs_budget: usize,
-    /// How decode steps (never prefill or training) read activations into packed weights:
-    /// f32 unless `LORAPLEX_DECODE_ACTIVATIONS=int16` (see [`backend::cpu::quant::Act`]).
+    /// How decode steps' layers, and the LM head of every inference step, read activations
+    /// into packed weights (a prefill's layers and training always read them in f32): f32
+    /// unless `LORAPLEX_DECODE_ACTIVATIONS=int16` (see [`backend::cpu::quant::Act`]).
     pub(crate) decode_act: backend::cpu::quant::Act,
 }
 

@@ -687,6 +687,16 @@ impl<'a> SharedCols<'a> {
         // SAFETY: in bounds (asserted).
         unsafe { self.ptr.add(i * self.ld + j) }
     }
+
+    /// Pointer to element `(i0, j0)` of a block of `rows x cols` elements (rows `ld`
+    /// apart) checked to lie inside: what a kernel writing the whole block takes.
+    fn block(&self, (i0, rows): (usize, usize), (j0, cols): (usize, usize)) -> *mut f32 {
+        assert!(rows > 0 && cols > 0);
+        // The block's last element lies inside (`at` checks it), and every row's columns
+        // j0..j0+cols lie within `ld`, so does the rest.
+        self.at(i0 + rows - 1, j0 + cols - 1);
+        self.at(i0, j0)
+    }
 }
 
 thread_local! {
@@ -760,10 +770,11 @@ fn nt_parts(
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     let int16_kind = |kind: QKind| matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
-    let xq = (simd && act == Act::Int16 && m <= I16_MAX_M)
-        .then_some(())
-        .filter(|_| parts.iter().any(|(w, _)| int16_kind(w.kind)))
-        .map(|_| quantize_rows_i16(x, m, k));
+    let int16 = simd
+        && act == Act::Int16
+        && m <= I16_MAX_M
+        && parts.iter().any(|(w, _)| int16_kind(w.kind));
+    let xq = int16.then(|| quantize_rows_i16(x, m, k));
     // Weight `w`'s row `j` against every row of `x`, into column `col0 + j` of `out`.
     let fused_row = |w: &QMatrix, col0: usize, j: usize| {
         #[cfg(target_arch = "x86_64")]
@@ -831,12 +842,11 @@ fn nt_parts(
             let mut i = 0;
             while i < m {
                 let step = if m - i >= 4 { 4 } else { 1 };
-                let (o, ld) = (dst.at(i + step - 1, col0 + j1 - 1), ldo);
-                // Rows i..i+step, columns col0+j0..col0+j1 lie inside `out` (its last
-                // element was just checked); they are this worker's columns.
-                let o = o.wrapping_sub((step - 1) * ld + (j1 - 1 - j0));
+                let (o, ld) = (dst.block((i, step), (col0 + j0, j1 - j0)), ldo);
                 // SAFETY: AVX2, FMA and F16C were detected (`simd`); `xq` holds `m` rows
-                // of `k` values, as many as each weight row in `wr`; `o` is as above.
+                // of `k` values, as many as each weight row in `wr`; `o` starts a block of
+                // rows i..i+step, columns col0+j0..col0+j1 inside `out` (checked), which
+                // are this worker's columns.
                 unsafe {
                     match (w.kind, step) {
                         (QKind::Q8_0, 4) => avx2::dot_rows_i16::<4, 0>(wr, rb, xq, i, k, o, ld),
@@ -871,11 +881,10 @@ fn nt_parts(
                     let (a, b) = (Mat::rows(x, 0, k), Mat::t(wt, 0, k));
                     a.check(m, k);
                     b.check(k, rows);
-                    let o = dst.at(m - 1, col0 + t0 + rows - 1);
-                    let o = o.wrapping_sub((m - 1) * ldo + rows - 1);
+                    let o = dst.block((0, m), (col0 + t0, rows));
                     // SAFETY: rows 0..m, columns col0+t0..col0+t0+rows of `out` lie inside
-                    // it (their last element was just checked) and are this worker's; the
-                    // operands hold their views (checked).
+                    // it (checked) and are this worker's; the operands hold their views
+                    // (checked).
                     unsafe { gemm_raw((m, rows, k), o, ldo, false, a, b, 1.0, false) };
                 }
             }
@@ -943,11 +952,9 @@ fn qmatmul_nn_acc_cols(
                 let (a, b) = (Mat::rows(dy, dcol0 + j0, ldy), Mat::rows(wt, 0, width));
                 a.check(m, rows);
                 b.check(rows, width);
-                let o = dst.at(m - 1, c0 + width - 1);
-                let o = o.wrapping_sub((m - 1) * k + width - 1);
-                // SAFETY: rows 0..m, columns c0..c0+width of `out` lie inside it (their
-                // last element was just checked) and are this worker's; the operands hold
-                // their views (checked).
+                let o = dst.block((0, m), (c0, width));
+                // SAFETY: rows 0..m, columns c0..c0+width of `out` lie inside it (checked)
+                // and are this worker's; the operands hold their views (checked).
                 unsafe { gemm_raw((m, width, rows), o, k, true, a, b, 1.0, false) };
             }
         });
