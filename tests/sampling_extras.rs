@@ -57,7 +57,6 @@ fn full_logprobs(m: &BaseModel, w: Option<&LoraWeights>, prompt: &[u32]) -> Vec<
             let rows = [InferRow {
                 tokens: &prompt[..=q],
                 adapter: w.map(|_| 0),
-                prompt: false,
             }];
             let (logits, _) = reference
                 .forward_infer(&rows, &mut [&mut cache], &adapters, false)

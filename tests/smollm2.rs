@@ -116,7 +116,6 @@ fn decode_all_logits(m: &BaseModel, input: &[u32]) -> Vec<Vec<f32>> {
             let row = [InferRow {
                 tokens: std::slice::from_ref(t),
                 adapter: None,
-                prompt: false,
             }];
             let (l, _) = m
                 .forward_infer(&row, &mut [&mut cache], &[], false)
@@ -207,7 +206,6 @@ fn logits_match_transformers_at_every_position() {
             &[InferRow {
                 tokens: &input,
                 adapter: None,
-                prompt: false,
             }],
             &mut [&mut KvCache::default()],
             &[],
@@ -411,7 +409,6 @@ fn decode_last(m: &BaseModel, input: &[u32]) -> Vec<f32> {
             &[InferRow {
                 tokens: input,
                 adapter: None,
-                prompt: false,
             }],
             &mut [&mut KvCache::default()],
             &[],

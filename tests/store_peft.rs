@@ -118,7 +118,6 @@ fn logits(model: &BaseModel, tokens: &[u32], adapter: Option<&LoraWeights>) -> V
         let row = InferRow {
             tokens: std::slice::from_ref(t),
             adapter: adapter.map(|_| 0),
-            prompt: false,
         };
         let (last, _) = model
             .forward_infer(&[row], &mut [&mut cache], &refs, false)

@@ -54,9 +54,6 @@ pub struct QuantBenchArgs {
     pub child: bool,
 }
 
-/// Suffix of a dtype's name measured with `LORAPLEX_DECODE_ACTIVATIONS=int16`.
-const INT16: &str = ", int16 decode";
-
 /// What one child measured.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Measured {
@@ -91,14 +88,10 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
     let file_mb = std::fs::metadata(&args.model.model_path)
         .map(|m| m.len() as f64 / 1e6)
         .unwrap_or(f64::NAN);
-    // One dtype's process; `int16`: its decode steps read activations as int16 blocks.
-    let child = |d: &BaseDtype, int16: bool| -> Result<Measured> {
+    // One dtype's process.
+    let child = |d: &BaseDtype| -> Result<Measured> {
         let out = std::process::Command::new(&exe)
             .args(["bench", "quant", "--child", "--base-dtype", d.name()])
-            .env(
-                "LORAPLEX_DECODE_ACTIVATIONS",
-                if int16 { "int16" } else { "exact" },
-            )
             .arg("--model-path")
             .arg(&args.model.model_path)
             .args(["--tokens", &args.tokens.to_string()])
@@ -108,34 +101,16 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or_default();
-        let mut m: Measured = serde_json::from_str(line).map_err(|e| {
+        let m: Measured = serde_json::from_str(line).map_err(|e| {
             Error::Unavailable(format!("the {} child printed {text:?}: {e}", d.name()))
         })?;
-        if int16 {
-            m.dtype.push_str(INT16);
-        }
         Ok(m)
     };
-    // Every dtype with exact decoding, and as stored once more with int16 decoding.
-    let runs: Vec<(BaseDtype, bool)> = args
-        .dtypes
-        .iter()
-        .map(|d| (*d, false))
-        .chain(
-            args.dtypes
-                .iter()
-                .filter(|d| **d == BaseDtype::AsStored)
-                .map(|d| (*d, true)),
-        )
-        .collect();
     // Per sitting: each dtype's measures, and llama.cpp's (1 seq, 8 seqs) tok/s.
     let mut sat: Vec<(Vec<Measured>, Option<(f64, f64)>)> = Vec::new();
     let mut llama: std::result::Result<String, String> = Err("not run".into());
     for s in 0..args.sittings.max(1) {
-        let rows = runs
-            .iter()
-            .map(|(d, i)| child(d, *i))
-            .collect::<Result<Vec<_>>>()?;
+        let rows = args.dtypes.iter().map(child).collect::<Result<Vec<_>>>()?;
         let l = if s == 0 || llama.is_ok() {
             match llama_cpp(args, threads) {
                 Ok((v1, v8, version)) => {
@@ -152,7 +127,7 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
         };
         sat.push((rows, l));
     }
-    let rows: Vec<Measured> = (0..runs.len())
+    let rows: Vec<Measured> = (0..args.dtypes.len())
         .map(|i| median_measured(sat.iter().map(|(r, _)| &r[i])))
         .collect();
     let llama_v: Vec<(f64, f64)> = sat.iter().filter_map(|(_, l)| *l).collect();
@@ -214,15 +189,6 @@ pub fn quant(args: &QuantBenchArgs) -> Result<String> {
     out.push_str(&ratio("8 sequences, as stored / llama.cpp", &|m, l| {
         Some(find(m, "as-stored")?.decode8_tok_s / l?.1)
     }));
-    let i16 = format!("as-stored{INT16}");
-    out.push_str(&ratio(
-        "Single-sequence decode, as stored with int16 decode / llama.cpp",
-        &|m, l| Some(find(m, &i16)?.decode1_tok_s / l?.0),
-    ));
-    out.push_str(&ratio(
-        "8 sequences, as stored with int16 decode / llama.cpp",
-        &|m, l| Some(find(m, &i16)?.decode8_tok_s / l?.1),
-    ));
     out.push_str(&ratio("Model RSS as stored / file size", &|m, _| {
         Some(find(m, "as-stored")?.model_rss_mb / file_mb)
     }));
@@ -363,7 +329,6 @@ fn measure(args: &QuantBenchArgs) -> Result<Measured> {
                 .map(|i| InferRow {
                     tokens: &prompt,
                     adapter: adapter(i),
-                    prompt: true,
                 })
                 .collect();
             let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();
@@ -383,7 +348,6 @@ fn measure(args: &QuantBenchArgs) -> Result<Measured> {
                     .map(|(i, t)| InferRow {
                         tokens: t,
                         adapter: adapter(i),
-                        prompt: false,
                     })
                     .collect();
                 let mut cs: Vec<&mut KvCache> = caches.iter_mut().collect();

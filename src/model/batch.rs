@@ -28,8 +28,6 @@ pub struct PackedBatch {
     pub segments: Vec<Segment>,
     /// `order[i]` is the caller's index of packed row `i`.
     pub order: Vec<usize>,
-    /// An inference step that prefills prompt tokens ([`crate::model::InferRow::prompt`]).
-    pub prompt: bool,
 }
 
 impl PackedBatch {
@@ -64,7 +62,6 @@ impl PackedBatch {
             rows: packed,
             segments,
             order,
-            prompt: false,
         }
     }
 

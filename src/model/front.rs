@@ -91,10 +91,6 @@ pub type LogitsVisitor<'a> = &'a mut (dyn FnMut(usize, usize, &[f32]) -> Result<
 pub struct InferRow<'a> {
     pub tokens: &'a [u32],
     pub adapter: Option<usize>,
-    /// Its tokens are prompt tokens (a prefill), not a generated token: a step with any
-    /// such row reads packed weights with exact activations, so a prompt computes alike
-    /// whether part of it came from the prefix cache or not (see `Act`).
-    pub prompt: bool,
 }
 
 /// Activations kept from a training forward pass for its backward pass.
@@ -159,7 +155,7 @@ impl BaseModel {
         xf: &Tensor,
         lora: Option<(&LoraPair, f64)>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut logits = self.backend.linear(self, xf, &self.weights.lm_head)?;
+        let mut logits = self.backend.linear(xf, &self.weights.lm_head)?;
         let mut xa = None;
         if let Some((p, scale)) = lora {
             let a = xf.matmul(&p.a.to_dtype(xf.dtype())?.t()?)?;
@@ -499,8 +495,7 @@ impl BaseModel {
             .zip(caches.iter())
             .map(|(r, c)| (r.tokens, r.adapter, c.len))
             .collect();
-        let mut batch = PackedBatch::new(&spec);
-        batch.prompt = rows.iter().any(|r| r.prompt);
+        let batch = PackedBatch::new(&spec);
         // Caches in packed order, as body indexes them.
         let mut slots: Vec<Option<&mut KvCache>> =
             caches.iter_mut().map(|c| Some(&mut **c)).collect();

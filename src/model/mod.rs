@@ -13,7 +13,7 @@ pub mod tokenizer;
 pub mod train_rows;
 pub mod weights;
 
-pub use backend::cpu::quant::{Act, Packed, QKind, QMatrix};
+pub use backend::cpu::quant::{Packed, QKind, QMatrix};
 pub use batch::PackedBatch;
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, LlamaConfig};
@@ -45,10 +45,6 @@ pub struct BaseModel {
     /// Softmax probabilities of a training pass are kept for its backward pass while they
     /// fit in this many bytes; beyond it backward recomputes the logits.
     pub(crate) probs_budget: usize,
-    /// How decode steps' layers, and the LM head of every inference step, read activations
-    /// into packed weights (a prefill's layers and training always read them in f32): f32
-    /// unless `LORAPLEX_DECODE_ACTIVATIONS=int16` (see [`backend::cpu::quant::Act`]).
-    pub(crate) decode_act: backend::cpu::quant::Act,
 }
 
 impl std::fmt::Debug for BaseModel {
@@ -165,7 +161,6 @@ impl BaseModel {
             dtype,
             backend,
             probs_budget: front::KEEP_PROBS_BYTES,
-            decode_act: crate::config::decode_activations(),
         })
     }
 
@@ -207,16 +202,6 @@ impl BaseModel {
     /// Which backend runs its passes: `cpu` or `candle`.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
-    }
-
-    /// The same model with inference reading packed weights' activations exactly (f32)
-    /// or not (int16 blocks for few rows): see [`backend::cpu::quant::Act`].
-    pub fn with_exact_decode(&self, exact: bool) -> BaseModel {
-        use backend::cpu::quant::Act;
-        BaseModel {
-            decode_act: if exact { Act::Exact } else { Act::Int16 },
-            ..self.clone()
-        }
     }
 
     /// The same model with another budget for kept softmax probabilities (0: backward

@@ -190,21 +190,19 @@ pub fn step<S: Decoding>(
     if slots.len() != live.len() {
         return Err(Error::invalid("slots", "one entry per sequence"));
     }
-    // Each sequence's input, and whether it is (the rest of) its prompt.
-    let inputs: Vec<(Vec<u32>, bool)> = live
+    let inputs: Vec<Vec<u32>> = live
         .iter_mut()
         .map(|l| {
             let (ask, seq) = l.parts();
-            (seq.input(ask.prompt).to_vec(), seq.prefilling())
+            seq.input(ask.prompt).to_vec()
         })
         .collect();
     let rows: Vec<InferRow> = inputs
         .iter()
         .zip(slots)
-        .map(|((t, prompt), a)| InferRow {
+        .map(|(t, a)| InferRow {
             tokens: t,
             adapter: *a,
-            prompt: *prompt,
         })
         .collect();
     let logits = {

@@ -84,7 +84,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
     ) -> Result<Tensor>;
 
     /// `x Wᵀ` for `x: [m, k]` and a frozen `w: [n, k]` (the LM head of inference).
-    fn linear(&self, m: &BaseModel, x: &Tensor, w: &crate::model::Weight) -> Result<Tensor>;
+    fn linear(&self, x: &Tensor, w: &crate::model::Weight) -> Result<Tensor>;
 }
 
 /// Host f32 kernels (see [`cpu`]).

@@ -86,7 +86,7 @@ impl Backend for Candle {
         m.rms(&x, &m.weights.final_norm)
     }
 
-    fn linear(&self, _m: &BaseModel, x: &Tensor, w: &crate::model::Weight) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, w: &crate::model::Weight) -> Result<Tensor> {
         let w = w.dense()?;
         Ok(x.matmul(&w.t()?)?)
     }

@@ -32,7 +32,6 @@ use gemm::Parallelism;
 use kernels::{
     attend_head, matmul_nt, matmul_nt_acc, rope_in_place, AttnShape, PAR_MIN_WORK, SMALL_M,
 };
-use quant::Act;
 use rayon::prelude::*;
 
 impl Backend for Cpu {
@@ -92,13 +91,13 @@ impl Backend for Cpu {
         Ok(Tensor::from_vec(xf, (batch.num_tokens(), hid), &m.device)?)
     }
 
-    /// The LM head of inference: packed weights read activations as the model says.
-    fn linear(&self, model: &BaseModel, x: &Tensor, w: &Weight) -> Result<Tensor> {
+    /// The LM head of inference: packed weights read in place.
+    fn linear(&self, x: &Tensor, w: &Weight) -> Result<Tensor> {
         let m = x.dim(0)?;
         let w = match w {
             Weight::Packed(p) => {
                 let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let out = p.nt(HostView::new(&x)?.slice(), m, model.decode_act);
+                let out = p.nt(HostView::new(&x)?.slice(), m);
                 return Ok(Tensor::from_vec(out, (m, p.rows()), x.device())?);
             }
             Weight::Dense(w) => w,
@@ -262,11 +261,11 @@ unsafe fn gemm_raw(
 /// Run `f(row index, row)` over the `width`-wide rows of `out`, in parallel when big.
 /// `x · Wᵀ` of a frozen base weight as a new `[n, W rows]` buffer, for `x: [n, W cols]`:
 /// packed blocks read in place, a dense weight through the streaming kernel for few rows
-/// (unless `gemm_only`) or the GEMM. `act` says how packed weights read `x` ([`Act`]).
-fn base_nt(w: &Weight, x: &[f32], n: usize, gemm_only: bool, act: Act) -> Result<Vec<f32>> {
+/// (unless `gemm_only`) or the GEMM.
+fn base_nt(w: &Weight, x: &[f32], n: usize, gemm_only: bool) -> Result<Vec<f32>> {
     let (width, k) = w.dims2()?;
     let t = match w {
-        Weight::Packed(p) => return Ok(p.nt(x, n, act)),
+        Weight::Packed(p) => return Ok(p.nt(x, n)),
         Weight::Dense(t) => t,
     };
     let wv = HostView::new(t)?;
@@ -506,7 +505,7 @@ impl BaseModel {
     ) -> Result<(Vec<f32>, Vec<LmLora>)> {
         let (hid, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let xs = &xf[start * hid..(start + len) * hid];
-        let mut logits = base_nt(&self.weights.lm_head, xs, len, true, Act::Exact)?;
+        let mut logits = base_nt(&self.weights.lm_head, xs, len, true)?;
         let mut loras = Vec::new();
         for s in &b.segments {
             let (lo, hi) = (s.start.max(start), (s.start + s.len).min(start + len));
@@ -566,11 +565,10 @@ impl BaseModel {
         segs: &[Segment],
         adapters: &Adapters,
         save: bool,
-        act: Act,
     ) -> Result<(Vec<f32>, SavedXa)> {
         let (width, k) = w.dims2()?;
         let small = n <= SMALL_M;
-        let mut out = base_nt(w, x, n, false, act)?;
+        let mut out = base_nt(w, x, n, false)?;
         if let Some(bias) = bias {
             let bv = HostView::new(bias)?;
             let bs = bv.slice();
@@ -753,13 +751,6 @@ impl BaseModel {
         let di = c.intermediate_size;
         let eps = c.rms_norm_eps as f32;
         let segs = &b.segments;
-        // A decode step (with caches, no prompt tokens) reads packed weights as the model
-        // says; training and prefill exactly.
-        let act = if caches.is_some() && !b.prompt {
-            self.decode_act
-        } else {
-            Act::Exact
-        };
         let (h, rinv1) = rms_fwd(&x, HostView::new(&lw.attn_norm)?.slice(), eps);
         let (mut qkv, mut xa) = self.project(
             &h,
@@ -771,7 +762,6 @@ impl BaseModel {
             segs,
             adapters,
             keep,
-            act,
         )?;
         // Qwen3: RMSNorm over each query and key head (before RoPE).
         let qk_pre = match (&lw.q_norm, &lw.k_norm) {
@@ -941,18 +931,8 @@ impl BaseModel {
             }
         }
         drop(cached);
-        let (ao, xa_o) = self.project(
-            &o,
-            n,
-            &lw.wo,
-            None,
-            &[Target::O],
-            l,
-            segs,
-            adapters,
-            keep,
-            act,
-        )?;
+        let (ao, xa_o) =
+            self.project(&o, n, &lw.wo, None, &[Target::O], l, segs, adapters, keep)?;
         xa.extend(xa_o);
         let mut x_mid = ao;
         for_rows(&mut x_mid, hid, |i, r| {
@@ -971,7 +951,6 @@ impl BaseModel {
             segs,
             adapters,
             keep,
-            act,
         )?;
         xa.extend(xa_gu);
         let mut a = vec![0f32; n * di];
@@ -991,7 +970,6 @@ impl BaseModel {
             segs,
             adapters,
             keep,
-            act,
         )?;
         xa.extend(xa_d);
         let mut x_out = m;

@@ -71,6 +71,12 @@ impl QKind {
         !matches!(self, QKind::Q4K | QKind::Q5K | QKind::Q6K)
     }
 
+    /// Whether a block's values carry an offset besides their scale (Q4_0's `-8d`, Q4_1's
+    /// `m`), which the fused products take as `offset · Σ x`.
+    fn offset(self) -> bool {
+        matches!(self, QKind::Q4_0 | QKind::Q4_1)
+    }
+
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
@@ -369,70 +375,181 @@ mod avx2 {
         }
     }
 
-    /// `out[r] = Σₖ x_r[k] · W[k]` for one weight row `w` of 32-value blocks (Q8_0, Q4_0
-    /// or Q4_1) and `M` rows of `x` (`x[r · ldx ..]`), each block dequantized in registers
-    /// and used for every row before the next is read.
+    /// Every weight row `j` of `w` (rows of a 32-value layout, `rb` bytes apart) against
+    /// `M` rows of `x`: [`dot_row_q`] or [`dot_row_half`] as the layout asks (`xsum` as
+    /// the former takes it), row `r`'s value to `out[r · ld + j]`, which must be writable
+    /// for every `r < M` and weight row `j`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_row_q32<const M: usize>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dot_rows<const M: usize>(
+        kind: QKind,
+        w: &[u8],
+        rb: usize,
+        x: *const f32,
+        ldx: usize,
+        xsum: *const f32,
+        out: *mut f32,
+        ld: usize,
+    ) {
+        for (j, wr) in w.chunks_exact(rb).enumerate() {
+            let mut o = [0f32; M];
+            match kind {
+                QKind::Q8_0 => dot_row_q::<M, 0>(wr, x, ldx, xsum, &mut o),
+                QKind::Q4_0 => dot_row_q::<M, 1>(wr, x, ldx, xsum, &mut o),
+                QKind::Q4_1 => dot_row_q::<M, 2>(wr, x, ldx, xsum, &mut o),
+                _ => dot_row_half::<M>(kind, wr, x, ldx, &mut o),
+            }
+            for (r, v) in o.iter().enumerate() {
+                *out.add(r * ld + j) = *v;
+            }
+        }
+    }
+
+    /// `out[r] = Σₖ x_r[k] · W[k]` for one weight row `w` of Q8_0 (`L` = 0), Q4_0 (1) or
+    /// Q4_1 (2) blocks and `M` rows of `x` (`x[r · ldx ..]`), each block's integers
+    /// widened to f32 in registers (exactly). For one row the scales are factored out of
+    /// the block, `d · Σ x q` plus Q4_1's offset `m · Σ x` (Q4_0's `-8d · Σ x`) from
+    /// `xsum`, the sums of the row's 32-value blocks (`xsum[b]`; unread for Q8_0): 6 vector
+    /// operations per block instead of 8. For more rows the block is dequantized first
+    /// and shared by them. Either way the result is the f32 product up to accumulation
+    /// order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_row_q<const M: usize, const L: u8>(
+        w: &[u8],
+        x: *const f32,
+        ldx: usize,
+        xsum: *const f32,
+        out: &mut [f32; M],
+    ) {
+        let bb = [34usize, 18, 20][L as usize];
+        let nb = w.len() / bb;
+        // Two sets of accumulators, for even and odd blocks: one chain of FMAs would wait
+        // on the previous block's. `off` gathers `h · Σ x` (`h` the block's f16 scales).
+        let mut tot = [[_mm256_setzero_ps(); M]; 2];
+        let mut off = [[_mm_setzero_ps(); M]; 2];
+        let wp = w.as_ptr();
+        let mut b = 0;
+        while b + 2 <= nb {
+            q_block::<M, L>(wp.add(b * bb), x, ldx, xsum, b, &mut tot[0], &mut off[0]);
+            let (t, o) = (&mut tot[1], &mut off[1]);
+            q_block::<M, L>(wp.add((b + 1) * bb), x, ldx, xsum, b + 1, t, o);
+            b += 2;
+        }
+        if b < nb {
+            q_block::<M, L>(wp.add(b * bb), x, ldx, xsum, b, &mut tot[0], &mut off[0]);
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            let s = _mm256_add_ps(tot[0][r], tot[1][r]);
+            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            let of = _mm_add_ps(off[0][r], off[1][r]);
+            *o = _mm_cvtss_f32(h)
+                + match L {
+                    1 => -8.0 * _mm_cvtss_f32(of),
+                    2 => _mm_cvtss_f32(_mm_movehdup_ps(of)),
+                    _ => 0.0,
+                };
+        }
+    }
+
+    /// Block `b` (at `q`) of [`dot_row_q`] against each of the `M` rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q_block<const M: usize, const L: u8>(
+        q: *const u8,
+        x: *const f32,
+        ldx: usize,
+        xsum: *const f32,
+        b: usize,
+        tot: &mut [__m256; M],
+        off: &mut [__m128; M],
+    ) {
+        // The scales: [d, m] for Q4_1, [d, 0] otherwise.
+        let raw = if L == 2 {
+            (q as *const i32).read_unaligned()
+        } else {
+            (q as *const u16).read_unaligned() as i32
+        };
+        let h = _mm_cvtph_ps(_mm_cvtsi32_si128(raw));
+        let dv = _mm256_broadcastss_ps(h);
+        // The block's 32 integers in order, as f32.
+        let wv: [__m256; 4] = if L == 0 {
+            let f = |i: usize| {
+                let v = _mm_loadl_epi64(q.add(2 + 8 * i) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+            };
+            [f(0), f(1), f(2), f(3)]
+        } else {
+            let qs = q.add(if L == 1 { 2 } else { 4 });
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs as *const __m128i));
+            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i));
+            let m4 = _mm256_set1_epi32(0xF);
+            [
+                _mm256_cvtepi32_ps(_mm256_and_si256(v0, m4)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(v1, m4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+            ]
+        };
+        if M == 1 {
+            let a = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x.add(b * 32)));
+            let c = _mm256_mul_ps(wv[1], _mm256_loadu_ps(x.add(b * 32 + 8)));
+            let a = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(x.add(b * 32 + 16)), a);
+            let c = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x.add(b * 32 + 24)), c);
+            tot[0] = _mm256_fmadd_ps(dv, _mm256_add_ps(a, c), tot[0]);
+            if L != 0 {
+                off[0] = _mm_fmadd_ps(h, _mm_broadcast_ss(&*xsum.add(b)), off[0]);
+            }
+            return;
+        }
+        let wv = match L {
+            0 => wv.map(|v| _mm256_mul_ps(dv, v)),
+            1 => {
+                let mv = _mm256_mul_ps(dv, _mm256_set1_ps(-8.0));
+                wv.map(|v| _mm256_fmadd_ps(dv, v, mv))
+            }
+            _ => {
+                let mv = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
+                wv.map(|v| _mm256_fmadd_ps(dv, v, mv))
+            }
+        };
+        for (r, t) in tot.iter_mut().enumerate() {
+            let xr = x.add(r * ldx + b * 32);
+            let a = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xr));
+            let c = _mm256_mul_ps(wv[1], _mm256_loadu_ps(xr.add(8)));
+            let a = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xr.add(16)), a);
+            let c = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xr.add(24)), c);
+            *t = _mm256_add_ps(*t, _mm256_add_ps(a, c));
+        }
+    }
+
+    /// `out[r] = Σₖ x_r[k] · W[k]` for one weight row `w` of bf16 or f16 values and `M`
+    /// rows of `x` (`x[r · ldx ..]`), 32 values at a time widened in registers and used for
+    /// every row before the next are read.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_row_half<const M: usize>(
         kind: QKind,
         w: &[u8],
         x: *const f32,
         ldx: usize,
         out: &mut [f32; M],
     ) {
-        let bb = kind.block_bytes();
         // Independent accumulators per row: 4 for one row, fewer as rows add their own.
         let lanes = (4 / M).max(1);
         let mut acc = [[_mm256_setzero_ps(); 4]; M];
-        let mask = _mm_set1_epi8(0x0F);
-        for (bi, b) in w.chunks_exact(bb).enumerate() {
+        for (bi, b) in w.chunks_exact(64).enumerate() {
             let q = b.as_ptr();
-            let wv: [__m256; 4] = match kind {
-                QKind::Q8_0 => {
-                    let d = _mm256_set1_ps(f16_x86(q));
-                    let mut v = [d; 4];
-                    for (i, o) in v.iter_mut().enumerate() {
-                        let raw = _mm_loadl_epi64(q.add(2 + 8 * i) as *const __m128i);
-                        *o = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
-                    }
-                    v
-                }
-                QKind::BF16 => {
-                    let mut v = [_mm256_setzero_ps(); 4];
-                    for (i, o) in v.iter_mut().enumerate() {
-                        let raw = _mm_loadu_si128(q.add(16 * i) as *const __m128i);
-                        let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
-                        *o = _mm256_castsi256_ps(wide);
-                    }
-                    v
-                }
-                QKind::F16 => {
-                    let mut v = [_mm256_setzero_ps(); 4];
-                    for (i, o) in v.iter_mut().enumerate() {
-                        *o = _mm256_cvtph_ps(_mm_loadu_si128(q.add(16 * i) as *const __m128i));
-                    }
-                    v
-                }
-                _ => {
-                    let (d, m, qs) = if kind == QKind::Q4_0 {
-                        let d = f16_x86(q);
-                        (d, -8.0 * d, q.add(2))
-                    } else {
-                        (f16_x86(q), f16_x86(q.add(2)), q.add(4))
-                    };
-                    let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-                    let bytes = _mm_loadu_si128(qs as *const __m128i);
-                    let lo = _mm_and_si128(bytes, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                    let f = |h: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h));
-                    [
-                        _mm256_fmadd_ps(dv, f(lo), mv),
-                        _mm256_fmadd_ps(dv, f(_mm_srli_si128(lo, 8)), mv),
-                        _mm256_fmadd_ps(dv, f(hi), mv),
-                        _mm256_fmadd_ps(dv, f(_mm_srli_si128(hi, 8)), mv),
-                    ]
-                }
-            };
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (i, o) in wv.iter_mut().enumerate() {
+                let raw = _mm_loadu_si128(q.add(16 * i) as *const __m128i);
+                *o = if kind == QKind::BF16 {
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                } else {
+                    _mm256_cvtph_ps(raw)
+                };
+            }
             for (r, a) in acc.iter_mut().enumerate() {
                 let xr = x.add(r * ldx + bi * 32);
                 for (i, w) in wv.iter().enumerate() {
@@ -447,95 +564,6 @@ mod avx2 {
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
             *o = _mm_cvtss_f32(h);
-        }
-    }
-
-    /// `out[r] = Σₖ x_{row0+r}[k] · W[k]` for one weight row `w` of Q8_0 (`L` = 0), Q4_0
-    /// (1) or Q4_1 (2) blocks against `R` rows of int16-quantized activations: per block,
-    /// the weight's 32 values widened to int16 once, then for each row two `madd` integer
-    /// products, scaled by both blocks' scales (Q4_1's offset times the block's exact sum).
-    /// [`dot_row_i16`] for every weight row of `w` (rows `rb` bytes apart): output row
-    /// `r`'s value for weight row `j` goes to `out[r · ld + j]`, which must be writable
-    /// for every `r < R` and weight row `j`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_i16<const R: usize, const L: u8>(
-        w: &[u8],
-        rb: usize,
-        x: &super::I16Rows,
-        row0: usize,
-        k: usize,
-        out: *mut f32,
-        ld: usize,
-    ) {
-        for (j, wr) in w.chunks_exact(rb).enumerate() {
-            let mut o = [0f32; 4];
-            dot_row_i16::<R, L>(wr, x, row0, k, &mut o);
-            for (r, v) in o.iter().take(R).enumerate() {
-                *out.add(r * ld + j) = *v;
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn dot_row_i16<const R: usize, const L: u8>(
-        w: &[u8],
-        x: &super::I16Rows,
-        row0: usize,
-        k: usize,
-        out: &mut [f32; 4],
-    ) {
-        let bb = [34usize, 18, 20][L as usize];
-        let nb = k / 32;
-        assert!(w.len() >= nb * bb && x.q.len() >= (row0 + R) * k);
-        assert!(x.d.len() >= (row0 + R) * nb && x.sum.len() >= (row0 + R) * nb);
-        let mask = _mm_set1_epi8(0x0F);
-        // Two accumulators per row, alternating by block: one row's chain of FMAs would
-        // otherwise wait on the previous block's.
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        let mut offs = [[0f32; 2]; R];
-        let wp = w.as_ptr();
-        let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.sum.as_ptr());
-        for b in 0..nb {
-            let par = b & 1;
-            let q = wp.add(b * bb);
-            let dw = f16_x86(q);
-            // The weight's 32 values in order, as two vectors of 16 int16.
-            let (w0, w1) = if L == 0 {
-                let a = _mm_loadu_si128(q.add(2) as *const __m128i);
-                let c = _mm_loadu_si128(q.add(18) as *const __m128i);
-                (_mm256_cvtepi8_epi16(a), _mm256_cvtepi8_epi16(c))
-            } else {
-                let raw = _mm_loadu_si128(q.add(if L == 1 { 2 } else { 4 }) as *const __m128i);
-                let lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-                let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-                if L == 1 {
-                    let eight = _mm256_set1_epi16(8);
-                    (_mm256_sub_epi16(lo, eight), _mm256_sub_epi16(hi, eight))
-                } else {
-                    (lo, hi)
-                }
-            };
-            let m_w = if L == 2 { f16_x86(q.add(2)) } else { 0.0 };
-            for r in 0..R {
-                let row = row0 + r;
-                let xp = xq.add(row * k + b * 32);
-                let x0 = _mm256_loadu_si256(xp as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
-                let p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                let scale = _mm256_set1_ps(dw * *xd.add(row * nb + b));
-                acc[r][par] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[r][par]);
-                if L == 2 {
-                    offs[r][par] += m_w * *xs.add(row * nb + b);
-                }
-            }
-        }
-        for r in 0..R {
-            let s = _mm256_add_ps(acc[r][0], acc[r][1]);
-            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            out[r] = _mm_cvtss_f32(h) + offs[r][0] + offs[r][1];
         }
     }
 
@@ -593,65 +621,6 @@ fn tile_rows(width: usize) -> usize {
 
 /// Multiply-adds below which a product runs on the calling thread.
 const PAR_MIN_WORK: usize = super::kernels::PAR_MIN_WORK;
-
-/// How `x · Wᵀ` treats the activations `x`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    /// In f32: the result is the f32 product with the dequantized weight, up to
-    /// accumulation order (training, prefill, and decode unless told otherwise).
-    Exact,
-    /// For few rows (at most [`I16_MAX_M`]) of a Q8_0, Q4_0 or Q4_1 weight on AVX2, each
-    /// 32-value block of `x` quantized to int16 with its own scale, and the block products
-    /// taken in integers (llama.cpp does this with int8, which moved SmolLM2's top
-    /// log-probabilities by up to 2 nats; int16 moves them by hundredths): about half the
-    /// instructions per weight byte of `Exact`, for decoding, which is bound by them. The
-    /// error this adds is bounded by [`I16_REL_BOUND`]; anything else falls back to `Exact`.
-    Int16,
-}
-
-/// Rows of `x` up to which [`Act::Int16`] applies.
-pub const I16_MAX_M: usize = 8;
-
-/// `|int16 product − exact product| ≤ I16_REL_BOUND · Σ_blocks max|x| · Σ|W|` over the
-/// 32-value blocks of each output (the bound the tests hold [`Act::Int16`] to: rounding `x`
-/// to steps of 1/32767 of its block's largest magnitude moves each value by at most half a
-/// step; the rest is f32 accumulation).
-#[cfg_attr(not(test), allow(dead_code))]
-pub const I16_REL_BOUND: f32 = 1.0 / 65534.0 + 1e-6;
-
-/// Activations quantized for [`Act::Int16`]: per row and 32-value block an int16 vector,
-/// its scale, and the exact sum of the block's values (the Q4_1 offset term uses it).
-struct I16Rows {
-    q: Vec<i16>,
-    d: Vec<f32>,
-    sum: Vec<f32>,
-}
-
-fn quantize_rows_i16(x: &[f32], m: usize, k: usize) -> I16Rows {
-    let nb = k / 32;
-    let mut r = I16Rows {
-        q: vec![0i16; m * k],
-        d: vec![0f32; m * nb],
-        sum: vec![0f32; m * nb],
-    };
-    for (b, (xs, qs)) in x[..m * k]
-        .chunks_exact(32)
-        .zip(r.q.chunks_exact_mut(32))
-        .enumerate()
-    {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 32767.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (q, v) in qs.iter_mut().zip(xs) {
-            // Round half away from zero, without a libm call (|v · id| ≤ 32767).
-            let t = v * id;
-            *q = (t + 0.5f32.copysign(t)) as i16;
-        }
-        r.d[b] = d;
-        r.sum[b] = xs.iter().sum();
-    }
-    r
-}
 
 /// Disjoint column ranges of one row-major output, written from several threads at once:
 /// each worker of a product writes only the columns it owns (the products below split
@@ -719,33 +688,17 @@ fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo` wide,
-/// activations read as `act` says: the quantized counterpart of
-/// [`super::kernels::matmul_nt`]. Column blocks of the output go to the pool, each written
+/// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` for `x: [m, cols]`, `out` rows `ldo` wide:
+/// the quantized counterpart of [`super::kernels::matmul_nt`]. Column blocks of the output go to the pool, each written
 /// in place.
-pub fn qmatmul_nt_to(
-    x: &[f32],
-    m: usize,
-    w: &QMatrix,
-    out: &mut [f32],
-    ldo: usize,
-    col0: usize,
-    act: Act,
-) {
-    nt_parts(x, m, &[(w, col0)], out, ldo, act)
+pub fn qmatmul_nt_to(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32], ldo: usize, col0: usize) {
+    nt_parts(x, m, &[(w, col0)], out, ldo)
 }
 
 /// [`qmatmul_nt_to`] for several weights with the same row length, each `(W, col0)` into
 /// its own columns of `out`, as one split across the pool (a decode step then waits for
 /// the pool once per stacked weight, not once per part).
-fn nt_parts(
-    x: &[f32],
-    m: usize,
-    parts: &[(&QMatrix, usize)],
-    out: &mut [f32],
-    ldo: usize,
-    act: Act,
-) {
+fn nt_parts(x: &[f32], m: usize, parts: &[(&QMatrix, usize)], out: &mut [f32], ldo: usize) {
     let Some(k) = parts.first().map(|(w, _)| w.cols) else {
         return;
     };
@@ -769,56 +722,17 @@ fn nt_parts(
         && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
-    let int16_kind = |kind: QKind| matches!(kind, QKind::Q8_0 | QKind::Q4_0 | QKind::Q4_1);
-    let int16 = simd
-        && act == Act::Int16
-        && m <= I16_MAX_M
-        && parts.iter().any(|(w, _)| int16_kind(w.kind));
-    let xq = int16.then(|| quantize_rows_i16(x, m, k));
-    // Weight `w`'s row `j` against every row of `x`, into column `col0 + j` of `out`.
-    let fused_row = |w: &QMatrix, col0: usize, j: usize| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let rb = w.row_bytes();
-            let wr = &w.data[j * rb..(j + 1) * rb];
-            let mut i = 0;
-            while i < m {
-                let step = if m - i >= 4 {
-                    4
-                } else if m - i >= 2 {
-                    2
-                } else {
-                    1
-                };
-                let xp = x[i * k..].as_ptr();
-                let mut o = [0f32; 4];
-                // SAFETY: AVX2 and FMA were detected (`simd`); rows i..i+step of `x` hold
-                // `k` values each (asserted on entry), as many as the weight row has.
-                unsafe {
-                    match step {
-                        4 => avx2::dot_row_q32::<4>(w.kind, wr, xp, k, &mut o),
-                        2 => {
-                            let mut o2 = [0f32; 2];
-                            avx2::dot_row_q32::<2>(w.kind, wr, xp, k, &mut o2);
-                            o[..2].copy_from_slice(&o2);
-                        }
-                        _ => {
-                            let mut o1 = [0f32; 1];
-                            avx2::dot_row_q32::<1>(w.kind, wr, xp, k, &mut o1);
-                            o[0] = o1[0];
-                        }
-                    }
-                }
-                for (r, val) in o.iter().take(step).enumerate() {
-                    // SAFETY: `at` checks the bounds; column `col0 + j` is this worker's.
-                    unsafe { *dst.at(i + r, col0 + j) = *val };
-                }
-                i += step;
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (w, col0, j);
+    // The sums of each row's 32-value blocks of `x`, for Q4_0 and Q4_1's offsets.
+    let xsum: Vec<f32> = if simd && parts.iter().any(|(w, _)| w.kind.offset()) {
+        x[..m * k]
+            .chunks_exact(32)
+            .map(|c| c.iter().sum())
+            .collect()
+    } else {
+        Vec::new()
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = &xsum;
     // Row blocks of whole tiles of every part, a few per thread; each dequantizes its
     // weight rows a tile at a time (or reads them in registers) and writes its own columns
     // of `out`.
@@ -836,33 +750,29 @@ fn nt_parts(
     let work = |&(pi, j0, j1): &(usize, usize, usize)| {
         let (w, col0) = parts[pi];
         #[cfg(target_arch = "x86_64")]
-        if let Some(xq) = xq.as_ref().filter(|_| int16_kind(w.kind)) {
-            let rb = w.row_bytes();
+        if simd && w.kind.fused() {
+            let (rb, nb) = (w.row_bytes(), k / 32);
             let wr = &w.data[j0 * rb..j1 * rb];
             let mut i = 0;
             while i < m {
-                let step = if m - i >= 4 { 4 } else { 1 };
-                let (o, ld) = (dst.block((i, step), (col0 + j0, j1 - j0)), ldo);
-                // SAFETY: AVX2, FMA and F16C were detected (`simd`); `xq` holds `m` rows
-                // of `k` values, as many as each weight row in `wr`; `o` starts a block of
-                // rows i..i+step, columns col0+j0..col0+j1 inside `out` (checked), which
-                // are this worker's columns.
+                let step = [1, 1, 2, 2, 4][(m - i).min(4)];
+                let o = dst.block((i, step), (col0 + j0, j1 - j0));
+                let xp = x[i * k..].as_ptr();
+                let sp = xsum.get(i * nb..).unwrap_or_default().as_ptr();
+                // SAFETY: AVX2, FMA and F16C were detected (`simd`); rows i..i+step of `x`
+                // hold `k` values each (asserted on entry), as many as each weight row in
+                // `wr`, and `xsum`, when the layout reads it, their `k / 32` block sums
+                // each; `o` starts a block of rows i..i+step, columns col0+j0..col0+j1
+                // inside `out` (checked), which are this worker's columns.
                 unsafe {
-                    match (w.kind, step) {
-                        (QKind::Q8_0, 4) => avx2::dot_rows_i16::<4, 0>(wr, rb, xq, i, k, o, ld),
-                        (QKind::Q4_0, 4) => avx2::dot_rows_i16::<4, 1>(wr, rb, xq, i, k, o, ld),
-                        (_, 4) => avx2::dot_rows_i16::<4, 2>(wr, rb, xq, i, k, o, ld),
-                        (QKind::Q8_0, _) => avx2::dot_rows_i16::<1, 0>(wr, rb, xq, i, k, o, ld),
-                        (QKind::Q4_0, _) => avx2::dot_rows_i16::<1, 1>(wr, rb, xq, i, k, o, ld),
-                        _ => avx2::dot_rows_i16::<1, 2>(wr, rb, xq, i, k, o, ld),
+                    match step {
+                        4 => avx2::dot_rows::<4>(w.kind, wr, rb, xp, k, sp, o, ldo),
+                        2 => avx2::dot_rows::<2>(w.kind, wr, rb, xp, k, sp, o, ldo),
+                        _ => avx2::dot_rows::<1>(w.kind, wr, rb, xp, k, sp, o, ldo),
                     }
                 }
                 i += step;
             }
-            return;
-        }
-        if simd && w.kind.fused() {
-            (j0..j1).for_each(|j| fused_row(w, col0, j));
             return;
         }
         with_tile(tile * k, |wt| {
@@ -900,7 +810,7 @@ fn nt_parts(
 /// `x · Wᵀ` as a new `[m, rows]` buffer.
 pub fn qmatmul_nt(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
     let mut out = vec![0f32; m * w.rows];
-    qmatmul_nt_to(x, m, w, &mut out, w.rows, 0, Act::Exact);
+    qmatmul_nt_to(x, m, w, &mut out, w.rows, 0);
     out
 }
 
@@ -1012,7 +922,7 @@ impl Packed {
 
     /// `out[i][col0 + j] = Σₖ x[i][k] · W[j][k]` (see [`qmatmul_nt_to`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn nt_to(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, col0: usize, act: Act) {
+    pub fn nt_to(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, col0: usize) {
         let mut r0 = col0;
         let parts: Vec<(&QMatrix, usize)> = self
             .parts
@@ -1022,13 +932,13 @@ impl Packed {
                 (p, r0 - p.rows)
             })
             .collect();
-        nt_parts(x, m, &parts, out, ldo, act);
+        nt_parts(x, m, &parts, out, ldo);
     }
 
     /// `x · Wᵀ` as a new `[m, rows]` buffer.
-    pub fn nt(&self, x: &[f32], m: usize, act: Act) -> Vec<f32> {
+    pub fn nt(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * self.rows];
-        self.nt_to(x, m, &mut out, self.rows, 0, act);
+        self.nt_to(x, m, &mut out, self.rows, 0);
         out
     }
 
@@ -1246,7 +1156,7 @@ mod tests {
             let want = matmul_ref(&x, m, &wf, n, k);
             let ldo = n + 7;
             let mut out = vec![-3.0f32; m * ldo];
-            p.nt_to(&x, m, &mut out, ldo, 3, Act::Exact);
+            p.nt_to(&x, m, &mut out, ldo, 3);
             for i in 0..m {
                 let row = &out[i * ldo..(i + 1) * ldo];
                 assert!(row[..3].iter().chain(&row[3 + n..]).all(|&v| v == -3.0));
@@ -1279,64 +1189,14 @@ mod tests {
     fn products_are_deterministic_across_calls() {
         let k = 576;
         let (q, _) = quantized(QKind::Q4_1, 3000, k, 41);
-        for (m, act) in [
-            (1, Act::Int16),
-            (4, Act::Int16),
-            (1, Act::Exact),
-            (60, Act::Exact),
-        ] {
+        for m in [1, 2, 4, 60] {
             let x = rand(m * k, 5 + m as u64);
             let mut first = vec![0f32; m * 3000];
-            qmatmul_nt_to(&x, m, &q, &mut first, 3000, 0, act);
+            qmatmul_nt_to(&x, m, &q, &mut first, 3000, 0);
             for _ in 0..20 {
                 let mut again = vec![0f32; m * 3000];
-                qmatmul_nt_to(&x, m, &q, &mut again, 3000, 0, act);
-                assert!(first == again, "m={m} {act:?}: a repeat gave other bits");
-            }
-        }
-    }
-
-    #[test]
-    fn int16_activations_stay_within_their_bound() {
-        for kind in [
-            QKind::Q8_0,
-            QKind::Q4_0,
-            QKind::Q4_1,
-            QKind::Q4K,
-            QKind::BF16,
-        ] {
-            let k = if kind.block_values() == 32 { 96 } else { 512 };
-            for &(m, n) in &[(1, 1), (1, 67), (2, 33), (3, 130), (5, 9), (8, 70), (9, 17)] {
-                let (q, wf) = quantized(kind, n, k, (m * 77 + n) as u64);
-                let mut x = rand(m * k, 3 + m as u64);
-                // One block of zeros and one tiny block: scales of 0 and near 0.
-                x[..32].fill(0.0);
-                x[32..64].iter_mut().for_each(|v| *v *= 1e-30);
-                let want = matmul_ref(&x, m, &wf, n, k);
-                let mut got = vec![0f32; m * n];
-                qmatmul_nt_to(&x, m, &q, &mut got, n, 0, Act::Int16);
-                for i in 0..m {
-                    for j in 0..n {
-                        // Σ over 32-value blocks of max|x| · Σ|W|.
-                        let mag: f64 = (0..k / 32)
-                            .map(|b| {
-                                let r = b * 32..(b + 1) * 32;
-                                let amax = x[i * k..][r.clone()]
-                                    .iter()
-                                    .fold(0f64, |a, v| a.max(v.abs() as f64));
-                                let wsum: f64 = wf[j * k..][r].iter().map(|v| v.abs() as f64).sum();
-                                amax * wsum
-                            })
-                            .sum();
-                        let (g, w) = (got[i * n + j] as f64, want[i * n + j]);
-                        let tol = I16_REL_BOUND as f64 * mag + 1e-5 * (1.0 + w.abs());
-                        assert!(
-                            (g - w).abs() <= tol,
-                            "{} m={m} n={n} ({i},{j}): {g} vs {w} (bound {tol})",
-                            kind.name()
-                        );
-                    }
-                }
+                qmatmul_nt_to(&x, m, &q, &mut again, 3000, 0);
+                assert!(first == again, "m={m}: a repeat gave other bits");
             }
         }
     }
