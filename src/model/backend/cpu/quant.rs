@@ -423,15 +423,16 @@ mod avx2 {
     ) {
         let bb = [34usize, 18, 20][L as usize];
         let nb = w.len() / bb;
-        // Two sets of accumulators, for even and odd blocks: one chain of FMAs would wait
-        // on the previous block's. `off` gathers `h · Σ x` (`h` the block's f16 scales).
+        // Two sets of accumulators, for even and odd blocks, so that one chain of FMAs does
+        // not wait on the previous block's (8 rows have chains enough, and registers for
+        // one set only). `off` gathers `h · Σ x` (`h` the block's f16 scales).
         let mut tot = [[_mm256_setzero_ps(); M]; 2];
         let mut off = [[_mm_setzero_ps(); M]; 2];
         let wp = w.as_ptr();
         let mut b = 0;
         while b + 2 <= nb {
             q_block::<M, L>(wp.add(b * bb), x, ldx, xsum, b, &mut tot[0], &mut off[0]);
-            let (t, o) = (&mut tot[1], &mut off[1]);
+            let (t, o) = (&mut tot[usize::from(M < 8)], &mut off[1]);
             q_block::<M, L>(wp.add((b + 1) * bb), x, ldx, xsum, b + 1, t, o);
             b += 2;
         }
@@ -755,7 +756,7 @@ fn nt_parts(x: &[f32], m: usize, parts: &[(&QMatrix, usize)], out: &mut [f32], l
             let wr = &w.data[j0 * rb..j1 * rb];
             let mut i = 0;
             while i < m {
-                let step = [1, 1, 2, 2, 4][(m - i).min(4)];
+                let step = [1, 1, 2, 2, 4, 4, 4, 4, 8][(m - i).min(8)];
                 let o = dst.block((i, step), (col0 + j0, j1 - j0));
                 let xp = x[i * k..].as_ptr();
                 let sp = xsum.get(i * nb..).unwrap_or_default().as_ptr();
@@ -766,6 +767,7 @@ fn nt_parts(x: &[f32], m: usize, parts: &[(&QMatrix, usize)], out: &mut [f32], l
                 // inside `out` (checked), which are this worker's columns.
                 unsafe {
                     match step {
+                        8 => avx2::dot_rows::<8>(w.kind, wr, rb, xp, k, sp, o, ldo),
                         4 => avx2::dot_rows::<4>(w.kind, wr, rb, xp, k, sp, o, ldo),
                         2 => avx2::dot_rows::<2>(w.kind, wr, rb, xp, k, sp, o, ldo),
                         _ => avx2::dot_rows::<1>(w.kind, wr, rb, xp, k, sp, o, ldo),
@@ -1106,7 +1108,15 @@ mod tests {
     fn products_match_the_dequantized_weight_at_odd_shapes() {
         for kind in QKind::ALL {
             let k = if kind.block_values() == 32 { 96 } else { 512 };
-            for &(m, n) in &[(1, 1), (1, 67), (3, 130), (16, 9), (17, 70), (300, 33)] {
+            for &(m, n) in &[
+                (1, 1),
+                (1, 67),
+                (3, 130),
+                (13, 40),
+                (16, 9),
+                (17, 70),
+                (300, 33),
+            ] {
                 let (q, wf) = quantized(kind, n, k, (m * 1000 + n) as u64);
                 let x = rand(m * k, 7 + m as u64);
                 let want = matmul_ref(&x, m, &wf, n, k);
@@ -1189,7 +1199,7 @@ mod tests {
     fn products_are_deterministic_across_calls() {
         let k = 576;
         let (q, _) = quantized(QKind::Q4_1, 3000, k, 41);
-        for m in [1, 2, 4, 60] {
+        for m in [1, 2, 4, 8, 60] {
             let x = rand(m * k, 5 + m as u64);
             let mut first = vec![0f32; m * 3000];
             qmatmul_nt_to(&x, m, &q, &mut first, 3000, 0);
