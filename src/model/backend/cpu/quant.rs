@@ -333,45 +333,67 @@ mod avx2 {
     /// One block of Q8_0, Q4_0 or Q4_1 (any other layout: the portable path).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dequant_block(kind: QKind, b: &[u8], y: &mut [f32]) {
-        assert!(y.len() >= 32);
-        let out = y.as_mut_ptr();
-        match kind {
-            QKind::Q8_0 => {
-                assert!(b.len() >= 34);
-                let d = _mm256_set1_ps(f16_x86(b.as_ptr()));
-                let q = b.as_ptr().add(2);
-                for i in 0..4 {
-                    let v = _mm_loadl_epi64(q.add(8 * i) as *const __m128i);
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                    _mm256_storeu_ps(out.add(8 * i), _mm256_mul_ps(d, f));
-                }
+        assert!(y.len() >= 32 && b.len() >= kind.block_bytes());
+        let v = match kind {
+            QKind::Q8_0 => scaled::<0>(block_ints::<0>(b.as_ptr())),
+            QKind::Q4_0 => scaled::<1>(block_ints::<1>(b.as_ptr())),
+            QKind::Q4_1 => scaled::<2>(block_ints::<2>(b.as_ptr())),
+            _ => return super::dequant_block(kind, b, y),
+        };
+        for (i, v) in v.into_iter().enumerate() {
+            _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), v);
+        }
+    }
+
+    /// The block at `q` of Q8_0 (`L` = 0), Q4_0 (1) or Q4_1 (2): its f16 scales as f32,
+    /// `[d, m, 0, 0]` for Q4_1 and `[d, 0, 0, 0]` otherwise, and its 32 integers in order
+    /// widened to f32 (exactly), straight from memory with no shuffles besides the widening.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block_ints<const L: u8>(q: *const u8) -> (__m128, [__m256; 4]) {
+        let raw = if L == 2 {
+            (q as *const i32).read_unaligned()
+        } else {
+            (q as *const u16).read_unaligned() as i32
+        };
+        let h = _mm_cvtph_ps(_mm_cvtsi32_si128(raw));
+        let ints = if L == 0 {
+            let f = |i: usize| {
+                let v = _mm_loadl_epi64(q.add(2 + 8 * i) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+            };
+            [f(0), f(1), f(2), f(3)]
+        } else {
+            let qs = q.add(if L == 1 { 2 } else { 4 });
+            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs as *const __m128i));
+            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i));
+            let m4 = _mm256_set1_epi32(0xF);
+            [
+                _mm256_cvtepi32_ps(_mm256_and_si256(v0, m4)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(v1, m4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+            ]
+        };
+        (h, ints)
+    }
+
+    /// A block's values from [`block_ints`]: `d · q` (Q8_0), `d · q - 8d` (Q4_0) or
+    /// `d · q + m` (Q4_1).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn scaled<const L: u8>((h, ints): (__m128, [__m256; 4])) -> [__m256; 4] {
+        let dv = _mm256_broadcastss_ps(h);
+        match L {
+            0 => ints.map(|v| _mm256_mul_ps(dv, v)),
+            1 => {
+                let mv = _mm256_mul_ps(dv, _mm256_set1_ps(-8.0));
+                ints.map(|v| _mm256_fmadd_ps(dv, v, mv))
             }
-            QKind::Q4_0 | QKind::Q4_1 => {
-                let (d, m, q) = if kind == QKind::Q4_0 {
-                    assert!(b.len() >= 18);
-                    let d = f16_x86(b.as_ptr());
-                    (d, -8.0 * d, b.as_ptr().add(2))
-                } else {
-                    assert!(b.len() >= 20);
-                    (
-                        f16_x86(b.as_ptr()),
-                        f16_x86(b.as_ptr().add(2)),
-                        b.as_ptr().add(4),
-                    )
-                };
-                let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
-                let bytes = _mm_loadu_si128(q as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(bytes, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                for (i, half) in [lo, hi].into_iter().enumerate() {
-                    let a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half));
-                    let b8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8)));
-                    _mm256_storeu_ps(out.add(16 * i), _mm256_fmadd_ps(dv, a, mv));
-                    _mm256_storeu_ps(out.add(16 * i + 8), _mm256_fmadd_ps(dv, b8, mv));
-                }
+            _ => {
+                let mv = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
+                ints.map(|v| _mm256_fmadd_ps(dv, v, mv))
             }
-            _ => super::dequant_block(kind, b, y),
         }
     }
 
@@ -457,7 +479,6 @@ mod avx2 {
     /// Block `b` (at `q`) of [`dot_row_q`] against each of the `M` rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn q_block<const M: usize, const L: u8>(
         q: *const u8,
         x: *const f32,
@@ -467,55 +488,19 @@ mod avx2 {
         tot: &mut [__m256; M],
         off: &mut [__m128; M],
     ) {
-        // The scales: [d, m] for Q4_1, [d, 0] otherwise.
-        let raw = if L == 2 {
-            (q as *const i32).read_unaligned()
-        } else {
-            (q as *const u16).read_unaligned() as i32
-        };
-        let h = _mm_cvtph_ps(_mm_cvtsi32_si128(raw));
-        let dv = _mm256_broadcastss_ps(h);
-        // The block's 32 integers in order, as f32.
-        let wv: [__m256; 4] = if L == 0 {
-            let f = |i: usize| {
-                let v = _mm_loadl_epi64(q.add(2 + 8 * i) as *const __m128i);
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
-            };
-            [f(0), f(1), f(2), f(3)]
-        } else {
-            let qs = q.add(if L == 1 { 2 } else { 4 });
-            let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs as *const __m128i));
-            let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8) as *const __m128i));
-            let m4 = _mm256_set1_epi32(0xF);
-            [
-                _mm256_cvtepi32_ps(_mm256_and_si256(v0, m4)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(v1, m4)),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
-            ]
-        };
+        let (h, wv) = block_ints::<L>(q);
         if M == 1 {
             let a = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x.add(b * 32)));
             let c = _mm256_mul_ps(wv[1], _mm256_loadu_ps(x.add(b * 32 + 8)));
             let a = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(x.add(b * 32 + 16)), a);
             let c = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x.add(b * 32 + 24)), c);
-            tot[0] = _mm256_fmadd_ps(dv, _mm256_add_ps(a, c), tot[0]);
+            tot[0] = _mm256_fmadd_ps(_mm256_broadcastss_ps(h), _mm256_add_ps(a, c), tot[0]);
             if L != 0 {
                 off[0] = _mm_fmadd_ps(h, _mm_broadcast_ss(&*xsum.add(b)), off[0]);
             }
             return;
         }
-        let wv = match L {
-            0 => wv.map(|v| _mm256_mul_ps(dv, v)),
-            1 => {
-                let mv = _mm256_mul_ps(dv, _mm256_set1_ps(-8.0));
-                wv.map(|v| _mm256_fmadd_ps(dv, v, mv))
-            }
-            _ => {
-                let mv = _mm256_broadcastss_ps(_mm_movehdup_ps(h));
-                wv.map(|v| _mm256_fmadd_ps(dv, v, mv))
-            }
-        };
+        let wv = scaled::<L>((h, wv));
         for (r, t) in tot.iter_mut().enumerate() {
             let xr = x.add(r * ldx + b * 32);
             let a = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xr));
@@ -566,13 +551,6 @@ mod avx2 {
             let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
             *o = _mm_cvtss_f32(h);
         }
-    }
-
-    /// The f16 at `p` (little-endian), with the F16C instruction.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_x86(p: *const u8) -> f32 {
-        let v = _mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32);
-        _mm_cvtss_f32(_mm_cvtph_ps(v))
     }
 
     /// `Σ a[i] · b[i]` over `n` values (`n` a multiple of 32).
